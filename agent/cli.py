@@ -1,0 +1,293 @@
+"""The `agent` command: key tools, the daemon in the foreground, status, the demo.
+
+    agent genkey | genpsk                  a new private / preshared key, base64 (as `wg genkey`)
+    agent pubkey                           private key on stdin -> public key (as `wg pubkey`)
+    agent up -c FILE [--log-level L]       run the daemon in the foreground
+    agent status [-c FILE] [--json]        ask the running daemon over its control socket
+    agent demo                             a self-contained tour on one machine (root)
+
+Expected failures (a missing file, a bad key, a bad config, no daemon) print one line and exit 1;
+never a traceback. Logging is configured here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from agent import __version__
+from agent.api import MAX_LINE, ApiError, Request, Response, Status
+from agent.config import (
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    control_socket_path,
+    format_problems,
+    load_config,
+)
+from agent.keys import KeyError_, NodePrivate, PresharedKey
+from agent.log import LEVELS, configure_logging
+
+__all__ = ["main", "request", "DaemonUnreachableError", "format_status"]
+
+_REQUEST_TIMEOUT = 5.0
+_DEFAULT_SOCKET = "/run/agent/agent0.sock"
+
+
+class DaemonUnreachableError(Exception):
+    """The control socket is absent, refuses, or does not answer."""
+
+
+def _err(msg: str) -> int:
+    sys.stderr.write(f"agent: {msg}\n")
+    return 1
+
+
+# -- the control socket client --------------------------------------------------------------------
+
+
+def request(
+    socket_path: str, op: str, *, timeout: float = _REQUEST_TIMEOUT, **args: Any
+) -> dict[str, Any]:
+    """Send one request to the daemon and return its result; ApiError when it answers an error."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(socket_path)
+            s.sendall(Request(op, args).encode())
+            buf = bytearray()
+            while b"\n" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > MAX_LINE:
+                    raise ApiError(f"answer longer than {MAX_LINE} bytes")
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        raise DaemonUnreachableError(
+            f"cannot reach the daemon at {socket_path} (is `agent up` running?)"
+        ) from e
+    except PermissionError as e:
+        raise DaemonUnreachableError(f"no permission to use {socket_path} (try as root)") from e
+    except TimeoutError as e:
+        raise DaemonUnreachableError(
+            f"the daemon at {socket_path} did not answer in {timeout:g}s"
+        ) from e
+    except OSError as e:
+        raise DaemonUnreachableError(
+            f"cannot reach the daemon at {socket_path}: {e.strerror or e}"
+        ) from e
+    line, _, _ = bytes(buf).partition(b"\n")
+    if not line:
+        raise DaemonUnreachableError(f"the daemon at {socket_path} closed without answering")
+    resp = Response.parse(line)
+    if not resp.ok:
+        raise ApiError(resp.error)
+    return dict(resp.result)
+
+
+# -- human output ---------------------------------------------------------------------------------
+
+
+def _plural(n: int, unit: str) -> str:
+    return f"{n} {unit}{'' if n == 1 else 's'}"
+
+
+def _ago(then: int, now: float) -> str:
+    secs = int(now) - then
+    if secs <= 0:
+        return "just now"
+    parts = []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        if secs >= size:
+            parts.append(_plural(secs // size, unit))
+            secs %= size
+    return ", ".join(parts) + " ago"
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.2f} {unit}"
+
+
+def format_status(st: Status, now: float) -> str:
+    """A `wg show`-like table of a status; `now` is unix seconds (for "N seconds ago")."""
+    home = st.derp.home_region
+    connected = ", ".join(str(r) for r in st.derp.connected_regions) or "none"
+    lines = [
+        f"interface: {st.interface}",
+        f"  public key: {st.public_key}",
+        f"  listening port: {st.listen_port}",
+        f"  addresses: {', '.join(st.addresses) or '(none)'}",
+        f"  home derp: {home if home is not None else '(none)'} (connected: {connected})",
+    ]
+    if st.dataplane:
+        facts = ", ".join(f"{k} {v}" for k, v in sorted(st.dataplane.items()))
+        lines.append(f"  dataplane: {facts}")
+    if any(st.drops.values()):
+        drops = ", ".join(f"{k} {n}" for k, n in sorted(st.drops.items()) if n)
+        lines.append(f"  drops: {drops}")
+    for p in st.peers:
+        lines += ["", f"peer: {p.name} ({p.public_key})", f"  path: {p.path}"]
+        if p.endpoint:
+            lines.append(f"  endpoint: {p.endpoint}")
+        if p.derp_region is not None:
+            lines.append(f"  derp region: {p.derp_region}")
+        lines.append(f"  allowed ips: {', '.join(p.allowed_ips) or '(none)'}")
+        if p.latest_handshake:
+            lines.append(f"  latest handshake: {_ago(p.latest_handshake, now)}")
+        if p.rx_bytes or p.tx_bytes:
+            lines.append(f"  transfer: {_bytes(p.rx_bytes)} received, {_bytes(p.tx_bytes)} sent")
+        if p.latency_ms is not None:
+            lines.append(f"  latency: {p.latency_ms:.1f} ms")
+        if p.persistent_keepalive:
+            lines.append(
+                f"  persistent keepalive: every {_plural(p.persistent_keepalive, 'second')}"
+            )
+    return "\n".join(lines)
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def _cmd_genkey(args: argparse.Namespace) -> int:
+    sys.stdout.write(NodePrivate.generate().to_b64() + "\n")
+    return 0
+
+
+def _cmd_genpsk(args: argparse.Namespace) -> int:
+    sys.stdout.write(PresharedKey.generate().to_b64() + "\n")
+    return 0
+
+
+def _cmd_pubkey(args: argparse.Namespace) -> int:
+    text = sys.stdin.read(4096)
+    try:
+        key = NodePrivate.from_b64(text)
+    except KeyError_ as e:
+        return _err(f"pubkey: the input is not a private key ({e})")
+    sys.stdout.write(key.public().to_b64() + "\n")
+    return 0
+
+
+def _problems(path: str, err: ConfigError) -> int:
+    sys.stderr.write(format_problems(err, source=path) + "\n")
+    return 1
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        return _problems(args.config, e)
+    try:
+        configure_logging(
+            args.log_level, json={"auto": None, "json": True, "console": False}[args.log_format]
+        )
+    except ValueError as e:  # a bad AGENT_LOG_LEVEL (argparse does not check defaults)
+        return _err(str(e))
+    try:
+        from agent.daemon.main import run_daemon  # lazy: heavy, and only for `up`
+    except ImportError as e:
+        return _err(f"the daemon is not available: {e}")
+    try:
+        return run_daemon(config)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    path = args.socket
+    if path is None and args.config is None and not os.path.exists(DEFAULT_CONFIG_PATH):
+        path = _DEFAULT_SOCKET  # no config installed: the daemon's default socket
+    if path is None:
+        conf = args.config or DEFAULT_CONFIG_PATH
+        try:
+            path = control_socket_path(conf)
+        except ConfigError as e:
+            return _problems(conf, e)
+    try:
+        result = request(path, "status")
+        status = Status.from_dict(result)
+    except DaemonUnreachableError as e:
+        return _err(str(e))
+    except ApiError as e:
+        return _err(f"bad answer from the daemon at {path}: {e}")
+    if args.json:
+        sys.stdout.write(json.dumps(status.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(format_status(status, time.time()) + "\n")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo  # lazy: only for `demo`
+
+    return run_demo(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agent", description="Userspace WireGuard-compatible overlay VPN agent."
+    )
+    parser.add_argument("--version", action="version", version=f"agent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("genkey", help="print a new private key (base64, as `wg genkey`)")
+    p.set_defaults(func=_cmd_genkey)
+    p = sub.add_parser("genpsk", help="print a new preshared key (base64, as `wg genpsk`)")
+    p.set_defaults(func=_cmd_genpsk)
+    p = sub.add_parser("pubkey", help="read a private key on stdin, print its public key")
+    p.set_defaults(func=_cmd_pubkey)
+
+    conf_help = f"config file (default {DEFAULT_CONFIG_PATH})"
+    p = sub.add_parser("up", help="run the daemon in the foreground")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, help=conf_help)
+    p.add_argument("--log-level", default=os.environ.get("AGENT_LOG_LEVEL", "info"), choices=LEVELS)
+    p.add_argument(
+        "--log-format",
+        default="auto",
+        choices=("auto", "json", "console"),
+        help="auto: readable on a terminal, JSON lines otherwise",
+    )
+    p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("status", help="show the running daemon's interface and peers")
+    p.add_argument("-c", "--config", help=conf_help)
+    p.add_argument("--socket", help="control socket (default: control_socket of the config)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("demo", help="a self-contained tour on one machine (root)")
+    p.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)  # reserved
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else 2
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        return 2
+    try:
+        rc: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `agent status | head`
+        return 0
+    return rc

@@ -1,0 +1,155 @@
+"""Transport sessions: a Keypair per completed handshake, and the previous/current/next rotation.
+
+    Keypair   one direction-pair of ChaCha20-Poly1305 keys, our send counter, the peer's replay
+              window, our and the peer's 32-bit index, and when it was made.
+    Keypairs  previous / current / next, rotated as WireGuard does:
+              initiator finishing a handshake:  previous <- (next or current), current <- new
+              responder finishing a handshake:  next <- new, previous dropped (it may not send on
+                                                `next` until the initiator's first packet arrives)
+              first packet received on `next`:  previous <- current, current <- next
+
+Transport data message (type 4):
+    0      4              8                 16
+    | 04 00 00 00 | receiver LE32 | counter LE64 | ChaCha20-Poly1305(payload padded to 16) + tag |
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from agent.proto.errors import ExpiredSession
+from agent.proto.wireguard.constants import (
+    MSG_TRANSPORT,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+)
+from agent.proto.wireguard.replay import ReplayWindow
+
+__all__ = ["Keypair", "Keypairs", "NONCE", "TRANSPORT_HEADER"]
+
+Buffer = bytes | bytearray | memoryview
+NONCE = struct.Struct("<4xQ")
+TRANSPORT_HEADER = struct.Struct("<IIQ")  # type word, receiver index, counter
+_COUNTER = struct.Struct("<Q")
+_PAD = [bytes(i) for i in range(16)]
+
+
+class Keypair:
+    """Keys and counters of one session. Owned by its Peer; the device indexes it by local_index."""
+
+    __slots__ = (
+        "_open",
+        "_seal",
+        "_send_prefix",
+        "created",
+        "is_initiator",
+        "local_index",
+        "remote_index",
+        "replay",
+        "send_counter",
+    )
+
+    def __init__(
+        self,
+        send_key: bytes,
+        recv_key: bytes,
+        local_index: int,
+        remote_index: int,
+        *,
+        is_initiator: bool,
+        created: float,
+    ) -> None:
+        self._seal = ChaCha20Poly1305(send_key).encrypt
+        self._open = ChaCha20Poly1305(recv_key).decrypt
+        self.local_index = local_index
+        self.remote_index = remote_index
+        self.is_initiator = is_initiator
+        self.created = created
+        self.send_counter = 0
+        self.replay = ReplayWindow()
+        self._send_prefix = struct.pack("<II", MSG_TRANSPORT, remote_index)
+
+    def can_send(self, now: float) -> bool:
+        return (
+            now - self.created < REJECT_AFTER_TIME and self.send_counter < REJECT_AFTER_MESSAGES
+        )
+
+    def can_receive(self, now: float) -> bool:
+        return now - self.created < REJECT_AFTER_TIME
+
+    def seal(self, packets: Sequence[Buffer]) -> list[bytes]:
+        """Encrypt IP packets (b"" = keepalive) into transport datagrams, consuming counters."""
+        ctr = self.send_counter
+        if ctr + len(packets) > REJECT_AFTER_MESSAGES:
+            raise ExpiredSession("send counter exhausted")
+        seal = self._seal
+        prefix = self._send_prefix
+        nonce = NONCE.pack
+        counter = _COUNTER.pack
+        pad = _PAD
+        out: list[bytes] = []
+        append = out.append
+        for p in packets:
+            r = -len(p) & 15
+            if r:
+                p = b"".join((p, pad[r]))
+            append(b"".join((prefix, counter(ctr), seal(nonce(ctr), p, None))))
+            ctr += 1
+        self.send_counter = ctr
+        return out
+
+    def open(self, counter: int, ciphertext: Buffer) -> bytes:
+        """Decrypt one payload; raises cryptography's InvalidTag on failure (caller counts it)."""
+        return self._open(NONCE.pack(counter), ciphertext, None)
+
+
+@dataclass(slots=True)
+class Keypairs:
+    """The three session slots of one peer (see module docstring for the rotation)."""
+
+    previous: Keypair | None = None
+    current: Keypair | None = None
+    next: Keypair | None = None
+    _dropped: list[Keypair] = field(default_factory=list)
+
+    def install_initiator(self, kp: Keypair) -> None:
+        if self.next is not None:
+            self._drop(self.previous)
+            self._drop(self.current)
+            self.previous = self.next
+            self.next = None
+        else:
+            self._drop(self.previous)
+            self.previous = self.current
+        self.current = kp
+
+    def install_responder(self, kp: Keypair) -> None:
+        self._drop(self.next)
+        self._drop(self.previous)
+        self.previous = None
+        self.next = kp
+
+    def promote_next(self) -> None:
+        """The peer used `next`: it becomes current."""
+        self._drop(self.previous)
+        self.previous = self.current
+        self.current = self.next
+        self.next = None
+
+    def clear(self) -> None:
+        for kp in (self.previous, self.current, self.next):
+            self._drop(kp)
+        self.previous = self.current = self.next = None
+
+    def take_dropped(self) -> list[Keypair]:
+        """Keypairs that left the slots since the last call (their indexes must be freed)."""
+        dropped, self._dropped = self._dropped, []
+        return dropped
+
+    def _drop(self, kp: Keypair | None) -> None:
+        if kp is not None:
+            self._dropped.append(kp)

@@ -1,0 +1,97 @@
+"""Two of our agents in two namespaces: overlay ping (v4 and v6), status, iperf3, clean shutdown.
+
+ns agt-<hex>-a                                  ns agt-<hex>-b
++---------------------------+                   +---------------------------+
+| agent  ag<hex>N           |                   | agent  ag<hex>M           |
+| 100.64.0.1/32             |  WireGuard / UDP  | 100.64.0.2/32             |
+| fd7a:115c:a1e0::1/128     | <---------------> | fd7a:115c:a1e0::2/128     |
+| udp :41641                |                   | udp :41642                |
+| veth0  198.18.0.1/24      |-------------------| veth0  198.18.0.2/24      |
++---------------------------+                   +---------------------------+
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from .lab import Agent, Lab, Peer, iperf3, keypair, ping
+
+pytestmark = pytest.mark.netns
+
+A4, B4 = "100.64.0.1", "100.64.0.2"
+A6, B6 = "fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2"
+PORT_A, PORT_B = 41641, 41642
+
+
+@dataclass
+class Pair:
+    ns_a: str
+    ns_b: str
+    a: Agent
+    b: Agent
+
+
+@pytest.fixture
+def pair(lab: Lab) -> Pair:
+    ns_a, ns_b = lab.add_ns("a"), lab.add_ns("b")
+    ip_a, ip_b = lab.link(ns_a, ns_b)
+    (priv_a, pub_a), (priv_b, pub_b) = keypair(), keypair()
+    a = Agent(
+        lab,
+        ns_a,
+        private_key=priv_a,
+        addresses=[f"{A4}/32", f"{A6}/128"],
+        listen_port=PORT_A,
+        peers=[Peer("b", pub_b, (f"{B4}/32", f"{B6}/128"), endpoint=f"{ip_b}:{PORT_B}")],
+    )
+    b = Agent(
+        lab,
+        ns_b,
+        private_key=priv_b,
+        addresses=[f"{B4}/32", f"{B6}/128"],
+        listen_port=PORT_B,
+        peers=[Peer("a", pub_a, (f"{A4}/32", f"{A6}/128"), endpoint=f"{ip_a}:{PORT_A}")],
+    )
+    a.start()
+    b.start()
+    return Pair(ns_a, ns_b, a, b)
+
+
+def test_ping_v4_and_v6_both_ways(pair: Pair, lab: Lab) -> None:
+    assert ping(pair.ns_a, B4), f"a -> b v4 failed\n{lab.logs()}"
+    assert ping(pair.ns_b, A4), f"b -> a v4 failed\n{lab.logs()}"
+    assert ping(pair.ns_a, B6), f"a -> b v6 failed\n{lab.logs()}"
+    assert ping(pair.ns_b, A6), f"b -> a v6 failed\n{lab.logs()}"
+
+
+def test_status_shows_handshake_and_bytes(pair: Pair, lab: Lab) -> None:
+    before = time.time()
+    assert ping(pair.ns_a, B4), lab.logs()
+    for agent, other in ((pair.a, pair.b), (pair.b, pair.a)):
+        status = agent.status()
+        assert status["interface"] == agent.ifname
+        assert status["public_key"] == agent.public_key
+        assert status["listen_port"] == agent.listen_port
+        peer = agent.peer_status(other.public_key)
+        # whole seconds (Unix time), like `wg show`: allow for truncation and a slow start
+        assert before - 60 <= peer["latest_handshake"] <= time.time() + 1, peer
+        assert peer["rx_bytes"] > 0, peer
+        assert peer["tx_bytes"] > 0, peer
+
+
+def test_iperf3_tcp_through_the_tunnel(pair: Pair) -> None:
+    result = iperf3(pair.ns_b, pair.ns_a, B4, seconds=3)
+    end = result["end"]
+    assert "error" not in result
+    assert end["sum_received"]["bytes"] > 0
+    # TCP delivered at least a little: a stuck tunnel shows up as ~0 bit/s, not as an error
+    assert end["sum_received"]["bits_per_second"] > 1e6, end["sum_received"]
+
+
+def test_sigterm_exits_zero_and_removes_the_interface(pair: Pair, lab: Lab) -> None:
+    assert ping(pair.ns_a, B4), lab.logs()
+    pair.a.stop()  # asserts exit status 0 and that the interface is gone
+    pair.b.stop()

@@ -1,0 +1,431 @@
+"""agent.cli: key tools, `up` refusing bad configs, `status` against no daemon and a fake one."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from agent import cli
+from agent.api import ApiError, DerpStatus, PeerStatus, Request, Response, Status
+from agent.config import Config
+from agent.keys import NodePrivate
+from agent.log import configure_logging, get_logger
+
+WG = shutil.which("wg")
+
+
+def run(
+    capsys: pytest.CaptureFixture[str], *argv: str, stdin: str | None = None
+) -> tuple[int, str, str]:
+    saved = sys.stdin
+    if stdin is not None:
+        sys.stdin = io.StringIO(stdin)
+    try:
+        rc = cli.main(list(argv))
+    finally:
+        sys.stdin = saved
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# -- keys -----------------------------------------------------------------------------------------
+
+
+def test_genkey_pubkey_round_trip(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run(capsys, "genkey")
+    assert (rc, err) == (0, "")
+    priv = NodePrivate.from_b64(out)
+    assert out.endswith("\n")
+    assert len(out.strip()) == 44
+    rc, pub, err = run(capsys, "pubkey", stdin=out)
+    assert (rc, err) == (0, "")
+    assert pub.strip() == priv.public().to_b64()
+
+
+def test_genpsk(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, "genpsk")
+    assert rc == 0
+    assert len(out.strip()) == 44
+
+
+@pytest.mark.skipif(WG is None, reason="wg (wireguard-tools) not installed")
+def test_keys_interchangeable_with_wg(capsys: pytest.CaptureFixture[str]) -> None:
+    assert WG is not None
+    _, ours, _ = run(capsys, "genkey")
+    wg_pub = subprocess.run([WG, "pubkey"], input=ours, capture_output=True, text=True, check=True)
+    _, our_pub, _ = run(capsys, "pubkey", stdin=ours)
+    assert our_pub == wg_pub.stdout
+    theirs = subprocess.run([WG, "genkey"], capture_output=True, text=True, check=True).stdout
+    wg_pub = subprocess.run(
+        [WG, "pubkey"], input=theirs, capture_output=True, text=True, check=True
+    )
+    _, our_pub, _ = run(capsys, "pubkey", stdin=theirs)
+    assert our_pub == wg_pub.stdout
+
+
+@pytest.mark.parametrize("bad", ["", "hello", "YWJj\n", "A" * 200])
+def test_pubkey_bad_input_is_one_line(capsys: pytest.CaptureFixture[str], bad: str) -> None:
+    rc, out, err = run(capsys, "pubkey", stdin=bad)
+    assert rc == 1
+    assert out == ""
+    assert err.startswith("agent: pubkey: the input is not a private key (")
+    assert err.count("\n") == 1
+
+
+def test_python_dash_m_agent_has_no_traceback() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "agent", "pubkey"],
+        input="nonsense",
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=30,
+        check=False,
+    )
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert res.stderr.startswith("agent: pubkey:")
+
+
+def test_no_command_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = run(capsys)
+    assert rc == 2
+    assert "usage: agent" in err
+    rc, out, _ = run(capsys, "--version")
+    assert rc == 0
+    assert out.startswith("agent ")
+    rc, _, err = run(capsys, "frobnicate")
+    assert rc == 2
+    assert "invalid choice" in err
+
+
+# -- up -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_daemon(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
+    """Stand-in for agent.daemon.main: records the configs `up` hands over; no logging set up."""
+    calls: list[Config] = []
+
+    def run_daemon(config: Config) -> int:
+        calls.append(config)
+        return 0
+
+    module = types.ModuleType("agent.daemon.main")
+    module.run_daemon = run_daemon  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "agent.daemon.main", module)
+    monkeypatch.setattr(cli, "configure_logging", lambda *a, **k: None)
+    return calls
+
+
+GOOD = f"""
+[interface]
+private_key = "{NodePrivate(bytes(range(1, 33))).to_b64()}"
+addresses = ["100.64.0.1/32"]
+"""
+
+
+def test_up_with_bad_config_prints_every_problem_and_touches_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fake_daemon: list[Config]
+) -> None:
+    conf = tmp_path / "agent.conf"
+    conf.write_text(GOOD + 'mtu = 10\n[[peers]]\npublic_key = "x"\nallowed_ips = ["1.2.3.4/8"]\n')
+    rc, out, err = run(capsys, "up", "-c", str(conf))
+    assert rc == 1
+    assert out == ""
+    assert err.splitlines() == [
+        f"{conf}: interface.mtu: 10 is out of range 576..65535",
+        f"{conf}: peers[0].public_key: not a base64 key (not valid base64)",
+        f"{conf}: peers[0].allowed_ips[0]: '1.2.3.4/8' has host bits set (did you mean 1.0.0.0/8?)",
+    ]
+    assert fake_daemon == []
+
+
+def test_up_with_missing_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fake_daemon: list[Config]
+) -> None:
+    conf = tmp_path / "nope.conf"
+    rc, _, err = run(capsys, "up", "-c", str(conf))
+    assert rc == 1
+    assert err == f"{conf}: cannot read the config: No such file or directory\n"
+    assert fake_daemon == []
+
+
+def test_up_hands_the_config_to_the_daemon(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fake_daemon: list[Config]
+) -> None:
+    conf = tmp_path / "agent.conf"
+    conf.write_text(GOOD)
+    rc, _, _ = run(capsys, "up", "-c", str(conf), "--log-level", "debug")
+    assert rc == 0
+    (config,) = fake_daemon
+    assert str(config.interface.addresses[0]) == "100.64.0.1/32"
+
+
+# -- status ---------------------------------------------------------------------------------------
+
+STATUS = Status(
+    interface="agent0",
+    public_key="A" * 43 + "=",
+    listen_port=41641,
+    addresses=("100.64.0.1/32",),
+    derp=DerpStatus(home_region=900, connected_regions=(900,)),
+    peers=(
+        PeerStatus(
+            name="b",
+            public_key="B" * 43 + "=",
+            allowed_ips=("100.64.0.2/32", "fd7a:115c:a1e0::2/128"),
+            path="direct",
+            endpoint="198.18.0.2:41641",
+            derp_region=900,
+            latest_handshake=1_000_000 - 65,
+            rx_bytes=476,
+            tx_bytes=3 * 1024 * 1024 + 1,
+            latency_ms=0.4,
+            persistent_keepalive=25,
+        ),
+        PeerStatus(name="c", public_key="C" * 43 + "="),
+    ),
+    drops={"replayed_counter": 2},
+    dataplane={"offload": "tso+gso"},
+)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short directory for UNIX socket paths (108-byte limit)."""
+    path = Path(tempfile.mkdtemp(prefix="agt-cli-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class FakeDaemon:
+    """Answers each connection on a UNIX socket with `answer(request)`; records the requests."""
+
+    def __init__(self, path: Path, answer: bytes) -> None:
+        self.requests: list[Request] = []
+        self.answer = answer
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(str(path))
+        self.sock.listen()
+        self.sock.settimeout(10)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        with conn:
+            buf = b""
+            while b"\n" not in buf and (chunk := conn.recv(4096)):
+                buf += chunk
+            self.requests.append(Request.parse(buf))
+            conn.sendall(self.answer)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def daemon_at(short_dir: Path) -> Iterator[Any]:
+    made: list[FakeDaemon] = []
+
+    def start(answer: bytes) -> tuple[str, FakeDaemon]:
+        path = short_dir / f"d{len(made)}.sock"
+        made.append(FakeDaemon(path, answer))
+        return str(path), made[-1]
+
+    yield start
+    for d in made:
+        d.close()
+
+
+def test_api_schema_round_trips_and_rejects() -> None:
+    line = STATUS.to_json()
+    assert "\n" not in line
+    assert Status.from_json(line) == STATUS
+    newer = {**STATUS.to_dict(), "added_later": 1}  # fields may be added: old readers ignore them
+    assert Status.from_dict(newer) == STATUS
+    assert Request.parse(b'{"op": "ping", "peer": "b"}\n') == Request("ping", {"peer": "b"})
+    assert Request("status").encode() == b'{"op":"status"}\n'
+    assert Response.parse(Response.failure("no").encode()) == Response(False, {}, "no")
+    with pytest.raises(ApiError, match="unknown op 'frob'"):
+        Request.parse(b'{"op": "frob"}')
+    with pytest.raises(ApiError, match="'path'"):
+        PeerStatus.from_dict({"name": "b", "public_key": "k", "path": "sideways"})
+    with pytest.raises(ApiError, match="'rx_bytes'"):
+        PeerStatus.from_dict({"name": "b", "public_key": "k", "rx_bytes": "many"})
+
+
+def test_status_with_no_daemon(capsys: pytest.CaptureFixture[str], short_dir: Path) -> None:
+    path = short_dir / "none.sock"
+    rc, out, err = run(capsys, "status", "--socket", str(path))
+    assert rc == 1
+    assert out == ""
+    assert err == f"agent: cannot reach the daemon at {path} (is `agent up` running?)\n"
+
+
+def test_status_finds_the_socket_through_the_config(
+    capsys: pytest.CaptureFixture[str], short_dir: Path
+) -> None:
+    conf = short_dir / "agent.conf"
+    conf.write_text('[interface]\ncontrol_socket = "ctl.sock"\n')
+    rc, _, err = run(capsys, "status", "-c", str(conf))
+    assert rc == 1
+    assert (
+        err
+        == f"agent: cannot reach the daemon at {short_dir / 'ctl.sock'} (is `agent up` running?)\n"
+    )
+
+
+def test_status_prints_a_table(
+    capsys: pytest.CaptureFixture[str], daemon_at: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, daemon = daemon_at(Response.success(STATUS.to_dict()).encode())
+    monkeypatch.setattr("time.time", lambda: 1_000_000.0)
+    rc, out, err = run(capsys, "status", "--socket", path)
+    assert (rc, err) == (0, "")
+    assert daemon.requests == [Request("status", {})]
+    assert out == (
+        "interface: agent0\n"
+        f"  public key: {'A' * 43}=\n"
+        "  listening port: 41641\n"
+        "  addresses: 100.64.0.1/32\n"
+        "  home derp: 900 (connected: 900)\n"
+        "  dataplane: offload tso+gso\n"
+        "  drops: replayed_counter 2\n"
+        "\n"
+        f"peer: b ({'B' * 43}=)\n"
+        "  path: direct\n"
+        "  endpoint: 198.18.0.2:41641\n"
+        "  derp region: 900\n"
+        "  allowed ips: 100.64.0.2/32, fd7a:115c:a1e0::2/128\n"
+        "  latest handshake: 1 minute, 5 seconds ago\n"
+        "  transfer: 476 B received, 3.00 MiB sent\n"
+        "  latency: 0.4 ms\n"
+        "  persistent keepalive: every 25 seconds\n"
+        "\n"
+        f"peer: c ({'C' * 43}=)\n"
+        "  path: none\n"
+        "  allowed ips: (none)\n"
+    )
+
+
+def test_status_json(capsys: pytest.CaptureFixture[str], daemon_at: Any) -> None:
+    path, _ = daemon_at(Response.success(STATUS.to_dict()).encode())
+    rc, out, _ = run(capsys, "status", "--socket", path, "--json")
+    assert rc == 0
+    doc = json.loads(out)
+    assert Status.from_dict(doc) == STATUS
+    assert doc["peers"][0]["path"] == "direct"
+    assert doc["derp"] == {"home_region": 900, "connected_regions": [900]}
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (Response.failure("busy").encode(), "busy"),
+        (b"not json\n", "not a JSON line"),
+        (Response.success({"interface": "x"}).encode(), "status field 'public_key' is missing"),
+    ],
+)
+def test_status_bad_answer(
+    capsys: pytest.CaptureFixture[str], daemon_at: Any, answer: bytes, message: str
+) -> None:
+    path, _ = daemon_at(answer)
+    rc, _, err = run(capsys, "status", "--socket", path)
+    assert rc == 1
+    assert err.startswith(f"agent: bad answer from the daemon at {path}: ")
+    assert message in err
+    assert err.count("\n") == 1
+
+
+def test_status_daemon_closes_without_answer(
+    capsys: pytest.CaptureFixture[str], daemon_at: Any
+) -> None:
+    path, _ = daemon_at(b"")
+    rc, _, err = run(capsys, "status", "--socket", path)
+    assert rc == 1
+    assert err == f"agent: the daemon at {path} closed without answering\n"
+
+
+def test_format_status_units() -> None:
+    peer = PeerStatus(
+        name="p", public_key="k", latest_handshake=1000, rx_bytes=1023, tx_bytes=5 * 2**40
+    )
+    text = cli.format_status(
+        Status(interface="i", public_key="k", listen_port=1, peers=(peer,)), 1000 + 2 * 86400 + 3601
+    )
+    assert "latest handshake: 2 days, 1 hour, 1 second ago" in text
+    assert "transfer: 1023 B received, 5.00 TiB sent" in text
+    assert "home derp: (none) (connected: none)" in text
+
+
+# -- logging (configured only by cli.main) --------------------------------------------------------
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_json_logs_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    log = get_logger("test")  # made before configuring: still follows the configuration
+    configure_logging("info", json=True)
+    log.debug("hidden")
+    log.info("hello", peer="b")
+    logging.getLogger("somelib").warning("from %s", "stdlib")
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert [(d["event"], d["level"], d["logger"]) for d in lines] == [
+        ("hello", "info", "test"),
+        ("from stdlib", "warning", "somelib"),
+    ]
+    assert lines[0]["peer"] == "b"
+    assert lines[0]["timestamp"].endswith("Z")
+    configure_logging("warning", json=False)  # reconfiguring replaces, never duplicates
+    log.warning("once")
+    _, err = capsys.readouterr()
+    assert err.count("once") == 1
+    assert "[warning" in err
+    with pytest.raises(ValueError, match="unknown log level"):
+        configure_logging("loud")
+
+
+def test_status_without_any_config_tries_the_default_socket(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if Path("/run/agent/agent0.sock").exists():
+        pytest.skip("a daemon is running with the default socket")
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG_PATH", str(tmp_path / "absent.conf"))
+    rc, _, err = run(capsys, "status")
+    assert rc == 1
+    assert err == (
+        "agent: cannot reach the daemon at /run/agent/agent0.sock (is `agent up` running?)\n"
+    )
