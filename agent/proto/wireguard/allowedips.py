@@ -61,11 +61,15 @@ class AllowedIPs(Generic[T]):
 
     def insert(self, network: Network, value: T) -> None:
         fam = self._family(network)
-        fam.insert(network.prefixlen, int(network.network_address) >> (fam.bits - network.prefixlen), value)
+        fam.insert(
+            network.prefixlen, int(network.network_address) >> (fam.bits - network.prefixlen), value
+        )
 
     def remove(self, network: Network) -> None:
         fam = self._family(network)
-        fam.remove(network.prefixlen, int(network.network_address) >> (fam.bits - network.prefixlen))
+        fam.remove(
+            network.prefixlen, int(network.network_address) >> (fam.bits - network.prefixlen)
+        )
 
     def remove_value(self, value: T) -> None:
         for network in self.networks_of(value):

@@ -1,8 +1,8 @@
 """Sliding-window replay filter for transport counters (RFC 6479 bitmap ring, as WireGuard does).
 
 The ring holds RING_BLOCKS blocks of 64 bits; one block is always being recycled, so the window is
-(RING_BLOCKS - 1) * 64 = 8128 counters behind the highest seen. `accept(counter)` must be called only
-after the packet authenticated, so a forged counter cannot move the window.
+(RING_BLOCKS - 1) * 64 = 8128 counters behind the highest seen. `accept(counter)` must be
+called only after the packet authenticated, so a forged counter cannot move the window.
 """
 
 from __future__ import annotations

@@ -74,9 +74,7 @@ class Keypair:
         self._send_prefix = struct.pack("<II", MSG_TRANSPORT, remote_index)
 
     def can_send(self, now: float) -> bool:
-        return (
-            now - self.created < REJECT_AFTER_TIME and self.send_counter < REJECT_AFTER_MESSAGES
-        )
+        return now - self.created < REJECT_AFTER_TIME and self.send_counter < REJECT_AFTER_MESSAGES
 
     def can_receive(self, now: float) -> bool:
         return now - self.created < REJECT_AFTER_TIME

@@ -35,7 +35,13 @@ _ORDER = tuple(Timer)
 class PeerTimers:
     """Deadlines (monotonic seconds or None) for one peer."""
 
-    __slots__ = ("_deadline", "_randbytes", "deadlines", "need_another_keepalive", "persistent_keepalive")
+    __slots__ = (
+        "_deadline",
+        "_randbytes",
+        "deadlines",
+        "need_another_keepalive",
+        "persistent_keepalive",
+    )
 
     def __init__(
         self,

@@ -1,0 +1,359 @@
+"""The WireGuard device core: our identity, the peers, cryptokey routing and datagram demux.
+
+    receive_batch(datagrams, src, now)   UDP in  -> plaintext IP packets for the TUN + replies
+    route(dst) -> Peer                   TUN out -> the peer owning the destination (then
+                                         `peer.encrypt(packets, now)`)
+    on_timer(now) / next_deadline()      WireGuard's timers for every peer
+    events()                             HandshakeCompleted, EndpointChanged, ...
+
+Demux by the first byte of the datagram (wireguard-go receive.go):
+    1 initiation  mac1 -> (under load: mac2 or cookie reply; per-source rate limit) -> decrypt
+                  static -> peer -> timestamp/flood checks -> response
+    2 response    mac1 -> (under load: mac2) -> receiver index -> pending handshake -> keys
+    3 cookie      receiver index -> pending handshake -> store cookie for mac2
+    4 transport   receiver index -> keypair -> AEAD -> replay window -> trim padding ->
+                  allowed-IPs source check -> packet
+Every bad datagram is dropped and counted in `drops` by DropReason; nothing is raised.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidTag
+
+from agent.keys import NodePrivate, NodePublic, PresharedKey
+from agent.proto.errors import DropReason, RemoteProtocolError
+from agent.proto.wireguard.allowedips import AllowedIPs, Network
+from agent.proto.wireguard.constants import (
+    COOKIE_REPLY_SIZE,
+    INITIATION_SIZE,
+    MSG_COOKIE_REPLY,
+    MSG_INITIATION,
+    MSG_RESPONSE,
+    MSG_TRANSPORT,
+    RATELIMIT_BURST,
+    RATELIMIT_PACKETS_PER_SECOND,
+    RESPONSE_SIZE,
+    TRANSPORT_MIN_SIZE,
+    UNDER_LOAD_HANDSHAKES_PER_SECOND,
+)
+from agent.proto.wireguard.cookie import CookieChecker
+from agent.proto.wireguard.handshake import Handshake, LocalIdentity, consume_initiation
+from agent.proto.wireguard.messages import CookieReply
+from agent.proto.wireguard.peer import DeviceContext, Endpoint, Event, IndexTable, Peer
+from agent.proto.wireguard.session import Keypair
+
+__all__ = ["Device", "RxBatch"]
+
+Buffer = bytes | bytearray | memoryview
+_TRANSPORT = struct.Struct("<IIQ")
+_TYPE_WORDS = {
+    MSG_INITIATION: INITIATION_SIZE,
+    MSG_RESPONSE: RESPONSE_SIZE,
+    MSG_COOKIE_REPLY: COOKIE_REPLY_SIZE,
+}
+_ROUTE_CACHE_MAX = 4096
+
+
+@dataclass(slots=True)
+class RxBatch:
+    """What one received batch produced."""
+
+    packets: list[Buffer] = field(default_factory=list)  # plaintext IP packets for the TUN
+    replies: list[tuple[bytes, Endpoint]] = field(default_factory=list)
+
+
+class _RateLimiter:
+    """Token bucket per source address, used only while under load (wireguard-go ratelimiter)."""
+
+    __slots__ = ("_buckets",)
+
+    def __init__(self) -> None:
+        self._buckets: dict[bytes, tuple[float, float]] = {}
+
+    def allow(self, source: bytes, now: float) -> bool:
+        tokens, last = self._buckets.get(source, (float(RATELIMIT_BURST), now))
+        tokens = min(float(RATELIMIT_BURST), tokens + (now - last) * RATELIMIT_PACKETS_PER_SECOND)
+        allowed = tokens >= 1.0
+        self._buckets[source] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > 65536:
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 1.0}
+        return allowed
+
+
+def _source_bytes(src: Endpoint) -> bytes:
+    try:
+        return ipaddress.ip_address(src[0]).packed + src[1].to_bytes(2, "big")
+    except ValueError:
+        return src[0].encode() + src[1].to_bytes(2, "big")
+
+
+class Device:
+    """A WireGuard interface's protocol state. One owner calls it; never thread-safe."""
+
+    def __init__(
+        self,
+        private_key: NodePrivate,
+        *,
+        wall_offset: float = 0.0,
+        randbytes: Callable[[int], bytes] = secrets.token_bytes,
+        under_load_threshold: int = UNDER_LOAD_HANDSHAKES_PER_SECOND,
+    ) -> None:
+        local = LocalIdentity.from_private(private_key)
+        self._ctx = DeviceContext(
+            local=local,
+            indexes=IndexTable(randbytes),
+            wall_offset=wall_offset,
+            randbytes=randbytes,
+        )
+        self._cookie_checker = CookieChecker(local.public, randbytes=randbytes)
+        self._rate = _RateLimiter()
+        self._under_load_threshold = under_load_threshold
+        self._load_window = (0.0, 0)  # (window start, handshake messages in it)
+        self._under_load_until = -1.0
+        self.peers: dict[NodePublic, Peer] = {}
+        self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
+        self._route_cache: dict[bytes, Peer | None] = {}
+
+    # -- configuration -----------------------------------------------------------------------
+    @property
+    def public_key(self) -> NodePublic:
+        return self._ctx.local.public
+
+    @property
+    def private_key(self) -> NodePrivate:
+        return self._ctx.local.private
+
+    @property
+    def drops(self) -> dict[DropReason, int]:
+        return self._ctx.drops
+
+    def add_peer(
+        self,
+        public_key: NodePublic,
+        *,
+        preshared_key: PresharedKey | None = None,
+        endpoint: Endpoint | None = None,
+        allowed_ips: Iterable[Network] = (),
+        persistent_keepalive: int | None = None,
+    ) -> Peer:
+        """Add a peer (or return the existing one with that key, unchanged)."""
+        existing = self.peers.get(public_key)
+        if existing is not None:
+            return existing
+        peer = Peer(
+            self._ctx,
+            public_key,
+            preshared_key=preshared_key,
+            endpoint=endpoint,
+            persistent_keepalive=persistent_keepalive,
+        )
+        self.peers[public_key] = peer
+        self.set_allowed_ips(peer, allowed_ips)
+        return peer
+
+    def remove_peer(self, public_key: NodePublic) -> None:
+        peer = self.peers.pop(public_key, None)
+        if peer is not None:
+            self.allowed_ips.remove_value(peer)
+            peer.zero_keys()
+            peer.timers.stop_all()
+            self._route_cache.clear()
+
+    def set_allowed_ips(
+        self, peer: Peer, networks: Iterable[Network], *, replace: bool = True
+    ) -> None:
+        if replace:
+            self.allowed_ips.remove_value(peer)
+        for net in networks:
+            self.allowed_ips.insert(net, peer)
+        self._route_cache.clear()
+
+    def events(self) -> list[Event]:
+        ev = self._ctx.events
+        out = list(ev)
+        ev.clear()
+        return out
+
+    # -- outbound ----------------------------------------------------------------------------
+    def route(self, dst: bytes) -> Peer | None:
+        """The peer whose allowed IPs hold `dst` (4 or 16 raw bytes), cached."""
+        cache = self._route_cache
+        try:
+            return cache[dst]
+        except KeyError:
+            pass
+        peer = self.allowed_ips.lookup(dst)
+        if len(cache) >= _ROUTE_CACHE_MAX:
+            cache.clear()
+        cache[dst] = peer
+        return peer
+
+    # -- inbound -----------------------------------------------------------------------------
+    def receive(self, datagram: Buffer, src: Endpoint, now: float) -> RxBatch:
+        return self.receive_batch((datagram,), src, now)
+
+    def receive_batch(self, datagrams: Sequence[Buffer], src: Endpoint, now: float) -> RxBatch:
+        """Process datagrams that all came from `src`. Never raises for bad input."""
+        result = RxBatch()
+        packets = result.packets
+        keypairs = self._ctx.indexes.keypairs
+        route = self.route
+        drop = self._ctx.drop
+        unpack = _TRANSPORT.unpack_from
+        # The transport batch currently accumulating for one keypair.
+        cur_kp: Keypair | None = None
+        cur_peer: Peer | None = None
+        cur_bytes = 0
+        cur_data = False
+        for d in datagrams:
+            n = len(d)
+            if n >= TRANSPORT_MIN_SIZE and d[0] == MSG_TRANSPORT:
+                word, index, counter = unpack(d)
+                entry = keypairs.get(index) if word == MSG_TRANSPORT else None
+                if entry is None:
+                    reason = (
+                        DropReason.UNKNOWN_RECEIVER
+                        if word == MSG_TRANSPORT
+                        else DropReason.MALFORMED
+                    )
+                    drop(reason)
+                    continue
+                kp, peer = entry
+                if not kp.can_receive(now):
+                    drop(DropReason.EXPIRED_SESSION)
+                    continue
+                try:
+                    pt = kp.open(counter, memoryview(d)[16:])
+                except InvalidTag:
+                    drop(DropReason.AUTHENTICATION)
+                    continue
+                if not kp.replay.accept(counter):
+                    drop(DropReason.REPLAY)
+                    continue
+                if kp is not cur_kp:
+                    if cur_peer is not None and cur_kp is not None:
+                        result.replies.extend(
+                            self._finish_transport(cur_peer, cur_kp, src, now, cur_bytes, cur_data)
+                        )
+                    cur_kp, cur_peer, cur_bytes, cur_data = kp, peer, 0, False
+                cur_bytes += n
+                if not pt:
+                    continue  # keepalive
+                cur_data = True
+                v = pt[0] >> 4
+                if v == 4 and len(pt) >= 20:
+                    length = (pt[2] << 8) | pt[3]
+                    srcaddr = pt[12:16]
+                elif v == 6 and len(pt) >= 40:
+                    length = 40 + ((pt[4] << 8) | pt[5])
+                    srcaddr = pt[8:24]
+                else:
+                    drop(DropReason.NOT_IP)
+                    continue
+                if length > len(pt) or length < 20:
+                    drop(DropReason.MALFORMED)
+                    continue
+                if route(srcaddr) is not peer:
+                    drop(DropReason.DISALLOWED_SOURCE)
+                    continue
+                packets.append(pt if length == len(pt) else pt[:length])
+            else:
+                try:
+                    result.replies.extend(self._receive_handshake(d, src, now))
+                except RemoteProtocolError as e:
+                    drop(e.reason)
+        if cur_peer is not None and cur_kp is not None:
+            result.replies.extend(
+                self._finish_transport(cur_peer, cur_kp, src, now, cur_bytes, cur_data)
+            )
+        return result
+
+    def _finish_transport(
+        self, peer: Peer, kp: Keypair, src: Endpoint, now: float, nbytes: int, data: bool
+    ) -> list[tuple[bytes, Endpoint]]:
+        out = peer.on_transport(kp, src, now, nbytes=nbytes, data=data)
+        return [(d, src) for d in out]
+
+    def _under_load(self, now: float) -> bool:
+        start, count = self._load_window
+        if now - start >= 1.0:
+            start, count = now, 0
+        count += 1
+        self._load_window = (start, count)
+        if count > self._under_load_threshold:
+            self._under_load_until = now + 1.0
+        return now < self._under_load_until
+
+    def _receive_handshake(
+        self, d: Buffer, src: Endpoint, now: float
+    ) -> list[tuple[bytes, Endpoint]]:
+        n = len(d)
+        kind = d[0] if n else 0
+        if kind not in _TYPE_WORDS or n != _TYPE_WORDS[kind] or bytes(d[1:4]) != b"\0\0\0":
+            self._ctx.drop(DropReason.MALFORMED)
+            return []
+        indexes = self._ctx.indexes
+        if kind == MSG_COOKIE_REPLY:
+            reply = CookieReply.parse(d)
+            peer = indexes.handshakes.get(reply.receiver)
+            if peer is None:
+                self._ctx.drop(DropReason.UNKNOWN_RECEIVER)
+                return []
+            peer.cookies.consume_reply(reply, now)
+            return []
+        checker = self._cookie_checker
+        if not checker.check_mac1(d):
+            self._ctx.drop(DropReason.AUTHENTICATION)
+            return []
+        if self._under_load(now):
+            source = _source_bytes(src)
+            if not checker.check_mac2(d, source, now):
+                self._ctx.drop(DropReason.COOKIE_REQUIRED)
+                return [(checker.create_reply(d, source, now), src)]
+            if not self._rate.allow(source[:-2], now):
+                self._ctx.drop(DropReason.RATE_LIMITED)
+                return []
+        if kind == MSG_INITIATION:
+            peers = self.peers
+
+            def find(key: NodePublic) -> Handshake | None:
+                p = peers.get(key)
+                return p.handshake if p is not None else None
+
+            consumed = consume_initiation(self._ctx.local, d, find_peer=find)
+            peer = peers[consumed.remote_static]
+            return [(peer.on_initiation(consumed, src, now), src)]
+        # MSG_RESPONSE: receiver index is bytes 8..12
+        receiver = int.from_bytes(d[8:12], "little")
+        peer = indexes.handshakes.get(receiver)
+        if peer is None:
+            self._ctx.drop(DropReason.UNKNOWN_RECEIVER)
+            return []
+        return [(x, src) for x in peer.on_response(d, src, now)]
+
+    # -- timers ------------------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        return min(
+            (d for p in self.peers.values() if (d := p.next_deadline()) is not None), default=None
+        )
+
+    def on_timer(self, now: float) -> list[tuple[bytes, Endpoint]]:
+        """Run every peer's expired timers; datagrams to send (peers without endpoint skipped)."""
+        out: list[tuple[bytes, Endpoint]] = []
+        for peer in list(self.peers.values()):
+            d = peer.next_deadline()
+            if d is None or d > now:
+                continue
+            datagrams = peer.on_timer(now)
+            if datagrams:
+                if peer.endpoint is None:
+                    self._ctx.drop(DropReason.NO_ENDPOINT, len(datagrams))
+                else:
+                    out.extend((x, peer.endpoint) for x in datagrams)
+        return out
