@@ -56,11 +56,14 @@ MAX_UDP_DATAGRAMS = 512
 class PeerLike(Protocol):
     """One WireGuard peer as the data plane sees it."""
 
-    endpoint: Endpoint | None
+    @property
+    def endpoint(self) -> Endpoint | None:
+        """Where datagrams for this peer go (None: not known yet)."""
+        ...
 
     def encrypt(
         self, packets: Sequence[bytes | bytearray | memoryview], now: float
-    ) -> list[bytes | bytearray]:
+    ) -> Sequence[bytes | bytearray]:
         """Datagrams for `endpoint` (may include a handshake initiation; empty if staged)."""
         ...
 
@@ -68,8 +71,15 @@ class PeerLike(Protocol):
 class RxResult(Protocol):
     """What the device made of a run of received datagrams."""
 
-    packets: list[bytes | bytearray | memoryview]  # plaintext IP packets for the TUN
-    replies: list[tuple[bytes | bytearray, Endpoint]]  # handshake/cookie replies, keepalives
+    @property
+    def packets(self) -> Sequence[bytes | bytearray | memoryview]:
+        """Plaintext IP packets for the TUN."""
+        ...
+
+    @property
+    def replies(self) -> Sequence[tuple[bytes | bytearray, Endpoint]]:
+        """Handshake/cookie replies and keepalives to send."""
+        ...
 
 
 class DeviceLike(Protocol):

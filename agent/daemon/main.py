@@ -1,0 +1,312 @@
+"""`agent up`: the daemon. One asyncio loop owns the WireGuard core, the TUN, the UDP socket.
+
+run_daemon(config)
+  Device (sans-I/O core) <- peers from the config
+  TUN  (offloads when the kernel has them) + addresses, MTU, a route per allowed-IPs prefix
+  UDP  (GSO/GRO, large buffers) on listen_port
+  DataPlane: add_reader on both fds; batches in, batches out (daemon/dataplane.py)
+  one timer: re-armed after every batch to the core's next deadline (flush)
+  control socket (agent status) and WireGuard UAPI socket (wg show / wg set)
+  SIGTERM/SIGINT -> remove the interface and sockets, exit 0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from agent import api
+from agent.config import Config
+from agent.daemon.dataplane import DataPlane
+from agent.daemon.tun import Tun, open_tun
+from agent.daemon.udp import UdpSocket, open_udp
+from agent.log import get_logger
+from agent.proto.wireguard.device import Device
+from agent.proto.wireguard.peer import (
+    EndpointChanged,
+    HandshakeCompleted,
+    HandshakeGivenUp,
+    KeysZeroed,
+)
+
+__all__ = ["run_daemon", "Daemon", "sd_notify"]
+
+log = get_logger("agent.daemon")
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(path)
+        s.sendall(message.encode())
+
+
+class Daemon:
+    """Everything `agent up` owns. Fields are owned by the event loop's thread."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.names = {p.public_key: p.name for p in config.peers}
+        self.device: Device | None = None
+        self.tun: Tun | None = None
+        self.udp: UdpSocket | None = None
+        self.dataplane: DataPlane | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._stop = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def open_interface(self) -> None:
+        """Create and configure the TUN and the UDP socket (before the event loop runs:
+        pyroute2's synchronous API cannot be used inside a running loop)."""
+        cfg = self.config.interface
+        self.tun = open_tun(cfg.name)
+        routes = [net for p in self.config.peers for net in p.allowed_ips]
+        self.tun.configure(list(cfg.addresses), cfg.mtu, routes)
+        self.udp = open_udp(cfg.listen_port)
+
+    async def run(self) -> int:
+        cfg = self.config.interface
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        device = Device(cfg.private_key, wall_offset=time.time() - loop.time())
+        self.device = device
+        for p in self.config.peers:
+            device.add_peer(
+                p.public_key,
+                preshared_key=p.preshared_key,
+                endpoint=p.endpoint,
+                allowed_ips=p.allowed_ips,
+                persistent_keepalive=p.persistent_keepalive,
+            )
+        if self.tun is None or self.udp is None:
+            raise RuntimeError("open_interface() must run before run()")
+        self.dataplane = DataPlane(self.tun, self.udp, device, loop.time, self.flush)
+        self.dataplane.attach(loop)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self._start_control_socket(cfg.control_socket)
+            await self._start_uapi()
+            now = loop.time()
+            for peer in device.peers.values():
+                if peer.persistent_keepalive and peer.endpoint is not None:
+                    self.send(peer.keepalive(now), peer.endpoint)
+            self.flush()
+            log.info(
+                "up",
+                interface=cfg.name,
+                public_key=device.public_key.to_b64(),
+                listen_port=self.udp.port,
+                peers=len(device.peers),
+                offload=self.tun.offload,
+                udp_gso=self.udp.gso,
+                udp_gro=self.udp.gro,
+            )
+            sd_notify(f"READY=1\nSTATUS=up: {cfg.name}, {len(device.peers)} peers")
+            await self._stop.wait()
+        finally:
+            sd_notify("STOPPING=1")
+            log.info("stopping", interface=cfg.name)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self._close_servers()
+            self._detach()
+        return 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _detach(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.dataplane is not None:
+            self.dataplane.detach()
+
+    def close(self) -> None:
+        """Remove the interface and close the socket (after the event loop ended)."""
+        if self.udp is not None:
+            self.udp.close()
+        if self.tun is not None:
+            self.tun.close()
+
+    async def _close_servers(self) -> None:
+        for server in self._servers:
+            server.close()
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        for path in (self.config.interface.control_socket, self._uapi_path()):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    # -- the one timer -----------------------------------------------------------------------
+    def send(self, datagrams: list[bytes], endpoint: tuple[str, int]) -> None:
+        if datagrams and self.udp is not None:
+            self.udp.send_batch(datagrams, endpoint)
+
+    def flush(self) -> None:
+        """After any activity: log core events, re-arm the single timer to the next deadline."""
+        device, loop = self.device, self._loop
+        if device is None or loop is None:
+            return
+        for ev in device.events():
+            name = self.names.get(ev.peer, str(ev.peer))
+            if isinstance(ev, HandshakeCompleted):
+                log.info("handshake complete", peer=name, initiator=ev.initiator)
+            elif isinstance(ev, EndpointChanged):
+                log.info("peer endpoint", peer=name, endpoint=f"{ev.endpoint[0]}:{ev.endpoint[1]}")
+            elif isinstance(ev, HandshakeGivenUp):
+                log.warning("handshake gave up", peer=name, attempts=ev.attempts)
+            elif isinstance(ev, KeysZeroed):
+                log.info("session keys zeroed", peer=name)
+        deadline = device.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            self._timer = loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        device, loop = self.device, self._loop
+        if device is None or loop is None:
+            return
+        by_endpoint: dict[tuple[str, int], list[bytes]] = {}
+        for data, ep in device.on_timer(loop.time()):
+            by_endpoint.setdefault(ep, []).append(data)
+        for ep, datagrams in by_endpoint.items():
+            self.send(datagrams, ep)
+        self.flush()
+
+    # -- control socket ----------------------------------------------------------------------
+    async def _start_control_socket(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        server = await asyncio.start_unix_server(self._serve_control, path=path)
+        os.chmod(path, 0o600)
+        self._servers.append(server)
+
+    async def _serve_control(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout=10)
+            try:
+                req = api.Request.parse(line)
+                if req.op == "status":
+                    reply = api.Response.success(self.status().to_dict())
+                else:
+                    reply = api.Response.failure(f"operation {req.op!r} is not supported yet")
+            except api.ApiError as e:
+                reply = api.Response.failure(str(e))
+            writer.write(reply.encode())
+            await writer.drain()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+            log.debug("control connection failed", error=str(e))
+        finally:
+            writer.close()
+
+    def status(self) -> api.Status:
+        device = self.device
+        assert device is not None
+        assert self.udp is not None
+        assert self.tun is not None
+        cfg = self.config.interface
+        peers = []
+        for pk, peer in device.peers.items():
+            ep = peer.endpoint
+            endpoint = None
+            if ep is not None:
+                endpoint = f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
+            live = peer.keypairs.current is not None
+            peers.append(
+                api.PeerStatus(
+                    name=self.names.get(pk, pk.to_b64()[:8]),
+                    public_key=pk.to_b64(),
+                    allowed_ips=tuple(str(n) for n in device.allowed_ips.networks_of(peer)),
+                    path="direct" if live and ep is not None else "none",
+                    endpoint=endpoint,
+                    latest_handshake=int(peer.last_handshake) if peer.last_handshake else None,
+                    rx_bytes=peer.rx_bytes,
+                    tx_bytes=peer.tx_bytes,
+                    persistent_keepalive=peer.persistent_keepalive,
+                )
+            )
+        drops: dict[str, int] = {str(k): v for k, v in device.drops.items() if v}
+        dp: dict[str, Any] = {"offload": self.tun.offload, "udp_gso": self.udp.gso}
+        if self.dataplane is not None:
+            stats = self.dataplane.stats.as_dict()
+            for k, v in stats.items():
+                if k == "drops" and isinstance(v, dict):
+                    for reason, n in v.items():
+                        drops[reason] = drops.get(reason, 0) + n
+                else:
+                    dp[k] = v
+        return api.Status(
+            interface=cfg.name,
+            public_key=device.public_key.to_b64(),
+            listen_port=self.udp.port,
+            addresses=tuple(str(a) for a in cfg.addresses),
+            peers=tuple(peers),
+            drops=drops,
+            dataplane=dp,
+        )
+
+    # -- WireGuard UAPI ----------------------------------------------------------------------
+    def _uapi_path(self) -> str:
+        return f"/var/run/wireguard/{self.config.interface.name}.sock"
+
+    async def _start_uapi(self) -> None:
+        if not self.config.interface.uapi:
+            return
+        try:
+            from agent.daemon import uapi
+        except ImportError:
+            return
+        assert self.device is not None
+        assert self.udp is not None
+        assert self._loop is not None
+        try:
+            server = await uapi.serve_uapi(
+                self._uapi_path(),
+                self.device,
+                listen_port=self.udp.port,
+                clock=self._loop.time,
+                send=lambda data, ep: self.send([data], ep),
+                log=log,
+            )
+        except OSError as e:
+            log.warning("UAPI socket unavailable", path=self._uapi_path(), error=str(e))
+            return
+        self._servers.append(server)
+
+
+def run_daemon(config: Config) -> int:
+    """Run `agent up` in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    daemon = Daemon(config)
+    try:
+        try:
+            daemon.open_interface()
+        except OSError as e:
+            log.error("interface setup failed", interface=config.interface.name, error=str(e))
+            return 1
+        return asyncio.run(daemon.run())
+    finally:
+        daemon.close()
