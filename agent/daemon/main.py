@@ -22,6 +22,7 @@ from typing import Any
 
 from agent import api
 from agent.config import Config
+from agent.daemon import uapi
 from agent.daemon.dataplane import DataPlane
 from agent.daemon.tun import Tun, open_tun
 from agent.daemon.udp import UdpSocket, open_udp
@@ -66,6 +67,7 @@ class Daemon:
         self._timer_at: float | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
+        self._uapi_served = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open_interface(self) -> None:
@@ -147,9 +149,10 @@ class Daemon:
             server.close()
             with contextlib.suppress(Exception):
                 await server.wait_closed()
-        for path in (self.config.interface.control_socket, self._uapi_path()):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.config.interface.control_socket)
+        if self._uapi_served:
+            uapi.remove_uapi(self._uapi_path())
 
     # -- the one timer -----------------------------------------------------------------------
     def send(self, datagrams: list[bytes], endpoint: tuple[str, int]) -> None:
@@ -276,10 +279,6 @@ class Daemon:
     async def _start_uapi(self) -> None:
         if not self.config.interface.uapi:
             return
-        try:
-            from agent.daemon import uapi
-        except ImportError:
-            return
         assert self.device is not None
         assert self.udp is not None
         assert self._loop is not None
@@ -296,6 +295,7 @@ class Daemon:
             log.warning("UAPI socket unavailable", path=self._uapi_path(), error=str(e))
             return
         self._servers.append(server)
+        self._uapi_served = True
 
 
 def run_daemon(config: Config) -> int:

@@ -95,3 +95,23 @@ def test_sigterm_exits_zero_and_removes_the_interface(pair: Pair, lab: Lab) -> N
     assert ping(pair.ns_a, B4), lab.logs()
     pair.a.stop()  # asserts exit status 0 and that the interface is gone
     pair.b.stop()
+
+
+def test_stock_wg_show_and_set_work_on_our_interface(pair: Pair, lab: Lab) -> None:
+    """The daemon serves WireGuard's UAPI: Debian's `wg` reads and changes it."""
+    import shutil
+
+    if shutil.which("wg") is None:
+        pytest.skip("wg missing: apt-get install wireguard-tools")
+    assert ping(pair.ns_a, B4, count=1, timeout=10)
+    dump = lab.run(pair.ns_a, "wg", "show", pair.a.ifname, "dump").stdout
+    lines = [line.split("\t") for line in dump.strip().splitlines()]
+    # `wg show IFACE dump`: private, public, port, fwmark / per peer: public, psk, endpoint,
+    # allowed ips, latest handshake, rx, tx, keepalive
+    assert lines[0][2] == str(PORT_A)
+    peer = lines[1]
+    assert peer[3] == f"{B4}/32,{B6}/128"
+    assert int(peer[4]) > 0
+    assert int(peer[5]) > 0 and int(peer[6]) > 0
+    lab.run(pair.ns_a, "wg", "set", pair.a.ifname, "peer", peer[0], "persistent-keepalive", "7")
+    assert pair.a.peer_status(peer[0])["persistent_keepalive"] == 7
