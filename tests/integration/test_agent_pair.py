@@ -112,6 +112,7 @@ def test_stock_wg_show_and_set_work_on_our_interface(pair: Pair, lab: Lab) -> No
     peer = lines[1]
     assert peer[3] == f"{B4}/32,{B6}/128"
     assert int(peer[4]) > 0
-    assert int(peer[5]) > 0 and int(peer[6]) > 0
+    assert int(peer[5]) > 0
+    assert int(peer[6]) > 0
     lab.run(pair.ns_a, "wg", "set", pair.a.ifname, "peer", peer[0], "persistent-keepalive", "7")
     assert pair.a.peer_status(peer[0])["persistent_keepalive"] == 7

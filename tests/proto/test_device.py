@@ -47,11 +47,16 @@ class Pair:
         self.a = Device(ka, randbytes=seeded(1), wall_offset=1.7e9)
         self.b = Device(kb, randbytes=seeded(2), wall_offset=1.7e9)
         self.pa = self.a.add_peer(
-            kb.public(), preshared_key=psk, endpoint=B_EP,
-            allowed_ips=[ip_network("100.64.0.2/32")], persistent_keepalive=keepalive,
+            kb.public(),
+            preshared_key=psk,
+            endpoint=B_EP,
+            allowed_ips=[ip_network("100.64.0.2/32")],
+            persistent_keepalive=keepalive,
         )
         self.pb = self.b.add_peer(
-            ka.public(), preshared_key=psk, allowed_ips=[ip_network("100.64.0.1/32")],
+            ka.public(),
+            preshared_key=psk,
+            allowed_ips=[ip_network("100.64.0.1/32")],
         )
         self.lost = False
 
@@ -92,7 +97,8 @@ def test_first_packet_is_staged_then_delivered(psk: PresharedKey | None) -> None
     pkt = ipv4(A_IP, B_IP)
     # The initiation travels, the response returns, then staged packet goes out from A.
     out = p.pa.encrypt([pkt], p.now)
-    assert len(out) == 1 and out[0][0] == 1
+    assert len(out) == 1
+    assert out[0][0] == 1
     got = p.deliver(p.b, A_EP, out)
     assert got == []  # the response triggered the flush of the staged packet (delivered inside)
     assert p.pa.keypairs.current is not None
@@ -103,7 +109,8 @@ def test_first_packet_is_staged_then_delivered(psk: PresharedKey | None) -> None
     assert p.send_b([back]) == [back]
     events = p.a.events()
     assert HandshakeCompleted(p.pb.handshake.local.public, True) in events
-    assert p.pa.last_handshake is not None and p.pa.last_handshake > 1.7e9
+    assert p.pa.last_handshake is not None
+    assert p.pa.last_handshake > 1.7e9
 
 
 def test_wrong_psk_never_completes() -> None:
@@ -139,7 +146,7 @@ def test_disallowed_source_is_dropped() -> None:
 def test_padding_is_trimmed() -> None:
     p = Pair()
     p.send_a([ipv4(A_IP, B_IP)])  # handshake; the staged packet is delivered inside
-    for n in range(0, 40):
+    for n in range(40):
         pkt = ipv4(A_IP, B_IP, bytes(n))
         assert p.send_a([pkt]) == [pkt]
 
@@ -213,7 +220,8 @@ def test_rekey_after_time_rotates_keys_and_old_ones_expire() -> None:
     # After 3 x REJECT_AFTER_TIME with no traffic, every key is zeroed.
     for _ in range(int(3 * REJECT_AFTER_TIME) + 10):
         p.tick(1.0)
-    assert p.pa.keypairs.current is None and p.pb.keypairs.current is None
+    assert p.pa.keypairs.current is None
+    assert p.pb.keypairs.current is None
 
 
 def test_persistent_keepalive() -> None:
@@ -240,9 +248,11 @@ def test_cookie_under_load() -> None:
     assert len(cookie) == 64
     a.receive(cookie, B_EP, 1.1)
     retry = pa.on_timer(7.0)  # retransmit carries mac2 now
-    assert retry and retry[0][0] == 1
+    assert retry
+    assert retry[0][0] == 1
     res = b.receive_batch(retry, A_EP, 7.0)
-    assert res.replies and res.replies[0][0][0] == 2
+    assert res.replies
+    assert res.replies[0][0][0] == 2
 
 
 @settings(max_examples=300, deadline=None)
