@@ -246,14 +246,7 @@ class Peer:
         index = ctx.indexes.allocate(self)
         msg, keys = self.handshake.create_response(index)
         self.cookies.add_macs(msg, now)
-        kp = Keypair(
-            keys.send_key,
-            keys.recv_key,
-            keys.local_index,
-            keys.remote_index,
-            is_initiator=False,
-            created=now,
-        )
+        kp = Keypair.from_session_keys(keys, created=now)
         self.keypairs.install_responder(kp)
         ctx.indexes.bind_keypair(kp, self)
         self._free_dropped()
@@ -271,14 +264,7 @@ class Peer:
         """Initiator: finish our handshake; returns staged packets (or a keepalive) to send."""
         keys = self.handshake.consume_response(data)
         ctx = self._ctx
-        kp = Keypair(
-            keys.send_key,
-            keys.recv_key,
-            keys.local_index,
-            keys.remote_index,
-            is_initiator=True,
-            created=now,
-        )
+        kp = Keypair.from_session_keys(keys, created=now)
         self.keypairs.install_initiator(kp)
         ctx.indexes.bind_keypair(kp, self)
         self._initiation_index = None

@@ -27,6 +27,7 @@ from agent.proto.wireguard.constants import (
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
 )
+from agent.proto.wireguard.handshake import SessionKeys
 from agent.proto.wireguard.replay import ReplayWindow
 
 __all__ = ["Keypair", "Keypairs", "NONCE", "TRANSPORT_HEADER"]
@@ -72,6 +73,17 @@ class Keypair:
         self.send_counter = 0
         self.replay = ReplayWindow()
         self._send_prefix = struct.pack("<II", MSG_TRANSPORT, remote_index)
+
+    @classmethod
+    def from_session_keys(cls, keys: SessionKeys, *, created: float) -> Keypair:
+        return cls(
+            keys.send_key,
+            keys.recv_key,
+            keys.local_index,
+            keys.remote_index,
+            is_initiator=keys.is_initiator,
+            created=created,
+        )
 
     def can_send(self, now: float) -> bool:
         return now - self.created < REJECT_AFTER_TIME and self.send_counter < REJECT_AFTER_MESSAGES
