@@ -85,4 +85,6 @@ def test_allowedips_matches_reference(
     for p in probes:
         assert t.lookup(p) == _ref_lookup(ref, p)
     for v in range(6):
-        assert sorted(map(str, t.networks_of(v))) == sorted(str(n) for n, x in ref.items() if x == v)
+        assert sorted(map(str, t.networks_of(v))) == sorted(
+            str(n) for n, x in ref.items() if x == v
+        )
