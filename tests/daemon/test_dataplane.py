@@ -1,0 +1,100 @@
+"""DataPlane drop paths and batching with fake TUN/UDP objects and a real Device core."""
+
+from __future__ import annotations
+
+import struct
+from ipaddress import ip_network
+from typing import Any
+
+from agent.daemon.dataplane import DataPlane
+from agent.daemon.offload import NO_OFFLOAD
+from agent.keys import NodePrivate
+from agent.proto.errors import DropReason
+from agent.proto.wireguard.device import Device
+
+A_IP = bytes([100, 64, 0, 1])
+B_IP = bytes([100, 64, 0, 2])
+
+
+def ipv4(src: bytes, dst: bytes, payload: bytes = b"x" * 20) -> bytes:
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 1, 0, 64, 17, 0, src, dst)
+    return hdr + payload
+
+
+class FakeTun:
+    vnet_hdr = False
+
+    def __init__(self) -> None:
+        self.reads: list[bytes] = []
+        self.written: list[bytes] = []
+
+    def fileno(self) -> int:
+        return -1
+
+    def read_batch(self, max_packets: int) -> list[tuple[Any, memoryview]]:
+        out = [(NO_OFFLOAD, memoryview(p)) for p in self.reads[:max_packets]]
+        del self.reads[:max_packets]
+        return out
+
+    def write_packets(self, packets: list[bytes]) -> int:
+        self.written.extend(bytes(p) for p in packets)
+        return 0
+
+
+class FakeUdp:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+        self.inbox: list[tuple[list[memoryview], tuple[str, int]]] = []
+
+    def fileno(self) -> int:
+        return -1
+
+    def send_batch(self, datagrams: list[bytes], addr: tuple[str, int]) -> int:
+        self.sent.extend((bytes(d), addr) for d in datagrams)
+        return 0
+
+    def recv_batch(self, max_datagrams: int) -> list[tuple[list[memoryview], tuple[str, int]]]:
+        out, self.inbox = self.inbox, []
+        return out
+
+
+def make(endpoint: tuple[str, int] | None) -> tuple[DataPlane, FakeTun, FakeUdp, Device]:
+    dev = Device(NodePrivate.generate())
+    dev.add_peer(
+        NodePrivate.generate().public(),
+        endpoint=endpoint,
+        allowed_ips=[ip_network("100.64.0.2/32")],
+    )
+    tun, udp = FakeTun(), FakeUdp()
+    activity: list[int] = []
+    dp = DataPlane(tun, udp, dev, lambda: 1.0, lambda: activity.append(1))  # type: ignore[arg-type]
+    return dp, tun, udp, dev
+
+
+def test_unroutable_non_ip_and_no_endpoint_are_counted() -> None:
+    dp, tun, udp, _ = make(None)
+    tun.reads = [ipv4(A_IP, bytes([10, 0, 0, 1])), b"\x00garbage", ipv4(A_IP, B_IP)]
+    dp.on_tun_readable()
+    assert dp.stats.drops[DropReason.NO_ROUTE] == 1
+    assert dp.stats.drops[DropReason.NOT_IP] == 1
+    assert dp.stats.drops[DropReason.NO_ENDPOINT] == 1
+    assert udp.sent == []
+
+
+def test_a_batch_for_one_peer_starts_one_handshake() -> None:
+    dp, tun, udp, dev = make(("198.18.0.2", 41641))
+    tun.reads = [ipv4(A_IP, B_IP) for _ in range(10)]
+    dp.on_tun_readable()
+    assert len(udp.sent) == 1
+    assert udp.sent[0][0][0] == 1  # one initiation; the packets are staged
+    (peer,) = dev.peers.values()
+    assert len(peer.staged) == 10
+
+
+def test_garbage_datagrams_are_dropped_and_counted() -> None:
+    dp, tun, udp, dev = make(("198.18.0.2", 41641))
+    udp.inbox = [([memoryview(b"\x04" + bytes(40)), memoryview(b"junk")], ("198.18.0.2", 41641))]
+    dp.on_udp_readable()
+    assert tun.written == []
+    assert dev.drops[DropReason.UNKNOWN_RECEIVER] == 1
+    assert dev.drops[DropReason.MALFORMED] == 1
