@@ -38,6 +38,7 @@ from agent.proto.wireguard.peer import (
 __all__ = ["run_daemon", "Daemon", "sd_notify"]
 
 log = get_logger("agent.daemon")
+SO_MARK = 36  # socket.SO_MARK is missing on some builds
 
 
 def sd_notify(message: str) -> None:
@@ -78,6 +79,8 @@ class Daemon:
         routes = [net for p in self.config.peers for net in p.allowed_ips]
         self.tun.configure(list(cfg.addresses), cfg.mtu, routes)
         self.udp = open_udp(cfg.listen_port)
+        if cfg.fwmark:
+            self.udp.sock.setsockopt(socket.SOL_SOCKET, SO_MARK, cfg.fwmark)
 
     async def run(self) -> int:
         cfg = self.config.interface

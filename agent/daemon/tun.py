@@ -78,6 +78,7 @@ class Tun:
         self.offload = offload
         self.vnet_hdr = offload != OFFLOAD_NONE
         self._closed = False
+        self._hdr_cache: dict[bytes, VirtioNetHdr] = {}
 
     def fileno(self) -> int:
         return self.fd
@@ -93,6 +94,7 @@ class Tun:
         read = os.read
         fd = self.fd
         vnet = self.vnet_hdr
+        cache = self._hdr_cache
         for _ in range(max_packets):
             try:
                 data = read(fd, READ_SIZE)
@@ -106,7 +108,14 @@ class Tun:
             elif data[0] == 0 and data[1] == 0:
                 out.append((NO_OFFLOAD, view[VNET_HDR_LEN:]))
             elif len(data) > VNET_HDR_LEN:
-                out.append((VirtioNetHdr.parse(view), view[VNET_HDR_LEN:]))
+                # Headers repeat (same flow, same MSS): parse each distinct one once.
+                key = data[:VNET_HDR_LEN]
+                hdr = cache.get(key)
+                if hdr is None:
+                    if len(cache) >= 256:
+                        cache.clear()
+                    hdr = cache[key] = VirtioNetHdr.parse(view)
+                out.append((hdr, view[VNET_HDR_LEN:]))
         return out
 
     def write_packets(self, packets: Sequence[Buffer]) -> int:
