@@ -293,6 +293,7 @@ class Daemon:
                 clock=self._loop.time,
                 send=lambda data, ep: self.send([data], ep),
                 log=log,
+                fwmark=self.config.interface.fwmark,
             )
         except OSError as e:
             log.warning("UAPI socket unavailable", path=self._uapi_path(), error=str(e))

@@ -105,7 +105,9 @@ def _parse_endpoint(value: str) -> Endpoint:
     return str(addr), p
 
 
-def _plan(device: Device, lines: list[str], listen_port: int) -> tuple[bool, list[_PeerPlan]]:
+def _plan(
+    device: Device, lines: list[str], listen_port: int, fwmark: int = 0
+) -> tuple[bool, list[_PeerPlan]]:
     replace_peers = False
     peers: list[_PeerPlan] = []
     for line in lines:
@@ -126,8 +128,8 @@ def _plan(device: Device, lines: list[str], listen_port: int) -> tuple[bool, lis
                 if _uint(key, value, 65535) not in (0, listen_port):
                     raise _Invalid(f"listen_port: cannot move a live device off {listen_port}")
             elif cur is None and key == "fwmark":
-                if _uint(key, value, 0xFFFFFFFF) != 0:
-                    raise _Invalid("fwmark: not supported, only 0")
+                if _uint(key, value, 0xFFFFFFFF) != fwmark:
+                    raise _Invalid(f"fwmark: cannot change a live device's mark ({fwmark})")
             elif cur is None and key == "replace_peers":
                 replace_peers = _true(key, value)
             elif cur is None:
@@ -190,20 +192,20 @@ def _apply(device: Device, replace_peers: bool, plans: list[_PeerPlan], now: flo
 
 
 def _apply_set(
-    device: Device, lines: list[str], listen_port: int, now: float
+    device: Device, lines: list[str], listen_port: int, now: float, fwmark: int = 0
 ) -> tuple[int, Datagrams, str]:
     try:
-        replace_peers, plans = _plan(device, lines, listen_port)
+        replace_peers, plans = _plan(device, lines, listen_port, fwmark)
     except _Invalid as e:
         return EINVAL, [], str(e)
     return 0, _apply(device, replace_peers, plans, now), ""
 
 
 def apply_set(
-    device: Device, lines: list[str], *, listen_port: int, now: float
+    device: Device, lines: list[str], *, listen_port: int, now: float, fwmark: int = 0
 ) -> tuple[int, Datagrams]:
     """Apply the body of a `set=1` request: (0 or EINVAL, datagrams to send)."""
-    errno, out, _ = _apply_set(device, lines, listen_port, now)
+    errno, out, _ = _apply_set(device, lines, listen_port, now, fwmark)
     return errno, out
 
 
@@ -233,6 +235,7 @@ async def serve_uapi(
     clock: Callable[[], float],
     send: Callable[[bytes, Endpoint], None],
     log: FilteringBoundLogger,
+    fwmark: int = 0,
 ) -> asyncio.AbstractServer:
     """Listen on `path` (mode 0600) and answer `get=1` / `set=1` until the server is closed."""
 
@@ -241,9 +244,9 @@ async def serve_uapi(
             while (request := await _read_request(reader)) is not None and request:
                 op, body = request[0], request[1:]
                 if op == "get=1" and not body:
-                    writer.write(format_get(device, listen_port).encode())
+                    writer.write(format_get(device, listen_port, fwmark).encode())
                 elif op == "set=1":
-                    errno, out, reason = _apply_set(device, body, listen_port, clock())
+                    errno, out, reason = _apply_set(device, body, listen_port, clock(), fwmark)
                     for datagram, ep in out:
                         send(datagram, ep)
                     log.info("uapi set", lines=len(body), errno=errno, reason=reason or None)

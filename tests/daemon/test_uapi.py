@@ -305,3 +305,10 @@ async def test_stock_wg_tool() -> None:
         await server.wait_closed()
         remove_uapi(path)
     assert not Path(path).exists()  # noqa: ASYNC240 - a test's final check
+
+
+def test_fwmark_is_reported_and_only_the_current_one_accepted() -> None:
+    dev = make_device()
+    assert format_get(dev, 51820, fwmark=0x42).split("\n")[2] == "fwmark=66"
+    assert apply_set(dev, ["fwmark=66"], listen_port=51820, now=1.0, fwmark=66)[0] == 0
+    assert apply_set(dev, ["fwmark=0"], listen_port=51820, now=1.0, fwmark=66)[0] == EINVAL
