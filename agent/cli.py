@@ -207,6 +207,32 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 130
 
 
+def _cmd_derper(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from agent.daemon.relay import parse_addr, run_derper
+    from agent.log import get_logger
+
+    try:
+        configure_logging(args.log_level)
+        parse_addr(args.addr)
+    except ValueError as e:
+        return _err(str(e))
+    try:
+        return run_derper(
+            addr=args.addr,
+            hostname=args.hostname,
+            cert_mode=args.cert_mode,
+            cert_dir=Path(args.cert_dir),
+            stun_port=args.stun_port,
+            log=get_logger("agent.derper"),
+        )
+    except OSError as e:  # includes ssl.SSLError (bad or missing certificate)
+        return _err(f"derper: {e}")
+    except KeyboardInterrupt:
+        return 130
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     path = args.socket
     if path is None and args.config is None and not os.path.exists(DEFAULT_CONFIG_PATH):
@@ -268,6 +294,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help="control socket (default: control_socket of the config)")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("derper", help="run a DERP relay (TLS) and STUN server")
+    p.add_argument("--addr", default=":443", help="HOST:PORT to listen on (default :443)")
+    p.add_argument("--hostname", default="derp.local", help="TLS name of this relay")
+    p.add_argument("--cert-mode", choices=("manual", "self-signed"), default="self-signed")
+    p.add_argument(
+        "--cert-dir",
+        default="/var/lib/agent/derper-certs",
+        help="manual: HOSTNAME.crt/.key are read here; self-signed: generated and kept here",
+    )
+    p.add_argument("--stun-port", type=int, default=3478, help="UDP STUN port, 0 = off")
+    p.add_argument("--log-level", default=os.environ.get("AGENT_LOG_LEVEL", "info"))
+    p.set_defaults(func=_cmd_derper)
 
     p = sub.add_parser("demo", help="a self-contained tour on one machine (root)")
     p.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)  # reserved

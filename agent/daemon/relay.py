@@ -22,6 +22,7 @@ import asyncio
 import datetime
 import ipaddress
 import re
+import signal
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,3 +369,58 @@ def make_self_signed(cert_dir: Path, hostname: str) -> tuple[Path, Path]:
     key_path.write_bytes(key_pem)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """`HOST:PORT`, `:PORT` or `[V6]:PORT` as derper's --addr; ValueError with the reason."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--addr {text!r}: expected HOST:PORT, :PORT or [V6]:PORT")
+    return host.strip("[]"), int(port)
+
+
+def run_derper(
+    *,
+    addr: str,
+    hostname: str,
+    cert_mode: str,
+    cert_dir: Path,
+    stun_port: int,
+    log: FilteringBoundLogger,
+) -> int:
+    """`agent derper`: serve until SIGTERM/SIGINT; returns the exit code."""
+    host, port = parse_addr(addr)
+    if cert_mode == "self-signed":
+        cert, key = make_self_signed(cert_dir, hostname)
+    else:
+        cert, key = cert_dir / f"{hostname}.crt", cert_dir / f"{hostname}.key"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+
+    async def main() -> None:
+        from nacl.public import PrivateKey
+
+        relay = await serve_relay(
+            host,
+            port,
+            private_key=bytes(PrivateKey.generate()),
+            ssl_context=ctx,
+            stun_port=stun_port or None,
+            log=log,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "derper up", addr=f"{host}:{relay.port}", stun_port=relay.stun_port, cert=str(cert)
+        )
+        try:
+            await stop.wait()
+        finally:
+            log.info("derper stopping")
+            await relay.close()
+
+    asyncio.run(main())
+    return 0
