@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
-import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -44,14 +43,13 @@ from agent.proto.wireguard.constants import (
 )
 from agent.proto.wireguard.cookie import CookieChecker
 from agent.proto.wireguard.handshake import Handshake, LocalIdentity, consume_initiation
-from agent.proto.wireguard.messages import CookieReply
+from agent.proto.wireguard.messages import TRANSPORT_HEADER, CookieReply
 from agent.proto.wireguard.peer import DeviceContext, Endpoint, Event, IndexTable, Peer
 from agent.proto.wireguard.session import Keypair
 
 __all__ = ["Device", "RxBatch"]
 
 Buffer = bytes | bytearray | memoryview
-_TRANSPORT = struct.Struct("<IIQ")
 _TYPE_WORDS = {
     MSG_INITIATION: INITIATION_SIZE,
     MSG_RESPONSE: RESPONSE_SIZE,
@@ -205,7 +203,7 @@ class Device:
         keypairs = self._ctx.indexes.keypairs
         route = self.route
         drop = self._ctx.drop
-        unpack = _TRANSPORT.unpack_from
+        unpack = TRANSPORT_HEADER.unpack_from
         # The transport batch currently accumulating for one keypair.
         cur_kp: Keypair | None = None
         cur_peer: Peer | None = None

@@ -30,11 +30,10 @@ from agent.proto.wireguard.constants import (
 from agent.proto.wireguard.handshake import SessionKeys
 from agent.proto.wireguard.replay import ReplayWindow
 
-__all__ = ["Keypair", "Keypairs", "NONCE", "TRANSPORT_HEADER"]
+__all__ = ["Keypair", "Keypairs", "NONCE"]
 
 Buffer = bytes | bytearray | memoryview
 NONCE = struct.Struct("<4xQ")
-TRANSPORT_HEADER = struct.Struct("<IIQ")  # type word, receiver index, counter
 _COUNTER = struct.Struct("<Q")
 _PAD = [bytes(i) for i in range(16)]
 
