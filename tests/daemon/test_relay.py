@@ -6,7 +6,7 @@ import asyncio
 import secrets
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +16,14 @@ import structlog
 
 from agent.daemon.relay import RelayServer, make_self_signed, serve_relay
 from agent.proto import stun
-from agent.proto.derp.client import ClientEvent, Connected, DerpClientConn, PacketReceived
+from agent.proto.derp.client import Connected, PacketReceived
 from agent.proto.derp.frames import FrameType
 from agent.proto.derp.upgrade import (
     Response,
     client_request,
     parse_response,
 )
+from tests.derp_stream import DerpStreamClient
 
 LOG = structlog.get_logger()
 TIMEOUT = 5.0
@@ -85,62 +86,19 @@ async def _http(port: int, ctx: ssl.SSLContext, raw: bytes) -> tuple[Response, b
     return parsed
 
 
-class _Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.conn = DerpClientConn(secrets.token_bytes(32))
-        self.events: list[ClientEvent] = []
-
-    @classmethod
-    async def connect(cls, port: int, ctx: ssl.SSLContext) -> _Client:
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1"
-        )
-        writer.write(client_request(f"127.0.0.1:{port}"))
-        buf = b""
-        while (parsed := parse_response(buf)) is None:
-            chunk = await asyncio.wait_for(reader.read(4096), TIMEOUT)
-            assert chunk, "EOF before the 101"
-            buf += chunk
-        response, leftover = parsed
-        assert response.status == 101
-        assert response.headers["upgrade"] == "DERP"
-        client = cls(reader, writer)
-        now = asyncio.get_running_loop().time()
-        client.conn.connection_made(now)
-        client.feed(leftover)
-        return client
-
-    def feed(self, data: bytes) -> None:
-        self.conn.receive_data(data, asyncio.get_running_loop().time())
-        self.events += self.conn.events()
-        self.flush()
-
-    def flush(self) -> None:
-        out = self.conn.data_to_send()
-        if out:
-            self.writer.write(out)
-
-    async def wait_for(self, want: Callable[[ClientEvent], bool]) -> ClientEvent:
-        while True:
-            for event in self.events:
-                if want(event):
-                    self.events.remove(event)
-                    return event
-            chunk = await asyncio.wait_for(self.reader.read(65536), TIMEOUT)
-            assert chunk, f"EOF while waiting; events so far {self.events}"
-            self.feed(chunk)
-
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
+async def _connect(port: int, ctx: ssl.SSLContext) -> DerpStreamClient:
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1"
+    )
+    client = await DerpStreamClient.upgrade(reader, writer, f"127.0.0.1:{port}")
+    assert client.upgrade_headers["upgrade"] == "DERP"
+    return client
 
 
 @pytest.mark.asyncio
 async def test_two_clients_relay_a_packet(relay: RelayServer, tls: Tls) -> None:
-    a = await _Client.connect(relay.port, tls.client)
-    b = await _Client.connect(relay.port, tls.client)
+    a = await _connect(relay.port, tls.client)
+    b = await _connect(relay.port, tls.client)
     try:
         connected_a = await a.wait_for(lambda e: isinstance(e, Connected))
         await b.wait_for(lambda e: isinstance(e, Connected))
@@ -232,8 +190,8 @@ async def test_stun_binding(relay: RelayServer) -> None:
 async def test_slow_reader_frames_are_dropped_not_stalled(relay: RelayServer, tls: Tls) -> None:
     """B never reads: once its transport holds over 1 MiB, frames for it are counted and dropped,
     and A keeps being served (its pings are answered)."""
-    a = await _Client.connect(relay.port, tls.client)
-    b = await _Client.connect(relay.port, tls.client)
+    a = await _connect(relay.port, tls.client)
+    b = await _connect(relay.port, tls.client)
     try:
         await a.wait_for(lambda e: isinstance(e, Connected))
         await b.wait_for(lambda e: isinstance(e, Connected))
@@ -268,7 +226,7 @@ async def test_close_leaves_no_tasks(tls: Tls) -> None:
         stun_port=0,
         log=LOG,
     )
-    client = await _Client.connect(server.port, tls.client)
+    client = await _connect(server.port, tls.client)
     await client.wait_for(lambda e: isinstance(e, Connected))
     await server.close()
     client.writer.transport.abort()

@@ -20,7 +20,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +28,13 @@ import pytest
 from pyroute2.netns import popns, pushns
 
 from agent.proto.derp.client import (
-    ClientEvent,
     ClientState,
     Connected,
-    DerpClientConn,
     PacketReceived,
     PeerGoneEvent,
     PongReceived,
 )
-from agent.proto.derp.upgrade import client_request, parse_response
+from tests.derp_stream import DerpStreamClient
 
 TIMEOUT = 10.0
 START_TIMEOUT = 30.0
@@ -154,78 +152,27 @@ def _insecure_tls() -> ssl.SSLContext:
     return ctx
 
 
-class _Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.conn = DerpClientConn(secrets.token_bytes(32))
-        self.events: list[ClientEvent] = []
-        self.upgrade_headers: dict[str, str] = {}
-
-    @classmethod
-    async def connect(cls, derp: TailcatDerp) -> _Client:
-        with _in_netns(derp.ns):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(TIMEOUT)
-            sock.connect(("127.0.0.1", derp.port))
-            sock.setblocking(False)
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
-                    sock=sock, ssl=_insecure_tls(), server_hostname="127.0.0.1"
-                ),
-                TIMEOUT,
-            )
-        except BaseException:
-            sock.close()
-            raise
-        writer.write(client_request(f"127.0.0.1:{derp.port}"))
-        buf = b""
-        while (parsed := parse_response(buf)) is None:
-            chunk = await asyncio.wait_for(reader.read(4096), TIMEOUT)
-            assert chunk, "EOF before the 101"
-            buf += chunk
-        response, leftover = parsed
-        assert response.status == 101, response
-        client = cls(reader, writer)
-        client.upgrade_headers = response.headers
-        client.conn.connection_made(asyncio.get_running_loop().time())
-        client.feed(leftover)
-        return client
-
-    def now(self) -> float:
-        return asyncio.get_running_loop().time()
-
-    def feed(self, data: bytes) -> None:
-        self.conn.receive_data(data, self.now())
-        self.events += self.conn.events()
-        self.flush()
-
-    def flush(self) -> None:
-        out = self.conn.data_to_send()
-        if out:
-            self.writer.write(out)
-
-    async def wait_for(self, want: Callable[[ClientEvent], bool]) -> ClientEvent:
-        while True:
-            for event in self.events:
-                if want(event):
-                    self.events.remove(event)
-                    return event
-            chunk = await asyncio.wait_for(self.reader.read(65536), TIMEOUT)
-            assert chunk, f"EOF while waiting; events so far {self.events}"
-            self.feed(chunk)
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await self.writer.wait_closed()
+async def _connect(derp: TailcatDerp) -> DerpStreamClient:
+    with _in_netns(derp.ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", derp.port))
+        sock.setblocking(False)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(sock=sock, ssl=_insecure_tls(), server_hostname="127.0.0.1"),
+            TIMEOUT,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    return await DerpStreamClient.upgrade(reader, writer, f"127.0.0.1:{derp.port}")
 
 
 @pytest.mark.asyncio
 async def test_two_clients_through_tailscale_derp(tailcat_derp: TailcatDerp) -> None:
-    a = await _Client.connect(tailcat_derp)
-    b = await _Client.connect(tailcat_derp)
+    a = await _connect(tailcat_derp)
+    b = await _connect(tailcat_derp)
     try:
         for client in (a, b):
             headers = client.upgrade_headers
