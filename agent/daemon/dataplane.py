@@ -8,7 +8,8 @@ Outbound (TUN readable; `on_tun_readable`):
   3. Routing, once per super-packet: every segment shares the destination address.
   4. Encryption, once per peer per drained batch (`PeerLike.encrypt`): nonce order is the
      order of the batch, so a peer's packets keep their order.
-  5. Transmission: UDP GSO, one `sendmsg` per run of up to 64 equal-size datagrams.
+  5. Transmission through the `PeerSender` (daemon/transport.py): UDP GSO, one `sendmsg` per
+     run of up to 64 equal-size datagrams, and/or the peer's DERP region.
 
 Inbound (UDP readable; `on_udp_readable`):
   1. UDP receive with GRO, draining up to `max_datagrams` datagrams until EAGAIN; one receive
@@ -17,6 +18,9 @@ Inbound (UDP readable; `on_udp_readable`):
      handshake replies and keepalives come back in the same result and are sent at once.
   3. Coalescing (`offload.coalesce`): in-order TCP segments of one flow become one GSO packet.
   4. TUN write: one `writev` per coalesced packet (vnet header + headers + payload views).
+
+Relayed (a DERP link delivered datagrams; `on_relayed`): the same as inbound, with the region's
+pseudo-endpoint as the source; replies go back through that region to the sending key.
 
 Nothing here runs once per packet on the event loop: asyncio calls each handler once per
 readiness and the handler drains a batch, then calls `on_activity()` once so the daemon can
@@ -36,11 +40,14 @@ from typing import Protocol
 from agent.daemon.offload import Buffer, coalesce, segment
 from agent.daemon.tun import Tun
 from agent.daemon.udp import Endpoint, UdpSocket
+from agent.engine.paths import derp_endpoint
+from agent.keys import NodePublic
 from agent.proto.errors import DropReason, MalformedPacket, RemoteProtocolError
 
 __all__ = [
     "Endpoint",
     "PeerLike",
+    "PeerSender",
     "RxResult",
     "DeviceLike",
     "DataPlaneStats",
@@ -57,8 +64,11 @@ class PeerLike(Protocol):
     """One WireGuard peer as the data plane sees it."""
 
     @property
+    def public_key(self) -> NodePublic: ...
+
+    @property
     def endpoint(self) -> Endpoint | None:
-        """Where datagrams for this peer go (None: not known yet)."""
+        """Where WireGuard last heard this peer (None: not known yet)."""
         ...
 
     def encrypt(
@@ -80,6 +90,57 @@ class RxResult(Protocol):
     def replies(self) -> Sequence[tuple[bytes | bytearray, Endpoint]]:
         """Handshake/cookie replies and keepalives to send."""
         ...
+
+    @property
+    def peers(self) -> Sequence[PeerLike]:
+        """Peers that authenticated a message of the batch."""
+        ...
+
+
+class PeerSender(Protocol):
+    """Where a peer's datagrams go (daemon/transport.py): UDP, DERP, or both."""
+
+    def has_path(self, peer: PeerLike, now: float) -> bool: ...
+
+    def send_to_peer(
+        self, peer: PeerLike, datagrams: Sequence[bytes | bytearray], now: float
+    ) -> int:
+        """Send; returns how many datagrams were dropped."""
+        ...
+
+    def send_to_endpoint(
+        self, datagrams: Sequence[bytes | bytearray], endpoint: Endpoint, key: NodePublic | None
+    ) -> int:
+        """Reply to where a message came from (`key`: the sender, for DERP)."""
+        ...
+
+    def received(self, peers: Sequence[PeerLike], src: Endpoint, now: float) -> None:
+        """`peers` authenticated messages from `src`."""
+        ...
+
+
+class _UdpOnly:
+    """The default sender: everything over UDP to the peer's WireGuard endpoint."""
+
+    def __init__(self, udp: UdpSocket) -> None:
+        self.udp = udp
+
+    def has_path(self, peer: PeerLike, now: float) -> bool:
+        return peer.endpoint is not None
+
+    def send_to_peer(
+        self, peer: PeerLike, datagrams: Sequence[bytes | bytearray], now: float
+    ) -> int:
+        ep = peer.endpoint
+        return len(datagrams) if ep is None else self.udp.send_batch(datagrams, ep)
+
+    def send_to_endpoint(
+        self, datagrams: Sequence[bytes | bytearray], endpoint: Endpoint, key: NodePublic | None
+    ) -> int:
+        return self.udp.send_batch(datagrams, endpoint)
+
+    def received(self, peers: Sequence[PeerLike], src: Endpoint, now: float) -> None:
+        pass
 
 
 class DeviceLike(Protocol):
@@ -138,9 +199,11 @@ class DataPlane:
         *,
         max_tun_reads: int = MAX_TUN_READS,
         max_datagrams: int = MAX_UDP_DATAGRAMS,
+        sender: PeerSender | None = None,
     ) -> None:
         self.tun = tun
         self.udp = udp
+        self.sender: PeerSender = sender if sender is not None else _UdpOnly(udp)
         self.device = device
         self.clock = clock
         self.on_activity = on_activity
@@ -212,8 +275,8 @@ class DataPlane:
 
     def _send_to_peer(self, peer: PeerLike, packets: list[Buffer], now: float) -> None:
         stats = self.stats
-        endpoint = peer.endpoint
-        if endpoint is None:
+        sender = self.sender
+        if not sender.has_path(peer, now):
             stats.drops[DropReason.NO_ENDPOINT] += len(packets)
             return
         try:
@@ -225,7 +288,7 @@ class DataPlane:
         stats.tx_bytes += sum(map(len, packets))
         if not datagrams:
             return
-        failed = self.udp.send_batch(datagrams, endpoint)
+        failed = sender.send_to_peer(peer, datagrams, now)
         if failed:
             stats.drops[DropReason.SEND_FAILED] += failed
         stats.tx_datagrams += len(datagrams) - failed
@@ -239,31 +302,51 @@ class DataPlane:
         if not batches:
             return
         stats = self.stats
-        drops = stats.drops
         stats.udp_reads += len(batches)
         now = self.clock()
-        device = self.device
         plaintext: list[Buffer] = []
         for datagrams, src in batches:
-            stats.rx_datagrams += len(datagrams)
-            stats.rx_wire_bytes += sum(map(len, datagrams))
-            try:
-                result = device.receive_batch(datagrams, src, now)
-            except RemoteProtocolError as e:
-                drops[e.reason] += len(datagrams)
-                continue
-            if result.packets:
-                plaintext.extend(result.packets)
-            for data, endpoint in result.replies:
-                failed = self.udp.send_batch([data], endpoint)
-                if failed:
-                    drops[DropReason.SEND_FAILED] += failed
-                else:
-                    stats.tx_datagrams += 1
-                    stats.tx_wire_bytes += len(data)
+            self._receive(datagrams, src, None, now, plaintext)
         if plaintext:
             self._write_tun(plaintext)
         self.on_activity()
+
+    def on_relayed(self, region: int, src_key: NodePublic, datagrams: list[bytes]) -> None:
+        """Datagrams that `src_key` sent us through DERP region `region`."""
+        plaintext: list[Buffer] = []
+        self._receive(datagrams, derp_endpoint(region), src_key, self.clock(), plaintext)
+        if plaintext:
+            self._write_tun(plaintext)
+        self.on_activity()
+
+    def _receive(
+        self,
+        datagrams: Sequence[Buffer],
+        src: Endpoint,
+        key: NodePublic | None,
+        now: float,
+        plaintext: list[Buffer],
+    ) -> None:
+        stats = self.stats
+        stats.rx_datagrams += len(datagrams)
+        stats.rx_wire_bytes += sum(map(len, datagrams))
+        try:
+            result = self.device.receive_batch(datagrams, src, now)
+        except RemoteProtocolError as e:
+            stats.drops[e.reason] += len(datagrams)
+            return
+        if result.packets:
+            plaintext.extend(result.packets)
+        sender = self.sender
+        if result.peers:
+            sender.received(result.peers, src, now)
+        for data, endpoint in result.replies:
+            failed = sender.send_to_endpoint([data], endpoint, key)
+            if failed:
+                stats.drops[DropReason.SEND_FAILED] += failed
+            else:
+                stats.tx_datagrams += 1
+                stats.tx_wire_bytes += len(data)
 
     def _write_tun(self, packets: list[Buffer]) -> None:
         stats = self.stats

@@ -4,7 +4,9 @@ run_daemon(config)
   Device (sans-I/O core) <- peers from the config
   TUN  (offloads when the kernel has them) + addresses, MTU, a route per allowed-IPs prefix
   UDP  (GSO/GRO, large buffers) on listen_port
-  DataPlane: add_reader on both fds; batches in, batches out (daemon/dataplane.py)
+  DERP links to the regions of the config's DERP map (daemon/derp_client.py)
+  PeerTransport: per peer, the path policy (engine/paths.py) picks UDP, DERP or both
+  DataPlane: add_reader on both fds, DERP batches; batches in, batches out (daemon/dataplane.py)
   one timer: re-armed after every batch to the core's next deadline (flush)
   control socket (agent status) and WireGuard UAPI socket (wg show / wg set)
   SIGTERM/SIGINT -> remove the interface and sockets, exit 0
@@ -24,9 +26,14 @@ from agent import api
 from agent.config import Config
 from agent.daemon import uapi
 from agent.daemon.dataplane import DataPlane
+from agent.daemon.derp_client import DerpClients
+from agent.daemon.transport import PeerTransport
 from agent.daemon.tun import Tun, open_tun
 from agent.daemon.udp import UdpSocket, open_udp
+from agent.engine.paths import PathTable
+from agent.keys import NodePublic
 from agent.log import get_logger
+from agent.proto.errors import DropReason
 from agent.proto.wireguard.device import Device
 from agent.proto.wireguard.peer import (
     EndpointChanged,
@@ -63,6 +70,9 @@ class Daemon:
         self.tun: Tun | None = None
         self.udp: UdpSocket | None = None
         self.dataplane: DataPlane | None = None
+        self.paths = PathTable(config.derp.home_region)
+        self.derp: DerpClients | None = None
+        self.transport: PeerTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -96,19 +106,30 @@ class Daemon:
                 allowed_ips=p.allowed_ips,
                 persistent_keepalive=p.persistent_keepalive,
             )
+            self.paths.add_peer(p.public_key, endpoint=p.endpoint, derp_region=p.derp_region)
         if self.tun is None or self.udp is None:
             raise RuntimeError("open_interface() must run before run()")
-        self.dataplane = DataPlane(self.tun, self.udp, device, loop.time, self.flush)
+        if self.config.derp.regions:
+            self.derp = DerpClients(
+                self.config.derp, cfg.private_key, self._on_relayed, on_change=self._derp_changed
+            )
+            self.paths.home_region = self.derp.home_region
+        self.transport = PeerTransport(self.udp, self.derp, self.paths)
+        self.dataplane = DataPlane(
+            self.tun, self.udp, device, loop.time, self.flush, sender=self.transport
+        )
         self.dataplane.attach(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         try:
             await self._start_control_socket(cfg.control_socket)
             await self._start_uapi()
+            if self.derp is not None:
+                self.derp.start()
             now = loop.time()
             for peer in device.peers.values():
-                if peer.persistent_keepalive and peer.endpoint is not None:
-                    self.send(peer.keepalive(now), peer.endpoint)
+                if peer.persistent_keepalive and self.transport.has_path(peer, now):
+                    self.transport.send_to_peer(peer, peer.keepalive(now), now)
             self.flush()
             log.info(
                 "up",
@@ -119,6 +140,7 @@ class Daemon:
                 offload=self.tun.offload,
                 udp_gso=self.udp.gso,
                 udp_gro=self.udp.gro,
+                derp_home=self.paths.home_region,
             )
             sd_notify(f"READY=1\nSTATUS=up: {cfg.name}, {len(device.peers)} peers")
             await self._stop.wait()
@@ -129,6 +151,8 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             await self._close_servers()
             self._detach()
+            if self.derp is not None:
+                await self.derp.close()
         return 0
 
     def stop(self) -> None:
@@ -157,10 +181,20 @@ class Daemon:
         if self._uapi_served:
             uapi.remove_uapi(self._uapi_path())
 
+    # -- DERP --------------------------------------------------------------------------------
+    def _on_relayed(self, region: int, src: NodePublic, datagrams: list[bytes]) -> None:
+        if self.dataplane is not None:
+            self.dataplane.on_relayed(region, src, datagrams)
+
+    def _derp_changed(self) -> None:
+        if self.derp is not None:
+            regions = self.derp.connected_regions()
+            sd_notify(f"STATUS=up: {self.config.interface.name}, DERP regions {list(regions)}")
+
     # -- the one timer -----------------------------------------------------------------------
     def send(self, datagrams: list[bytes], endpoint: tuple[str, int]) -> None:
-        if datagrams and self.udp is not None:
-            self.udp.send_batch(datagrams, endpoint)
+        if datagrams and self.transport is not None:
+            self.transport.send_to_endpoint(datagrams, endpoint, None)
 
     def flush(self) -> None:
         """After any activity: log core events, re-arm the single timer to the next deadline."""
@@ -193,11 +227,16 @@ class Daemon:
         device, loop = self.device, self._loop
         if device is None or loop is None:
             return
-        by_endpoint: dict[tuple[str, int], list[bytes]] = {}
-        for data, ep in device.on_timer(loop.time()):
-            by_endpoint.setdefault(ep, []).append(data)
-        for ep, datagrams in by_endpoint.items():
-            self.send(datagrams, ep)
+        now = loop.time()
+        transport, dataplane = self.transport, self.dataplane
+        for peer, datagrams in device.on_timer_by_peer(now):
+            if transport is None or not transport.has_path(peer, now):
+                if dataplane is not None:
+                    dataplane.stats.drops[DropReason.NO_ENDPOINT] += len(datagrams)
+                continue
+            dropped = transport.send_to_peer(peer, datagrams, now)
+            if dropped and dataplane is not None:
+                dataplane.stats.drops[DropReason.SEND_FAILED] += dropped
         self.flush()
 
     # -- control socket ----------------------------------------------------------------------
@@ -234,10 +273,15 @@ class Daemon:
         assert device is not None
         assert self.udp is not None
         assert self.tun is not None
+        assert self._loop is not None
+        now = self._loop.time()
         cfg = self.config.interface
         peers = []
         for pk, peer in device.peers.items():
-            ep = peer.endpoint
+            if self.transport is not None:
+                self.transport.has_path(peer, now)  # peers added by `wg set` get a path entry
+            path = self.paths.status(pk, now)
+            ep = path.endpoint
             endpoint = None
             if ep is not None:
                 endpoint = f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
@@ -247,8 +291,9 @@ class Daemon:
                     name=self.names.get(pk, pk.to_b64()[:8]),
                     public_key=pk.to_b64(),
                     allowed_ips=tuple(str(n) for n in device.allowed_ips.networks_of(peer)),
-                    path="direct" if live and ep is not None else "none",
+                    path=path.path if live else "none",
                     endpoint=endpoint,
+                    derp_region=path.derp_region,
                     latest_handshake=int(peer.last_handshake) if peer.last_handshake else None,
                     rx_bytes=peer.rx_bytes,
                     tx_bytes=peer.tx_bytes,
@@ -265,8 +310,15 @@ class Daemon:
                         drops[reason] = drops.get(reason, 0) + n
                 else:
                     dp[k] = v
+        derp = api.DerpStatus(
+            home_region=self.paths.home_region,
+            connected_regions=self.derp.connected_regions() if self.derp is not None else (),
+        )
+        if self.derp is not None:
+            dp["derp"] = self.derp.stats()
         return api.Status(
             interface=cfg.name,
+            derp=derp,
             public_key=device.public_key.to_b64(),
             listen_port=self.udp.port,
             addresses=tuple(str(a) for a in cfg.addresses),

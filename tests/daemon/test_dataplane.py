@@ -98,3 +98,55 @@ def test_garbage_datagrams_are_dropped_and_counted() -> None:
     assert tun.written == []
     assert dev.drops[DropReason.UNKNOWN_RECEIVER] == 1
     assert dev.drops[DropReason.MALFORMED] == 1
+
+
+class FakeDerp:
+    """Stands for DerpClients: records (region, dst, datagrams)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, Any, list[bytes]]] = []
+
+    def send(self, region: int, dst: Any, datagrams: list[bytes]) -> int:
+        self.sent.append((region, dst, [bytes(d) for d in datagrams]))
+        return 0
+
+
+def test_two_devices_handshake_and_carry_packets_through_derp_only() -> None:
+    from agent.daemon.transport import PeerTransport
+    from agent.engine.paths import PathTable
+
+    ka, kb = NodePrivate.generate(), NodePrivate.generate()
+    sides = {}
+    for me, other, mine, theirs in ((ka, kb, A_IP, B_IP), (kb, ka, B_IP, A_IP)):
+        dev = Device(me)
+        dev.add_peer(other.public(), allowed_ips=[ip_network(f"{'.'.join(map(str, theirs))}/32")])
+        paths = PathTable(900)
+        paths.add_peer(other.public(), derp_region=900)
+        tun, udp, derp = FakeTun(), FakeUdp(), FakeDerp()
+        transport = PeerTransport(udp, derp, paths)  # type: ignore[arg-type]
+        dp = DataPlane(tun, udp, dev, lambda: 1.0, lambda: None, sender=transport)  # type: ignore[arg-type]
+        sides[me.public()] = (dp, tun, udp, derp, paths, mine)
+
+    def pump() -> None:
+        for _ in range(5):
+            for key, (_dp, _tun, _udp, derp, _paths, _ip) in sides.items():
+                sent, derp.sent = derp.sent, []
+                for region, dst, datagrams in sent:
+                    sides[dst][0].on_relayed(region, key, datagrams)
+
+    dp_a, tun_a, udp_a, _, paths_a, _ = sides[ka.public()]
+    dp_b, tun_b, udp_b, _, paths_b, _ = sides[kb.public()]
+    tun_a.reads = [ipv4(A_IP, B_IP, b"hello through the relay")]
+    dp_a.on_tun_readable()
+    pump()
+    assert tun_b.written == [ipv4(A_IP, B_IP, b"hello through the relay")]
+    assert udp_a.sent == []  # no UDP endpoint known: DERP only
+    assert udp_b.sent == []
+    assert paths_a.status(kb.public(), 1.0).path == "derp"
+    assert paths_b.status(ka.public(), 1.0).derp_region == 900
+    tun_b.reads = [ipv4(B_IP, A_IP, b"and back")]
+    dp_b.on_tun_readable()
+    pump()
+    assert tun_a.written == [ipv4(B_IP, A_IP, b"and back")]
+    assert dp_a.stats.rx_packets == 1
+    assert dp_b.stats.rx_packets == 1

@@ -360,6 +360,7 @@ class Peer:
     endpoint: str | None = None
     preshared_key: str | None = None
     persistent_keepalive: int | None = None
+    derp_region: int | None = None
 
 
 def _add_addresses_and_routes(
@@ -506,8 +507,10 @@ class Agent:
         peers: Sequence[Peer] = (),
         ifname: str | None = None,
         mtu: int | None = None,
+        derp_toml: str = "",
     ) -> None:
         self.lab = lab
+        self.derp_toml = derp_toml  # a [derp] section with its [[derp.regions]], verbatim
         self.ns = ns
         self.private_key = private_key
         self.public_key = base64.b64encode(
@@ -535,6 +538,8 @@ class Agent:
         ]
         if self.mtu is not None:
             lines.append(f"mtu = {self.mtu}")
+        if self.derp_toml:
+            lines += ["", self.derp_toml.strip()]
         for p in self.peers:
             lines += [
                 "",
@@ -549,6 +554,8 @@ class Agent:
                 lines.append(f"preshared_key = {_toml_str(p.preshared_key)}")
             if p.persistent_keepalive:
                 lines.append(f"persistent_keepalive = {p.persistent_keepalive}")
+            if p.derp_region is not None:
+                lines.append(f"derp_region = {p.derp_region}")
         return "\n".join(lines) + "\n"
 
     def _python_env(self) -> dict[str, str]:

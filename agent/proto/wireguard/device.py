@@ -64,6 +64,8 @@ class RxBatch:
 
     packets: list[Buffer] = field(default_factory=list)  # plaintext IP packets for the TUN
     replies: list[tuple[bytes, Endpoint]] = field(default_factory=list)
+    # peers that authenticated at least one message of the batch (path choice learns from it)
+    peers: list[Peer] = field(default_factory=list)
 
 
 class _RateLimiter:
@@ -236,8 +238,8 @@ class Device:
                     continue
                 if kp is not cur_kp:
                     if cur_peer is not None and cur_kp is not None:
-                        result.replies.extend(
-                            self._finish_transport(cur_peer, cur_kp, src, now, cur_bytes, cur_data)
+                        self._finish_transport(
+                            result, cur_peer, cur_kp, src, now, cur_bytes, cur_data
                         )
                     cur_kp, cur_peer, cur_bytes, cur_data = kp, peer, 0, False
                 cur_bytes += n
@@ -263,20 +265,27 @@ class Device:
                 packets.append(pt if length == len(pt) else pt[:length])
             else:
                 try:
-                    result.replies.extend(self._receive_handshake(d, src, now))
+                    result.replies.extend(self._receive_handshake(d, src, now, result))
                 except RemoteProtocolError as e:
                     drop(e.reason)
         if cur_peer is not None and cur_kp is not None:
-            result.replies.extend(
-                self._finish_transport(cur_peer, cur_kp, src, now, cur_bytes, cur_data)
-            )
+            self._finish_transport(result, cur_peer, cur_kp, src, now, cur_bytes, cur_data)
         return result
 
     def _finish_transport(
-        self, peer: Peer, kp: Keypair, src: Endpoint, now: float, nbytes: int, data: bool
-    ) -> list[tuple[bytes, Endpoint]]:
+        self,
+        result: RxBatch,
+        peer: Peer,
+        kp: Keypair,
+        src: Endpoint,
+        now: float,
+        nbytes: int,
+        data: bool,
+    ) -> None:
         out = peer.on_transport(kp, src, now, nbytes=nbytes, data=data)
-        return [(d, src) for d in out]
+        result.replies.extend((d, src) for d in out)
+        if peer not in result.peers:
+            result.peers.append(peer)
 
     def _under_load(self, now: float) -> bool:
         start, count = self._load_window
@@ -289,7 +298,7 @@ class Device:
         return now < self._under_load_until
 
     def _receive_handshake(
-        self, d: Buffer, src: Endpoint, now: float
+        self, d: Buffer, src: Endpoint, now: float, result: RxBatch
     ) -> list[tuple[bytes, Endpoint]]:
         n = len(d)
         kind = d[0] if n else 0
@@ -326,14 +335,18 @@ class Device:
 
             consumed = consume_initiation(self._ctx.local, d, find_peer=find)
             peer = peers[consumed.remote_static]
-            return [(peer.on_initiation(consumed, src, now), src)]
+            response = peer.on_initiation(consumed, src, now)
+            result.peers.append(peer)
+            return [(response, src)]
         # MSG_RESPONSE: receiver index is bytes 8..12
         receiver = int.from_bytes(d[8:12], "little")
         peer = indexes.handshakes.get(receiver)
         if peer is None:
             self._ctx.drop(DropReason.UNKNOWN_RECEIVER)
             return []
-        return [(x, src) for x in peer.on_response(d, src, now)]
+        out = peer.on_response(d, src, now)
+        result.peers.append(peer)
+        return [(x, src) for x in out]
 
     # -- timers ------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
@@ -344,14 +357,22 @@ class Device:
     def on_timer(self, now: float) -> list[tuple[bytes, Endpoint]]:
         """Run every peer's expired timers; datagrams to send (peers without endpoint skipped)."""
         out: list[tuple[bytes, Endpoint]] = []
+        for peer, datagrams in self.on_timer_by_peer(now):
+            if peer.endpoint is None:
+                self._ctx.drop(DropReason.NO_ENDPOINT, len(datagrams))
+            else:
+                out.extend((x, peer.endpoint) for x in datagrams)
+        return out
+
+    def on_timer_by_peer(self, now: float) -> list[tuple[Peer, list[bytes]]]:
+        """Run every peer's expired timers; the datagrams each peer wants sent (the caller
+        chooses the path: direct UDP, a DERP region, or both)."""
+        out: list[tuple[Peer, list[bytes]]] = []
         for peer in list(self.peers.values()):
             d = peer.next_deadline()
             if d is None or d > now:
                 continue
             datagrams = peer.on_timer(now)
             if datagrams:
-                if peer.endpoint is None:
-                    self._ctx.drop(DropReason.NO_ENDPOINT, len(datagrams))
-                else:
-                    out.extend((x, peer.endpoint) for x in datagrams)
+                out.append((peer, datagrams))
         return out

@@ -1,0 +1,1 @@
+"""Sans-I/O engines above the protocol cores: which path each peer's packets take."""
