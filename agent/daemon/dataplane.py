@@ -48,6 +48,7 @@ __all__ = [
     "Endpoint",
     "PeerLike",
     "PeerSender",
+    "ForeignHandler",
     "RxResult",
     "DeviceLike",
     "DataPlaneStats",
@@ -95,6 +96,15 @@ class RxResult(Protocol):
     def peers(self) -> Sequence[PeerLike]:
         """Peers that authenticated a message of the batch."""
         ...
+
+    @property
+    def foreign(self) -> Sequence[bytes | bytearray | memoryview]:
+        """Datagrams that are not WireGuard messages (DISCO, STUN, junk)."""
+        ...
+
+
+# Non-WireGuard datagrams from one source (DISCO, STUN): (datagrams, src, DERP sender key, now)
+ForeignHandler = Callable[[Sequence[Buffer], Endpoint, NodePublic | None, float], None]
 
 
 class PeerSender(Protocol):
@@ -200,10 +210,12 @@ class DataPlane:
         max_tun_reads: int = MAX_TUN_READS,
         max_datagrams: int = MAX_UDP_DATAGRAMS,
         sender: PeerSender | None = None,
+        on_foreign: ForeignHandler | None = None,
     ) -> None:
         self.tun = tun
         self.udp = udp
         self.sender: PeerSender = sender if sender is not None else _UdpOnly(udp)
+        self.on_foreign = on_foreign
         self.device = device
         self.clock = clock
         self.on_activity = on_activity
@@ -337,6 +349,11 @@ class DataPlane:
             return
         if result.packets:
             plaintext.extend(result.packets)
+        if result.foreign:
+            if self.on_foreign is not None:
+                self.on_foreign(result.foreign, src, key, now)
+            else:
+                stats.drops[DropReason.MALFORMED] += len(result.foreign)
         sender = self.sender
         if result.peers:
             sender.received(result.peers, src, now)

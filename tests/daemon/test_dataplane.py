@@ -97,7 +97,20 @@ def test_garbage_datagrams_are_dropped_and_counted() -> None:
     dp.on_udp_readable()
     assert tun.written == []
     assert dev.drops[DropReason.UNKNOWN_RECEIVER] == 1
-    assert dev.drops[DropReason.MALFORMED] == 1
+    assert dp.stats.drops[DropReason.MALFORMED] == 1  # not WireGuard, and nobody claimed it
+
+
+def test_non_wireguard_datagrams_go_to_the_foreign_handler() -> None:
+    seen: list[tuple[list[bytes], tuple[str, int], Any]] = []
+    dp, _tun, udp, dev = make(("198.18.0.2", 41641))
+    dp.on_foreign = lambda dgs, src, key, now: seen.append(([bytes(d) for d in dgs], src, key))
+    disco = "TS💬".encode() + bytes(60)
+    stun_response = bytes([1, 1, 0, 12]) + bytes(28)  # Binding success: starts 0x0101
+    udp.inbox = [([memoryview(disco), memoryview(stun_response)], ("198.18.0.9", 3478))]
+    dp.on_udp_readable()
+    assert seen == [([disco, stun_response], ("198.18.0.9", 3478), None)]
+    assert not dp.stats.drops
+    assert not any(dev.drops.values())
 
 
 class FakeDerp:

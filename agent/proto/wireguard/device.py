@@ -13,7 +13,9 @@ Demux by the first byte of the datagram (wireguard-go receive.go):
     3 cookie      receiver index -> pending handshake -> store cookie for mac2
     4 transport   receiver index -> keypair -> AEAD -> replay window -> trim padding ->
                   allowed-IPs source check -> packet
-Every bad datagram is dropped and counted in `drops` by DropReason; nothing is raised.
+Every bad datagram is dropped and counted in `drops` by DropReason; nothing is raised. Datagrams
+that do not start with a WireGuard type word (1-4, then three zero bytes) are returned in
+`RxBatch.foreign` instead: DISCO and STUN share the socket, and the caller tells them apart.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class RxBatch:
     replies: list[tuple[bytes, Endpoint]] = field(default_factory=list)
     # peers that authenticated at least one message of the batch (path choice learns from it)
     peers: list[Peer] = field(default_factory=list)
+    # datagrams whose first 4 bytes are no WireGuard message type (DISCO, STUN share the
+    # socket): not counted here, for the caller to demultiplex further
+    foreign: list[Buffer] = field(default_factory=list)
 
 
 class _RateLimiter:
@@ -215,14 +220,12 @@ class Device:
             n = len(d)
             if n >= TRANSPORT_MIN_SIZE and d[0] == MSG_TRANSPORT:
                 word, index, counter = unpack(d)
-                entry = keypairs.get(index) if word == MSG_TRANSPORT else None
+                if word != MSG_TRANSPORT:
+                    result.foreign.append(d)
+                    continue
+                entry = keypairs.get(index)
                 if entry is None:
-                    reason = (
-                        DropReason.UNKNOWN_RECEIVER
-                        if word == MSG_TRANSPORT
-                        else DropReason.MALFORMED
-                    )
-                    drop(reason)
+                    drop(DropReason.UNKNOWN_RECEIVER)
                     continue
                 kp, peer = entry
                 if not kp.can_receive(now):
@@ -302,7 +305,10 @@ class Device:
     ) -> list[tuple[bytes, Endpoint]]:
         n = len(d)
         kind = d[0] if n else 0
-        if kind not in _TYPE_WORDS or n != _TYPE_WORDS[kind] or bytes(d[1:4]) != b"\0\0\0":
+        if n < 4 or not MSG_INITIATION <= kind <= MSG_TRANSPORT or bytes(d[1:4]) != b"\0\0\0":
+            result.foreign.append(d)
+            return []
+        if kind not in _TYPE_WORDS or n != _TYPE_WORDS[kind]:
             self._ctx.drop(DropReason.MALFORMED)
             return []
         indexes = self._ctx.indexes
