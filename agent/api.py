@@ -200,17 +200,25 @@ class PeerStatus:
 class DerpStatus:
     home_region: int | None = None
     connected_regions: tuple[int, ...] = ()
+    stats: Mapping[str, int] = field(default_factory=dict)  # DERP link counters, summed
 
     def to_dict(self) -> dict[str, Any]:
-        return {"home_region": self.home_region, "connected_regions": list(self.connected_regions)}
+        return {
+            "home_region": self.home_region,
+            "connected_regions": list(self.connected_regions),
+            "stats": dict(self.stats),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Self:
         regions = _field(d, "connected_regions", list, [])
         if not all(isinstance(r, int) and not isinstance(r, bool) for r in regions):
             raise ApiError("status field 'connected_regions': expected a list of integers")
+        stats = _field(d, "stats", dict, {})
         return cls(
-            home_region=_field(d, "home_region", int, None), connected_regions=tuple(regions)
+            home_region=_field(d, "home_region", int, None),
+            connected_regions=tuple(regions),
+            stats={str(k): int(v) for k, v in stats.items() if isinstance(v, int)},
         )
 
 

@@ -337,7 +337,7 @@ def test_status_json(capsys: pytest.CaptureFixture[str], daemon_at: Any) -> None
     doc = json.loads(out)
     assert Status.from_dict(doc) == STATUS
     assert doc["peers"][0]["path"] == "direct"
-    assert doc["derp"] == {"home_region": 900, "connected_regions": [900]}
+    assert doc["derp"] == {"home_region": 900, "connected_regions": [900], "stats": {}}
 
 
 @pytest.mark.parametrize(

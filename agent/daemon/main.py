@@ -313,9 +313,8 @@ class Daemon:
         derp = api.DerpStatus(
             home_region=self.paths.home_region,
             connected_regions=self.derp.connected_regions() if self.derp is not None else (),
+            stats=self.derp.stats() if self.derp is not None else {},
         )
-        if self.derp is not None:
-            dp["derp"] = self.derp.stats()
         return api.Status(
             interface=cfg.name,
             derp=derp,

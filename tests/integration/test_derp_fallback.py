@@ -228,7 +228,7 @@ def test_udp_blocked_agents_ping_and_stream_through_our_relay(net: Net) -> None:
     received = result["end"]["sum_received"]["bits_per_second"]
     assert received > 10e6, f"only {received / 1e6:.1f} Mbit/s through the relay"
     st = net.a.status()
-    assert st["dataplane"]["derp"]["tx_packets"] > 1000
+    assert st["derp"]["stats"]["tx_packets"] > 1000
     net.a.stop()
     net.b.stop()
 
