@@ -51,7 +51,7 @@ _IPV6_MIN_MTU = 1280
 
 _INTERFACE_KEYS = {
     "name", "private_key", "private_key_file", "addresses", "listen_port", "mtu",
-    "control_socket", "uapi", "fwmark",
+    "control_socket", "uapi", "fwmark", "metrics_listen",
 }  # fmt: skip
 _PEER_KEYS = {
     "name", "public_key", "allowed_ips", "endpoint", "derp_region", "preshared_key",
@@ -90,6 +90,7 @@ class InterfaceConfig:
     control_socket: str = ""  # "" = /run/agent/<name>.sock
     uapi: bool = True  # also serve the WireGuard UAPI at /var/run/wireguard/<name>.sock
     fwmark: int = 0  # 0 = no mark on underlay packets
+    metrics_listen: tuple[str, int] | None = None  # loopback ip, port for Prometheus; None = off
 
     def __post_init__(self) -> None:
         if not self.control_socket:
@@ -323,6 +324,26 @@ class _Checker:
     def port(self, path: str, v: object) -> int | None:
         return self.integer(path, v, 0, 65535)
 
+    def loopback_endpoint(self, path: str, v: object) -> tuple[str, int] | None:
+        """IP:PORT such as 127.0.0.1:9101 or [::1]:9101: metrics are served on loopback only."""
+        s = self.string(path, v)
+        if s is None:
+            return None
+        host, sep, port_text = s.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            ip = ip_address(host)
+            port = int(port_text)
+        except ValueError:
+            ip, port = None, -1
+        if not sep or ip is None or not 0 < port < 65536:
+            self.bad(path, f"{s!r} is not IP:PORT (for example 127.0.0.1:9101)")
+            return None
+        if not ip.is_loopback:
+            self.bad(path, f"{s!r} is not a loopback address: metrics are served on loopback only")
+            return None
+        return (str(ip), port)
+
     def nonzero_port(self, path: str, v: object) -> int | None:
         return self.integer(path, v, 1, 65535)
 
@@ -413,6 +434,7 @@ class _Checker:
         sock = self.opt(p, t, "control_socket", self.path, "")
         uapi = self.opt(p, t, "uapi", self.boolean, True)
         fwmark = self.opt(p, t, "fwmark", lambda q, v: self.integer(q, v, 0, 2**32 - 1), 0)
+        metrics = self.opt(p, t, "metrics_listen", self.loopback_endpoint, None)
         if len(self.problems) > before or priv is None:
             return None
         return InterfaceConfig(
@@ -424,6 +446,7 @@ class _Checker:
             control_socket=sock,
             uapi=uapi,
             fwmark=fwmark,
+            metrics_listen=metrics,
         )
 
     def address(self, path: str, v: object) -> IPv4Interface | IPv6Interface | None:

@@ -66,6 +66,7 @@ def test_minimal_config_gets_defaults() -> None:
     assert iface.addresses == (ip_interface("100.64.0.1/32"), ip_interface("fd7a:115c:a1e0::1/128"))
     assert (iface.listen_port, iface.mtu, iface.uapi, iface.fwmark) == (41641, 1280, True, 0)
     assert iface.control_socket == "/run/agent/agent0.sock"
+    assert iface.metrics_listen is None
     assert cfg.derp == DerpConfig(home_region=None, regions=())
     assert cfg.peers == ()
 
@@ -124,6 +125,13 @@ insecure_skip_verify = true
     assert c.name == PUB_C[:8]  # default name
     assert (c.endpoint, c.derp_region, c.preshared_key) == (("fd00::3", 51820), None, None)
     assert c.persistent_keepalive is None
+
+
+def test_metrics_listen_on_loopback_v4_and_v6() -> None:
+    cfg = parse_config(IFACE + 'metrics_listen = "127.0.0.1:9101"\n')
+    assert cfg.interface.metrics_listen == ("127.0.0.1", 9101)
+    cfg = parse_config(IFACE + 'metrics_listen = "[::1]:9102"\n')
+    assert cfg.interface.metrics_listen == ("::1", 9102)
 
 
 def test_peer_without_endpoint_and_keepalive_zero_is_off() -> None:
@@ -252,6 +260,12 @@ BAD = [
      + peer(derp_region=10), "peers[0].derp_region: region 10 is not in derp.regions"),
     ("[interface\n", "not valid TOML: Expected ']' at the end of a table declaration "
      "(at line 1, column 11)"),
+    (IFACE + 'metrics_listen = "0.0.0.0:9101"\n', "interface.metrics_listen: '0.0.0.0:9101' is "
+     "not a loopback address: metrics are served on loopback only"),
+    (IFACE + 'metrics_listen = "localhost"\n', "interface.metrics_listen: 'localhost' is not "
+     "IP:PORT (for example 127.0.0.1:9101)"),
+    (IFACE + 'metrics_listen = "127.0.0.1:0"\n', "interface.metrics_listen: '127.0.0.1:0' is "
+     "not IP:PORT (for example 127.0.0.1:9101)"),
 ]  # fmt: skip
 
 

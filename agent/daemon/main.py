@@ -24,7 +24,7 @@ from typing import Any
 
 from agent import api
 from agent.config import Config
-from agent.daemon import uapi
+from agent.daemon import metrics, uapi
 from agent.daemon.dataplane import DataPlane
 from agent.daemon.derp_client import DerpClients
 from agent.daemon.transport import PeerTransport
@@ -73,6 +73,7 @@ class Daemon:
         self.paths = PathTable(config.derp.home_region)
         self.derp: DerpClients | None = None
         self.transport: PeerTransport | None = None
+        self.handshakes: dict[NodePublic, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -124,6 +125,9 @@ class Daemon:
         try:
             await self._start_control_socket(cfg.control_socket)
             await self._start_uapi()
+            if cfg.metrics_listen is not None:
+                host, port = cfg.metrics_listen
+                self._servers.append(await metrics.serve_metrics(host, port, self.metrics_text))
             if self.derp is not None:
                 self.derp.start()
             now = loop.time()
@@ -204,9 +208,10 @@ class Daemon:
         for ev in device.events():
             name = self.names.get(ev.peer, str(ev.peer))
             if isinstance(ev, HandshakeCompleted):
+                self.handshakes[ev.peer] = self.handshakes.get(ev.peer, 0) + 1
                 log.info("handshake complete", peer=name, initiator=ev.initiator)
             elif isinstance(ev, EndpointChanged):
-                log.info("peer endpoint", peer=name, endpoint=f"{ev.endpoint[0]}:{ev.endpoint[1]}")
+                log.debug("peer endpoint", peer=name, endpoint=f"{ev.endpoint[0]}:{ev.endpoint[1]}")
             elif isinstance(ev, HandshakeGivenUp):
                 log.warning("handshake gave up", peer=name, attempts=ev.attempts)
             elif isinstance(ev, KeysZeroed):
@@ -257,6 +262,8 @@ class Daemon:
                 req = api.Request.parse(line)
                 if req.op == "status":
                     reply = api.Response.success(self.status().to_dict())
+                elif req.op == "metrics":
+                    reply = api.Response.success({"text": self.metrics_text()})
                 else:
                     reply = api.Response.failure(f"operation {req.op!r} is not supported yet")
             except api.ApiError as e:
@@ -324,6 +331,35 @@ class Daemon:
             peers=tuple(peers),
             drops=drops,
             dataplane=dp,
+        )
+
+    def metrics_text(self) -> str:
+        st = self.status()
+        peers = tuple(
+            metrics.PeerMetrics(
+                name=p.name,
+                public_key=p.public_key,
+                rx_bytes=p.rx_bytes,
+                tx_bytes=p.tx_bytes,
+                handshakes=self.handshakes.get(NodePublic.from_b64(p.public_key), 0),
+                last_handshake=p.latest_handshake,
+                path=p.path,
+                path_switches=self.paths.switches(NodePublic.from_b64(p.public_key)),
+            )
+            for p in st.peers
+        )
+        counters = {k: v for k, v in st.dataplane.items() if isinstance(v, int) and k != "udp_gso"}
+        derp = self.derp
+        return metrics.render(
+            metrics.Snapshot(
+                peers=peers,
+                drops=st.drops,
+                dataplane=counters,
+                derp_connected=(
+                    {rid: link.connected for rid, link in derp.links.items()} if derp else {}
+                ),
+                derp=dict(st.derp.stats),
+            )
         )
 
     # -- WireGuard UAPI ----------------------------------------------------------------------
