@@ -116,3 +116,13 @@ def test_stock_wg_show_and_set_work_on_our_interface(pair: Pair, lab: Lab) -> No
     assert int(peer[6]) > 0
     lab.run(pair.ns_a, "wg", "set", pair.a.ifname, "peer", peer[0], "persistent-keepalive", "7")
     assert pair.a.peer_status(peer[0])["persistent_keepalive"] == 7
+    # `wg showconf` prints a config wg-quick could load, with our peer in it
+    conf = lab.run(pair.ns_a, "wg", "showconf", pair.a.ifname).stdout
+    assert f"ListenPort = {PORT_A}" in conf
+    assert f"PublicKey = {peer[0]}" in conf
+    assert "PersistentKeepalive = 7" in conf
+    # removing the peer with `wg set` takes effect live: no more route to it
+    lab.run(pair.ns_a, "wg", "set", pair.a.ifname, "peer", peer[0], "remove")
+    assert pair.a.status()["peers"] == []
+    assert not ping(pair.ns_a, B4, count=1, timeout=2)
+    assert lab.run(pair.ns_a, "wg", "show", pair.a.ifname, "peers").stdout.strip() == ""
