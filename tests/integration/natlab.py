@@ -1,0 +1,141 @@
+"""Two agents behind NAT routers, an "internet" router with a DERP relay and STUN (root only).
+
+    ns a            ns na (NAT)                 ns r (internet)              ns nb (NAT)        ns b
+    agent           lan 10.0.1.1 | wan          198.18.1.2 | 198.18.2.2      wan | lan           agent
+    10.0.1.2 ------ 10.0.1.1       198.18.1.1 - lo 198.18.0.10: agent derper - 198.18.2.1  ---- 10.0.2.2
+                    nftables masquerade          :443 (TLS), STUN :3478         10.0.2.1
+
+NAT kinds (nftables masquerade on the NAT router's wan side; Linux conntrack filters inbound
+packets per remote address and port):
+    "cone"       masquerade keeping the source port when free: endpoint-independent mapping,
+                 so the address STUN reports is the one peers can punch to
+    "symmetric"  masquerade fully-random (iptables: --random-fully): a new random port per destination (endpoint-dependent
+                 mapping), so the STUN-reported port is useless to peers
+`block_udp()` drops all UDP the internet router forwards (STUN included; DERP over TCP 443
+still works), `unblock_udp()` removes the rule.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .lab import Agent, Lab, LabError, Peer, Proc, _tcp_listening, _wait_for, keypair
+
+NatKind = Literal["cone", "symmetric"]
+
+RELAY_IP = "198.18.0.10"
+REGION = 900
+A4, B4 = "100.64.0.1", "100.64.0.2"
+PORT_A, PORT_B = 41641, 41642
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class NatNet:
+    lab: Lab
+    ns_a: str
+    ns_b: str
+    ns_na: str
+    ns_nb: str
+    ns_r: str
+    a: Agent
+    b: Agent
+    relay: Proc
+    cert_dir: Path
+
+    def block_udp(self) -> None:
+        self.lab.run(
+            self.ns_r,
+            "nft",
+            "add table inet agtlab; "
+            "add chain inet agtlab blockudp { type filter hook forward priority 0; }; "
+            "add rule inet agtlab blockudp meta l4proto udp drop",
+        )
+
+    def unblock_udp(self) -> None:
+        self.lab.run(self.ns_r, "nft", "delete table inet agtlab")
+
+    def restart_relay(self) -> None:
+        self.relay.stop()
+        self.relay = start_relay(self.lab, self.ns_r, self.cert_dir)
+
+
+def _veth(lab: Lab, ns1: str, dev1: str, ip1: str, ns2: str, dev2: str, ip2: str) -> None:
+    lab.run(None, "ip", "link", "add", dev1, "netns", ns1, "type", "veth", "peer", "name", dev2,
+            "netns", ns2)  # fmt: skip
+    for ns, dev, ip in ((ns1, dev1, ip1), (ns2, dev2, ip2)):
+        lab.run(None, "ip", "-n", ns, "addr", "add", ip, "dev", dev)
+        lab.run(None, "ip", "-n", ns, "link", "set", dev, "up")
+
+
+def _nat(lab: Lab, ns: str, kind: NatKind) -> None:
+    flags = " fully-random" if kind == "symmetric" else ""
+    lab.run(
+        ns,
+        "nft",
+        "add table ip agtnat; "
+        "add chain ip agtnat postrouting { type nat hook postrouting priority 100; }; "
+        f'add rule ip agtnat postrouting oifname "wan" masquerade{flags}',
+    )
+
+
+def start_relay(lab: Lab, ns_r: str, cert_dir: Path) -> Proc:
+    proc = lab.spawn(
+        ns_r,
+        sys.executable,
+        "-m",
+        "agent",
+        "derper",
+        "--addr",
+        f"{RELAY_IP}:443",
+        "--hostname",
+        RELAY_IP,
+        "--cert-mode",
+        "self-signed",
+        "--cert-dir",
+        str(cert_dir),
+        "--stun-port",
+        "3478",
+        env={"PYTHONPATH": str(ROOT)},
+        tag="derper",
+    )
+    if not _wait_for(lambda: _tcp_listening(ns_r, 443) or not proc.alive(), 15.0):
+        raise LabError(f"agent derper did not listen\n{proc.describe()}")
+    if not proc.alive():
+        raise LabError(f"agent derper exited\n{proc.describe()}")
+    return proc
+
+
+def build(lab: Lab, nat_a: NatKind, nat_b: NatKind) -> NatNet:
+    ns_a, ns_na, ns_r = lab.add_ns("a"), lab.add_ns("na"), lab.add_ns("r")
+    ns_nb, ns_b = lab.add_ns("nb"), lab.add_ns("b")
+    _veth(lab, ns_a, "lan", "10.0.1.2/24", ns_na, "lan", "10.0.1.1/24")
+    _veth(lab, ns_na, "wan", "198.18.1.1/24", ns_r, "wana", "198.18.1.2/24")
+    _veth(lab, ns_nb, "wan", "198.18.2.1/24", ns_r, "wanb", "198.18.2.2/24")
+    _veth(lab, ns_b, "lan", "10.0.2.2/24", ns_nb, "lan", "10.0.2.1/24")
+    lab.run(None, "ip", "-n", ns_a, "route", "add", "default", "via", "10.0.1.1")
+    lab.run(None, "ip", "-n", ns_b, "route", "add", "default", "via", "10.0.2.1")
+    lab.run(None, "ip", "-n", ns_na, "route", "add", "default", "via", "198.18.1.2")
+    lab.run(None, "ip", "-n", ns_nb, "route", "add", "default", "via", "198.18.2.2")
+    lab.run(None, "ip", "-n", ns_r, "addr", "add", f"{RELAY_IP}/32", "dev", "lo")
+    for ns in (ns_na, ns_nb, ns_r):
+        lab.run(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    _nat(lab, ns_na, nat_a)
+    _nat(lab, ns_nb, nat_b)
+    cert_dir = lab.path("derper-certs")
+    relay = start_relay(lab, ns_r, cert_dir)
+    derp = (
+        f"[derp]\nhome_region = {REGION}\n\n[[derp.regions]]\nid = {REGION}\ncode = \"lab\"\n"
+        f'nodes = [{{ host = "{RELAY_IP}", port = 443, stun_port = 3478, '
+        f'ca_file = "{cert_dir}/{RELAY_IP}.crt" }}]\n'
+    )
+    (priv_a, pub_a), (priv_b, pub_b) = keypair(), keypair()
+    # No endpoints: behind NAT, neither side knows where the other is reachable.
+    a = Agent(lab, ns_a, private_key=priv_a, addresses=[f"{A4}/32"], listen_port=PORT_A,
+              peers=[Peer("b", pub_b, (f"{B4}/32",), derp_region=REGION)], derp_toml=derp)  # fmt: skip
+    b = Agent(lab, ns_b, private_key=priv_b, addresses=[f"{B4}/32"], listen_port=PORT_B,
+              peers=[Peer("a", pub_a, (f"{A4}/32",), derp_region=REGION)], derp_toml=derp)  # fmt: skip
+    return NatNet(lab, ns_a, ns_b, ns_na, ns_nb, ns_r, a, b, relay, cert_dir)
