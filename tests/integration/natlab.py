@@ -1,16 +1,18 @@
 """Two agents behind NAT routers, an "internet" router with a DERP relay and STUN (root only).
 
-    ns a            ns na (NAT)                 ns r (internet)              ns nb (NAT)        ns b
-    agent           lan 10.0.1.1 | wan          198.18.1.2 | 198.18.2.2      wan | lan           agent
-    10.0.1.2 ------ 10.0.1.1       198.18.1.1 - lo 198.18.0.10: agent derper - 198.18.2.1  ---- 10.0.2.2
-                    nftables masquerade          :443 (TLS), STUN :3478         10.0.2.1
+    ns a         ns na (NAT)            ns r (internet)         ns nb (NAT)             ns b
+    agent        lan        wan         wana       wanb         wan        lan          agent
+    10.0.1.2 --- 10.0.1.1   198.18.1.1 - 198.18.1.2 198.18.2.2 - 198.18.2.1 10.0.2.1 --- 10.0.2.2
+                 masquerade             lo 198.18.0.10:         masquerade
+                                        agent derper :443 (TLS), STUN :3478
 
 NAT kinds (nftables masquerade on the NAT router's wan side; Linux conntrack filters inbound
 packets per remote address and port):
     "cone"       masquerade keeping the source port when free: endpoint-independent mapping,
                  so the address STUN reports is the one peers can punch to
-    "symmetric"  masquerade fully-random (iptables: --random-fully): a new random port per destination (endpoint-dependent
-                 mapping), so the STUN-reported port is useless to peers
+    "symmetric"  masquerade fully-random (iptables: --random-fully): a new random port per
+                 destination (endpoint-dependent mapping), so the port STUN reports is useless
+                 to peers
 `block_udp()` drops all UDP the internet router forwards (STUN included; DERP over TCP 443
 still works), `unblock_udp()` removes the rule.
 """
@@ -128,14 +130,28 @@ def build(lab: Lab, nat_a: NatKind, nat_b: NatKind) -> NatNet:
     cert_dir = lab.path("derper-certs")
     relay = start_relay(lab, ns_r, cert_dir)
     derp = (
-        f"[derp]\nhome_region = {REGION}\n\n[[derp.regions]]\nid = {REGION}\ncode = \"lab\"\n"
+        f'[derp]\nhome_region = {REGION}\n\n[[derp.regions]]\nid = {REGION}\ncode = "lab"\n'
         f'nodes = [{{ host = "{RELAY_IP}", port = 443, stun_port = 3478, '
         f'ca_file = "{cert_dir}/{RELAY_IP}.crt" }}]\n'
     )
     (priv_a, pub_a), (priv_b, pub_b) = keypair(), keypair()
     # No endpoints: behind NAT, neither side knows where the other is reachable.
-    a = Agent(lab, ns_a, private_key=priv_a, addresses=[f"{A4}/32"], listen_port=PORT_A,
-              peers=[Peer("b", pub_b, (f"{B4}/32",), derp_region=REGION)], derp_toml=derp)  # fmt: skip
-    b = Agent(lab, ns_b, private_key=priv_b, addresses=[f"{B4}/32"], listen_port=PORT_B,
-              peers=[Peer("a", pub_a, (f"{A4}/32",), derp_region=REGION)], derp_toml=derp)  # fmt: skip
+    a = Agent(
+        lab,
+        ns_a,
+        private_key=priv_a,
+        addresses=[f"{A4}/32"],
+        listen_port=PORT_A,
+        peers=[Peer("b", pub_b, (f"{B4}/32",), derp_region=REGION)],
+        derp_toml=derp,
+    )
+    b = Agent(
+        lab,
+        ns_b,
+        private_key=priv_b,
+        addresses=[f"{B4}/32"],
+        listen_port=PORT_B,
+        peers=[Peer("a", pub_a, (f"{A4}/32",), derp_region=REGION)],
+        derp_toml=derp,
+    )
     return NatNet(lab, ns_a, ns_b, ns_na, ns_nb, ns_r, a, b, relay, cert_dir)
