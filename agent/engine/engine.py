@@ -1,0 +1,551 @@
+"""PathEngine: NAT traversal for every peer, sans-I/O (tailscaled's magicsock path logic).
+
+Follows shared/spec/derp-disco.md §8 (DISCO semantics and timings) and §9 (which packets are
+DISCO). A facade over small parts, each in its own module:
+
+    peerpath.PeerPath      per peer: candidates, best path, trust window, DERP route
+    candidates             per candidate: sources, last ping, pong history; better_path()
+    disco_tx.TxTable       pings awaiting a pong: TxID -> peer, destination, time, purpose
+    schedule               per peer activity/heartbeat/CallMeMaybe pacing; the deadline heap
+    paths.PathTable        plain WireGuard peers (no disco key): unchanged policy
+    timings.Timings        every interval, named as in §8.7
+
+Flow between two nodes A and B that both run an engine (B's side is symmetrical):
+
+    A on_send(B)           no trusted direct path: ping every candidate of B not pinged for
+                           5 s (UDP), and send CallMeMaybe(A's endpoints) to B through DERP
+    B receive CallMeMaybe  ping all of A's endpoints at once (simultaneous open: B's NAT now
+                           lets A in), and answer with its own CallMeMaybe (static mode has no
+                           coordinator to tell A B's endpoints)
+    A receive CallMeMaybe  ping all of B's endpoints: these get through B's NAT
+    B receive Ping (UDP)   pong to the exact source; learn the source as a candidate; no
+                           trusted path yet, so ping the source back at once
+    either receive Pong    latency of that candidate; best path with hysteresis
+                           (better_path); trusted for 6.5 s: targets() = UDP only
+    while active           heartbeat ping to the best path every 3 s renews the trust; a
+                           heartbeat without pong for 1.5 s ends the trust (DERP is used
+                           again, 4.5 s at worst after the path died); pings time out at 5 s
+    while relayed+active   every heartbeat runs a discovery round (each candidate at most once
+                           per 5 s, plus a CallMeMaybe): the path upgrades by itself when the
+                           network lets it, about 6 s after it does
+    idle 45 s              heartbeats stop; the next on_send starts over
+
+Inputs: `add_peer`/`remove_peer`/`set_endpoint` (configuration), `on_send` (we are about to
+send to a peer: activity), `on_receive` (an authenticated WireGuard packet arrived),
+`receive_disco` (a DISCO packet arrived over UDP or DERP), `set_local_endpoints`, `ping`,
+`on_timer`. Outputs: `targets`/`status` (per peer, now), `outgoing()` (DISCO datagrams to send),
+`events()` (PathChanged, PongReceived), `next_deadline()`. Hostile input to `receive_disco` is
+counted in `stats.drops` and never raises.
+
+Disco keys in static-config mode (no coordinator)
+-------------------------------------------------
+A node's disco key pair IS its WireGuard node key pair: `static_disco_private(node_private)`
+for us, `static_disco_public(peer_public_key)` for each peer that speaks DISCO. Both are X25519
+keys, so the peer's public key from the config authenticates its DISCO boxes with nothing else
+to configure, from the first packet, over UDP or any relay.
+
+Weighed against:
+  * a second key per peer in the config: what the issue rules out; error-prone by hand.
+  * trust on first use of the sender key seen over DERP (the relay authenticates the frame's
+    source node key): rests on the relay operator being honest (a relay could substitute keys
+    and steer our path choice), and rotation makes re-binding silent, i.e. no check at all.
+  * sending a random disco key inside the WireGuard tunnel once it is up: the best privacy,
+    but it needs an in-tunnel control channel and a handshake over DERP before any probing,
+    which delays the first hole punch; a possible later addition.
+  * deriving the disco key from the node key by a public tweak: no privacy gain (anyone can
+    apply the tweak) and non-standard curve arithmetic.
+Costs accepted: (1) privacy: every DISCO packet carries the sender's disco public key in
+clear, so an on-path observer of direct UDP sees the node's long-term public key and can link it
+across networks (WireGuard itself never sends a static key in clear; the DERP relay sees node
+keys anyway). (2) key reuse across protocols: the same X25519 secret feeds WireGuard's Noise
+handshake (static-static DH mixed into a BLAKE2s HKDF chain with ephemeral DHs) and NaCl
+crypto_box (HSalsa20 of the DH, random 24-byte nonces). The derivations differ, the plaintexts
+are disjoint formats, and the DISCO receiver is no decryption or signing oracle for anything
+WireGuard uses; Tailscale's own DERP login already boxes with the node key. The engine takes the
+disco private key and each peer's disco public key as parameters, so a coordinator can hand out
+random per-boot disco keys (as tailscaled's control plane does) without changing the engine.
+Which peers speak DISCO is the daemon's call: a peer given a `derp_region` (one of ours), not a
+plain WireGuard peer configured with only an endpoint.
+
+Differences from tailscaled, all for the static mode or the issue's 5 s fallback bound: the
+CallMeMaybe answer, the ping back on an unsolicited UDP ping, the late-heartbeat trust cut, a
+CallMeMaybe rate limit of one per 5 s per peer; no path-MTU probing, no peer relays.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+from agent.engine.candidates import Candidate, CandidateSource
+from agent.engine.disco_tx import PingPurpose, SentPing, TxTable
+from agent.engine.events import (
+    EngineEvent,
+    Outgoing,
+    PathChanged,
+    PeerPathStatus,
+    PongReceived,
+)
+from agent.engine.paths import (
+    Endpoint,
+    PathKind,
+    PathTable,
+    Targets,
+    derp_endpoint,
+    derp_region_of,
+)
+from agent.engine.peerpath import PeerPath, usable_endpoint
+from agent.engine.schedule import Deadlines
+from agent.engine.timings import DEFAULT_TIMINGS, MAX_CALL_ME_MAYBE_ENDPOINTS, Timings
+from agent.keys import DiscoPrivate, DiscoPublic, NodePrivate, NodePublic
+from agent.proto import disco
+from agent.proto.errors import (
+    DropReason,
+    LocalProtocolError,
+    MalformedPacket,
+    RemoteProtocolError,
+    UnknownPeer,
+)
+
+__all__ = [
+    "PathEngine",
+    "EngineStats",
+    "static_disco_private",
+    "static_disco_public",
+]
+
+_DEDUP_SOURCES: Final = 1024  # sources whose last ping TxID we remember (duplicate detection)
+
+
+def static_disco_private(node_private: NodePrivate) -> DiscoPrivate:
+    """Our disco private key in static-config mode: the node private key (module docstring)."""
+    return DiscoPrivate(node_private.raw)
+
+
+def static_disco_public(node_public: NodePublic) -> DiscoPublic:
+    """A peer's disco public key in static-config mode: its node public key."""
+    return DiscoPublic(node_public.raw)
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters. `drops` uses DropReason values: malformed, authentication, unknown_peer,
+    send_failed (a peer disco key that cannot be used)."""
+
+    drops: Counter[DropReason] = field(default_factory=Counter)
+    received: Counter[str] = field(default_factory=Counter)  # "ping" / "pong" / "call_me_maybe"
+    sent: Counter[str] = field(default_factory=Counter)
+    duplicate_pings: int = 0
+    unmatched_pongs: int = 0
+
+
+_KIND: Final[dict[type[disco.Message], str]] = {
+    disco.Ping: "ping",
+    disco.Pong: "pong",
+    disco.CallMeMaybe: "call_me_maybe",
+}
+
+
+class PathEngine:
+    """Per-peer path choice with DISCO hole punching; a drop-in superset of `PathTable`.
+
+    Single owner (the daemon's event loop); every field below is owned by it.
+    """
+
+    def __init__(
+        self,
+        disco_private: DiscoPrivate,
+        node_key: NodePublic,
+        home_region: int | None = None,
+        *,
+        timings: Timings = DEFAULT_TIMINGS,
+        randbytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        self.timings = timings
+        self.stats = EngineStats()
+        self._disco_private = disco_private  # static after construction
+        self._node_key = node_key  # static: sent in every Ping
+        self._randbytes = randbytes
+        self._plain = PathTable(home_region)
+        self._peers: dict[NodePublic, PeerPath] = {}
+        self._by_disco: dict[DiscoPublic, list[NodePublic]] = {}
+        self._tx = TxTable()
+        self._deadlines: Deadlines[NodePublic] = Deadlines()
+        self._out: list[Outgoing] = []
+        self._events: deque[EngineEvent] = deque()
+        self._local: tuple[Endpoint, ...] = ()
+        self._last_ping_rx: OrderedDict[Endpoint, bytes] = OrderedDict()
+
+    # -- configuration (PathTable's API) ---------------------------------------------------------
+    @property
+    def home_region(self) -> int | None:
+        return self._plain.home_region
+
+    @home_region.setter
+    def home_region(self, region: int | None) -> None:
+        self._plain.home_region = region
+
+    def add_peer(
+        self,
+        key: NodePublic,
+        *,
+        endpoint: Endpoint | None = None,
+        derp_region: int | None = None,
+        disco_key: DiscoPublic | None = None,
+    ) -> None:
+        """Add (or replace) a peer. Without `disco_key` it is a plain WireGuard peer: its
+        configured endpoint and DERP route follow PathTable's policy, and no DISCO is sent."""
+        self.remove_peer(key)
+        if disco_key is None:
+            self._plain.add_peer(key, endpoint=endpoint, derp_region=derp_region)
+            return
+        if endpoint is not None and derp_region_of(endpoint) is not None:
+            endpoint = None
+        peer = PeerPath(key, disco_key, configured_endpoint=endpoint, configured_region=derp_region)
+        self._peers[key] = peer
+        self._by_disco.setdefault(disco_key, []).append(key)
+        peer.reported = self._summary(peer.status(0.0, self.home_region))
+
+    def has_peer(self, key: NodePublic) -> bool:
+        return key in self._peers or self._plain.has_peer(key)
+
+    def has_disco(self, key: NodePublic) -> bool:
+        """Whether the peer speaks DISCO (was added with a disco key)."""
+        return key in self._peers
+
+    def remove_peer(self, key: NodePublic) -> None:
+        self._plain.remove_peer(key)
+        peer = self._peers.pop(key, None)
+        if peer is None:
+            return
+        keys = self._by_disco.get(peer.disco, [])
+        if key in keys:
+            keys.remove(key)
+        if not keys:
+            self._by_disco.pop(peer.disco, None)
+        self._deadlines.set(key, None)
+        self._tx.drop_peer(key)
+
+    def set_endpoint(self, key: NodePublic, endpoint: Endpoint | None) -> None:
+        """A direct endpoint given from outside (config, `wg set`): a candidate, not trusted."""
+        peer = self._peers.get(key)
+        if peer is None:
+            self._plain.set_endpoint(key, endpoint)
+        elif derp_region_of(endpoint) is None and endpoint != peer.configured_endpoint:
+            peer.set_configured_endpoint(endpoint)
+
+    def set_local_endpoints(self, endpoints: Iterable[Endpoint], now: float | None = None) -> None:
+        """Our candidate endpoints (STUN-learned public ones first, then local addresses with
+        the WireGuard port), advertised in CallMeMaybe. With `now`, a changed set is sent at
+        once to every active peer that has no trusted direct path."""
+        fresh: list[Endpoint] = []
+        for ep in endpoints:
+            ep = (str(ep[0]), int(ep[1]))
+            if usable_endpoint(ep) and ep not in fresh:
+                fresh.append(ep)
+        new = tuple(fresh[:MAX_CALL_ME_MAYBE_ENDPOINTS])
+        if new == self._local:
+            return
+        self._local = new
+        if now is None:
+            return
+        for peer in self._peers.values():
+            if peer.schedule.active(now, self.timings) and not peer.trusted(now):
+                self._call_me_maybe(peer, now, force=True)
+
+    @property
+    def local_endpoints(self) -> tuple[Endpoint, ...]:
+        return self._local
+
+    # -- data-path hooks -------------------------------------------------------------------------
+    def on_send(self, key: NodePublic, now: float) -> None:
+        """We are about to send data to `key`: the session is active (heartbeats run), and
+        without a trusted direct path a discovery round runs (rate-limited per candidate)."""
+        peer = self._peers.get(key)
+        if peer is None:
+            return
+        peer.schedule.note_send(now, self.timings)
+        if not peer.trusted(now):
+            self._discover(peer, now, call_me_maybe=True)
+            self._rearm(peer, now)
+        elif self._deadlines.get(key) is None:
+            self._rearm(peer, now)
+
+    def on_receive(self, key: NodePublic, src: Endpoint, now: float) -> None:
+        """An authenticated WireGuard message from `key` arrived from `src` (a UDP source or a
+        DERP pseudo-endpoint). For a DISCO peer a UDP source becomes a candidate to probe; only
+        pongs make a direct path trusted."""
+        peer = self._peers.get(key)
+        if peer is None:
+            self._plain.on_receive(key, src, now)
+            return
+        region = derp_region_of(src)
+        if region is None:
+            peer.add_candidate(src, CandidateSource.LEARNED, now)
+        elif region != peer.derp_rx_region:
+            peer.derp_rx_region = region
+            self._refresh(peer, now)
+
+    def targets(self, key: NodePublic, now: float) -> Targets:
+        peer = self._peers.get(key)
+        if peer is None:
+            return self._plain.targets(key, now)
+        return peer.targets(now, self.home_region)
+
+    def status(self, key: NodePublic, now: float) -> PeerPathStatus:
+        peer = self._peers.get(key)
+        if peer is None:
+            s = self._plain.status(key, now)
+            return PeerPathStatus(s.path, s.endpoint, s.derp_region)
+        return peer.status(now, self.home_region)
+
+    # -- DISCO in -------------------------------------------------------------------------------
+    def receive_disco(
+        self,
+        packet: bytes,
+        src: Endpoint,
+        now: float,
+        *,
+        derp_src: NodePublic | None = None,
+    ) -> None:
+        """A DISCO packet from `src`: a UDP source, or `derp_endpoint(region)` when it came
+        through DERP, with `derp_src` the frame's source node key if the daemon has it (then
+        it must be the peer owning the sender disco key). Never raises for bad input: drops
+        are counted in `stats.drops`."""
+        try:
+            self._receive_disco(bytes(packet), src, now, derp_src)
+        except RemoteProtocolError as exc:
+            self.stats.drops[exc.reason] += 1
+
+    def _receive_disco(
+        self, packet: bytes, src: Endpoint, now: float, derp_src: NodePublic | None
+    ) -> None:
+        sender = DiscoPublic(disco.sender_key(packet))  # MalformedPacket if not DISCO
+        keys = self._by_disco.get(sender)
+        if not keys:
+            raise UnknownPeer("disco key of no peer")  # not even worth opening (§8.2)
+        _, message = disco.open_packet(self._disco_private.raw, packet)
+        self.stats.received[_KIND[type(message)]] += 1
+        peer = self._sender_peer(keys, message, derp_src)
+        region = derp_region_of(src)
+        match message:
+            case disco.Ping():
+                self._on_ping(peer, message, src, region, now)
+            case disco.Pong():
+                self._on_pong(peer, message, src, now)
+            case disco.CallMeMaybe():
+                if region is None:
+                    raise MalformedPacket("CallMeMaybe is valid only through DERP")
+                self._on_call_me_maybe(peer, message, region, now)
+        self._rearm(peer, now)
+
+    def _sender_peer(
+        self, keys: list[NodePublic], message: disco.Message, derp_src: NodePublic | None
+    ) -> PeerPath:
+        if derp_src is not None:
+            if derp_src not in keys:
+                raise UnknownPeer("DERP source is not the peer of this disco key")
+            return self._peers[derp_src]
+        if len(keys) == 1:
+            return self._peers[keys[0]]
+        if isinstance(message, disco.Ping) and message.node_key is not None:
+            claimed = NodePublic(message.node_key)
+            if claimed in keys:
+                return self._peers[claimed]
+        raise UnknownPeer("disco key shared by several peers")
+
+    def _on_ping(
+        self, peer: PeerPath, ping: disco.Ping, src: Endpoint, region: int | None, now: float
+    ) -> None:
+        if region is not None:
+            peer.derp_rx_region = region
+            self._send(peer, disco.Pong(ping.tx_id, derp_endpoint(region)), src)
+            return
+        if self._last_ping_rx.get(src) == ping.tx_id:
+            self.stats.duplicate_pings += 1
+            return
+        self._last_ping_rx[src] = ping.tx_id
+        self._last_ping_rx.move_to_end(src)
+        if len(self._last_ping_rx) > _DEDUP_SOURCES:
+            self._last_ping_rx.popitem(last=False)
+        cand = peer.add_candidate(src, CandidateSource.LEARNED, now)
+        self._send(peer, disco.Pong(ping.tx_id, src), src)
+        if cand is not None and self._wants_ping_back(peer, cand, now):
+            self._ping(peer, src, now, PingPurpose.DISCOVERY)
+
+    def _wants_ping_back(self, peer: PeerPath, cand: Candidate, now: float) -> bool:
+        """Ping the source of an unsolicited UDP ping back when we have no trusted path and
+        either talk to the peer or never had a pong from that source (one ping back for an
+        idle peer, not one per heartbeat it sends us); at most once per PING_BACK_INTERVAL."""
+        if peer.trusted(now):
+            return False
+        if not peer.schedule.active(now, self.timings) and cand.latest_latency is not None:
+            return False
+        return cand.last_ping is None or now - cand.last_ping >= self.timings.ping_back_interval
+
+    def _on_pong(self, peer: PeerPath, pong: disco.Pong, src: Endpoint, now: float) -> None:
+        sent = self._tx.match(pong.tx_id, src, peer.key)
+        if sent is None:
+            self.stats.unmatched_pongs += 1
+            return
+        latency = max(0.0, now - sent.sent_at)
+        arrived_via_derp = derp_region_of(src) is not None
+        if sent.via_derp:
+            if arrived_via_derp:
+                peer.derp_latency = latency
+        elif not arrived_via_derp:  # a DERP pong never changes the direct path (§8.6)
+            peer.on_pong(sent.dest, latency, pong.src, now, self.timings)
+        self._events.append(PongReceived(peer.key, sent.tx_id, pong.src, latency, sent.dest))
+
+    def _on_call_me_maybe(
+        self, peer: PeerPath, cmm: disco.CallMeMaybe, region: int, now: float
+    ) -> None:
+        peer.derp_rx_region = region
+        endpoints = [
+            ep for ep in cmm.endpoints[:MAX_CALL_ME_MAYBE_ENDPOINTS] if usable_endpoint(ep)
+        ]
+        peer.set_call_me_maybe(endpoints, now)
+        for ep in peer.due_pings(now, self.timings):
+            self._ping(peer, ep, now, PingPurpose.DISCOVERY)
+        self._call_me_maybe(peer, now)
+
+    # -- DISCO out ------------------------------------------------------------------------------
+    def ping(self, key: NodePublic, now: float) -> bytes:
+        """`agent ping`: one TxID, sent to the trusted best path, or else through DERP and to
+        every candidate. Each pong shows up as a PongReceived with this TxID. Counts as
+        activity (heartbeats, discovery). LocalProtocolError for a peer without DISCO."""
+        peer = self._peers.get(key)
+        if peer is None:
+            raise LocalProtocolError("ping needs a peer that speaks DISCO")
+        peer.schedule.note_send(now, self.timings)
+        tx_id = self._randbytes(disco.TX_ID_LEN)
+        if peer.trusted(now):
+            assert peer.best is not None
+            self._ping(peer, peer.best.endpoint, now, PingPurpose.CLI, tx_id)
+        else:
+            region = peer.region(self.home_region)
+            if region is not None:
+                self._ping(peer, derp_endpoint(region), now, PingPurpose.CLI, tx_id)
+            peer.prune(now, self.timings)
+            for ep in list(peer.candidates):
+                self._ping(peer, ep, now, PingPurpose.CLI, tx_id)
+            peer.schedule.note_full_ping(now)
+            self._call_me_maybe(peer, now)
+        self._rearm(peer, now)
+        return tx_id
+
+    def outgoing(self) -> list[Outgoing]:
+        """Drain the DISCO datagrams to send (UDP, or DERP when `endpoint` is a DERP one)."""
+        out, self._out = self._out, []
+        return out
+
+    def events(self) -> list[EngineEvent]:
+        out = list(self._events)
+        self._events.clear()
+        return out
+
+    def _send(self, peer: PeerPath, message: disco.Message, dest: Endpoint) -> None:
+        nonce = self._randbytes(disco.NONCE_LEN)
+        try:
+            packet = disco.seal(self._disco_private.raw, peer.disco.raw, message, nonce)
+        except LocalProtocolError:  # a low-order peer disco key: unusable, count it
+            self.stats.drops[DropReason.SEND_FAILED] += 1
+            return
+        self.stats.sent[_KIND[type(message)]] += 1
+        self._out.append(Outgoing(packet, dest, peer.key))
+
+    def _ping(
+        self,
+        peer: PeerPath,
+        dest: Endpoint,
+        now: float,
+        purpose: PingPurpose,
+        tx_id: bytes | None = None,
+    ) -> None:
+        t = self.timings
+        tx_id = tx_id if tx_id is not None else self._randbytes(disco.TX_ID_LEN)
+        late_at = None
+        if purpose is PingPurpose.HEARTBEAT and peer.trusted(now) and peer.best is not None:
+            late_at = now + t.heartbeat_late_after(peer.best.latency)
+        self._tx.add(SentPing(tx_id, peer.key, dest, now, purpose, now + t.ping_timeout, late_at))
+        if derp_region_of(dest) is None:
+            peer.note_ping(dest, now)
+        self._send(peer, disco.Ping(tx_id, node_key=self._node_key.raw), dest)
+
+    def _discover(self, peer: PeerPath, now: float, *, call_me_maybe: bool) -> None:
+        """A discovery round: ping each candidate not pinged for DISCO_PING_INTERVAL; then a
+        CallMeMaybe if a ping went out, or if the peer has no candidate at all (static mode:
+        it must learn ours to punch)."""
+        due = peer.due_pings(now, self.timings)
+        for ep in due:
+            self._ping(peer, ep, now, PingPurpose.DISCOVERY)
+        peer.schedule.note_full_ping(now)
+        if call_me_maybe and (due or not peer.candidates):
+            self._call_me_maybe(peer, now)
+
+    def _call_me_maybe(self, peer: PeerPath, now: float, *, force: bool = False) -> None:
+        region = peer.region(self.home_region)
+        if region is None:
+            return
+        if not force and not peer.schedule.may_call_me_maybe(now, self.timings):
+            return
+        self._send(peer, disco.CallMeMaybe(self._local), derp_endpoint(region))
+        peer.schedule.note_call_me_maybe(now)
+
+    # -- timers ---------------------------------------------------------------------------------
+    def on_timer(self, now: float) -> None:
+        """Everything due at `now`, in order: late heartbeats, ping timeouts, per-peer
+        deadlines (heartbeat, end of trust)."""
+        touched: dict[NodePublic, PeerPath] = {}
+        late, expired = self._tx.due(now)
+        for sent in late:
+            peer = self._peers.get(sent.key)
+            if peer is not None and peer.lose_trust(sent.dest, now):
+                self._discover(peer, now, call_me_maybe=True)
+                touched[peer.key] = peer
+        for sent in expired:
+            peer = self._peers.get(sent.key)
+            if peer is not None and not sent.via_derp:
+                peer.on_ping_timeout(sent.dest, now)
+                touched[peer.key] = peer
+        for key in self._deadlines.due(now):
+            peer = self._peers.get(key)
+            if peer is None:
+                continue
+            touched[key] = peer
+            if peer.schedule.heartbeat_due(now) and peer.schedule.on_heartbeat(now, self.timings):
+                self._heartbeat(peer, now)
+        for peer in touched.values():
+            self._rearm(peer, now)
+
+    def _heartbeat(self, peer: PeerPath, now: float) -> None:
+        if peer.best is not None:
+            self._ping(peer, peer.best.endpoint, now, PingPurpose.HEARTBEAT)
+        if peer.want_full_ping(now, self.timings):
+            self._discover(peer, now, call_me_maybe=True)
+
+    def next_deadline(self) -> float | None:
+        times = [t for t in (self._deadlines.next(), self._tx.next_deadline()) if t is not None]
+        return min(times) if times else None
+
+    def _rearm(self, peer: PeerPath, now: float) -> None:
+        self._deadlines.set(peer.key, peer.next_deadline(now))
+        self._refresh(peer, now)
+
+    # -- events ---------------------------------------------------------------------------------
+    @staticmethod
+    def _summary(status: PeerPathStatus) -> tuple[PathKind, Endpoint | None, int | None]:
+        if status.path == "direct":
+            return ("direct", status.endpoint, None)
+        return (status.path, None, status.derp_region)
+
+    def _refresh(self, peer: PeerPath, now: float) -> None:
+        status = peer.status(now, self.home_region)
+        summary = self._summary(status)
+        if summary != peer.reported:
+            old = peer.reported[0]
+            peer.reported = summary
+            self._events.append(PathChanged(peer.key, old, status.path, summary[1], summary[2]))
