@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from agent import api
@@ -27,12 +29,17 @@ from agent.config import Config
 from agent.daemon import metrics, uapi
 from agent.daemon.dataplane import DataPlane
 from agent.daemon.derp_client import DerpClients
+from agent.daemon.netinfo import local_addresses
 from agent.daemon.transport import PeerTransport
 from agent.daemon.tun import Tun, open_tun
 from agent.daemon.udp import UdpSocket, open_udp
-from agent.engine.paths import PathTable
+from agent.engine.engine import PathEngine, static_disco_private, static_disco_public
+from agent.engine.events import PathChanged, PongReceived
+from agent.engine.paths import derp_region_of
+from agent.engine.stun_probe import StunProber, StunServer
 from agent.keys import NodePublic
 from agent.log import get_logger
+from agent.proto import disco
 from agent.proto.errors import DropReason
 from agent.proto.wireguard.device import Device
 from agent.proto.wireguard.peer import (
@@ -70,10 +77,15 @@ class Daemon:
         self.tun: Tun | None = None
         self.udp: UdpSocket | None = None
         self.dataplane: DataPlane | None = None
-        self.paths = PathTable(config.derp.home_region)
+        key = config.interface.private_key
+        self.paths = PathEngine(static_disco_private(key), key.public(), config.derp.home_region)
+        self.stun = StunProber(_stun_servers(config))
         self.derp: DerpClients | None = None
         self.transport: PeerTransport | None = None
         self.handshakes: dict[NodePublic, int] = {}
+        self.path_switches: dict[NodePublic, int] = {}
+        self.local_ips: list[str] = []
+        self._pong_waiters: dict[bytes, asyncio.Future[PongReceived]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -92,6 +104,11 @@ class Daemon:
         self.udp = open_udp(cfg.listen_port)
         if cfg.fwmark:
             self.udp.sock.setsockopt(socket.SOL_SOCKET, SO_MARK, cfg.fwmark)
+        if self.config.derp.regions:
+            try:
+                self.local_ips = local_addresses(exclude_ifnames=(cfg.name,))
+            except OSError as e:
+                log.warning("cannot list local addresses", error=str(e))
 
     async def run(self) -> int:
         cfg = self.config.interface
@@ -107,7 +124,14 @@ class Daemon:
                 allowed_ips=p.allowed_ips,
                 persistent_keepalive=p.persistent_keepalive,
             )
-            self.paths.add_peer(p.public_key, endpoint=p.endpoint, derp_region=p.derp_region)
+            # Peers with a DERP region speak DISCO (static mode: their node key is their disco
+            # key, engine/engine.py); peers with only an endpoint are plain WireGuard peers.
+            self.paths.add_peer(
+                p.public_key,
+                endpoint=p.endpoint,
+                derp_region=p.derp_region,
+                disco_key=static_disco_public(p.public_key) if p.derp_region else None,
+            )
         if self.tun is None or self.udp is None:
             raise RuntimeError("open_interface() must run before run()")
         if self.config.derp.regions:
@@ -117,7 +141,13 @@ class Daemon:
             self.paths.home_region = self.derp.home_region
         self.transport = PeerTransport(self.udp, self.derp, self.paths)
         self.dataplane = DataPlane(
-            self.tun, self.udp, device, loop.time, self.flush, sender=self.transport
+            self.tun,
+            self.udp,
+            device,
+            loop.time,
+            self.flush,
+            sender=self.transport,
+            on_foreign=self._on_foreign,
         )
         self.dataplane.attach(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -131,6 +161,8 @@ class Daemon:
             if self.derp is not None:
                 self.derp.start()
             now = loop.time()
+            self._update_local_endpoints(now)
+            self._send_stun(self.stun.start(now))
             for peer in device.peers.values():
                 if peer.persistent_keepalive and self.transport.has_path(peer, now):
                     self.transport.send_to_peer(peer, peer.keepalive(now), now)
@@ -195,6 +227,78 @@ class Daemon:
             regions = self.derp.connected_regions()
             sd_notify(f"STATUS=up: {self.config.interface.name}, DERP regions {list(regions)}")
 
+    # -- DISCO and STUN ----------------------------------------------------------------------
+    def _on_foreign(
+        self,
+        datagrams: Sequence[bytes | bytearray | memoryview],
+        src: tuple[str, int],
+        key: NodePublic | None,
+        now: float,
+    ) -> None:
+        """Non-WireGuard datagrams: STUN answers (UDP only) and DISCO (UDP or DERP)."""
+        for d in datagrams:
+            data = bytes(d)
+            if key is None and self.stun.receive(data, src, now):
+                continue
+            if disco.looks_like_disco(data):
+                self.paths.receive_disco(data, src, now, derp_src=key)
+            elif self.dataplane is not None:
+                self.dataplane.stats.drops[DropReason.MALFORMED] += 1
+        if self.stun.changed:
+            self.stun.changed = False
+            self._update_local_endpoints(now)
+
+    def _update_local_endpoints(self, now: float) -> None:
+        if self.udp is None:
+            return
+        port = self.udp.port
+        endpoints = [*self.stun.public_endpoints()]
+        endpoints += [(ip, port) for ip in self.local_ips if (ip, port) not in endpoints]
+        self.paths.set_local_endpoints(endpoints, now)
+        log.info("endpoints", endpoints=[_fmt(ep) for ep in endpoints])
+
+    def _send_stun(self, requests: list[tuple[bytes, tuple[str, int]]]) -> None:
+        if self.udp is None:
+            return
+        for data, ep in requests:
+            self.udp.send_batch([data], ep)
+
+    def _drain_engine(self) -> None:
+        """Send the engine's DISCO datagrams, act on its events."""
+        paths, transport = self.paths, self.transport
+        if transport is not None:
+            for out in paths.outgoing():
+                transport.send_to_endpoint([out.payload], out.endpoint, out.key)
+        for ev in paths.events():
+            if isinstance(ev, PathChanged):
+                self.path_switches[ev.key] = self.path_switches.get(ev.key, 0) + 1
+                log.info(
+                    "path",
+                    peer=self.names.get(ev.key, str(ev.key)),
+                    old=ev.old,
+                    new=ev.new,
+                    endpoint=_fmt(ev.endpoint) if ev.endpoint else None,
+                    derp_region=ev.derp_region,
+                )
+            elif isinstance(ev, PongReceived):
+                waiter = self._pong_waiters.pop(ev.tx_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(ev)
+
+    async def ping(self, key: NodePublic, wait: float = 5.0) -> PongReceived | None:
+        """One DISCO ping to `key` over its current path(s); the pong, or None on timeout."""
+        loop = asyncio.get_running_loop()
+        tx = self.paths.ping(key, loop.time())
+        waiter: asyncio.Future[PongReceived] = loop.create_future()
+        self._pong_waiters[tx] = waiter
+        self.flush()
+        try:
+            return await asyncio.wait_for(waiter, wait)
+        except TimeoutError:
+            return None
+        finally:
+            self._pong_waiters.pop(tx, None)
+
     # -- the one timer -----------------------------------------------------------------------
     def send(self, datagrams: list[bytes], endpoint: tuple[str, int]) -> None:
         if datagrams and self.transport is not None:
@@ -216,7 +320,13 @@ class Daemon:
                 log.warning("handshake gave up", peer=name, attempts=ev.attempts)
             elif isinstance(ev, KeysZeroed):
                 log.info("session keys zeroed", peer=name)
-        deadline = device.next_deadline()
+        self._drain_engine()
+        deadlines = [
+            d
+            for d in (device.next_deadline(), self.paths.next_deadline(), self.stun.next_deadline())
+            if d is not None
+        ]
+        deadline = min(deadlines) if deadlines else None
         if deadline == self._timer_at:
             return
         if self._timer is not None:
@@ -242,6 +352,8 @@ class Daemon:
             dropped = transport.send_to_peer(peer, datagrams, now)
             if dropped and dataplane is not None:
                 dataplane.stats.drops[DropReason.SEND_FAILED] += dropped
+        self.paths.on_timer(now)
+        self._send_stun(self.stun.on_timer(now))
         self.flush()
 
     # -- control socket ----------------------------------------------------------------------
@@ -264,6 +376,8 @@ class Daemon:
                     reply = api.Response.success(self.status().to_dict())
                 elif req.op == "metrics":
                     reply = api.Response.success({"text": self.metrics_text()})
+                elif req.op == "ping":
+                    reply = await self._control_ping(req.args)
                 else:
                     reply = api.Response.failure(f"operation {req.op!r} is not supported yet")
             except api.ApiError as e:
@@ -301,6 +415,7 @@ class Daemon:
                     path=path.path if live else "none",
                     endpoint=endpoint,
                     derp_region=path.derp_region,
+                    latency_ms=None if path.latency is None else round(path.latency * 1000, 3),
                     latest_handshake=int(peer.last_handshake) if peer.last_handshake else None,
                     rx_bytes=peer.rx_bytes,
                     tx_bytes=peer.tx_bytes,
@@ -333,6 +448,52 @@ class Daemon:
             dataplane=dp,
         )
 
+    def find_peer(self, text: str) -> NodePublic | None:
+        """A peer by name, public key (base64) or an overlay address inside its allowed IPs."""
+        device = self.device
+        if device is None:
+            return None
+        for key, name in self.names.items():
+            if name == text and key in device.peers:
+                return key
+        for key in device.peers:
+            if key.to_b64() == text:
+                return key
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            return None
+        peer = device.route(addr.packed)
+        return peer.public_key if peer is not None else None
+
+    async def _control_ping(self, args: Mapping[str, Any]) -> api.Response:
+        text = args.get("peer")
+        if not isinstance(text, str):
+            return api.Response.failure("ping needs a peer (name, overlay address or key)")
+        key = self.find_peer(text)
+        if key is None:
+            return api.Response.failure(f"no peer {text!r}")
+        if not self.paths.has_disco(key):
+            return api.Response.failure(
+                f"peer {text!r} is a plain WireGuard peer (no DERP region, no DISCO): "
+                "use ping on its overlay address"
+            )
+        pong = await self.ping(key)
+        name = self.names.get(key, key.to_b64()[:8])
+        if pong is None:
+            return api.Response.success({"peer": name, "pong": False})
+        region = derp_region_of(pong.via)
+        return api.Response.success(
+            {
+                "peer": name,
+                "pong": True,
+                "via": "derp" if region is not None else "direct",
+                "derp_region": region,
+                "endpoint": None if region is not None else _fmt(pong.via),
+                "latency_ms": round(pong.latency * 1000, 3),
+            }
+        )
+
     def metrics_text(self) -> str:
         st = self.status()
         peers = tuple(
@@ -344,7 +505,7 @@ class Daemon:
                 handshakes=self.handshakes.get(NodePublic.from_b64(p.public_key), 0),
                 last_handshake=p.latest_handshake,
                 path=p.path,
-                path_switches=self.paths.switches(NodePublic.from_b64(p.public_key)),
+                path_switches=self.path_switches.get(NodePublic.from_b64(p.public_key), 0),
             )
             for p in st.peers
         )
@@ -387,6 +548,26 @@ class Daemon:
             return
         self._servers.append(server)
         self._uapi_served = True
+
+
+def _fmt(ep: tuple[str, int]) -> str:
+    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
+
+
+def _stun_servers(config: Config) -> list[StunServer]:
+    """The DERP map's STUN servers given by IP address (names would need a resolver here)."""
+    servers = []
+    for region in config.derp.regions:
+        for node in region.nodes:
+            if not node.stun_port:
+                continue
+            try:
+                ipaddress.ip_address(node.host)
+            except ValueError:
+                log.info("STUN server skipped: not an IP address", host=node.host)
+                continue
+            servers.append(StunServer(region.id, (node.host, node.stun_port)))
+    return servers
 
 
 def run_daemon(config: Config) -> int:

@@ -12,22 +12,39 @@ of the region it arrived through, addressed to the key that sent it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 from agent.daemon.dataplane import PeerLike
 from agent.daemon.derp_client import DerpClients
 from agent.daemon.udp import Endpoint, UdpSocket
-from agent.engine.paths import PathTable, derp_region_of
+from agent.engine.paths import Targets, derp_region_of
 from agent.keys import NodePublic
 
-__all__ = ["PeerTransport"]
+__all__ = ["PathPolicy", "PeerTransport"]
 
 Datagrams = Sequence[bytes | bytearray]
+
+
+class PathPolicy(Protocol):
+    """What the transport asks per peer: engine/paths.PathTable or engine/engine.PathEngine."""
+
+    def has_peer(self, key: NodePublic) -> bool: ...
+
+    def add_peer(
+        self, key: NodePublic, *, endpoint: Endpoint | None = None, derp_region: int | None = None
+    ) -> None: ...
+
+    def targets(self, key: NodePublic, now: float) -> Targets: ...
+
+    def on_send(self, key: NodePublic, now: float) -> None: ...
+
+    def on_receive(self, key: NodePublic, src: Endpoint, now: float) -> None: ...
 
 
 class PeerTransport:
     """The agent's transport: per peer, the path policy picks UDP, DERP or both."""
 
-    def __init__(self, udp: UdpSocket, derp: DerpClients | None, paths: PathTable) -> None:
+    def __init__(self, udp: UdpSocket, derp: DerpClients | None, paths: PathPolicy) -> None:
         self.udp = udp
         self.derp = derp
         self.paths = paths
@@ -47,7 +64,9 @@ class PeerTransport:
 
     def send_to_peer(self, peer: PeerLike, datagrams: Datagrams, now: float) -> int:
         self._ensure(peer)
-        t = self.paths.targets(peer.public_key, now)
+        paths = self.paths
+        paths.on_send(peer.public_key, now)
+        t = paths.targets(peer.public_key, now)
         dropped = len(datagrams)
         if t.udp is not None:
             dropped = self.udp.send_batch(datagrams, t.udp)

@@ -107,6 +107,9 @@ class PathTable:
             p.direct = endpoint
             p.direct_rx = None
 
+    def on_send(self, key: NodePublic, now: float) -> None:
+        """We are about to send to `key`: nothing to do without DISCO (PathEngine acts on it)."""
+
     def on_receive(self, key: NodePublic, src: Endpoint, now: float) -> None:
         """An authenticated WireGuard message from `key` arrived from `src`."""
         p = self._peers.get(key)
