@@ -424,6 +424,14 @@ class Daemon:
             )
         drops: dict[str, int] = {str(k): v for k, v in device.drops.items() if v}
         dp: dict[str, Any] = {"offload": self.tun.offload, "udp_gso": self.udp.gso}
+        es = self.paths.stats
+        dp["disco"] = {
+            **{f"sent_{k}": v for k, v in es.sent.items()},
+            **{f"received_{k}": v for k, v in es.received.items()},
+            **{f"dropped_{k}": v for k, v in es.drops.items()},
+            "stun_sent": self.stun.sent,
+            "stun_answered": self.stun.answered,
+        }
         if self.dataplane is not None:
             stats = self.dataplane.stats.as_dict()
             for k, v in stats.items():

@@ -7,7 +7,7 @@
                                         agent derper :443 (TLS), STUN :3478
 
 NAT kinds (nftables masquerade on the NAT router's wan side; Linux conntrack filters inbound
-packets per remote address and port):
+packets per remote address and port; unsolicited packets from the wan side are dropped):
     "cone"       masquerade keeping the source port when free: endpoint-independent mapping,
                  so the address STUN reports is the one peers can punch to
     "symmetric"  masquerade fully-random (iptables: --random-fully): a new random port per
@@ -80,7 +80,12 @@ def _nat(lab: Lab, ns: str, kind: NatKind) -> None:
         "nft",
         "add table ip agtnat; "
         "add chain ip agtnat postrouting { type nat hook postrouting priority 100; }; "
-        f'add rule ip agtnat postrouting oifname "wan" masquerade{flags}',
+        f'add rule ip agtnat postrouting oifname "wan" masquerade{flags}; '
+        # A home router's firewall: unsolicited packets from the internet are dropped. Dropped
+        # before conntrack confirms them, they leave no entry behind that would clash with
+        # (and re-port) the mapping our own outgoing packet creates a moment later.
+        "add chain ip agtnat input { type filter hook input priority 0; }; "
+        'add rule ip agtnat input iifname "wan" ct state new drop',
     )
 
 

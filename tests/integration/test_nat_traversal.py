@@ -2,19 +2,112 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from typing import Any
+
 import pytest
 
-from .lab import Lab, ping
+from .lab import Lab, _wait_for, iperf3, ping
 from .natlab import A4, B4, REGION, build
 
 pytestmark = pytest.mark.netns
 
 
-def test_behind_nats_without_endpoints_they_reach_each_other_through_the_relay(lab: Lab) -> None:
+def test_behind_symmetric_nats_they_stay_on_the_relay_and_still_ping(lab: Lab) -> None:
     net = build(lab, "symmetric", "symmetric")
     net.a.start()
     net.b.start()
     assert ping(net.ns_a, B4, count=3, timeout=15), "no ping through the relay"
     assert ping(net.ns_b, A4, count=3, timeout=10)
+    # hole punching is tried (pings, CallMeMaybe) but cannot work: still relayed 8 s later
+    assert ping(net.ns_a, B4, count=20, timeout=12)
     st = net.a.peer_status(net.b.public_key)
     assert (st["path"], st["derp_region"]) == ("derp", REGION)
+    disco = net.a.status()["dataplane"]["disco"]
+    assert disco["sent_ping"] > 0
+    assert disco["sent_call_me_maybe"] > 0
+
+
+def test_with_udp_blocked_they_stay_on_the_relay(lab: Lab) -> None:
+    net = build(lab, "cone", "cone")
+    net.block_udp()
+    net.a.start()
+    net.b.start()
+    assert ping(net.ns_a, B4, count=10, timeout=15)
+    st = net.a.peer_status(net.b.public_key)
+    assert (st["path"], st["derp_region"]) == ("derp", REGION)
+    disco = net.a.status()["dataplane"]["disco"]
+    assert disco["sent_ping"] > 0  # tried over UDP ...
+    assert "received_pong" not in disco or all(  # ... but every pong came through the relay
+        p["path"] == "derp" for p in net.a.status()["peers"]
+    )
+
+
+def _path(net_agent: object, peer_key: str) -> str:
+    from .lab import Agent
+
+    assert isinstance(net_agent, Agent)
+    return str(net_agent.peer_status(peer_key)["path"])
+
+
+def test_behind_cone_nats_they_go_direct(lab: Lab) -> None:
+    net = build(lab, "cone", "cone")
+    net.a.start()
+    net.b.start()
+    assert ping(net.ns_a, B4, count=2, timeout=15)
+
+    def direct() -> bool:
+        ping(net.ns_a, B4, count=1, timeout=2)
+        return _path(net.a, net.b.public_key) == "direct"
+
+    assert _wait_for(direct, 15, interval=0.3), net.a.status()
+    st = net.a.peer_status(net.b.public_key)
+    assert st["endpoint"].startswith("198.18.2.1:"), st  # b's NAT's public address
+    assert _wait_for(lambda: _path(net.b, net.a.public_key) == "direct", 10, interval=0.3)
+
+
+def test_udp_blocked_mid_transfer_moves_to_the_relay_and_back(lab: Lab) -> None:
+    """iperf3 TCP keeps going while the path moves: direct -> DERP (<= 5 s) -> direct."""
+    net = build(lab, "cone", "cone")
+    net.a.start()
+    net.b.start()
+    assert ping(net.ns_a, B4, count=2, timeout=15)
+
+    def direct() -> bool:
+        ping(net.ns_a, B4, count=1, timeout=2)
+        return _path(net.a, net.b.public_key) == "direct"
+
+    assert _wait_for(direct, 15, interval=0.3)
+    result: dict[str, Any] = {}
+    stream = threading.Thread(
+        target=lambda: result.update(iperf3(net.ns_b, net.ns_a, B4, seconds=16, check=False))
+    )
+    stream.start()
+    try:
+        time.sleep(3)
+        net.block_udp()
+        blocked = time.monotonic()
+        assert _wait_for(lambda: _path(net.a, net.b.public_key) == "derp", 10, interval=0.2)
+        to_derp = time.monotonic() - blocked
+        time.sleep(3)
+        net.unblock_udp()
+        unblocked = time.monotonic()
+        assert _wait_for(lambda: _path(net.a, net.b.public_key) == "direct", 30, interval=0.2)
+        to_direct = time.monotonic() - unblocked
+    finally:
+        stream.join(40)
+    assert "error" not in result, result.get("error")
+    intervals = [i["sum"]["bits_per_second"] for i in result["intervals"]]
+    stalled = max(
+        (len(run) for run in "".join("0" if b < 1e5 else "1" for b in intervals).split("1")),
+        default=0,
+    )
+    assert to_derp <= 5.0, f"moved to DERP after {to_derp:.1f} s"
+    assert to_direct <= 30.0
+    # the path moves within 5 s; TCP's own retransmission backoff (0.2+0.4+0.8+1.6+3.2 s) adds
+    # up to one more doubling before the stream is seen flowing again
+    assert stalled <= 8, f"TCP stalled for {stalled} s: {intervals}"
+    assert sum(1 for b in intervals[-6:] if b > 1e6) >= 4, f"not flowing at the end: {intervals}"
+    assert result["end"]["sum_received"]["bytes"] > 0
+    print(f"to DERP {to_derp:.1f} s, back to direct {to_direct:.1f} s, stall {stalled} s")
