@@ -213,6 +213,9 @@ def _cmd_derper(args: argparse.Namespace) -> int:
     from agent.daemon.relay import parse_addr, run_derper
     from agent.log import get_logger
 
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
     try:
         configure_logging(args.log_level)
         parse_addr(args.addr)
@@ -226,7 +229,14 @@ def _cmd_derper(args: argparse.Namespace) -> int:
             cert_dir=Path(args.cert_dir),
             stun_port=args.stun_port,
             log=get_logger("agent.derper"),
+            config=path(args.config),
+            mesh_key_file=path(args.mesh_key_file),
+            mesh_with=args.mesh_with,
+            mesh_ca_file=path(args.mesh_ca_file),
+            verify_clients_file=path(args.verify_clients_file),
         )
+    except ValueError as e:  # a bad key file, mesh key, --mesh-with entry or allowed-keys line
+        return _err(f"derper: {e}")
     except OSError as e:  # includes ssl.SSLError (bad or missing certificate)
         return _err(f"derper: {e}")
     except KeyboardInterrupt:
@@ -305,6 +315,26 @@ def _parser() -> argparse.ArgumentParser:
         help="manual: HOSTNAME.crt/.key are read here; self-signed: generated and kept here",
     )
     p.add_argument("--stun-port", type=int, default=3478, help="UDP STUN port, 0 = off")
+    p.add_argument(
+        "-c",
+        "--config",
+        help='server key file {"PrivateKey": "privkey:<hex>"}, created (0600) if missing; '
+        "without it the key is new at every start",
+    )
+    p.add_argument("--mesh-key-file", help="region mesh key: a file of 64 hex digits")
+    p.add_argument(
+        "--mesh-with",
+        default="",
+        help="the region's other nodes, https://HOST[:PORT],... (our own address is skipped)",
+    )
+    p.add_argument(
+        "--mesh-ca-file",
+        help="PEM certificates trusted when dialling mesh nodes (default: the system store)",
+    )
+    p.add_argument(
+        "--verify-clients-file",
+        help="allowed client public keys, one a line (base64 or nodekey:<hex>, # comments)",
+    )
     p.add_argument("--log-level", default=os.environ.get("AGENT_LOG_LEVEL", "info"))
     p.set_defaults(func=_cmd_derper)
 

@@ -1,39 +1,55 @@
 """A DERP relay server (derper-like): TLS listener, HTTP upgrade, shared RelayCore, STUN on UDP.
 
-Spec: shared/spec/derp-disco.md §1 (transport, upgrade, other endpoints), §4 (server behaviour),
-§6.2-§6.3 (STUN server). Each accepted TCP (or TLS) stream is one `_RelayConn` protocol:
+Spec: shared/spec/derp-disco.md §1 (transport, upgrade, WebSocket, other endpoints), §4 (server
+behaviour, region mesh), §6.2-§6.3 (STUN server). Each accepted TCP (or TLS) stream is one
+`_RelayConn` protocol:
 
     READING_HEAD    bytes until the request's blank line (upgrade.parse_request, 16 KiB, 30 s)
       /derp + Upgrade: DERP (or websocket)   -> 101 (none on fast start), RelayCore takes the stream
+      /derp + websocket + protocol "derp"    -> RFC 6455 via wsproto; binary messages carry the
+                                                DERP byte stream both ways (boundaries mean nothing)
       /derp/probe, /derp/latency-check       -> 200 (GET/HEAD) or 405, then close
       /generate_204                          -> 204, challenge echoed, then close
+      /debug/metrics                         -> Prometheus text, loopback clients only (else 403)
       anything else                          -> 404 (426 for /derp without an Upgrade), then close
     DERP            bytes -> RelayCore.receive_data; after every input each connection's
-                    data_to_send is flushed and CloseConnection events close their streams
+                    data_to_send is flushed, CloseConnection events close their streams and
+                    ForwardToMesh events go out on the region's mesh links (relay_mesh.py)
 
 All connections share one RelayCore (ids are ints) and one asyncio timer armed at
 `RelayCore.next_deadline()`. A client whose transport holds more than MAX_CLIENT_BUFFER unsent
 bytes loses further frames (counted in `RelayServer.dropped_frames`) instead of stalling others.
+Files: the server key (`--config`, derper's `{"PrivateKey": "privkey:<hex>"}`, created 0600),
+the mesh key (relay_mesh.load_mesh_key) and the allowed client keys (`--verify-clients-file`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
+import json
+import os
 import re
 import signal
 import ssl
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, cast
 
+import wsproto.utilities
 from structlog.typing import FilteringBoundLogger
+from wsproto import ConnectionType, WSConnection
+from wsproto import events as ws_events
 
+from agent.daemon.relay_mesh import MESH_RETRY_BASE, MeshLink, MeshPeer, load_mesh_key
+from agent.keys import NodePrivate, NodePublic
 from agent.proto import stun
 from agent.proto.derp import upgrade
 from agent.proto.derp.frames import FRAME_HEADER_LEN
-from agent.proto.derp.server import ClientRegistered, CloseConnection, RelayCore
+from agent.proto.derp.server import ClientRegistered, CloseConnection, ForwardToMesh, RelayCore
 from agent.proto.errors import RemoteProtocolError
 
 __all__ = [
@@ -43,12 +59,18 @@ __all__ = [
     "RelayStats",
     "serve_relay",
     "make_self_signed",
+    "load_or_create_server_key",
+    "load_allowed_keys",
+    "metrics_text",
+    "parse_addr",
+    "run_derper",
 ]
 
 MAX_CLIENT_BUFFER: Final = 1 << 20
 HEAD_TIMEOUT: Final = 30.0  # derper's http.Server ReadTimeout before the hijack (§1.1)
 _CHALLENGE: Final = re.compile(r"[A-Za-z0-9._:-]{0,64}")
 _NO_CACHE: Final = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
+_METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass(slots=True)
@@ -61,6 +83,8 @@ class RelayStats:
     dropped_frames: int = 0
     stun_answered: int = 0
     not_stun: int = 0
+    websocket: int = 0
+    mesh_unavailable: int = 0  # ForwardToMesh with the link down or its buffer full
     by_status: dict[int, int] = field(default_factory=dict)
 
 
@@ -74,7 +98,7 @@ def _count_frames(data: bytes) -> int:
 
 
 class _RelayConn(asyncio.Protocol):
-    """One accepted stream: the HTTP head, then DERP bytes through the shared core."""
+    """One accepted stream: the HTTP head, then DERP bytes (raw or in WebSocket messages)."""
 
     def __init__(self, server: RelayServer, conn_id: int) -> None:
         self.server = server
@@ -82,6 +106,7 @@ class _RelayConn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.head = bytearray()
         self.derp = False
+        self.ws: WSConnection | None = None  # set for DERP over WebSocket
         self.done = False  # an HTTP reply was sent; ignore anything else on this stream
         self.head_timer: asyncio.TimerHandle | None = None
 
@@ -91,7 +116,16 @@ class _RelayConn(asyncio.Protocol):
         self.server.conns[self.conn_id] = self
         self.head_timer = self.server.loop.call_later(HEAD_TIMEOUT, self.transport.abort)
 
+    def peer_addr(self) -> tuple[str, int] | None:
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            return str(peer[0]), int(peer[1])
+        return None
+
     def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self._ws_received(data)
+            return
         if self.derp:
             self.server.feed(self.conn_id, data)
             return
@@ -108,13 +142,14 @@ class _RelayConn(asyncio.Protocol):
         if parsed is None:
             return
         request, leftover = parsed
+        raw = bytes(self.head)
         self.head.clear()
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
-        self._dispatch(request, leftover)
+        self._dispatch(request, raw, leftover)
 
-    def _dispatch(self, request: upgrade.Request, leftover: bytes) -> None:
+    def _dispatch(self, request: upgrade.Request, raw: bytes, leftover: bytes) -> None:
         path = request.path.partition("?")[0]
         method = request.method
         if path in ("/derp/probe", "/derp/latency-check"):
@@ -132,16 +167,32 @@ class _RelayConn(asyncio.Protocol):
             if request.headers.get("upgrade", "").lower() not in ("derp", "websocket"):
                 self._reply(426, "Upgrade Required", {}, b"DERP requires connection upgrade\n")
             elif "derp" in request.headers.get("sec-websocket-protocol", "").lower():
-                self._reply(501, "Not Implemented", {}, b"DERP over WebSocket not supported\n")
+                self._start_websocket(raw)
             else:
                 self._start_derp(request, leftover)
+        elif path == "/debug/metrics":
+            if not _is_loopback(self.peer_addr()):
+                self._reply(403, "Forbidden", {}, b"debug endpoints are loopback only\n")
+            elif method not in ("GET", "HEAD"):
+                self._reply(405, "Method Not Allowed", {}, b"GET only\n")
+            else:
+                self.server.count_status(200)  # counted before rendering: the reply is in it
+                body = metrics_text(self.server).encode()
+                self._reply(200, "OK", {"Content-Type": _METRICS_TYPE}, body, counted=True)
         else:
             self._reply(404, "Not Found", {}, b"not found\n")
 
-    def _reply(self, status: int, reason: str, headers: dict[str, str], body: bytes) -> None:
-        stats = self.server.stats
-        stats.http_requests += 1
-        stats.by_status[status] = stats.by_status.get(status, 0) + 1
+    def _reply(
+        self,
+        status: int,
+        reason: str,
+        headers: dict[str, str],
+        body: bytes,
+        *,
+        counted: bool = False,
+    ) -> None:
+        if not counted:
+            self.server.count_status(status)
         self.done = True
         if self.transport is None:
             return
@@ -156,12 +207,76 @@ class _RelayConn(asyncio.Protocol):
         if request.headers.get("derp-fast-start") != "1":
             # Buffered by the transport and flushed with the ServerKey frame below.
             self.transport.write(upgrade.server_response(self.server.core.public_key))
-        self.server.core.connection_made(self.conn_id, self.server.loop.time())
+        self.server.core.connection_made(self.conn_id, self.server.loop.time(), self.peer_addr())
         self.server.log.debug("relay_upgraded", conn=self.conn_id)
         if leftover:
             self.server.feed(self.conn_id, leftover)
         else:
             self.server.flush()
+
+    # --- DERP over WebSocket (§1.5) --------------------------------------------------------------
+
+    def _start_websocket(self, raw: bytes) -> None:
+        """Hand the head (and anything after it) to wsproto; it answers the handshake."""
+        self.ws = WSConnection(ConnectionType.SERVER)
+        self._ws_received(raw)
+
+    def _ws_received(self, data: bytes) -> None:
+        ws, transport = self.ws, self.transport
+        if ws is None or transport is None:
+            return
+        stream = bytearray()
+        try:
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, ws_events.Request):
+                    self._ws_accept(ws, event)
+                elif isinstance(event, ws_events.BytesMessage):
+                    stream += event.data
+                elif isinstance(event, ws_events.TextMessage):
+                    transport.write(ws.send(ws_events.CloseConnection(1003, "binary only")))
+                    transport.close()
+                    break
+                elif isinstance(event, ws_events.Ping):
+                    transport.write(ws.send(event.response()))
+                elif isinstance(event, ws_events.CloseConnection):
+                    with contextlib.suppress(wsproto.utilities.LocalProtocolError):
+                        transport.write(ws.send(event.response()))
+                    transport.close()
+                    break
+        except wsproto.utilities.RemoteProtocolError as exc:
+            self.server.log.debug("relay_websocket_error", conn=self.conn_id, error=str(exc))
+            if self.derp:
+                transport.abort()
+            else:
+                self.ws = None
+                self.server.stats.bad_heads += 1
+                self._reply(400, "Bad Request", {}, b"bad websocket request\n")
+            return
+        if stream and self.derp:
+            self.server.feed(self.conn_id, bytes(stream))
+
+    def _ws_accept(self, ws: WSConnection, request: ws_events.Request) -> None:
+        assert self.transport is not None
+        if "derp" not in request.subprotocols:
+            self.ws = None
+            self._reply(400, "Bad Request", {}, b"websocket subprotocol must be derp\n")
+            return
+        self.transport.write(ws.send(ws_events.AcceptConnection(subprotocol="derp")))
+        self.derp = True
+        self.server.stats.upgraded += 1
+        self.server.stats.websocket += 1
+        self.server.core.connection_made(self.conn_id, self.server.loop.time(), self.peer_addr())
+        self.server.log.debug("relay_upgraded", conn=self.conn_id, websocket=True)
+        self.server.flush()
+
+    def send(self, data: bytes) -> None:
+        """DERP bytes to this client: as they are, or as one binary WebSocket message."""
+        if self.transport is None:
+            return
+        if self.ws is not None:
+            data = self.ws.send(ws_events.BytesMessage(data))
+        self.transport.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head_timer is not None:
@@ -172,6 +287,18 @@ class _RelayConn(asyncio.Protocol):
             self.server.core.connection_lost(self.conn_id)
             self.server.flush()
         self.transport = None
+
+
+def _is_loopback(addr: tuple[str, int] | None) -> bool:
+    if addr is None:
+        return False
+    try:
+        ip = ipaddress.ip_address(addr[0].partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
 
 
 class _StunProtocol(asyncio.DatagramProtocol):
@@ -215,10 +342,41 @@ class RelayServer:
         self._timer_at: float | None = None
         self._server: asyncio.Server | None = None
         self._stun: asyncio.DatagramTransport | None = None
+        self.mesh_links: dict[str, MeshLink] = {}  # by MeshPeer.name, the core's node id
 
     @property
     def dropped_frames(self) -> int:
         return self.stats.dropped_frames
+
+    def count_status(self, status: int) -> None:
+        self.stats.http_requests += 1
+        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+
+    def start_mesh(
+        self,
+        peers: Sequence[MeshPeer],
+        *,
+        private_key: bytes,
+        mesh_key: bytes,
+        ssl_context: ssl.SSLContext | None,
+        retry_base: float = MESH_RETRY_BASE,
+    ) -> None:
+        """Dial (and keep dialling) every other node of the region; see relay_mesh.py."""
+        for peer in peers:
+            if peer.name in self.mesh_links:
+                continue
+            link = MeshLink(
+                peer,
+                core=self.core,
+                private_key=private_key,
+                mesh_key=mesh_key,
+                ssl_context=ssl_context,
+                on_change=self.flush,
+                log=self.log,
+                retry_base=retry_base,
+            )
+            self.mesh_links[peer.name] = link
+            link.start()
 
     def _new_conn(self) -> _RelayConn:
         self._next_id += 1
@@ -244,15 +402,22 @@ class RelayServer:
             if transport.get_write_buffer_size() > MAX_CLIENT_BUFFER:
                 self.stats.dropped_frames += _count_frames(data)
                 continue
-            transport.write(data)
+            conn.send(data)
         for event in self.core.events():
-            if isinstance(event, CloseConnection):
+            if isinstance(event, ForwardToMesh):
+                link = self.mesh_links.get(event.node)
+                if link is None or not link.forward(event.src, event.dst, event.packet):
+                    self.stats.mesh_unavailable += 1
+            elif isinstance(event, CloseConnection):
                 closing = self.conns.get(event.conn_id)
-                self.log.debug("relay_close", conn=event.conn_id, reason=event.reason)
+                level = self.log.info if event.reason == "client not allowed" else self.log.debug
+                level("relay_close", conn=event.conn_id, reason=event.reason)
                 if closing is not None and closing.transport is not None:
                     closing.transport.close()
             elif isinstance(event, ClientRegistered):
-                self.log.debug("relay_client", conn=event.conn_id, key=event.key.hex())
+                self.log.debug(
+                    "relay_client", conn=event.conn_id, key=event.key.hex(), mesh=event.mesh
+                )
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -275,6 +440,8 @@ class RelayServer:
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def close(self) -> None:
+        for link in list(self.mesh_links.values()):
+            await link.stop()
         if self._server is not None:
             self._server.close()
         if self._stun is not None:
@@ -300,11 +467,18 @@ async def serve_relay(
     ssl_context: ssl.SSLContext | None,
     stun_port: int | None,
     log: FilteringBoundLogger,
+    verify_client: Callable[[bytes], bool] | None = None,
+    mesh_key: bytes | None = None,
+    mesh_peers: Sequence[MeshPeer] = (),
+    mesh_ssl_context: ssl.SSLContext | None = None,
+    mesh_retry: float = MESH_RETRY_BASE,
 ) -> RelayServer:
     """Listen for DERP on host:port (TLS when `ssl_context` is set) and STUN on UDP `stun_port`
-    (None disables it; 0 picks a free port)."""
+    (None disables it; 0 picks a free port). With `mesh_key`, connections presenting it are mesh
+    peers, and each of `mesh_peers` is dialled (TLS checked with `mesh_ssl_context`)."""
     loop = asyncio.get_running_loop()
-    relay = RelayServer(RelayCore(private_key), loop, log)
+    core = RelayCore(private_key, verify_client=verify_client, mesh_key=mesh_key)
+    relay = RelayServer(core, loop, log)
     server = await loop.create_server(relay._new_conn, host or None, port, ssl=ssl_context)
     relay._server = server
     relay.port = server.sockets[0].getsockname()[1]
@@ -319,7 +493,116 @@ async def serve_relay(
         relay._stun = transport
         relay.stun_port = transport.get_extra_info("sockname")[1]
     log.info("relay_listening", host=host, port=relay.port, stun_port=relay.stun_port)
+    if mesh_key is not None and mesh_peers:
+        relay.start_mesh(
+            mesh_peers,
+            private_key=private_key,
+            mesh_key=mesh_key,
+            ssl_context=mesh_ssl_context,
+            retry_base=mesh_retry,
+        )
     return relay
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+
+def metrics_text(relay: RelayServer) -> str:
+    """Prometheus text exposition (format 0.0.4) of the relay's counters and gauges."""
+    core, stats, counters = relay.core, relay.stats, relay.core.counters
+    clients = core.clients()
+    drops = dict(core.drops)
+    drops["write_buffer_full"] = stats.dropped_frames
+    drops["mesh_unavailable"] = stats.mesh_unavailable
+    links = relay.mesh_links.values()
+    rows: list[tuple[str, str, str, list[tuple[str, int]]]] = [
+        ("derp_clients", "gauge", "Registered DERP connections.",
+         [("", sum(len(ids) for ids in clients.values()))]),
+        ("derp_client_keys", "gauge", "Distinct registered client keys.", [("", len(clients))]),
+        ("derp_clients_total", "counter", "DERP registrations since start.",
+         [("", counters.clients_total)]),
+        ("derp_connections_accepted_total", "counter", "TCP/TLS connections accepted.",
+         [("", stats.accepted)]),
+        ("derp_websocket_connections_total", "counter", "DERP connections over WebSocket.",
+         [("", stats.websocket)]),
+        ("derp_mesh_peers", "gauge", "Mesh peer connections, by direction.",
+         [('{direction="inbound"}', len(core.mesh_conns())),
+          ('{direction="outbound"}', sum(link.connected for link in links))]),
+        ("derp_mesh_remote_keys", "gauge", "Client keys known through mesh peers.",
+         [("", len(core.remote_clients()))]),
+        ("derp_packets_relayed_total", "counter", "Packets delivered to local clients.",
+         [("", counters.packets_relayed)]),
+        ("derp_bytes_relayed_total", "counter", "Packet bytes delivered to local clients.",
+         [("", counters.bytes_relayed)]),
+        ("derp_packets_forwarded_total", "counter", "Packets forwarded over the mesh.",
+         [('{direction="out"}', counters.packets_forwarded_out),
+          ('{direction="in"}', counters.packets_forwarded_in)]),
+        ("derp_bytes_forwarded_out_total", "counter", "Packet bytes forwarded to mesh peers.",
+         [("", counters.bytes_forwarded_out)]),
+        ("derp_packets_dropped_total", "counter", "Packets dropped, by reason.",
+         [(f'{{reason="{reason}"}}', n) for reason, n in sorted(drops.items())]),
+        ("derp_peer_gone_frames_total", "counter", "PeerGone frames sent, by reason.",
+         [('{reason="disconnected"}', counters.peer_gone_disconnected),
+          ('{reason="not_here"}', counters.peer_gone_not_here)]),
+        ("derp_protocol_errors_total", "counter", "Connections closed for a protocol error.",
+         [("", stats.protocol_errors)]),
+        ("derp_stun_answered_total", "counter", "STUN binding requests answered.",
+         [("", stats.stun_answered)]),
+        ("derp_stun_ignored_total", "counter", "UDP datagrams that were not STUN requests.",
+         [("", stats.not_stun)]),
+        ("derp_http_requests_total", "counter", "Plain HTTP replies, by status.",
+         [(f'{{status="{code}"}}', n) for code, n in sorted(stats.by_status.items())]),
+    ]  # fmt: skip
+    lines: list[str] = []
+    for name, kind, help_text, samples in rows:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        lines += [f"{name}{labels} {value}" for labels, value in samples]
+    return "\n".join(lines) + "\n"
+
+
+# --- key files ------------------------------------------------------------------------------------
+
+
+def load_or_create_server_key(path: Path) -> bytes:
+    """The relay's private key from derper's `-c` file (`{"PrivateKey": "privkey:<64 hex>"}`);
+    a missing file is created (mode 0600) with a fresh key, so the key survives restarts."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        key = NodePrivate.generate().raw
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = json.dumps({"PrivateKey": f"privkey:{key.hex()}"}, indent="\t") + "\n"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(body)
+        return key
+    try:
+        value = json.loads(text)["PrivateKey"]
+        prefix, _, hex_key = value.partition(":")
+        key = bytes.fromhex(hex_key)
+        if prefix != "privkey" or len(key) != 32:
+            raise ValueError(value)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f'{path}: expected {{"PrivateKey": "privkey:<64 hex>"}}') from None
+    return key
+
+
+def load_allowed_keys(path: Path) -> frozenset[bytes]:
+    """`--verify-clients-file`: one public key a line, WireGuard base64 or `nodekey:<64 hex>`;
+    blank lines and `#` comments are ignored. ValueError names the first bad line."""
+    keys: set[bytes] = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.partition("#")[0].strip()
+        if not text:
+            continue
+        try:
+            if text.startswith("nodekey:"):
+                keys.add(NodePublic.from_hex(text.removeprefix("nodekey:")).raw)
+            else:
+                keys.add(NodePublic.from_b64(text).raw)
+        except ValueError:
+            raise ValueError(f"{path}:{number}: not a public key: {text!r}") from None
+    return frozenset(keys)
 
 
 # --- certificates ---------------------------------------------------------------------------------
@@ -387,8 +670,16 @@ def run_derper(
     cert_dir: Path,
     stun_port: int,
     log: FilteringBoundLogger,
+    config: Path | None = None,
+    mesh_key_file: Path | None = None,
+    mesh_with: str = "",
+    mesh_ca_file: Path | None = None,
+    verify_clients_file: Path | None = None,
 ) -> int:
-    """`agent derper`: serve until SIGTERM/SIGINT; returns the exit code."""
+    """`agent derper`: serve until SIGTERM/SIGINT; returns the exit code. Bad files raise
+    ValueError or OSError before anything listens."""
+    from agent.daemon.relay_mesh import parse_mesh_with
+
     host, port = parse_addr(addr)
     if cert_mode == "self-signed":
         cert, key = make_self_signed(cert_dir, hostname)
@@ -397,24 +688,46 @@ def run_derper(
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
+    private_key = (
+        load_or_create_server_key(config) if config is not None else NodePrivate.generate().raw
+    )
+    mesh_key = load_mesh_key(mesh_key_file) if mesh_key_file is not None else None
+    peers = parse_mesh_with(mesh_with, own=[(hostname, port), (host, port)])
+    if peers and mesh_key is None:
+        raise ValueError("--mesh-with needs --mesh-key-file")
+    mesh_ctx = ssl.create_default_context(
+        cafile=str(mesh_ca_file) if mesh_ca_file is not None else None
+    )
+    verify_client: Callable[[bytes], bool] | None = None
+    if verify_clients_file is not None:
+        allowed = load_allowed_keys(verify_clients_file)
+        verify_client = allowed.__contains__
+        log.info("derper verify-clients", keys=len(allowed), file=str(verify_clients_file))
 
     async def main() -> None:
-        from nacl.public import PrivateKey
-
         relay = await serve_relay(
             host,
             port,
-            private_key=bytes(PrivateKey.generate()),
+            private_key=private_key,
             ssl_context=ctx,
             stun_port=stun_port or None,
             log=log,
+            verify_client=verify_client,
+            mesh_key=mesh_key,
+            mesh_peers=peers,
+            mesh_ssl_context=mesh_ctx,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info(
-            "derper up", addr=f"{host}:{relay.port}", stun_port=relay.stun_port, cert=str(cert)
+            "derper up",
+            addr=f"{host}:{relay.port}",
+            stun_port=relay.stun_port,
+            cert=str(cert),
+            public_key=relay.core.public_key.hex(),
+            mesh_with=[p.name for p in peers],
         )
         try:
             await stop.wait()

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import secrets
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 import structlog
+from wsproto import ConnectionType, WSConnection
+from wsproto import events as ws_events
 
-from agent.daemon.relay import RelayServer, make_self_signed, serve_relay
+from agent.daemon.relay import (
+    RelayServer,
+    load_or_create_server_key,
+    make_self_signed,
+    serve_relay,
+)
 from agent.proto import stun
-from agent.proto.derp.client import Connected, PacketReceived
+from agent.proto.derp.client import Connected, DerpClientConn, PacketReceived
 from agent.proto.derp.frames import FrameType
 from agent.proto.derp.upgrade import (
     Response,
@@ -233,3 +242,216 @@ async def test_close_leaves_no_tasks(tls: Tls) -> None:
     await asyncio.sleep(0.05)
     assert server.conns == {}
     assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+# --- DERP over WebSocket ----------------------------------------------------------------------
+
+
+class WsDerpClient:
+    """A wsproto client over TLS carrying our DerpClientConn in binary messages."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.conn = DerpClientConn(secrets.token_bytes(32))
+        self.events: list[object] = []
+        self.ws_events: list[ws_events.Event] = []
+
+    def flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out:
+            self.writer.write(self.ws.send(ws_events.BytesMessage(out)))
+
+    async def wait_for(self, want: Callable[[object], bool]) -> object:
+        while True:
+            for event in [*self.events, *self.ws_events]:
+                if want(event):
+                    return event
+            chunk = await asyncio.wait_for(self.reader.read(65536), TIMEOUT)
+            assert chunk, f"EOF; events {self.events} {self.ws_events}"
+            self.ws.receive_data(chunk)
+            for ev in self.ws.events():
+                if isinstance(ev, ws_events.BytesMessage):
+                    self.conn.receive_data(bytes(ev.data), asyncio.get_running_loop().time())
+                    self.events += self.conn.events()
+                else:
+                    self.ws_events.append(ev)
+                    if isinstance(ev, ws_events.AcceptConnection):
+                        self.conn.connection_made(asyncio.get_running_loop().time())
+            self.flush()
+
+
+@pytest.mark.asyncio
+async def test_derp_over_websocket(relay: RelayServer, tls: Tls) -> None:
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", relay.port, ssl=tls.client, server_hostname="127.0.0.1"
+    )
+    ws = WsDerpClient(reader, writer)
+    request = ws_events.Request(host="127.0.0.1", target="/derp", subprotocols=["derp"])
+    writer.write(ws.ws.send(request))
+    b = await _connect(relay.port, tls.client)
+    try:
+        accepted = await ws.wait_for(lambda e: isinstance(e, ws_events.AcceptConnection))
+        assert isinstance(accepted, ws_events.AcceptConnection)
+        assert accepted.subprotocol == "derp"
+        assert accepted.extensions == []  # no compression
+        connected = await ws.wait_for(lambda e: isinstance(e, Connected))
+        assert connected == Connected(relay.core.public_key)
+        await b.wait_for(lambda e: isinstance(e, Connected))
+
+        ws.conn.send_packet(b.conn.public_key, b"from a websocket", relay.loop.time())
+        ws.flush()
+        got = await b.wait_for(lambda e: isinstance(e, PacketReceived))
+        assert got == PacketReceived(ws.conn.public_key, b"from a websocket")
+        b.conn.send_packet(ws.conn.public_key, b"to a websocket", relay.loop.time())
+        b.flush()
+        back = await ws.wait_for(lambda e: isinstance(e, PacketReceived))
+        assert back == PacketReceived(b.conn.public_key, b"to a websocket")
+        assert relay.stats.websocket == 1
+
+        writer.write(ws.ws.send(ws_events.TextMessage("text is not DERP")))
+        closed = await ws.wait_for(lambda e: isinstance(e, ws_events.CloseConnection))
+        assert isinstance(closed, ws_events.CloseConnection)
+        assert closed.code == 1003
+    finally:
+        await b.close()
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_websocket_handshake_without_key_is_400(relay: RelayServer, tls: Tls) -> None:
+    raw = (
+        b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Protocol: derp\r\n\r\n"
+    )
+    response, _ = await _http(relay.port, tls.client, raw)
+    assert response.status == 400
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def _parse_metrics(text: str) -> dict[str, float]:
+    samples: dict[str, float] = {}
+    typed: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            name, kind = line.split()[2:4]
+            assert kind in ("counter", "gauge")
+            typed.add(name)
+        elif line.startswith("# HELP "):
+            continue
+        else:
+            series, value = line.rsplit(" ", 1)
+            assert series.partition("{")[0] in typed, line
+            samples[series] = float(value)
+    return samples
+
+
+@pytest.mark.asyncio
+async def test_metrics_parse_and_count(relay: RelayServer, tls: Tls) -> None:
+    a = await _connect(relay.port, tls.client)
+    b = await _connect(relay.port, tls.client)
+    try:
+        await a.wait_for(lambda e: isinstance(e, Connected))
+        await b.wait_for(lambda e: isinstance(e, Connected))
+        a.conn.send_packet(b.conn.public_key, b"12345", relay.loop.time())
+        a.conn.send_packet(secrets.token_bytes(32), b"nobody", relay.loop.time())
+        a.flush()
+        await b.wait_for(lambda e: isinstance(e, PacketReceived))
+        await _http(relay.port, tls.client, b"GET /nothing HTTP/1.1\r\n\r\n")
+        response, body = await _http(
+            relay.port, tls.client, b"GET /debug/metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+    finally:
+        await a.close()
+        await b.close()
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    m = _parse_metrics(body.decode())
+    assert m["derp_clients"] == 2
+    assert m["derp_client_keys"] == 2
+    assert m["derp_clients_total"] == 2
+    assert m["derp_packets_relayed_total"] == 1
+    assert m["derp_bytes_relayed_total"] == 5
+    assert m['derp_packets_dropped_total{reason="unknown_dest"}'] == 1
+    assert m['derp_packets_forwarded_total{direction="out"}'] == 0
+    assert m['derp_mesh_peers{direction="inbound"}'] == 0
+    assert m['derp_http_requests_total{status="404"}'] == 1
+    assert m['derp_http_requests_total{status="200"}'] == 1  # this very request
+    assert m["derp_stun_answered_total"] == 0
+    assert m["derp_connections_accepted_total"] == 4
+
+
+class _FakeTransport(asyncio.Transport):
+    def __init__(self, peer: tuple[str, int]) -> None:
+        super().__init__()
+        self.peer = peer
+        self.written = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.peer if name == "peername" else default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("peer", "status"),
+    [
+        (("198.18.0.5", 5555), 403),
+        (("::ffff:198.18.0.5", 5555), 403),
+        (("127.0.0.1", 5555), 200),
+        (("::1", 5555), 200),
+        (("::ffff:127.0.0.1", 5555), 200),
+    ],
+)
+async def test_metrics_only_for_loopback(
+    relay: RelayServer, peer: tuple[str, int], status: int
+) -> None:
+    transport = _FakeTransport(peer)
+    conn = relay._new_conn()
+    conn.connection_made(transport)
+    try:
+        conn.data_received(b"GET /debug/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    finally:
+        conn.connection_lost(None)
+    parsed = parse_response(bytes(transport.written))
+    assert parsed is not None
+    assert parsed[0].status == status
+    assert transport.closed
+
+
+# --- the server key file ------------------------------------------------------------------------
+
+
+def test_server_key_file_is_created_0600_and_reused(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "derper.key"
+    key = load_or_create_server_key(path)
+    assert len(key) == 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert json.loads(path.read_text()) == {"PrivateKey": f"privkey:{key.hex()}"}
+    assert load_or_create_server_key(path) == key
+
+
+@pytest.mark.parametrize(
+    "text", ["", "{}", '{"PrivateKey": "nodekey:00"}', '{"PrivateKey": "privkey:zz"}', "[1]"]
+)
+def test_server_key_file_bad_content(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "derper.key"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="PrivateKey"):
+        load_or_create_server_key(path)

@@ -14,6 +14,10 @@ Any other frame during login, or a second ServerKey/ServerInfo later, is out of 
 connection closes and `receive_data` raises RemoteProtocolError. Frames of unknown type (and
 client-to-server types) are skipped once connected, as tailscaled does (§2.3). The read watchdog
 closes with reason "read timeout" after CLIENT_READ_TIMEOUT seconds without a frame (§2.2).
+
+A relay's region-mesh client (§4.4) passes `mesh_key` (sent as ClientInfo `meshKey`) and
+`can_ack_pings=False`, then uses `watch_conns`, `forward_packet` and `close_peer`; the server
+answers those frames only on connections holding its mesh key.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from agent.proto.derp.frames import (
     NONCE_LEN,
     PROTOCOL_VERSION,
     ClientInfo,
+    ClosePeer,
+    ForwardPacket,
     FrameBuffer,
     FrameType,
     Health,
@@ -48,6 +54,7 @@ from agent.proto.derp.frames import (
     SendPacket,
     ServerInfo,
     ServerKey,
+    WatchConns,
     open_server_info,
     parse_frame,
     seal_client_info,
@@ -159,14 +166,18 @@ class DerpClientConn:
         *,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
         can_ack_pings: bool = True,
+        mesh_key: bytes | None = None,
     ) -> None:
         if len(private_key) != 32:
             raise LocalProtocolError("private key must be 32 bytes")
+        if mesh_key is not None and len(mesh_key) != 32:
+            raise LocalProtocolError("mesh key must be 32 bytes")
         # Static after construction.
         self._private = private_key
         self.public_key = bytes(PrivateKey(private_key).public_key)
         self._randbytes = randbytes
         self._can_ack_pings = can_ack_pings
+        self._mesh_key = mesh_key  # sent as ClientInfo "meshKey": this is a relay's mesh client
         # Owned by the receive path.
         self.state = ClientState.AWAIT_SERVER_KEY
         self.server_key: bytes | None = None
@@ -233,6 +244,23 @@ class DerpClientConn:
         self._check_can_send()
         self._out += NotePreferred(preferred).encode()
 
+    # --- mesh (only a relay logged in with the server's mesh key may send these, §4.4) ---------
+
+    def watch_conns(self) -> None:
+        """Ask for PeerPresent about every client of the server now and later, PeerGone after."""
+        self._check_can_send()
+        self._out += WatchConns().encode()
+
+    def forward_packet(self, src: bytes, dst: bytes, packet: bytes, now: float) -> None:
+        """Hand the server a packet from `src` (a client of ours) for its local client `dst`."""
+        self._check_can_send()
+        self._out += ForwardPacket(src, dst, packet).encode()
+
+    def close_peer(self, key: bytes) -> None:
+        """Ask the server to close every local connection of `key`."""
+        self._check_can_send()
+        self._out += ClosePeer(key).encode()
+
     def close(self, reason: str = "closed locally") -> None:
         self._close(reason)
 
@@ -291,7 +319,11 @@ class DerpClientConn:
 
     def _on_server_key(self, frame: ServerKey) -> None:
         self.server_key = frame.key
-        info: dict[str, Any] = {"version": PROTOCOL_VERSION, "CanAckPings": self._can_ack_pings}
+        info: dict[str, Any] = {}
+        if self._mesh_key is not None:  # derper's mesh client: meshKey first, as Go emits it
+            info["meshKey"] = self._mesh_key.hex()
+        info["version"] = PROTOCOL_VERSION
+        info["CanAckPings"] = self._can_ack_pings
         try:
             sealed = seal_client_info(self._private, frame.key, info, self._randbytes(NONCE_LEN))
         except CryptoError as exc:  # low-order server key: no shared secret
