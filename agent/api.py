@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 MAX_LINE = 1 << 20
-OPS = frozenset({"status", "ping"})
+OPS = frozenset({"status", "ping", "metrics"})
 PathKind = Literal["direct", "derp", "none"]
 PATHS: tuple[PathKind, ...] = ("direct", "derp", "none")
 

@@ -36,6 +36,16 @@ from agent.log import LEVELS, configure_logging
 __all__ = ["main", "request", "DaemonUnreachableError", "format_status"]
 
 _REQUEST_TIMEOUT = 5.0
+_PING_WAIT = 5.0  # the daemon waits this long for a pong
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive count")
+    return n
+
+
 _DEFAULT_SOCKET = "/run/agent/agent0.sock"
 
 
@@ -243,8 +253,9 @@ def _cmd_derper(args: argparse.Namespace) -> int:
         return 130
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    path = args.socket
+def _socket_path(args: argparse.Namespace) -> str | int:
+    """The daemon's control socket from --socket or the config; an exit status on a bad config."""
+    path: str | None = args.socket
     if path is None and args.config is None and not os.path.exists(DEFAULT_CONFIG_PATH):
         path = _DEFAULT_SOCKET  # no config installed: the daemon's default socket
     if path is None:
@@ -253,6 +264,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
             path = control_socket_path(conf)
         except ConfigError as e:
             return _problems(conf, e)
+    return path
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    path = _socket_path(args)
+    if isinstance(path, int):
+        return path
     try:
         result = request(path, "status")
         status = Status.from_dict(result)
@@ -264,6 +282,57 @@ def _cmd_status(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(status.to_dict(), indent=2) + "\n")
     else:
         sys.stdout.write(format_status(status, time.time()) + "\n")
+    return 0
+
+
+def format_pong(result: dict[str, Any]) -> str:
+    """One `tailscale ping`-like line: `pong from b (100.64.0.2) via DERP(lab) in 3.1ms`."""
+    who = f"{result.get('peer')} ({result.get('address')})"
+    if not result.get("pong"):
+        return f"timeout waiting for pong from {who}"
+    if result.get("via") == "derp":
+        via = f"DERP({result.get('derp_code') or result.get('derp_region')})"
+    else:
+        via = str(result.get("endpoint"))
+    return f"pong from {who} via {via} in {float(result.get('latency_ms') or 0):.1f}ms"
+
+
+def _cmd_ping(args: argparse.Namespace) -> int:
+    path = _socket_path(args)
+    if isinstance(path, int):
+        return path
+    ponged = direct = False
+    for i in range(args.count):
+        if i:
+            time.sleep(args.interval)
+        try:
+            result = request(path, "ping", timeout=_PING_WAIT + 3, peer=args.peer)
+        except DaemonUnreachableError as e:
+            return _err(str(e))
+        except ApiError as e:
+            return _err(str(e))
+        line = json.dumps(result) if args.json else format_pong(result)
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        ponged = ponged or bool(result.get("pong"))
+        direct = bool(result.get("pong")) and result.get("via") == "direct"
+        if direct and args.until_direct:
+            break
+    if args.until_direct and not direct:
+        sys.stderr.write("direct connection not established\n")
+        return 1
+    return 0 if ponged else 1
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    path = _socket_path(args)
+    if isinstance(path, int):
+        return path
+    try:
+        result = request(path, "metrics")
+    except (DaemonUnreachableError, ApiError) as e:
+        return _err(str(e))
+    sys.stdout.write(str(result.get("text", "")))
     return 0
 
 
@@ -304,6 +373,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", help="control socket (default: control_socket of the config)")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("ping", help="DISCO ping a peer; show the path and the time of each pong")
+    p.add_argument("peer", metavar="PEER", help="peer name, overlay address or public key")
+    p.add_argument("-c", "--config", help=conf_help)
+    p.add_argument("--socket", help="control socket (default: control_socket of the config)")
+    p.add_argument("-n", "--count", type=_positive, default=10, help="pings to send (default 10)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between pings (default 1)")
+    p.add_argument(
+        "--until-direct",
+        action="store_true",
+        help="stop at the first pong over a direct path; exit 1 if none came",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per pong")
+    p.set_defaults(func=_cmd_ping)
+
+    p = sub.add_parser("metrics", help="print the daemon's Prometheus metrics")
+    p.add_argument("-c", "--config", help=conf_help)
+    p.add_argument("--socket", help="control socket (default: control_socket of the config)")
+    p.set_defaults(func=_cmd_metrics)
 
     p = sub.add_parser("derper", help="run a DERP relay (TLS) and STUN server")
     p.add_argument("--addr", default=":443", help="HOST:PORT to listen on (default :443)")

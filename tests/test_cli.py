@@ -429,3 +429,29 @@ def test_status_without_any_config_tries_the_default_socket(
     assert err == (
         "agent: cannot reach the daemon at /run/agent/agent0.sock (is `agent up` running?)\n"
     )
+
+
+def test_format_pong_lines_like_tailscale_ping() -> None:
+    who = {"peer": "b", "address": "100.64.0.2", "pong": True}
+    relayed = {**who, "via": "derp", "derp_region": 900, "derp_code": "lab", "latency_ms": 3.14}
+    direct = {**who, "via": "direct", "endpoint": "198.18.0.2:41641", "latency_ms": 0.4}
+    assert cli.format_pong(relayed) == "pong from b (100.64.0.2) via DERP(lab) in 3.1ms"
+    assert cli.format_pong(direct) == "pong from b (100.64.0.2) via 198.18.0.2:41641 in 0.4ms"
+    assert cli.format_pong({**who, "pong": False}) == (
+        "timeout waiting for pong from b (100.64.0.2)"
+    )
+
+
+def test_ping_rejects_a_bad_count(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["ping", "b", "-n", "0"]) == 2
+    assert "0 is not a positive count" in capsys.readouterr().err
+
+
+def test_ping_and_metrics_without_a_daemon(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sock = str(tmp_path / "none.sock")
+    assert cli.main(["ping", "b", "--socket", sock, "-n", "1"]) == 1
+    assert "cannot reach the daemon" in capsys.readouterr().err
+    assert cli.main(["metrics", "--socket", sock]) == 1
+    assert "cannot reach the daemon" in capsys.readouterr().err

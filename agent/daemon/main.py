@@ -488,15 +488,20 @@ class Daemon:
             )
         pong = await self.ping(key)
         name = self.names.get(key, key.to_b64()[:8])
+        peer = self.device.peers.get(key) if self.device is not None else None
+        nets = self.device.allowed_ips.networks_of(peer) if self.device and peer else []
+        who = {"peer": name, "address": str(nets[0].network_address) if nets else None}
         if pong is None:
-            return api.Response.success({"peer": name, "pong": False})
+            return api.Response.success({**who, "pong": False})
         region = derp_region_of(pong.via)
+        codes = {r.id: r.code for r in self.config.derp.regions}
         return api.Response.success(
             {
-                "peer": name,
+                **who,
                 "pong": True,
                 "via": "derp" if region is not None else "direct",
                 "derp_region": region,
+                "derp_code": codes.get(region) if region is not None else None,
                 "endpoint": None if region is not None else _fmt(pong.via),
                 "latency_ms": round(pong.latency * 1000, 3),
             }

@@ -111,3 +111,18 @@ def test_udp_blocked_mid_transfer_moves_to_the_relay_and_back(lab: Lab) -> None:
     assert sum(1 for b in intervals[-6:] if b > 1e6) >= 4, f"not flowing at the end: {intervals}"
     assert result["end"]["sum_received"]["bytes"] > 0
     print(f"to DERP {to_derp:.1f} s, back to direct {to_direct:.1f} s, stall {stalled} s")
+
+
+def test_agent_ping_until_direct_shows_the_switch(lab: Lab) -> None:
+    net = build(lab, "cone", "cone")
+    net.a.start()
+    net.b.start()
+    first = net.a.cli("ping", "b", "-n", "1").stdout
+    assert first.startswith("pong from b (100.64.0.2) via DERP(lab) in "), first
+    out = net.a.cli("ping", "b", "--until-direct", "-n", "30", "--interval", "0.2", timeout=60)
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1].startswith("pong from b (100.64.0.2) via 198.18.2.1:41642 in "), lines
+    assert all(line.startswith("pong from b (100.64.0.2) via ") for line in lines), lines
+    metrics = net.a.cli("metrics").stdout
+    assert 'agent_peer_path{peer="b"' in metrics
+    assert "agent_peer_path_switches_total" in metrics
