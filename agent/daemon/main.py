@@ -86,6 +86,7 @@ class Daemon:
         self.path_switches: dict[NodePublic, int] = {}
         self.local_ips: list[str] = []
         self._pong_waiters: dict[bytes, asyncio.Future[PongReceived]] = {}
+        self._regions_up: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -223,9 +224,21 @@ class Daemon:
             self.dataplane.on_relayed(region, src, datagrams)
 
     def _derp_changed(self) -> None:
-        if self.derp is not None:
-            regions = self.derp.connected_regions()
-            sd_notify(f"STATUS=up: {self.config.interface.name}, DERP regions {list(regions)}")
+        derp, loop, device = self.derp, self._loop, self.device
+        if derp is None:
+            return
+        regions = derp.connected_regions()
+        sd_notify(f"STATUS=up: {self.config.interface.name}, DERP regions {list(regions)}")
+        newly = set(regions) - self._regions_up
+        self._regions_up = set(regions)
+        if newly and loop is not None and device is not None:
+            # Just joined a region: tell the DISCO peers we are here (a CallMeMaybe each), so a
+            # peer whose packets to us were lost before we joined retries its handshake now.
+            now = loop.time()
+            for key in device.peers:
+                if self.paths.has_disco(key):
+                    self.paths.on_send(key, now)
+            self.flush()
 
     # -- DISCO and STUN ----------------------------------------------------------------------
     def _on_foreign(
@@ -241,12 +254,27 @@ class Daemon:
             if key is None and self.stun.receive(data, src, now):
                 continue
             if disco.looks_like_disco(data):
+                before = self.paths.stats.received.total()
                 self.paths.receive_disco(data, src, now, derp_src=key)
+                if self.paths.stats.received.total() > before:  # authenticated
+                    self._peer_heard(NodePublic(disco.sender_key(data)), now)
             elif self.dataplane is not None:
                 self.dataplane.stats.drops[DropReason.MALFORMED] += 1
         if self.stun.changed:
             self.stun.changed = False
             self._update_local_endpoints(now)
+
+    def _peer_heard(self, key: NodePublic, now: float) -> None:
+        """An authenticated DISCO message from `key` (static mode: disco key = node key): if our
+        handshake to it waits without a session, the peer is reachable now, so retry at once
+        (its first initiation may have been lost, e.g. before it had joined the relay)."""
+        device, transport = self.device, self.transport
+        peer = device.peers.get(key) if device is not None else None
+        if peer is None or transport is None:
+            return
+        datagrams = peer.retry_handshake(now)
+        if datagrams:
+            transport.send_to_peer(peer, datagrams, now)
 
     def _update_local_endpoints(self, now: float) -> None:
         if self.udp is None:

@@ -410,7 +410,15 @@ class PathEngine:
         peer.set_call_me_maybe(endpoints, now)
         for ep in peer.due_pings(now, self.timings):
             self._ping(peer, ep, now, PingPurpose.DISCOVERY)
-        self._call_me_maybe(peer, now)
+        # Answer with our endpoints so the peer punches towards us too. Inside the pacing
+        # interval as well while we have no trusted path (our last CallMeMaybe may have gone
+        # out before the peer joined the relay), but at most once per answer interval.
+        sched = peer.schedule
+        if sched.may_call_me_maybe(now, self.timings):
+            self._call_me_maybe(peer, now)
+        elif not peer.trusted(now) and sched.may_answer_call_me_maybe(now, self.timings):
+            self._call_me_maybe(peer, now, force=True)
+            sched.note_call_me_maybe_answer(now)
 
     # -- DISCO out ------------------------------------------------------------------------------
     def ping(self, key: NodePublic, now: float) -> bytes:

@@ -39,6 +39,7 @@ class PunchSchedule:
     heartbeat_at: float | None = None
     last_full_ping: float | None = None
     last_call_me_maybe: float | None = None
+    last_call_me_maybe_answer: float | None = None
 
     def note_send(self, now: float, t: Timings) -> None:
         """Outgoing data: the session is active; start heartbeating if not already."""
@@ -68,6 +69,17 @@ class PunchSchedule:
         return last is None or now - last >= t.call_me_maybe_interval
 
     def note_call_me_maybe(self, now: float) -> None:
+        self.last_call_me_maybe = now
+
+    def may_answer_call_me_maybe(self, now: float, t: Timings) -> bool:
+        """An answer to a received CallMeMaybe may go out inside the pacing interval (our last
+        one may have been lost before the peer joined the relay), but at most one per
+        `call_me_maybe_answer_interval`: two nodes answering each other cannot loop."""
+        last = self.last_call_me_maybe_answer
+        return last is None or now - last >= t.call_me_maybe_answer_interval
+
+    def note_call_me_maybe_answer(self, now: float) -> None:
+        self.last_call_me_maybe_answer = now
         self.last_call_me_maybe = now
 
 

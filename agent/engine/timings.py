@@ -20,6 +20,7 @@ __all__ = [
     "HEARTBEAT_PONG_DEADLINE",
     "PING_BACK_INTERVAL",
     "CALL_ME_MAYBE_INTERVAL",
+    "CALL_ME_MAYBE_ANSWER_INTERVAL",
     "PONG_HISTORY_COUNT",
     "MAX_CANDIDATES",
     "MAX_CALL_ME_MAYBE_ENDPOINTS",
@@ -54,6 +55,7 @@ PING_BACK_INTERVAL: Final = 1.0
 # peer's CallMeMaybe (static mode has no coordinator to hand out endpoints, so both sides must
 # tell each other).
 CALL_ME_MAYBE_INTERVAL: Final = 5.0
+CALL_ME_MAYBE_ANSWER_INTERVAL: Final = 1.0  # answers to a peer's CallMeMaybe, at most this often
 
 # --- bounds --------------------------------------------------------------------------------------
 PONG_HISTORY_COUNT: Final = 64  # pongHistoryCount: pong results kept per candidate
@@ -76,6 +78,7 @@ class Timings:
     heartbeat_pong_deadline: float = HEARTBEAT_PONG_DEADLINE
     ping_back_interval: float = PING_BACK_INTERVAL
     call_me_maybe_interval: float = CALL_ME_MAYBE_INTERVAL
+    call_me_maybe_answer_interval: float = CALL_ME_MAYBE_ANSWER_INTERVAL
 
     def heartbeat_late_after(self, latency: float | None) -> float:
         """How long a heartbeat pong may take before the best path loses its trust."""

@@ -395,3 +395,29 @@ def test_idle_side_pings_back_once_then_leaves_it_to_the_active_side() -> None:
     assert a.stats.received["pong"] >= 3
     assert b.stats.sent["ping"] - pings <= 1  # no ping back for each of a's heartbeats
     assert b.status(A, end).path == "derp"  # idle: b's trust lapsed, a's traffic still direct
+
+
+def test_lost_first_call_me_maybe_is_made_up_by_answering_inside_the_pacing_interval() -> None:
+    """A's CallMeMaybe went out before B had joined the relay (lost). B's arrives 0.3 s later:
+    A answers at once instead of waiting out the 5 s pacing, and both go direct."""
+    a, b = pair()
+    a.on_send(B, NOW)
+    assert [o.derp_region for o in a.outgoing()] == [REGION]  # lost: B is not there yet
+    b.on_send(A, NOW + 0.3)
+    settle(a, b, NOW + 0.3)
+    assert a.status(B, NOW + 0.3).path == "direct"
+    assert b.status(A, NOW + 0.3).path == "direct"
+
+
+def test_call_me_maybe_answers_cannot_loop() -> None:
+    a, b = pair(udp=False)  # no UDP: nothing ever becomes trusted
+    a.on_send(B, NOW)
+    b.on_send(A, NOW)
+    cmm_sent = 0
+    for _ in range(20):  # the relay delivers everything, instantly, many rounds
+        out = deliver(a, A, A_EP, b, NOW, udp=False) + deliver(b, B, B_EP, a, NOW, udp=False)
+        cmm_sent += sum(1 for o in out if o.derp_region is not None)
+        if not out:
+            break
+    assert not out, "CallMeMaybe answers kept bouncing"
+    assert cmm_sent <= 4

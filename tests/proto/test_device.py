@@ -281,3 +281,24 @@ def test_peer_removal_forgets_routes_and_sessions() -> None:
     assert p.send_a([ipv4(A_IP, B_IP)]) == []
     assert p.b.drops[DropReason.UNKNOWN_RECEIVER] >= 1
     assert isinstance(p.pa, Peer)
+
+
+def test_retry_handshake_sends_a_new_initiation_early_once_a_second() -> None:
+    p = Pair()
+    p.lost = True  # the first initiation is lost (the peer was not reachable yet)
+    assert p.send_a([ipv4(A_IP, B_IP)]) == []
+    assert p.pa.retry_handshake(p.now + 0.5) == []  # too soon
+    p.now += 1.0
+    p.lost = False
+    (init,) = p.pa.retry_handshake(p.now)
+    assert init[0] == 1  # an initiation
+    p.deliver(p.b, A_EP, [init])  # response, then the staged packet, follow
+    assert p.pa.keypairs.current is not None
+    assert not p.pa.staged
+    assert p.send_a([ipv4(A_IP, B_IP, b"next")]) == [ipv4(A_IP, B_IP, b"next")]
+    assert p.pa.retry_handshake(p.now + 5) == []  # a session exists: nothing to retry
+
+
+def test_retry_handshake_without_a_pending_handshake_does_nothing() -> None:
+    p = Pair()
+    assert p.pa.retry_handshake(p.now) == []

@@ -34,6 +34,8 @@ from agent.proto.wireguard.handshake import ConsumedInitiation, Handshake, Local
 from agent.proto.wireguard.session import Keypair, Keypairs
 from agent.proto.wireguard.timers import PeerTimers, Timer
 
+RETRY_HANDSHAKE_MIN_INTERVAL = 1.0  # seconds between early initiations (retry_handshake)
+
 __all__ = [
     "Endpoint",
     "Event",
@@ -196,6 +198,20 @@ class Peer:
         self.timers.on_authenticated_sent()
         self.timers.on_authenticated_traversal(now)
         return out
+
+    def retry_handshake(self, now: float) -> list[bytes]:
+        """The peer just proved reachable (an authenticated DISCO message arrived, possibly
+        through a relay it had not joined yet) while our handshake waits without a session:
+        a new initiation now instead of at the retransmit timer, at most once per second."""
+        last = self._last_initiation_sent
+        if (
+            self.keypairs.current is not None
+            or self._initiation_index is None
+            or last is None
+            or now - last < RETRY_HANDSHAKE_MIN_INTERVAL
+        ):
+            return []
+        return self._initiate(now, retry=True)
 
     def _stage(self, packets: Sequence[Buffer]) -> None:
         staged = self.staged
