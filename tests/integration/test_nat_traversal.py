@@ -115,11 +115,13 @@ def test_udp_blocked_mid_transfer_moves_to_the_relay_and_back(lab: Lab) -> None:
 
 def test_agent_ping_until_direct_shows_the_switch(lab: Lab) -> None:
     net = build(lab, "cone", "cone")
+    net.block_udp()  # relayed until the router lets UDP through
     net.a.start()
     net.b.start()
     first = net.a.cli("ping", "b", "-n", "1").stdout
     assert first.startswith("pong from b (100.64.0.2) via DERP(lab) in "), first
-    out = net.a.cli("ping", "b", "--until-direct", "-n", "30", "--interval", "0.2", timeout=60)
+    net.unblock_udp()
+    out = net.a.cli("ping", "b", "--until-direct", "-n", "60", "--interval", "0.2", timeout=60)
     lines = out.stdout.strip().splitlines()
     assert lines[-1].startswith("pong from b (100.64.0.2) via 198.18.2.1:41642 in "), lines
     assert all(line.startswith("pong from b (100.64.0.2) via ") for line in lines), lines
