@@ -56,6 +56,8 @@ class NullPeer:
 class NullResult:
     packets: list[bytes | bytearray | memoryview]
     replies: list[tuple[bytes | bytearray, Endpoint]] = field(default_factory=list)
+    peers: list[PeerLike] = field(default_factory=list)
+    foreign: list[bytes | bytearray | memoryview] = field(default_factory=list)
 
 
 class NullDevice:
