@@ -89,6 +89,22 @@ def test_iperf3_tcp_through_the_tunnel(pair: Pair) -> None:
     assert end["sum_received"]["bytes"] > 0
     # TCP delivered at least a little: a stuck tunnel shows up as ~0 bit/s, not as an error
     assert end["sum_received"]["bits_per_second"] > 1e6, end["sum_received"]
+    # The metrics count what iperf3 moved: WireGuard wire bytes = payload + TCP/IP headers
+    # (52 B) + WireGuard header and tag (32 B) per ~1368 B segment, plus ACKs the other way.
+    text = pair.a.cli("metrics").stdout
+    tx = _metric(text, "agent_peer_tx_bytes_total", 'peer="b"')
+    rx = _metric(text, "agent_peer_rx_bytes_total", 'peer="b"')
+    sent = end["sum_sent"]["bytes"]
+    assert sent <= tx <= sent * 1.12 + 1_000_000, (sent, tx)
+    assert 0 < rx < tx / 10  # ACKs only
+    assert _metric(text, "agent_peer_handshakes_total", 'peer="b"') >= 1
+
+
+def _metric(text: str, name: str, label: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and label in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} with {label} not in metrics:\n{text}")
 
 
 def test_sigterm_exits_zero_and_removes_the_interface(pair: Pair, lab: Lab) -> None:
