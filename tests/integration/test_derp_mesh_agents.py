@@ -8,51 +8,25 @@ ns b  198.18.2.1 ----                 meshed with one key; nftables drops forwar
 from __future__ import annotations
 
 import secrets
-import sys
 from pathlib import Path
 
 import pytest
 
 from agent.daemon.relay import make_self_signed
 
-from .lab import Agent, Lab, LabError, Peer, Proc, _tcp_listening, _wait_for, keypair, ping
+from .lab import Agent, Lab, Peer, Proc, block_forwarded_udp, keypair, ping, start_derper
 
 pytestmark = pytest.mark.netns
 
 A4, B4 = "100.64.0.1", "100.64.0.2"
 NODES = ("198.18.0.11", "198.18.0.12", "198.18.0.13")
 REGION = 900
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _relay(lab: Lab, ns: str, ip: str, certs: Path, key_file: Path, bundle: Path) -> Proc:
     others = ",".join(f"https://{n}:443" for n in NODES)
-    proc = lab.spawn(
-        ns,
-        sys.executable,
-        "-m",
-        "agent",
-        "derper",
-        "--addr",
-        f"{ip}:443",
-        "--hostname",
-        ip,
-        "--cert-mode",
-        "self-signed",
-        "--cert-dir",
-        str(certs),
-        "--stun-port",
-        "0",
-        "--mesh-key-file",
-        str(key_file),
-        "--mesh-with",
-        others,
-        "--mesh-ca-file",
-        str(bundle),
-        env={"PYTHONPATH": str(ROOT)},
-        tag=f"derper-{ip}",
-    )
-    return proc
+    mesh = ("--mesh-key-file", str(key_file), "--mesh-with", others, "--mesh-ca-file", str(bundle))
+    return start_derper(lab, ns, ip, 443, certs, *mesh, stun_port=0)
 
 
 def _agent(lab: Lab, ns: str, priv: str, me: str, peer: Peer, node: str, ca: Path) -> Agent:
@@ -80,13 +54,7 @@ def test_three_node_mesh_carries_a_to_b_in_one_hop(lab: Lab) -> None:
     for ip in NODES:
         lab.run(None, "ip", "-n", ns_r, "addr", "add", f"{ip}/32", "dev", "lo")
     lab.run(ns_r, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    lab.run(
-        ns_r,
-        "nft",
-        "add table inet agtlab; "
-        "add chain inet agtlab blockudp { type filter hook forward priority 0; }; "
-        "add rule inet agtlab blockudp meta l4proto udp drop",
-    )
+    block_forwarded_udp(lab, ns_r)
     certs = lab.path("certs")
     for ip in NODES:
         make_self_signed(certs, ip)
@@ -96,8 +64,6 @@ def test_three_node_mesh_carries_a_to_b_in_one_hop(lab: Lab) -> None:
     key_file.write_text(secrets.token_hex(32) + "\n")
     key_file.chmod(0o600)
     relays = [_relay(lab, ns_r, ip, certs, key_file, bundle) for ip in NODES]
-    if not _wait_for(lambda: _tcp_listening(ns_r, 443) or not all(p.alive() for p in relays), 15):
-        raise LabError("relays did not listen\n" + lab.logs())
 
     (priv_a, pub_a), (priv_b, pub_b) = keypair(), keypair()
     a = _agent(

