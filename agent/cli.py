@@ -342,6 +342,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_netcheck(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agent.daemon.netcheck_cmd import format_report, netcheck_once
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        return _problems(args.config, e)
+    if not config.derp.regions:
+        return _err(f"netcheck: {args.config} has no [[derp.regions]] to measure")
+    configure_logging("warning")  # failed probes are part of the report, not warnings
+    report = asyncio.run(netcheck_once(config.derp))
+    if args.json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write("\n" + format_report(report, config.derp) + "\n")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agent", description="Userspace WireGuard-compatible overlay VPN agent."
@@ -392,6 +412,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help=conf_help)
     p.add_argument("--socket", help="control socket (default: control_socket of the config)")
     p.set_defaults(func=_cmd_metrics)
+
+    p = sub.add_parser("netcheck", help="measure UDP, public endpoints and DERP region latency")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, help=conf_help)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_netcheck)
 
     p = sub.add_parser("derper", help="run a DERP relay (TLS) and STUN server")
     p.add_argument("--addr", default=":443", help="HOST:PORT to listen on (default :443)")
