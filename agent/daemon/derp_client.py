@@ -48,6 +48,7 @@ __all__ = [
     "DerpLinkStats",
     "RegionLink",
     "backoff_delay",
+    "ssl_context",
 ]
 
 log = get_logger("agent.derp")
@@ -147,6 +148,7 @@ class RegionLink:
         self.conn: DerpClientConn | None = None
         self.connected = False
         self.last_used = 0.0
+        self.last_heard: float | None = None  # loop time of the latest frame from the relay
         self.server_key: bytes | None = None
         self._proto: _LinkProtocol | None = None
         self._pending: deque[tuple[NodePublic, bytes]] = deque(maxlen=MAX_PENDING)
@@ -206,7 +208,7 @@ class RegionLink:
 
     async def _connect(self, node: DerpNode) -> None:
         loop = asyncio.get_running_loop()
-        ctx = _ssl_context(node)
+        ctx = ssl_context(node)
         proto = _LinkProtocol(self)
         self._proto = proto
         await asyncio.wait_for(
@@ -235,6 +237,7 @@ class RegionLink:
         conn, loop = self.conn, self._loop
         if conn is None or loop is None:
             return
+        self.last_heard = loop.time()
         try:
             conn.receive_data(data, loop.time())
         except RemoteProtocolError as exc:
@@ -325,6 +328,16 @@ class RegionLink:
         self._write_out()
         return 0
 
+    def set_preferred(self, preferred: bool) -> None:
+        """Tell the relay whether this is our home region (NotePreferred), now or on connect."""
+        if preferred == self.preferred:
+            return
+        self.preferred = preferred
+        conn = self.conn
+        if self.connected and conn is not None:
+            conn.note_preferred(preferred)
+            self._write_out()
+
     def _send_one(
         self, conn: DerpClientConn, dst: NodePublic, data: bytes | bytearray, now: float
     ) -> None:
@@ -382,7 +395,9 @@ class RegionLink:
             self.on_change()
 
 
-def _ssl_context(node: DerpNode) -> ssl.SSLContext:
+def ssl_context(node: DerpNode) -> ssl.SSLContext:
+    """The TLS client context for a DERP node: its CA file or the system store; no
+    verification at all only with `insecure_skip_verify` (labs)."""
     if node.insecure_skip_verify:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
@@ -459,6 +474,29 @@ class DerpClients:
         if link is None:
             return len(datagrams)
         return link.send(dst, datagrams)
+
+    def set_home(self, region_id: int) -> None:
+        """Move the home region (netcheck chose another): connect to it and mark it preferred;
+        the old home becomes an ordinary region, closed once idle."""
+        if region_id == self.home_region or region_id not in self.regions:
+            return
+        old = self.links.get(self.home_region) if self.home_region is not None else None
+        self.home_region = region_id
+        if old is not None:
+            old.set_preferred(False)
+        link = self._link(region_id)
+        if link is not None:
+            link.set_preferred(True)
+        log.info("derp home region", region=region_id)
+        self.on_change()
+
+    def last_heard(self) -> dict[int, float]:
+        """Per connected region, the loop time a frame last came from its relay."""
+        return {
+            rid: link.last_heard
+            for rid, link in self.links.items()
+            if link.connected and link.last_heard is not None
+        }
 
     def connected_regions(self) -> tuple[int, ...]:
         return tuple(sorted(rid for rid, link in self.links.items() if link.connected))

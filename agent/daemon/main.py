@@ -29,18 +29,20 @@ from agent.config import Config
 from agent.daemon import metrics, uapi
 from agent.daemon.dataplane import DataPlane
 from agent.daemon.derp_client import DerpClients
+from agent.daemon.netcheck_cmd import NetcheckDriver
 from agent.daemon.netinfo import local_addresses
 from agent.daemon.transport import PeerTransport
 from agent.daemon.tun import Tun, open_tun
 from agent.daemon.udp import UdpSocket, open_udp
 from agent.engine.engine import PathEngine, static_disco_private, static_disco_public
 from agent.engine.events import PathChanged, PongReceived
+from agent.engine.netcheck import Report
 from agent.engine.paths import derp_region_of
 from agent.engine.stun_probe import StunProber, StunServer
 from agent.keys import NodePublic
 from agent.log import get_logger
 from agent.proto import disco
-from agent.proto.errors import DropReason
+from agent.proto.errors import DropReason, RemoteProtocolError
 from agent.proto.wireguard.device import Device
 from agent.proto.wireguard.peer import (
     EndpointChanged,
@@ -87,6 +89,9 @@ class Daemon:
         self.local_ips: list[str] = []
         self._pong_waiters: dict[bytes, asyncio.Future[PongReceived]] = {}
         self._regions_up: set[int] = set()
+        self.netcheck: NetcheckDriver | None = None
+        self.last_report: Report | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -161,6 +166,12 @@ class Daemon:
                 self._servers.append(await metrics.serve_metrics(host, port, self.metrics_text))
             if self.derp is not None:
                 self.derp.start()
+                self.netcheck = NetcheckDriver(
+                    self.config.derp,
+                    lambda data, ep: self._send_stun([(data, ep)]),
+                    have_v6=any(":" in ip for ip in self.local_ips),
+                )
+                self._tasks.append(loop.create_task(self._netcheck_loop(), name="netcheck"))
             now = loop.time()
             self._update_local_endpoints(now)
             self._send_stun(self.stun.start(now))
@@ -188,6 +199,10 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             await self._close_servers()
             self._detach()
+            for task in self._tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if self.derp is not None:
                 await self.derp.close()
         return 0
@@ -251,7 +266,10 @@ class Daemon:
         """Non-WireGuard datagrams: STUN answers (UDP only) and DISCO (UDP or DERP)."""
         for d in datagrams:
             data = bytes(d)
-            if key is None and self.stun.receive(data, src, now):
+            if key is None and (
+                (self.netcheck is not None and self.netcheck.receive(data, src, now))
+                or self.stun.receive(data, src, now)
+            ):
                 continue
             if disco.looks_like_disco(data):
                 before = self.paths.stats.received.total()
@@ -275,6 +293,29 @@ class Daemon:
         datagrams = peer.retry_handshake(now)
         if datagrams:
             transport.send_to_peer(peer, datagrams, now)
+
+    async def _netcheck_loop(self) -> None:
+        """A netcheck report every 20-26 s from the WireGuard socket; the home region follows
+        the preferred one (with hysteresis in the engine; a pinned home_region always wins)."""
+        driver, derp = self.netcheck, self.derp
+        assert driver is not None
+        assert derp is not None
+        loop = asyncio.get_running_loop()
+        full = True
+        while True:
+            try:
+                report = await driver.run(full=full, derp_heard=derp.last_heard)
+            except (OSError, ValueError, RemoteProtocolError) as e:
+                log.warning("netcheck failed", error=str(e))
+            else:
+                full = False
+                self.last_report = report
+                preferred = report.preferred_region
+                if preferred is not None and preferred != derp.home_region:
+                    log.info("home region", old=derp.home_region, new=preferred)
+                    derp.set_home(preferred)
+                    self.paths.home_region = preferred
+            await asyncio.sleep(max(0.0, driver.netchecker.next_run_at(loop.time()) - loop.time()))
 
     def _update_local_endpoints(self, now: float) -> None:
         if self.udp is None:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Final
 
 from agent.config import DerpConfig, DerpNode, DerpRegion
-from agent.daemon.derp_client import _ssl_context
+from agent.daemon.derp_client import ssl_context
 from agent.engine.netcheck import (
     Netchecker,
     NetcheckRun,
@@ -107,7 +107,7 @@ def _host_header(node: DerpNode) -> str:
 async def _https_once(node: DerpNode) -> float:
     loop = asyncio.get_running_loop()
     reader, writer = await asyncio.open_connection(
-        node.host, node.port, ssl=_ssl_context(node), server_hostname=node.host
+        node.host, node.port, ssl=ssl_context(node), server_hostname=node.host
     )
     try:
         request = (

@@ -210,3 +210,23 @@ async def test_wrong_certificate_is_refused(relay: RelayServer, tmp_path: Path) 
         assert a.clients.connected_regions() == ()
     finally:
         await a.clients.close()
+
+
+@pytest.mark.asyncio
+async def test_set_home_moves_the_preferred_region(
+    relay: RelayServer, cert: tuple[Path, Path]
+) -> None:
+    a = Node(_derp(relay.port, cert[0], 900, 901))
+    a.clients.start()
+    try:
+        await _until(lambda: a.clients.connected_regions() == (900,), "home up")
+        assert set(a.clients.last_heard()) == {900}
+        a.clients.set_home(901)
+        assert a.clients.home_region == 901
+        await _until(lambda: a.clients.connected_regions() == (900, 901), "new home up")
+        assert a.clients.links[901].preferred
+        assert not a.clients.links[900].preferred
+        a.clients.set_home(12345)  # not in the map: ignored
+        assert a.clients.home_region == 901
+    finally:
+        await a.clients.close()
