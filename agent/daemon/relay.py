@@ -17,8 +17,11 @@ behaviour, region mesh), §6.2-§6.3 (STUN server). Each accepted TCP (or TLS) s
                     ForwardToMesh events go out on the region's mesh links (relay_mesh.py)
 
 All connections share one RelayCore (ids are ints) and one asyncio timer armed at
-`RelayCore.next_deadline()`. A client whose transport holds more than MAX_CLIENT_BUFFER unsent
-bytes loses further frames (counted in `RelayServer.dropped_frames`) instead of stalling others.
+`RelayCore.next_deadline()`. After each input the shell writes only the connections the core
+marked as having output (`RelayCore.take_output`), so no read costs O(connections). A client whose
+transport holds more than MAX_CLIENT_BUFFER unsent bytes loses further frames (counted in
+`RelayServer.dropped_frames`) instead of stalling others. Streams are tls_stream.Stream (OpenSSL
+on the socket, no per-connection read buffer), not asyncio's TLS transport: see tls_stream.py.
 Files: the server key (`--config`, derper's `{"PrivateKey": "privkey:<hex>"}`, created 0600),
 the mesh key (relay_mesh.load_mesh_key) and the allowed client keys (`--verify-clients-file`).
 """
@@ -44,7 +47,9 @@ from structlog.typing import FilteringBoundLogger
 from wsproto import ConnectionType, WSConnection
 from wsproto import events as ws_events
 
+from agent.daemon.relay_http import CHALLENGE, METRICS_TYPE, NO_CACHE, is_loopback, metrics_text
 from agent.daemon.relay_mesh import MESH_RETRY_BASE, MeshLink, MeshPeer, load_mesh_key
+from agent.daemon.tls_stream import StreamServer, serve_streams
 from agent.keys import NodePrivate, NodePublic
 from agent.proto import stun
 from agent.proto.derp import upgrade
@@ -68,9 +73,6 @@ __all__ = [
 
 MAX_CLIENT_BUFFER: Final = 1 << 20
 HEAD_TIMEOUT: Final = 30.0  # derper's http.Server ReadTimeout before the hijack (§1.1)
-_CHALLENGE: Final = re.compile(r"[A-Za-z0-9._:-]{0,64}")
-_NO_CACHE: Final = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
-_METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass(slots=True)
@@ -88,7 +90,7 @@ class RelayStats:
     by_status: dict[int, int] = field(default_factory=dict)
 
 
-def _count_frames(data: bytes) -> int:
+def _count_frames(data: bytes | bytearray) -> int:
     """Frames in a chunk that holds only whole frames (what RelayCore.data_to_send returns)."""
     count, pos = 0, 0
     while pos + FRAME_HEADER_LEN <= len(data):
@@ -100,11 +102,13 @@ def _count_frames(data: bytes) -> int:
 class _RelayConn(asyncio.Protocol):
     """One accepted stream: the HTTP head, then DERP bytes (raw or in WebSocket messages)."""
 
+    __slots__ = ("conn_id", "derp", "done", "head", "head_timer", "server", "transport", "ws")
+
     def __init__(self, server: RelayServer, conn_id: int) -> None:
         self.server = server
         self.conn_id = conn_id
         self.transport: asyncio.Transport | None = None
-        self.head = bytearray()
+        self.head = b""  # the request head so far (rarely more than one read)
         self.derp = False
         self.ws: WSConnection | None = None  # set for DERP over WebSocket
         self.done = False  # an HTTP reply was sent; ignore anything else on this stream
@@ -133,7 +137,7 @@ class _RelayConn(asyncio.Protocol):
             return
         self.head += data
         try:
-            parsed = upgrade.parse_request(bytes(self.head))
+            parsed = upgrade.parse_request(self.head)
         except RemoteProtocolError as exc:
             self.server.stats.bad_heads += 1
             self.server.log.debug("relay_bad_request", conn=self.conn_id, error=str(exc))
@@ -142,8 +146,7 @@ class _RelayConn(asyncio.Protocol):
         if parsed is None:
             return
         request, leftover = parsed
-        raw = bytes(self.head)
-        self.head.clear()
+        raw, self.head = self.head, b""
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
@@ -158,9 +161,9 @@ class _RelayConn(asyncio.Protocol):
             else:
                 self._reply(405, "Method Not Allowed", {}, b"bogus probe method\n")
         elif path == "/generate_204":
-            headers = {"Cache-Control": _NO_CACHE}
+            headers = {"Cache-Control": NO_CACHE}
             challenge = request.headers.get("x-tailscale-challenge")
-            if challenge is not None and _CHALLENGE.fullmatch(challenge):
+            if challenge is not None and CHALLENGE.fullmatch(challenge):
                 headers["X-Tailscale-Response"] = f"response {challenge}"
             self._reply(204, "No Content", headers, b"")
         elif path == upgrade.DERP_PATH:
@@ -171,14 +174,14 @@ class _RelayConn(asyncio.Protocol):
             else:
                 self._start_derp(request, leftover)
         elif path == "/debug/metrics":
-            if not _is_loopback(self.peer_addr()):
+            if not is_loopback(self.peer_addr()):
                 self._reply(403, "Forbidden", {}, b"debug endpoints are loopback only\n")
             elif method not in ("GET", "HEAD"):
                 self._reply(405, "Method Not Allowed", {}, b"GET only\n")
             else:
                 self.server.count_status(200)  # counted before rendering: the reply is in it
                 body = metrics_text(self.server).encode()
-                self._reply(200, "OK", {"Content-Type": _METRICS_TYPE}, body, counted=True)
+                self._reply(200, "OK", {"Content-Type": METRICS_TYPE}, body, counted=True)
         else:
             self._reply(404, "Not Found", {}, b"not found\n")
 
@@ -270,13 +273,14 @@ class _RelayConn(asyncio.Protocol):
         self.server.log.debug("relay_upgraded", conn=self.conn_id, websocket=True)
         self.server.flush()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | bytearray) -> None:
         """DERP bytes to this client: as they are, or as one binary WebSocket message."""
         if self.transport is None:
             return
         if self.ws is not None:
-            data = self.ws.send(ws_events.BytesMessage(data))
-        self.transport.write(data)
+            self.transport.write(self.ws.send(ws_events.BytesMessage(bytes(data))))
+        else:
+            self.transport.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.head_timer is not None:
@@ -287,18 +291,6 @@ class _RelayConn(asyncio.Protocol):
             self.server.core.connection_lost(self.conn_id)
             self.server.flush()
         self.transport = None
-
-
-def _is_loopback(addr: tuple[str, int] | None) -> bool:
-    if addr is None:
-        return False
-    try:
-        ip = ipaddress.ip_address(addr[0].partition("%")[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
 
 
 class _StunProtocol(asyncio.DatagramProtocol):
@@ -340,7 +332,7 @@ class RelayServer:
         self._next_id = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._server: asyncio.Server | None = None
+        self._server: StreamServer | None = None
         self._stun: asyncio.DatagramTransport | None = None
         self.mesh_links: dict[str, MeshLink] = {}  # by MeshPeer.name, the core's node id
 
@@ -393,21 +385,27 @@ class RelayServer:
         self.flush()
 
     def flush(self) -> None:
-        """Write every connection's pending bytes, act on events, re-arm the timer."""
-        for conn_id, conn in list(self.conns.items()):
-            data = self.core.data_to_send(conn_id)
-            transport = conn.transport
-            if not data or transport is None or transport.is_closing():
-                continue
-            if transport.get_write_buffer_size() > MAX_CLIENT_BUFFER:
-                self.stats.dropped_frames += _count_frames(data)
-                continue
-            conn.send(data)
-        for event in self.core.events():
+        """Write the pending bytes of the connections that have some, act on events, re-arm
+        the timer. O(connections with output), never O(all connections)."""
+        core = self.core
+        if core.has_output():
+            conns = self.conns
+            for conn_id, data in core.take_output():
+                conn = conns.get(conn_id)
+                transport = conn.transport if conn is not None else None
+                if conn is None or transport is None or transport.is_closing():
+                    continue
+                if transport.get_write_buffer_size() > MAX_CLIENT_BUFFER:
+                    self.stats.dropped_frames += _count_frames(data)
+                    continue
+                conn.send(data)
+        if not core.has_events():
+            self._arm_timer()
+            return
+        forwards: dict[str, list[tuple[bytes, bytes, bytes]]] = {}
+        for event in core.events():
             if isinstance(event, ForwardToMesh):
-                link = self.mesh_links.get(event.node)
-                if link is None or not link.forward(event.src, event.dst, event.packet):
-                    self.stats.mesh_unavailable += 1
+                forwards.setdefault(event.node, []).append((event.src, event.dst, event.packet))
             elif isinstance(event, CloseConnection):
                 closing = self.conns.get(event.conn_id)
                 level = self.log.info if event.reason == "client not allowed" else self.log.debug
@@ -418,6 +416,10 @@ class RelayServer:
                 self.log.debug(
                     "relay_client", conn=event.conn_id, key=event.key.hex(), mesh=event.mesh
                 )
+        for node, packets in forwards.items():  # one write per mesh link per input
+            link = self.mesh_links.get(node)
+            sent = link.forward_many(packets) if link is not None else 0
+            self.stats.mesh_unavailable += len(packets) - sent
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -444,15 +446,13 @@ class RelayServer:
             await link.stop()
         if self._server is not None:
             self._server.close()
+            self._server = None
         if self._stun is not None:
             self._stun.close()
             self._stun = None
         for conn in list(self.conns.values()):
             if conn.transport is not None:
                 conn.transport.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
         await asyncio.sleep(0)  # let connection_lost callbacks run
         if self._timer is not None:
             self._timer.cancel()
@@ -479,7 +479,7 @@ async def serve_relay(
     loop = asyncio.get_running_loop()
     core = RelayCore(private_key, verify_client=verify_client, mesh_key=mesh_key)
     relay = RelayServer(core, loop, log)
-    server = await loop.create_server(relay._new_conn, host or None, port, ssl=ssl_context)
+    server = await serve_streams(relay._new_conn, host or None, port, ssl_context=ssl_context)
     relay._server = server
     relay.port = server.sockets[0].getsockname()[1]
     if stun_port is not None:
@@ -502,62 +502,6 @@ async def serve_relay(
             retry_base=mesh_retry,
         )
     return relay
-
-
-# --- metrics --------------------------------------------------------------------------------------
-
-
-def metrics_text(relay: RelayServer) -> str:
-    """Prometheus text exposition (format 0.0.4) of the relay's counters and gauges."""
-    core, stats, counters = relay.core, relay.stats, relay.core.counters
-    clients = core.clients()
-    drops = dict(core.drops)
-    drops["write_buffer_full"] = stats.dropped_frames
-    drops["mesh_unavailable"] = stats.mesh_unavailable
-    links = relay.mesh_links.values()
-    rows: list[tuple[str, str, str, list[tuple[str, int]]]] = [
-        ("derp_clients", "gauge", "Registered DERP connections.",
-         [("", sum(len(ids) for ids in clients.values()))]),
-        ("derp_client_keys", "gauge", "Distinct registered client keys.", [("", len(clients))]),
-        ("derp_clients_total", "counter", "DERP registrations since start.",
-         [("", counters.clients_total)]),
-        ("derp_connections_accepted_total", "counter", "TCP/TLS connections accepted.",
-         [("", stats.accepted)]),
-        ("derp_websocket_connections_total", "counter", "DERP connections over WebSocket.",
-         [("", stats.websocket)]),
-        ("derp_mesh_peers", "gauge", "Mesh peer connections, by direction.",
-         [('{direction="inbound"}', len(core.mesh_conns())),
-          ('{direction="outbound"}', sum(link.connected for link in links))]),
-        ("derp_mesh_remote_keys", "gauge", "Client keys known through mesh peers.",
-         [("", len(core.remote_clients()))]),
-        ("derp_packets_relayed_total", "counter", "Packets delivered to local clients.",
-         [("", counters.packets_relayed)]),
-        ("derp_bytes_relayed_total", "counter", "Packet bytes delivered to local clients.",
-         [("", counters.bytes_relayed)]),
-        ("derp_packets_forwarded_total", "counter", "Packets forwarded over the mesh.",
-         [('{direction="out"}', counters.packets_forwarded_out),
-          ('{direction="in"}', counters.packets_forwarded_in)]),
-        ("derp_bytes_forwarded_out_total", "counter", "Packet bytes forwarded to mesh peers.",
-         [("", counters.bytes_forwarded_out)]),
-        ("derp_packets_dropped_total", "counter", "Packets dropped, by reason.",
-         [(f'{{reason="{reason}"}}', n) for reason, n in sorted(drops.items())]),
-        ("derp_peer_gone_frames_total", "counter", "PeerGone frames sent, by reason.",
-         [('{reason="disconnected"}', counters.peer_gone_disconnected),
-          ('{reason="not_here"}', counters.peer_gone_not_here)]),
-        ("derp_protocol_errors_total", "counter", "Connections closed for a protocol error.",
-         [("", stats.protocol_errors)]),
-        ("derp_stun_answered_total", "counter", "STUN binding requests answered.",
-         [("", stats.stun_answered)]),
-        ("derp_stun_ignored_total", "counter", "UDP datagrams that were not STUN requests.",
-         [("", stats.not_stun)]),
-        ("derp_http_requests_total", "counter", "Plain HTTP replies, by status.",
-         [(f'{{status="{code}"}}', n) for code, n in sorted(stats.by_status.items())]),
-    ]  # fmt: skip
-    lines: list[str] = []
-    for name, kind, help_text, samples in rows:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        lines += [f"{name}{labels} {value}" for labels, value in samples]
-    return "\n".join(lines) + "\n"
 
 
 # --- key files ------------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ other node a `MeshLink` keeps one connection:
       connection lost           core.mesh_peer_lost(node), retry after backoff with jitter
       remote server key == ours the node is ourselves: stop for good
 
-The relay's flush turns the core's `ForwardToMesh(node, …)` events into `MeshLink.forward`, which
-writes one ForwardPacket on that link (dropped, and counted, while the link is down or its write
-buffer is over MESH_MAX_BUFFER). Nothing is ever forwarded across regions: only listed nodes are
-dialled, and the core forwards at most one hop.
+The relay's flush turns the core's `ForwardToMesh(node, …)` events of one input into one
+`MeshLink.forward_many` per node, which writes their ForwardPackets on that link in one write
+(dropped, and counted, while the link is down or its write buffer is over MESH_MAX_BUFFER).
+Nothing is ever forwarded across regions: only listed nodes are dialled, and the core forwards at
+most one hop.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import contextlib
 import ipaddress
 import random
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -178,6 +179,11 @@ class MeshLink:
 
     def forward(self, src: bytes, dst: bytes, packet: bytes) -> bool:
         """Write ForwardPacket(src, dst, packet) to the peer; False (counted) if it cannot go."""
+        return self.forward_many([(src, dst, packet)]) == 1
+
+    def forward_many(self, packets: Sequence[tuple[bytes, bytes, bytes]]) -> int:
+        """Write a ForwardPacket for each `(src, dst, packet)` in one write; returns how many
+        went (all or none: none, counted as dropped, while the link is down or backed up)."""
         conn, writer = self._conn, self._writer
         if (
             not self.connected
@@ -186,12 +192,14 @@ class MeshLink:
             or writer.is_closing()
             or writer.transport.get_write_buffer_size() > MESH_MAX_BUFFER
         ):
-            self.dropped += 1
-            return False
-        conn.forward_packet(src, dst, packet, asyncio.get_running_loop().time())
+            self.dropped += len(packets)
+            return 0
+        now = asyncio.get_running_loop().time()
+        for src, dst, packet in packets:
+            conn.forward_packet(src, dst, packet, now)
         writer.write(conn.data_to_send())
-        self.forwarded += 1
-        return True
+        self.forwarded += len(packets)
+        return len(packets)
 
     # --- the connection loop --------------------------------------------------------------------
 

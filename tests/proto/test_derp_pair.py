@@ -160,7 +160,7 @@ def test_ping_pong_both_ways(pair: RelayPair) -> None:
     pair.pump()
     assert a.events() == [PongReceived(b"12345678")]
     # A server Ping is answered automatically.
-    pair.server._conns[1].out += b"\x12\x00\x00\x00\x08abcdefgh"
+    pair.server._out(pair.server._conns[1]).extend(b"\x12\x00\x00\x00\x08abcdefgh")
     down = pair.server.data_to_send(1)
     a.receive_data(down, pair.now)
     assert a.data_to_send() == b"\x13\x00\x00\x00\x08abcdefgh"

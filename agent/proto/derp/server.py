@@ -34,10 +34,19 @@ active on registration, and afterwards whichever connection of the set last sent
 every new connection and PeerGone when a key's last local connection closes. PeerGone(Disconnected)
 goes to every client that has received a packet from a key once that key is gone from the whole
 region: no local connection and no mesh node reporting it (§4.3).
+
+Cost model (a relay holds many mostly idle connections): no input does work proportional to the
+number of connections. Connections with output pending are kept in an ordered set that
+`take_output()` drains, deadlines live in a heap of `(deadline, conn_id)` with lazy invalidation,
+and watchers, mesh connections and "who heard from key K" are indexed. SendPacket frames are
+routed straight from the input bytes: a run of consecutive SendPackets to one destination is
+copied into that destination's output once and patched in place into RecvPackets (same length:
+type 0x04 -> 0x05 and the 32-byte destination key -> the source key), with no per-frame objects.
 """
 
 from __future__ import annotations
 
+import heapq
 import hmac
 import ipaddress
 import re
@@ -50,14 +59,19 @@ from typing import Any, Final, TypeAlias
 from nacl.public import PrivateKey
 
 from agent.proto.derp.frames import (
+    FRAME_HEADER,
+    FRAME_HEADER_LEN,
     KEEPALIVE_INTERVAL,
     KEEPALIVE_JITTER,
+    KEY_LEN,
+    MAX_FRAME_SIZE,
+    MAX_PACKET_SIZE,
     NONCE_LEN,
     PROTOCOL_VERSION,
     ClientInfo,
     ClosePeer,
     ForwardPacket,
-    FrameBuffer,
+    FrameTooLarge,
     FrameType,
     KeepAlive,
     NotePreferred,
@@ -68,10 +82,10 @@ from agent.proto.derp.frames import (
     Ping,
     Pong,
     RecvPacket,
-    SendPacket,
     ServerInfo,
     ServerKey,
     WatchConns,
+    max_payload_len,
     open_client_info,
     seal_server_info,
 )
@@ -99,6 +113,11 @@ _MESH_ONLY: Final = frozenset(
     {FrameType.FORWARD_PACKET, FrameType.WATCH_CONNS, FrameType.CLOSE_PEER}
 )
 _HEX64: Final = re.compile(r"[0-9a-fA-F]{64}")
+_SEND: Final = int(FrameType.SEND_PACKET)
+_RECV: Final = int(FrameType.RECV_PACKET)
+_SEND_MAX: Final = KEY_LEN + MAX_PACKET_SIZE  # largest SendPacket payload
+_KEY_END: Final = FRAME_HEADER_LEN + KEY_LEN  # header | key: where a SendPacket's packet starts
+_KEEPALIVE: Final = KeepAlive().encode()
 
 _IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -156,20 +175,21 @@ class RelayCounters:
     peer_gone_disconnected: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Conn:
+    """One stream. Buffers and sets are created on first use: most connections are idle."""
+
     conn_id: int
-    frames: FrameBuffer
-    handshake_deadline: float
+    deadline: float | None  # ClientInfo deadline, then the next KeepAlive; None once closed
     endpoint: tuple[_IPAddress, int] | None = None
     state: ConnState = ConnState.AWAIT_CLIENT_INFO
     key: bytes | None = None
-    out: bytearray = field(default_factory=bytearray)
-    keepalive_at: float | None = None
+    out: bytearray | None = None  # pending output; the id is in RelayCore._dirty while set
+    partial: bytearray | None = None  # an incomplete frame (header first) from the last input
     keepalive_period: float = KEEPALIVE_INTERVAL
     pong_pending: bool = False
     preferred: bool = False
-    heard_from: set[bytes] = field(default_factory=set)  # keys that sent this conn a packet
+    heard_from: set[bytes] | None = None  # keys that sent this conn a packet
     not_here_tokens: float = _NOT_HERE_BURST
     not_here_at: float = 0.0
     mesh: bool = False  # logged in with our mesh key
@@ -204,6 +224,15 @@ def _endpoint(peer_addr: tuple[str, int] | None) -> tuple[_IPAddress, int] | Non
         return None
 
 
+def _check_length(frame_type: int, length: int) -> None:
+    """FrameTooLarge for a header announcing more than its type (or any frame) may carry."""
+    limit = max_payload_len(frame_type)
+    if limit is None or limit > MAX_FRAME_SIZE:
+        limit = MAX_FRAME_SIZE
+    if length > limit:
+        raise FrameTooLarge(f"frame type {frame_type:#04x} of {length} bytes (limit {limit})")
+
+
 class RelayCore:
     """The relay: registration, routing, PeerGone bookkeeping, Ping/Pong, keepalives, mesh."""
 
@@ -222,6 +251,7 @@ class RelayCore:
         # Static after construction.
         self._private = server_private
         self.public_key = bytes(PrivateKey(server_private).public_key)
+        self._server_key_frame = ServerKey(self.public_key).encode()
         self._randbytes = randbytes
         self._verify_client = verify_client
         self._mesh_key = mesh_key
@@ -230,6 +260,12 @@ class RelayCore:
         self._clients: dict[bytes, _KeySet] = {}
         self._remote: dict[bytes, list[str]] = {}  # key -> mesh nodes reporting it, oldest first
         self._remote_by_node: dict[str, set[bytes]] = {}
+        self._dirty: dict[int, None] = {}  # conns with output pending, in order (ordered set)
+        self._timers: list[tuple[float, int]] = []  # heap; stale when != _Conn.deadline
+        self._watchers: set[int] = set()  # registered mesh conns that sent WatchConns
+        self._mesh_ids: set[int] = set()  # registered mesh conns
+        self._registered = 0  # registered conns, all keys
+        self._listeners: dict[bytes, set[int]] = {}  # key -> conns whose heard_from holds it
         self._events: list[RelayEvent] = []
         self.drops: dict[str, int] = {}
         self.counters = RelayCounters()
@@ -240,14 +276,39 @@ class RelayCore:
         conn = self._conns.get(conn_id)
         if conn is None:
             return b""
-        out = bytes(conn.out)
-        conn.out.clear()
         conn.pong_pending = False
-        return out
+        out = conn.out
+        if out is None:
+            return b""
+        conn.out = None
+        del self._dirty[conn_id]
+        return bytes(out)
+
+    def take_output(self) -> list[tuple[int, bytearray]]:
+        """`(conn_id, bytes)` for every connection with output pending, in the order they got it;
+        the buffers are handed over (the core keeps no reference). Costs O(connections with
+        output), so the shell calls this instead of `data_to_send` for every connection."""
+        result: list[tuple[int, bytearray]] = []
+        conns = self._conns
+        for conn_id in self._dirty:
+            conn = conns[conn_id]
+            out = conn.out
+            if out is not None:
+                result.append((conn_id, out))
+                conn.out = None
+                conn.pong_pending = False
+        self._dirty.clear()
+        return result
+
+    def has_output(self) -> bool:
+        return bool(self._dirty)
 
     def events(self) -> list[RelayEvent]:
         events, self._events = self._events, []
         return events
+
+    def has_events(self) -> bool:
+        return bool(self._events)
 
     def clients(self) -> dict[bytes, list[int]]:
         """Registered keys and their connection ids (active one first when there is one)."""
@@ -257,15 +318,28 @@ class RelayCore:
             result[key] = ids
         return result
 
+    def client_counts(self) -> tuple[int, int]:
+        """(registered connections, distinct keys), in O(1)."""
+        return self._registered, len(self._clients)
+
     def remote_clients(self) -> dict[bytes, list[str]]:
         """Keys learned from mesh nodes, with the nodes reporting each (preferred one first)."""
         return {key: list(nodes) for key, nodes in self._remote.items()}
 
+    def remote_count(self) -> int:
+        return len(self._remote)
+
     def mesh_conns(self) -> list[int]:
         """Registered inbound connections that logged in with our mesh key."""
-        return [
-            c.conn_id for c in self._conns.values() if c.mesh and c.state is ConnState.REGISTERED
-        ]
+        return sorted(self._mesh_ids)
+
+    def _out(self, conn: _Conn) -> bytearray:
+        """The connection's output buffer, created (and the connection marked dirty) if needed."""
+        out = conn.out
+        if out is None:
+            out = conn.out = bytearray()
+            self._dirty[conn.conn_id] = None
+        return out
 
     # --- connection lifecycle -------------------------------------------------------------------
 
@@ -275,14 +349,25 @@ class RelayCore:
         """A new stream; `peer_addr` (IP, port), if known, goes into PeerPresent for watchers."""
         if conn_id in self._conns:
             raise LocalProtocolError(f"connection {conn_id} already exists")
-        conn = _Conn(conn_id, FrameBuffer(), now + CLIENT_INFO_TIMEOUT, _endpoint(peer_addr))
-        conn.out += ServerKey(self.public_key).encode()
+        conn = _Conn(conn_id, None, _endpoint(peer_addr))
         self._conns[conn_id] = conn
+        self._out(conn).extend(self._server_key_frame)
+        self._arm(conn, now + CLIENT_INFO_TIMEOUT)
 
     def connection_lost(self, conn_id: int) -> None:
         conn = self._conns.pop(conn_id, None)
-        if conn is not None:
-            self._unregister(conn)
+        if conn is None:
+            return
+        self._dirty.pop(conn_id, None)
+        conn.deadline = None
+        self._unregister(conn)
+        for key in conn.heard_from or ():
+            ids = self._listeners.get(key)
+            if ids is not None:
+                ids.discard(conn_id)
+                if not ids:
+                    del self._listeners[key]
+        conn.heard_from = None
 
     # --- mesh: what our outbound watcher connections report -------------------------------------
 
@@ -320,49 +405,132 @@ class RelayCore:
 
     # --- timers ---------------------------------------------------------------------------------
 
-    def next_deadline(self) -> float | None:
-        deadlines = [d for conn in self._conns.values() for d in self._conn_deadlines(conn)]
-        return min(deadlines, default=None)
+    def _arm(self, conn: _Conn, deadline: float) -> None:
+        """Hook: the connection's one deadline (ClientInfo, then KeepAlive) is now `deadline`."""
+        conn.deadline = deadline
+        heapq.heappush(self._timers, (deadline, conn.conn_id))
 
-    @staticmethod
-    def _conn_deadlines(conn: _Conn) -> list[float]:
-        if conn.state is ConnState.AWAIT_CLIENT_INFO:
-            return [conn.handshake_deadline]
-        if conn.state is ConnState.REGISTERED and conn.keepalive_at is not None:
-            return [conn.keepalive_at]
-        return []
+    def next_deadline(self) -> float | None:
+        timers, conns = self._timers, self._conns
+        while timers:
+            deadline, conn_id = timers[0]
+            conn = conns.get(conn_id)
+            if conn is not None and conn.deadline == deadline:
+                return deadline
+            heapq.heappop(timers)  # stale: re-armed, closed or gone
+        return None
 
     def on_timer(self, now: float) -> None:
-        for conn in list(self._conns.values()):
-            if conn.state is ConnState.AWAIT_CLIENT_INFO and now >= conn.handshake_deadline:
+        timers, conns = self._timers, self._conns
+        while timers and timers[0][0] <= now:
+            deadline, conn_id = heapq.heappop(timers)
+            conn = conns.get(conn_id)
+            if conn is None or conn.deadline != deadline:
+                continue
+            if conn.state is ConnState.AWAIT_CLIENT_INFO:
                 self._close(conn, "timeout waiting for ClientInfo")
-            elif (
-                conn.state is ConnState.REGISTERED
-                and conn.keepalive_at is not None
-                and now >= conn.keepalive_at
-            ):
-                conn.out += KeepAlive().encode()
-                while conn.keepalive_at <= now:
-                    conn.keepalive_at += conn.keepalive_period
+            elif conn.state is ConnState.REGISTERED:
+                self._out(conn).extend(_KEEPALIVE)
+                while deadline <= now:
+                    deadline += conn.keepalive_period
+                self._arm(conn, deadline)
 
     # --- receive --------------------------------------------------------------------------------
 
-    def receive_data(self, conn_id: int, data: bytes, now: float) -> None:
+    def receive_data(self, conn_id: int, data: bytes | bytearray | memoryview, now: float) -> None:
         """Feed one connection's bytes. A protocol error closes that connection only, emits
-        CloseConnection and raises RemoteProtocolError."""
+        CloseConnection and raises RemoteProtocolError. Frames before the bad one in the same
+        input have been acted on."""
         conn = self._conns.get(conn_id)
         if conn is None:
             raise LocalProtocolError(f"unknown connection {conn_id}")
         if conn.state is ConnState.CLOSED:
             return
+        chunk = data if isinstance(data, bytes) else bytes(data)
         try:
-            for frame_type, payload in conn.frames.feed_raw(data):
-                if conn.state not in _OPEN:  # closed by an earlier frame of this batch
-                    break
-                self._handle(conn, frame_type, payload, now)
+            pos = 0
+            if conn.partial is not None:
+                pos = self._complete_partial(conn, conn.partial, chunk, now)
+            if 0 <= pos < len(chunk) and conn.state in _OPEN:
+                self._frames(conn, chunk, pos, now)
         except RemoteProtocolError as exc:
+            conn.partial = None
             self._close(conn, f"protocol error: {exc}")
             raise
+
+    def _complete_partial(self, conn: _Conn, partial: bytearray, data: bytes, now: float) -> int:
+        """Fill the pending incomplete frame from `data`; process it when complete. Returns where
+        the rest of `data` starts, or -1 when all of it went into the still incomplete frame."""
+        pos = 0
+        if len(partial) < FRAME_HEADER_LEN:
+            pos = min(FRAME_HEADER_LEN - len(partial), len(data))
+            partial += data[:pos]
+            if len(partial) < FRAME_HEADER_LEN:
+                return -1
+            _check_length(*FRAME_HEADER.unpack_from(partial))
+        length: int = FRAME_HEADER.unpack_from(partial)[1]
+        need = FRAME_HEADER_LEN + length - len(partial)
+        take = min(need, len(data) - pos)
+        partial += data[pos : pos + take]
+        pos += take
+        if take < need:
+            return -1
+        conn.partial = None
+        self._frames(conn, bytes(partial), 0, now)
+        return pos
+
+    def _frames(self, conn: _Conn, data: bytes, pos: int, now: float) -> None:
+        """Act on every complete frame in `data[pos:]`; keep an incomplete tail in conn.partial.
+
+        SendPackets to a local client are gathered in runs (consecutive frames, same destination)
+        and handed to `_deliver_run` as offsets into `data`; anything else goes to `_handle`."""
+        end = len(data)
+        unpack = FRAME_HEADER.unpack_from
+        startswith = data.startswith
+        run_dst = b""
+        run_conn: _Conn | None = None
+        run: list[int] = []
+        while end - pos >= FRAME_HEADER_LEN:
+            frame_type, length = unpack(data, pos)
+            frame_end = pos + FRAME_HEADER_LEN + length
+            if frame_type == _SEND and conn.state is ConnState.REGISTERED:
+                if length > _SEND_MAX:
+                    _check_length(frame_type, length)
+                if frame_end > end:
+                    break
+                if length < KEY_LEN:
+                    raise MalformedPacket(f"SendPacket: payload of {length} bytes, need 32..")
+                if run_conn is not None and startswith(run_dst, pos + FRAME_HEADER_LEN):
+                    run.append(pos)
+                    pos = frame_end
+                    continue
+                if run_conn is not None:
+                    self._deliver_run(conn, run_conn, data, run, pos)
+                    run_conn = None
+                self._note_activity(conn)
+                dst = data[pos + FRAME_HEADER_LEN : pos + _KEY_END]
+                run_conn = self._local_target(dst)
+                if run_conn is not None:
+                    run_dst = dst
+                    run = [pos]
+                else:  # unknown, duplicate or on a mesh node: one frame at a time
+                    self._route(conn, dst, data[pos + _KEY_END : frame_end], now)
+                pos = frame_end
+                continue
+            _check_length(frame_type, length)
+            if frame_end > end:
+                break
+            if run_conn is not None:
+                self._deliver_run(conn, run_conn, data, run, pos)
+                run_conn = None
+            self._handle(conn, frame_type, data[pos + FRAME_HEADER_LEN : frame_end], now)
+            pos = frame_end
+            if conn.state not in _OPEN:  # closed by this frame: ignore the rest
+                return
+        if run_conn is not None:
+            self._deliver_run(conn, run_conn, data, run, pos)
+        if pos < end:
+            conn.partial = bytearray(data[pos:])
 
     def _handle(self, conn: _Conn, frame_type: int, payload: bytes, now: float) -> None:
         if conn.state is ConnState.AWAIT_CLIENT_INFO:
@@ -371,13 +539,10 @@ class RelayCore:
             self._on_client_info(conn, ClientInfo.parse(payload), now)
             return
         self._note_activity(conn)
-        if frame_type == FrameType.SEND_PACKET:
-            frame = SendPacket.parse(payload)
-            self._route(conn, frame.dst, frame.packet, now)
-        elif frame_type == FrameType.PING:
+        if frame_type == FrameType.PING:
             ping = Ping.parse(payload)
             if not conn.pong_pending:
-                conn.out += Pong(ping.data).encode()
+                self._out(conn).extend(Pong(ping.data).encode())
                 conn.pong_pending = True
         elif frame_type == FrameType.NOTE_PREFERRED:
             conn.preferred = NotePreferred.parse(payload).preferred
@@ -385,7 +550,7 @@ class RelayCore:
             if not conn.mesh:
                 raise MalformedPacket("insufficient permissions")
             self._handle_mesh(conn, frame_type, payload, now)
-        # Anything else is read and discarded (§2.3).
+        # Anything else is read and discarded (§2.3). SendPacket never gets here (_frames).
 
     def _handle_mesh(self, conn: _Conn, frame_type: int, payload: bytes, now: float) -> None:
         if frame_type == FrameType.FORWARD_PACKET:
@@ -397,9 +562,11 @@ class RelayCore:
             if conn.key == self.public_key or conn.watching:
                 return  # our own mesh client looped back, or a repeat
             conn.watching = True
+            self._watchers.add(conn.conn_id)
+            out = self._out(conn)
             for key, kset in self._clients.items():
                 shown = self._conns[kset.active if kset.active is not None else kset.conns[0]]
-                conn.out += PeerPresent(key, shown.endpoint, shown.flags).encode()
+                out += PeerPresent(key, shown.endpoint, shown.flags).encode()
         else:
             target = self._clients.get(ClosePeer.parse(payload).key)
             for conn_id in list(target.conns) if target is not None else []:
@@ -416,15 +583,16 @@ class RelayCore:
         conn.mesh = mesh
         if mesh:
             conn.flags = PeerPresentFlags.IS_MESH_PEER
+            self._mesh_ids.add(conn.conn_id)
         elif _info_field(info, "isprober") is True:
             conn.flags = PeerPresentFlags.IS_PROBER
         sealed = seal_server_info(
             self._private, frame.key, {"version": PROTOCOL_VERSION}, self._randbytes(NONCE_LEN)
         )
-        conn.out += ServerInfo(sealed).encode()
+        self._out(conn).extend(ServerInfo(sealed).encode())
         jitter = int.from_bytes(self._randbytes(4), "big") / 2**32 * KEEPALIVE_JITTER
         conn.keepalive_period = KEEPALIVE_INTERVAL + jitter
-        conn.keepalive_at = now + conn.keepalive_period
+        self._arm(conn, now + conn.keepalive_period)
         kset = self._clients.get(frame.key)
         if kset is None:
             self._clients[frame.key] = _KeySet([conn.conn_id], conn.conn_id)
@@ -432,6 +600,7 @@ class RelayCore:
             kset.conns.append(conn.conn_id)
             kset.active = conn.conn_id  # the newest connection is active on registration
         self.counters.clients_total += 1
+        self._registered += 1
         self._to_watchers(PeerPresent(frame.key, conn.endpoint, conn.flags).encode())
         self._events.append(ClientRegistered(conn.conn_id, frame.key, info, mesh))
 
@@ -456,6 +625,34 @@ class RelayCore:
 
     # --- routing --------------------------------------------------------------------------------
 
+    def _local_target(self, dst: bytes) -> _Conn | None:
+        """dst's active local connection, or None (unknown here, or a set with none active)."""
+        kset = self._clients.get(dst)
+        if kset is None or kset.active is None:
+            return None
+        return self._conns[kset.active]
+
+    def _deliver_run(
+        self, src_conn: _Conn, dst_conn: _Conn, data: bytes, offsets: list[int], end: int
+    ) -> None:
+        """SendPacket frames at `offsets` (contiguous, up to `end`) become RecvPackets for
+        dst_conn: one copy into its output, then each frame's type and key patched in place."""
+        src = src_conn.key
+        if src is None:
+            raise LocalProtocolError("routing from an unregistered connection")
+        start = offsets[0]
+        out = self._out(dst_conn)
+        shift = len(out) - start
+        out += memoryview(data)[start:end]
+        for pos in offsets:
+            at = pos + shift
+            out[at] = _RECV
+            out[at + FRAME_HEADER_LEN : at + _KEY_END] = src
+        count = len(offsets)
+        self.counters.packets_relayed += count
+        self.counters.bytes_relayed += end - start - count * _KEY_END
+        self._heard(dst_conn, src)
+
     def _route(self, src_conn: _Conn, dst: bytes, packet: bytes, now: float) -> None:
         src = src_conn.key
         if src is None:
@@ -477,17 +674,27 @@ class RelayCore:
         if kset is None:
             self._drop(unknown)
             if _looks_like_disco(packet) and self._take_not_here_token(via, now):
-                via.out += PeerGone(dst, PeerGoneReason.NOT_HERE).encode()
+                self._out(via).extend(PeerGone(dst, PeerGoneReason.NOT_HERE).encode())
                 self.counters.peer_gone_not_here += 1
             return
         if kset.active is None:
             self._drop("dup_client")
             return
         dst_conn = self._conns[kset.active]
-        dst_conn.out += RecvPacket(src, packet).encode()
-        dst_conn.heard_from.add(src)
+        self._out(dst_conn).extend(RecvPacket(src, packet).encode())
+        self._heard(dst_conn, src)
         self.counters.packets_relayed += 1
         self.counters.bytes_relayed += len(packet)
+
+    def _heard(self, dst_conn: _Conn, src: bytes) -> None:
+        """Hook: dst_conn got a packet from `src` (it gets PeerGone when src leaves the region)."""
+        heard = dst_conn.heard_from
+        if heard is None:
+            heard = dst_conn.heard_from = set()
+        elif src in heard:
+            return
+        heard.add(src)
+        self._listeners.setdefault(src, set()).add(dst_conn.conn_id)
 
     def _take_not_here_token(self, conn: _Conn, now: float) -> bool:
         elapsed = max(0.0, now - conn.not_here_at)
@@ -502,9 +709,8 @@ class RelayCore:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
     def _to_watchers(self, frame: bytes) -> None:
-        for conn in self._conns.values():
-            if conn.watching and conn.state is ConnState.REGISTERED:
-                conn.out += frame
+        for conn_id in self._watchers:
+            self._out(self._conns[conn_id]).extend(frame)
 
     # --- closing --------------------------------------------------------------------------------
 
@@ -513,7 +719,7 @@ class RelayCore:
             return
         self._unregister(conn)
         conn.state = ConnState.CLOSED
-        conn.keepalive_at = None
+        conn.deadline = None
         self._events.append(CloseConnection(conn.conn_id, reason))
 
     def _unregister(self, conn: _Conn) -> None:
@@ -522,6 +728,9 @@ class RelayCore:
             return
         conn.state = ConnState.CLOSED
         conn.watching = False
+        self._registered -= 1
+        self._watchers.discard(conn.conn_id)
+        self._mesh_ids.discard(conn.conn_id)
         kset = self._clients[key]
         kset.conns.remove(conn.conn_id)
         if kset.conns:
@@ -537,10 +746,14 @@ class RelayCore:
 
     def _gone_from_region(self, key: bytes) -> None:
         """PeerGone(Disconnected) to every open connection that has heard from `key` (§4.3)."""
+        listeners = self._listeners.pop(key, None)
+        if not listeners:
+            return
         gone = PeerGone(key, PeerGoneReason.DISCONNECTED).encode()
-        for other in self._conns.values():
-            if key in other.heard_from:
+        for conn_id in sorted(listeners):
+            other = self._conns[conn_id]
+            if other.heard_from is not None:
                 other.heard_from.discard(key)
-                if other.state is ConnState.REGISTERED:
-                    other.out += gone
-                    self.counters.peer_gone_disconnected += 1
+            if other.state is ConnState.REGISTERED:
+                self._out(other).extend(gone)
+                self.counters.peer_gone_disconnected += 1
