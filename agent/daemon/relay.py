@@ -49,9 +49,9 @@ from wsproto import events as ws_events
 
 from agent.daemon.relay_http import CHALLENGE, METRICS_TYPE, NO_CACHE, is_loopback, metrics_text
 from agent.daemon.relay_mesh import MESH_RETRY_BASE, MeshLink, MeshPeer, load_mesh_key
+from agent.daemon.stun_server import StunServer, serve_stun
 from agent.daemon.tls_stream import StreamServer, serve_streams
 from agent.keys import NodePrivate, NodePublic
-from agent.proto import stun
 from agent.proto.derp import upgrade
 from agent.proto.derp.frames import FRAME_HEADER_LEN
 from agent.proto.derp.server import ClientRegistered, CloseConnection, ForwardToMesh, RelayCore
@@ -293,29 +293,6 @@ class _RelayConn(asyncio.Protocol):
         self.transport = None
 
 
-class _StunProtocol(asyncio.DatagramProtocol):
-    def __init__(self, server: RelayServer) -> None:
-        self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        try:
-            txid = stun.parse_binding_request(data)
-        except RemoteProtocolError:
-            self.server.stats.not_stun += 1
-            return
-        host, port = str(addr[0]).partition("%")[0], int(addr[1])
-        if self.transport is not None:
-            self.transport.sendto(stun.binding_response(txid, (host, port)), addr)
-            self.server.stats.stun_answered += 1
-
-    def error_received(self, exc: Exception) -> None:
-        self.server.log.debug("relay_stun_error", error=str(exc))
-
-
 class RelayServer:
     """A running relay. `port`/`stun_port` are the bound ports; `close()` stops everything."""
 
@@ -333,8 +310,14 @@ class RelayServer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._server: StreamServer | None = None
-        self._stun: asyncio.DatagramTransport | None = None
+        self._stun: StunServer | None = None
         self.mesh_links: dict[str, MeshLink] = {}  # by MeshPeer.name, the core's node id
+
+    def note_stun(self, answered: bool) -> None:
+        if answered:
+            self.stats.stun_answered += 1
+        else:
+            self.stats.not_stun += 1
 
     @property
     def dropped_frames(self) -> int:
@@ -484,14 +467,12 @@ async def serve_relay(
     relay.port = server.sockets[0].getsockname()[1]
     if stun_port is not None:
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _StunProtocol(relay), local_addr=(host or "0.0.0.0", stun_port)
-            )
+            stun_server = serve_stun(host, stun_port, loop, relay.note_stun)
         except OSError:
             await relay.close()
             raise
-        relay._stun = transport
-        relay.stun_port = transport.get_extra_info("sockname")[1]
+        relay._stun = stun_server
+        relay.stun_port = stun_server.port
     log.info("relay_listening", host=host, port=relay.port, stun_port=relay.stun_port)
     if mesh_key is not None and mesh_peers:
         relay.start_mesh(
