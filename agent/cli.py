@@ -451,6 +451,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=os.environ.get("AGENT_LOG_LEVEL", "info"))
     p.set_defaults(func=_cmd_derper)
 
+    from agent.coordinator.admin import add_parser as add_coordinator_parser  # light: argparse
+
+    add_coordinator_parser(sub)
+
     p = sub.add_parser("demo", help="a self-contained tour on one machine (root)")
     p.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)  # reserved
     p.set_defaults(func=_cmd_demo)

@@ -18,7 +18,7 @@ apt-get update -qq
 say "apt: installing python3-venv gcc wireguard-go wireguard-tools iperf3 iproute2 ..."
 apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 \
     python3-venv python3-dev gcc wireguard-go wireguard-tools iperf3 iproute2 iputils-ping \
-    nftables ethtool procps dpkg-dev python3-seccomp systemd >/dev/null
+    nftables ethtool procps dpkg-dev python3-seccomp systemd postgresql >/dev/null
 
 PY="$(command -v python3 || true)"
 if [ -z "$PY" ]; then
