@@ -7,10 +7,12 @@
 
 Per implementation: iperf3 TCP, iperf3 UDP with 1392-byte and 64-byte payloads (received packets/s
 at an unlimited offered rate, then a few lower offered rates to find the highest with < 1 % loss),
-and the average of 20 pings. The two implementations run one after the other on the same
-namespaces, never at the same time.
+and the average and median of 20 pings. The two implementations run one after the other on the
+same namespaces, never at the same time; with `--rounds N` they alternate N times and each figure
+is the median over the rounds (a shared machine's load then hits both alike).
 
-Usage (root): python bench/throughput.py [--seconds 10] [--json] [--impl agent --impl wireguard-go]
+Usage (root): python bench/throughput.py [--seconds 10] [--rounds 1] [--json]
+                                         [--impl agent --impl wireguard-go]
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -36,7 +41,6 @@ from tests.integration.lab import (  # the repository root, put on sys.path abov
     WgGo,
     iperf3,
     keypair,
-    ping_rtt,
 )
 
 MTU = 1420
@@ -56,7 +60,10 @@ METRICS: list[tuple[str, str, str, bool]] = [
     ("udp64_loss_pct", "%", "UDP 64 B loss at that offer", False),
     ("udp64_max_pps_lt1pct", "pps", "UDP 64 B highest offer with <1% loss", True),
     ("ping_avg_ms", "ms", "ping RTT, average of 20", False),
+    ("ping_median_ms", "ms", "ping RTT, median of 20", False),
 ]
+PING_COUNT = 20
+_PING_TIME = re.compile(r"time=([\d.]+) ms")
 
 
 @contextmanager
@@ -152,8 +159,32 @@ def measure(ns_a: str, ns_b: str, seconds: float, steps: int, log: Any) -> dict[
             low = good[0] if good is not None else 0.0
             offer = (low + bad) / 2 if good is not None else offer / 2
         out[f"udp{size}_max_pps_lt1pct"] = good[1] if good is not None else None
-    log("  ping x20")
-    out["ping_avg_ms"] = ping_rtt(ns_a, B4, count=20)
+    log(f"  ping x{PING_COUNT}")
+    rtts = ping_times(ns_a, B4, PING_COUNT)
+    out["ping_avg_ms"] = statistics.mean(rtts) if rtts else None
+    out["ping_median_ms"] = statistics.median(rtts) if rtts else None
+    return out
+
+
+def ping_times(ns: str, addr: str, count: int, interval: float = 0.05) -> list[float]:
+    """Each reply's RTT in ms (lost pings are left out)."""
+    argv = ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", "2", addr]
+    res = subprocess.run(
+        ["ip", "netns", "exec", ns, *argv],
+        capture_output=True,
+        text=True,
+        timeout=count * (interval + 2) + 5,
+        check=False,
+    )
+    return [float(t) for t in _PING_TIME.findall(res.stdout)]
+
+
+def median_of_rounds(rounds: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """Per metric, the median over the rounds that measured it."""
+    out: dict[str, float | None] = {}
+    for key, *_ in METRICS:
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        out[key] = statistics.median(v for v in values if v is not None) if values else None
     return out
 
 
@@ -191,6 +222,9 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--impl", action="append", choices=IMPLS, help="only these (repeatable)")
     ap.add_argument("--udp-steps", type=int, default=5, help="offers tried per UDP size")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="alternate the implementations N times (median)"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.stderr.write("needs root (network namespaces)\n")
@@ -205,22 +239,28 @@ def main() -> int:
     def log(msg: str) -> None:
         sys.stderr.write(msg + "\n")
 
-    results: dict[str, dict[str, float | None]] = {}
+    runs: dict[str, list[dict[str, float | None]]] = {impl: [] for impl in impls}
+    failed: set[str] = set()
     started = time.monotonic()
     with Lab() as lab:
         ns_a, ns_b = lab.add_ns("a"), lab.add_ns("b")
         ips = lab.link(ns_a, ns_b)
-        for impl in impls:
-            log(f"{impl}:")
-            try:
-                with tunnel(lab, ns_a, ns_b, ips, impl):
-                    results[impl] = measure(ns_a, ns_b, args.seconds, args.udp_steps, log)
-            except LabError as e:
-                log(f"  {impl} failed: {e}")
-                results[impl] = {}
+        for n in range(max(1, args.rounds)):
+            for impl in impls:
+                log(f"{impl}:" if args.rounds <= 1 else f"{impl} (round {n + 1}/{args.rounds}):")
+                try:
+                    with tunnel(lab, ns_a, ns_b, ips, impl):
+                        runs[impl].append(measure(ns_a, ns_b, args.seconds, args.udp_steps, log))
+                except LabError as e:
+                    log(f"  {impl} failed: {e}")
+                    failed.add(impl)
     log(f"done in {time.monotonic() - started:.0f} s")
+    results = {impl: {} if impl in failed else median_of_rounds(runs[impl]) for impl in impls}
     if args.json:
-        print(json.dumps({"seconds": args.seconds, "mtu": MTU, "results": results}, indent=2))
+        doc = {"seconds": args.seconds, "mtu": MTU, "results": results}
+        if args.rounds > 1:
+            doc["rounds"] = runs
+        print(json.dumps(doc, indent=2))
     else:
         print(table(results))
     return 0 if all(results.values()) else 1

@@ -4,8 +4,10 @@ Outbound (TUN readable; `on_tun_readable`):
   1. TUN read, draining up to `max_tun_reads` reads until EAGAIN. With offloads one read is a
      TCP/UDP super-packet of up to 64 KB (~45 segments at MTU 1420).
   2. Segmentation (`offload.segment`): wire-size IP packets with complete checksums, built as
-     rows of one numpy array.
-  3. Routing, once per super-packet: every segment shares the destination address.
+     rows of one numpy array. A plain packet only gets its checksum finished
+     (`offload.complete_checksum`), without the segmentation machinery.
+  3. Routing, once per super-packet, and only when the destination differs from the previous
+     packet's: a drained batch is mostly one flow.
   4. Encryption, once per peer per drained batch (`PeerLike.encrypt`): nonce order is the
      order of the batch, so a peer's packets keep their order.
   5. Transmission through the `PeerSender` (daemon/transport.py): UDP GSO, one `sendmsg` per
@@ -16,8 +18,10 @@ Inbound (UDP readable; `on_udp_readable`):
      is a run of datagrams of one source.
   2. Decryption, replay and allowed-IP checks, once per run (`DeviceLike.receive_batch`);
      handshake replies and keepalives come back in the same result and are sent at once.
-  3. Coalescing (`offload.coalesce`): in-order TCP segments of one flow become one GSO packet.
-  4. TUN write: one `writev` per coalesced packet (vnet header + headers + payload views).
+  3. Coalescing (`offload.coalesce`): in-order TCP segments of one flow become one GSO packet;
+     with USO, equal-size UDP datagrams of one flow become one UDP_L4 GSO packet (up to 64
+     small datagrams per TUN write instead of one write each).
+  4. TUN write: one `writev` per coalesced packet (vnet header + headers + payloads).
 
 Relayed (a DERP link delivered datagrams; `on_relayed`): the same as inbound, with the region's
 pseudo-endpoint as the source; replies go back through that region to the sending key.
@@ -37,8 +41,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agent.daemon.offload import Buffer, coalesce, segment
-from agent.daemon.tun import Tun
+from agent.daemon.offload import (
+    F_NEEDS_CSUM,
+    GSO_NONE,
+    Buffer,
+    coalesce,
+    complete_checksum,
+    segment,
+)
+from agent.daemon.tun import OFFLOAD_TSO_USO, Tun
 from agent.daemon.udp import Endpoint, UdpSocket
 from agent.engine.paths import derp_endpoint
 from agent.keys import NodePublic
@@ -250,39 +261,55 @@ class DataPlane:
         stats = self.stats
         drops = stats.drops
         stats.tun_reads += len(frames)
-        device = self.device
-        routes: dict[bytes, PeerLike | None] = {}
+        route = self.device.route
+        # A drained batch is mostly one flow: the last destination's peer and packet list are
+        # reused without a lookup.
+        last_dst: bytes | None = None
+        last_peer: PeerLike | None = None
+        last_list: list[Buffer] | None = None
         per_peer: dict[int, tuple[PeerLike, list[Buffer]]] = {}
         for hdr, pkt in frames:
-            version = pkt[0] >> 4 if pkt else 0
-            if version == 4 and len(pkt) >= 20:
-                dst = bytes(pkt[16:20])
-            elif version == 6 and len(pkt) >= 40:
-                dst = bytes(pkt[24:40])
+            n = len(pkt)
+            version = pkt[0] >> 4 if n else 0
+            if version == 4 and n >= 20:
+                dst = pkt[16:20].tobytes()
+            elif version == 6 and n >= 40:
+                dst = pkt[24:40].tobytes()
             else:
                 drops[DropReason.NOT_IP] += 1
                 continue
+            one: Buffer | None = None
+            segments: list[Buffer] = []
             try:
-                segments = segment(hdr, pkt)
+                if hdr.gso_type == GSO_NONE:
+                    one = complete_checksum(hdr, pkt) if hdr.flags & F_NEEDS_CSUM else pkt
+                else:
+                    segments = segment(hdr, pkt)
             except MalformedPacket:
                 drops[DropReason.MALFORMED] += 1
                 continue
-            if dst in routes:
-                peer = routes[dst]
-            else:
-                peer = routes[dst] = device.route(dst)
-            if peer is None:
-                drops[DropReason.NO_ROUTE] += len(segments)
+            if dst != last_dst:
+                peer = route(dst)
+                last_dst = dst
+                if peer is None:
+                    last_peer = last_list = None
+                else:
+                    entry = per_peer.get(id(peer))
+                    if entry is None:
+                        entry = per_peer[id(peer)] = (peer, [])
+                    last_peer, last_list = entry
+            if last_list is None or last_peer is None:
+                drops[DropReason.NO_ROUTE] += 1 if one is not None else len(segments)
                 continue
-            entry = per_peer.get(id(peer))
-            if entry is None:
-                per_peer[id(peer)] = (peer, segments)
+            if one is not None:
+                last_list.append(one)
             else:
-                entry[1].extend(segments)
+                last_list.extend(segments)
         if per_peer:
             now = self.clock()
             for peer, packets in per_peer.values():
-                self._send_to_peer(peer, packets, now)
+                if packets:
+                    self._send_to_peer(peer, packets, now)
         self.on_activity()
 
     def _send_to_peer(self, peer: PeerLike, packets: list[Buffer], now: float) -> None:
@@ -369,7 +396,7 @@ class DataPlane:
         stats = self.stats
         tun = self.tun
         if tun.vnet_hdr:
-            items = coalesce(packets)
+            items = coalesce(packets, udp=tun.offload == OFFLOAD_TSO_USO)
             failed = tun.write_coalesced(items)
             stats.tun_writes += len(items)
         else:

@@ -17,7 +17,10 @@ the Python work per segment is a memoryview slice.
 
 RX: `coalesce()` merges consecutive in-order TCP segments of one flow into one GSO packet
 whose TCP checksum field holds the pseudo-header partial sum (CHECKSUM_PARTIAL), so the TUN
-takes a whole window of data in one `writev`.
+takes a whole window of data in one `writev`. With `udp=True` (the TUN took USO) it does the
+same for UDP: consecutive equal-size datagrams of one flow become one UDP_L4 GSO packet
+(`gso_size` = payload length, the last datagram may be shorter), which the kernel cuts back
+into the original datagrams; one TUN write instead of one per datagram.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ __all__ = [
     "checksum_fold",
     "internet_sum",
     "segment",
+    "complete_checksum",
     "coalesce",
 ]
 
@@ -79,6 +83,12 @@ TCP_CWR: Final = 0x80
 MAX_COALESCED_LEN: Final = 0xFFFF
 # One writev carries the header plus one iovec per segment; stay well under IOV_MAX (1024).
 MAX_COALESCED_SEGMENTS: Final = 256
+# The kernel refuses a UDP_L4 GSO packet of more than UDP_MAX_SEGMENTS datagrams (64 before
+# Linux 6.9, 128 since): stay at the lower limit.
+MAX_UDP_SEGMENTS: Final = 64
+# From this many bytes one numpy sum beats `int.from_bytes(...) % 0xFFFF` (~1.3 us fixed
+# against ~1.4 ns/byte, measured: 1400 B 1.5 vs 2.0 us, 500 B 1.4 vs 0.8 us).
+NUMPY_CSUM_MIN: Final = 1024
 # Below this many segments the pure path is cheaper than numpy's ~28 us fixed cost per call
 # (measured: 8 segments 29 us pure vs 32 us numpy; 47 segments 160 vs 48 us).
 VECTORISE_MIN_SEGMENTS: Final = 9
@@ -221,17 +231,36 @@ def _pseudo_base(pkt: Buffer, lay: _Layout) -> int:
     return _addr_sum(pkt[8:40]) + lay.proto
 
 
-def _complete_checksum(hdr: VirtioNetHdr, pkt: Buffer) -> list[Buffer]:
-    """A single packet with NEEDS_CSUM: the field holds the pseudo-header sum; finish it."""
-    start, field = hdr.csum_start, hdr.csum_start + hdr.csum_offset
-    if field + 2 > len(pkt) or start < 20:
+def complete_checksum(hdr: VirtioNetHdr, pkt: Buffer) -> bytearray:
+    """A single packet with NEEDS_CSUM (the field holds the pseudo-header sum): a copy with
+    the checksum finished. The per-packet path of small datagrams, so it is kept flat."""
+    start = hdr.csum_start
+    field = start + hdr.csum_offset
+    n = len(pkt)
+    if field + 2 > n or start < 20:
         raise MalformedPacket("checksum offsets outside the packet")
     out = bytearray(pkt)
-    csum = ~internet_sum(out[start:]) & 0xFFFF
+    if n - start >= NUMPY_CSUM_MIN:
+        words = np.frombuffer(out, dtype=">u2", count=(n - start) >> 1, offset=start)
+        value = int(words.sum(dtype=np.uint64))
+        if (n - start) & 1:
+            value += out[-1] << 8
+    else:
+        value = int.from_bytes(out[start:], "big")
+        if (n - start) & 1:
+            value <<= 8  # the odd tail byte is the high half of a zero-padded word
+    folded = value % 0xFFFF
+    # a residue of 0 is a folded sum of 0xFFFF (checksum 0) unless every word was zero
+    csum = 0xFFFF - folded if folded else (0 if value else 0xFFFF)
     if csum == 0 and hdr.csum_offset == UDP_CSUM_OFFSET:
         csum = 0xFFFF
-    _U16.pack_into(out, field, csum)
-    return [out]
+    out[field] = csum >> 8
+    out[field + 1] = csum & 0xFF
+    return out
+
+
+def _complete_checksum(hdr: VirtioNetHdr, pkt: Buffer) -> list[Buffer]:
+    return [complete_checksum(hdr, pkt)]
 
 
 def segment(hdr: VirtioNetHdr, packet: Buffer, *, vectorise: bool | None = None) -> list[Buffer]:
@@ -490,6 +519,29 @@ def _tcp_segment_info(pkt: Buffer) -> _Info | None:
     return _Info((addrs, sport, dport), shape, l3len, hlen, seq, iplen - hlen, flags, mergeable)
 
 
+class _UdpRun:
+    """An open run of equal-size UDP datagrams of one flow being merged into one USO packet."""
+
+    __slots__ = ("closed", "first", "l3len", "mss", "payloads", "shape", "total")
+
+    def __init__(self, first: Buffer, l3len: int, mss: int, shape: tuple[int, ...]) -> None:
+        self.first = first
+        self.l3len = l3len
+        self.mss = mss
+        self.shape = shape
+        self.total = l3len + 8 + mss
+        self.payloads: list[Buffer] = [first[l3len + 8 : self.total]]
+        self.closed = mss == 0
+
+
+# IPv4 without options + UDP: tos, total length, fragment word, ttl, protocol, then the
+# addresses and ports (the flow key) and the UDP length. The IP id and both checksums vary.
+_UDP4 = struct.Struct("!xBH2xHBB2x12sH")
+# IPv6 + UDP: version/class/flow label, payload length, next header, hop limit, addresses and
+# ports (the flow key), UDP length.
+_UDP6 = struct.Struct("!IHBB36sH")
+
+
 def _finish(group: _Group) -> tuple[bytes, list[Buffer]]:
     first = group.first
     if len(group.payloads) == 1:
@@ -520,19 +572,91 @@ def _finish(group: _Group) -> tuple[bytes, list[Buffer]]:
     return vnet.encode() + bytes(head), group.payloads
 
 
+def _finish_udp(run: _UdpRun) -> tuple[bytes, list[Buffer]]:
+    first = run.first
+    if len(run.payloads) == 1:
+        return ZERO_VNET_HDR, [memoryview(first)[: run.total]]
+    l3len = run.l3len
+    hlen = l3len + 8
+    head = bytearray(first[:hlen])
+    if l3len == 20:
+        _U16.pack_into(head, 2, run.total)
+        _U16.pack_into(head, 10, 0)
+        _U16.pack_into(head, 10, ~internet_sum(head[:20]) & 0xFFFF)
+        pseudo = _addr_sum(head[12:20])
+    else:
+        _U16.pack_into(head, 4, run.total - 40)
+        pseudo = _addr_sum(head[8:40])
+    ulen = run.total - l3len
+    _U16.pack_into(head, l3len + 4, ulen)
+    # CHECKSUM_PARTIAL: the pseudo-header sum over the whole length; the kernel adjusts it
+    # for each datagram's own length when it segments.
+    _U16.pack_into(head, l3len + UDP_CSUM_OFFSET, checksum_fold(pseudo + PROTO_UDP + ulen))
+    vnet = _HDR.pack(F_NEEDS_CSUM, GSO_UDP_L4, hlen, run.mss, l3len, UDP_CSUM_OFFSET)
+    return vnet + bytes(head), run.payloads
+
+
 def coalesce(
-    packets: Sequence[Buffer], *, max_len: int = MAX_COALESCED_LEN
+    packets: Sequence[Buffer], *, max_len: int = MAX_COALESCED_LEN, udp: bool = False
 ) -> list[tuple[bytes, list[Buffer]]]:
     """Group IP packets for TUN writes: each item is (vnet header + headers, payload buffers).
 
     In-order TCP segments of one flow with equal payload sizes (the last may be shorter), the
     same ACK, flags and options, and no SYN/FIN/RST/URG/CWR become one TCPV4/TCPV6 GSO packet
-    of at most `max_len` IP bytes. Every other packet is its own item behind a zero vnet header.
-    Write each item with one `os.writev([header, *buffers])`.
+    of at most `max_len` IP bytes. With `udp`, consecutive UDP datagrams of one flow (same
+    addresses and ports, equal payload sizes with the last possibly shorter, same TOS/TTL/DF
+    or traffic class/flow label/hop limit, no IPv4 options or fragments) become one UDP_L4 GSO
+    packet of at most MAX_UDP_SEGMENTS datagrams. Every other packet is its own item behind a
+    zero vnet header. Packets of one flow keep their order. Write each item with one
+    `os.writev([header, *buffers])`.
     """
-    items: list[tuple[bytes, list[Buffer]] | _Group] = []
+    items: list[tuple[bytes, list[Buffer]] | _Group | _UdpRun] = []
     open_runs: dict[_FlowKey, _Group] = {}
+    udp_runs: dict[bytes, _UdpRun] = {}
+    udp4 = _UDP4.unpack_from
+    udp6 = _UDP6.unpack_from
     for pkt in packets:
+        n = len(pkt)
+        b0 = pkt[0] if n else 0
+        if udp and n >= 28:
+            ukey: bytes | None = None
+            if b0 == 0x45:
+                if pkt[9] == PROTO_UDP:
+                    tos, iplen, frag, ttl, _p, ukey, ulen = udp4(pkt)
+                    l3len = 20
+                    ushape: tuple[int, ...] = (tos, ttl, frag)
+                    ok = iplen <= n and ulen == iplen - 20 and not frag & 0x3FFF
+            elif b0 >> 4 == 6 and n >= 48 and pkt[6] == PROTO_UDP:
+                vtcfl, plen6, _p, hop, ukey, ulen = udp6(pkt)
+                l3len = 40
+                ushape = (vtcfl, hop)
+                ok = plen6 + 40 <= n and ulen == plen6
+            if ukey is not None:
+                urun = udp_runs.get(ukey)
+                if not ok or ulen < 8:
+                    if urun is not None:  # a later datagram may not pass it
+                        del udp_runs[ukey]
+                    items.append((ZERO_VNET_HDR, [pkt]))
+                    continue
+                plen = ulen - 8
+                if (
+                    urun is not None
+                    and not urun.closed
+                    and 0 < plen <= urun.mss
+                    and urun.shape == ushape
+                    and urun.total + plen <= max_len
+                    and len(urun.payloads) < MAX_UDP_SEGMENTS
+                ):
+                    base = l3len + 8
+                    # a slice of bytes is cheaper than a memoryview of it, even at 1.4 KB
+                    urun.payloads.append(pkt[base : base + plen])
+                    urun.total += plen
+                    if plen < urun.mss:
+                        urun.closed = True
+                    continue
+                urun = udp_runs[ukey] = _UdpRun(pkt, l3len, plen, ushape)
+                items.append(urun)
+                continue
         info = _tcp_segment_info(pkt)
         if info is None:
             items.append((ZERO_VNET_HDR, [pkt]))
@@ -550,7 +674,7 @@ def coalesce(
             and len(run.payloads) < MAX_COALESCED_SEGMENTS
             and info.shape == run.shape
         ):
-            run.payloads.append(memoryview(pkt)[hlen : hlen + plen])
+            run.payloads.append(pkt[hlen : hlen + plen])
             run.total += plen
             run.next_seq = (info.seq + plen) & 0xFFFFFFFF
             if plen < run.mss or info.flags & TCP_PSH:
@@ -566,4 +690,12 @@ def coalesce(
             run.closed = True
         open_runs[info.key] = run
         items.append(run)
-    return [_finish(it) if isinstance(it, _Group) else it for it in items]
+    out: list[tuple[bytes, list[Buffer]]] = []
+    for it in items:
+        if isinstance(it, _Group):
+            out.append(_finish(it))
+        elif isinstance(it, _UdpRun):
+            out.append(_finish_udp(it))
+        else:
+            out.append(it)
+    return out

@@ -125,24 +125,23 @@ class UdpSocket:
     def send_batch(self, datagrams: Sequence[Buffer], addr: Endpoint) -> int:
         """Send every datagram to `addr`; returns how many were not sent (counted as well)."""
         target = self._target(addr)
-        if not self.gso:
-            return self._send_each(datagrams, target)
-        failed = 0
         n = len(datagrams)
+        if not self.gso or n == 1:
+            return self._send_each(datagrams, target)
+        sizes = list(map(len, datagrams))
+        failed = 0
         i = 0
         while i < n:
-            size = len(datagrams[i])
-            total = size
-            j = i + 1
-            limit = min(n, i + MAX_GSO_SEGMENTS)
-            while j < limit:
-                s = len(datagrams[j])
-                if s > size or total + s > MAX_GSO_BYTES:
-                    break
-                total += s
-                j += 1
-                if s < size:
-                    break
+            size = sizes[i]
+            limit = min(n, i + MAX_GSO_SEGMENTS, i + MAX_GSO_BYTES // max(size, 1))
+            if sizes[i:limit].count(size) == limit - i:
+                j = limit  # the usual case: a whole run of equal sizes, counted in C
+            else:
+                j = i + 1
+                while j < limit and sizes[j] == size:
+                    j += 1
+                if j < limit and sizes[j] < size:
+                    j += 1  # a shorter datagram may end a GSO run
             if j - i == 1:
                 failed += self._send_each(datagrams[i:j], target)
             else:

@@ -163,3 +163,98 @@ def test_two_devices_handshake_and_carry_packets_through_derp_only() -> None:
     assert tun_a.written == [ipv4(B_IP, A_IP, b"and back")]
     assert dp_a.stats.rx_packets == 1
     assert dp_b.stats.rx_packets == 1
+
+
+class VnetTun(FakeTun):
+    """A TUN with a vnet header and USO: reads carry headers, writes are coalesced items."""
+
+    vnet_hdr = True
+    offload = "tso+uso"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames: list[tuple[Any, memoryview]] = []
+        self.items: list[tuple[bytes, list[Any]]] = []
+
+    def read_batch(self, max_packets: int) -> list[tuple[Any, memoryview]]:
+        out, self.frames = self.frames, []
+        return out
+
+    def write_coalesced(self, items: list[tuple[bytes, list[Any]]]) -> int:
+        self.items.extend(items)
+        return 0
+
+
+def _udp_partial(src: bytes, dst: bytes, payload: bytes, ip_id: int) -> bytes:
+    """A UDP packet as the kernel hands it with NEEDS_CSUM: the pseudo-header sum in the field."""
+    ulen = 8 + len(payload)
+    ih = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, ip_id, 0x4000, 64, 17, 0, src, dst)
+    total = sum(struct.unpack("!4H", src + dst)) + 17 + ulen
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    s = sum(struct.unpack("!10H", ih))
+    while s > 0xFFFF:
+        s = (s & 0xFFFF) + (s >> 16)
+    ih = ih[:10] + struct.pack("!H", ~s & 0xFFFF) + ih[12:]
+    return ih + struct.pack("!HHHH", 4000, 5000, ulen, total) + payload
+
+
+def test_small_udp_through_two_planes_is_checksummed_and_coalesced() -> None:
+    from agent.daemon.offload import F_NEEDS_CSUM, GSO_UDP_L4, VirtioNetHdr, segment
+
+    ka, kb = NodePrivate.generate(), NodePrivate.generate()
+    dev_a, dev_b = Device(ka), Device(kb)
+    dev_a.add_peer(
+        kb.public(), endpoint=("198.18.0.2", 1), allowed_ips=[ip_network("100.64.0.2/32")]
+    )
+    dev_b.add_peer(
+        ka.public(), endpoint=("198.18.0.1", 1), allowed_ips=[ip_network("100.64.0.1/32")]
+    )
+    tun_a, tun_b = VnetTun(), VnetTun()
+    udp_a, udp_b = FakeUdp(), FakeUdp()
+    dp_a = DataPlane(tun_a, udp_a, dev_a, lambda: 1.0, lambda: None)  # type: ignore[arg-type]
+    dp_b = DataPlane(tun_b, udp_b, dev_b, lambda: 1.0, lambda: None)  # type: ignore[arg-type]
+
+    def pump() -> None:
+        for _ in range(4):
+            for src, dst, dp, ep in (
+                (udp_a, udp_b, dp_b, "198.18.0.1"),
+                (udp_b, udp_a, dp_a, "198.18.0.2"),
+            ):
+                sent, src.sent = src.sent, []
+                if sent:
+                    dst.inbox = [([memoryview(d) for d, _ in sent], (ep, 1))]
+                    dp.on_udp_readable()
+
+    csum = VirtioNetHdr(F_NEEDS_CSUM, 0, 0, 0, 20, 6)
+    nowhere = bytes([10, 9, 9, 9])
+    packets = [_udp_partial(A_IP, B_IP, bytes([i]) * 64, 100 + i) for i in range(10)]
+    frames = []
+    for p in packets:  # alternate a routable and an unroutable destination
+        frames.append((csum, memoryview(p)))
+        frames.append((csum, memoryview(_udp_partial(A_IP, nowhere, b"x" * 64, 1))))
+    tun_a.frames = frames[:2]  # the first packet starts the handshake and is staged
+    dp_a.on_tun_readable()
+    pump()
+    tun_a.frames = frames[2:]
+    dp_a.on_tun_readable()
+    pump()
+
+    assert dp_a.stats.drops[DropReason.NO_ROUTE] == 10
+    assert dp_b.stats.rx_packets == 10
+    got: list[bytes] = []
+    for head, bufs in tun_b.items:
+        hdr = VirtioNetHdr.parse(head)
+        body = head[10:] + b"".join(bytes(b) for b in bufs)
+        if hdr.gso_type == GSO_UDP_L4:
+            got.extend(bytes(s) for s in segment(hdr, body))
+        else:
+            got.append(body)
+    assert [g[28:] for g in got] == [p[28:] for p in packets]
+    for g in got:  # the UDP checksum was finished on the way out
+        words = sum(struct.unpack("!4H", g[12:20])) + 17 + len(g) - 20
+        words += sum(struct.unpack(f"!{(len(g) - 20) // 2}H", g[20:]))
+        while words > 0xFFFF:
+            words = (words & 0xFFFF) + (words >> 16)
+        assert words == 0xFFFF
+    assert any(VirtioNetHdr.parse(h).gso_type == GSO_UDP_L4 for h, _ in tun_b.items)

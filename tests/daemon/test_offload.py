@@ -396,3 +396,169 @@ def test_segment_then_coalesce_property(version: int, size: int, mss: int, seq: 
         else:
             out += check_coalesced((head, bufs), version, mss)
     assert out == payload
+
+
+# --------------------------------------------------------------------------- UDP (USO)
+
+
+def udp_packet(
+    version: int,
+    payload: bytes,
+    ip_id: int = 0x1234,
+    ports: tuple[int, int] = (5353, 9999),
+    ttl: int = 64,
+    frag: int = 0x4000,
+) -> bytes:
+    """A complete UDP/IP packet with valid checksums."""
+    ulen = 8 + len(payload)
+    src, dst = (SRC4, DST4) if version == 4 else (SRC6, DST6)
+    uh = struct.pack("!HHHH", *ports, ulen, 0)
+    csum = ~ones_sum(uh + payload, pseudo_sum(src, dst, 17, ulen)) & 0xFFFF or 0xFFFF
+    uh = uh[:6] + struct.pack("!H", csum)
+    if version == 4:
+        ih = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, ip_id, frag, ttl, 17, 0, SRC4, DST4)
+        ih = ih[:10] + struct.pack("!H", ~ones_sum(ih) & 0xFFFF) + ih[12:]
+    else:
+        ih = struct.pack("!IHBB16s16s", 0x60000000, ulen, 17, ttl, SRC6, DST6)
+    return ih + uh + payload
+
+
+def check_uso(item: tuple[bytes, list[offload.Buffer]], version: int, mss: int) -> bytes:
+    """Validate one UDP_L4 GSO item as the kernel would take it; return the joined payloads."""
+    head, bufs = item
+    vnet = VirtioNetHdr.parse(head)
+    l3 = 20 if version == 4 else 40
+    whole = head[10:] + b"".join(bytes(b) for b in bufs)
+    assert vnet == VirtioNetHdr(F_NEEDS_CSUM, GSO_UDP_L4, l3 + 8, mss, l3, 6)
+    verify_ip(whole)
+    ulen = len(whole) - l3
+    assert struct.unpack_from("!H", whole, l3 + 4)[0] == ulen
+    src, dst = (whole[12:16], whole[16:20]) if version == 4 else (whole[8:24], whole[24:40])
+    assert struct.unpack_from("!H", whole, l3 + 6)[0] == pseudo_sum(src, dst, 17, ulen)
+    return whole[l3 + 8 :]
+
+
+@pytest.mark.parametrize("version", [4, 6])
+@pytest.mark.parametrize("size", [64, 1392])
+def test_udp_datagrams_of_one_flow_become_one_uso_packet(version: int, size: int) -> None:
+    dgrams = [
+        udp_packet(version, pattern(size)[::-1] + bytes([i]), ip_id=0x1234 + i) for i in range(20)
+    ]
+    items = coalesce(dgrams, udp=True)
+    assert len(items) == 1
+    payload = check_uso(items[0], version, size + 1)
+    assert payload == b"".join(d[(20 if version == 4 else 40) + 8 :] for d in dgrams)
+    # the kernel's cut (our own segment() stands in for it) gives back the very datagrams
+    head, bufs = items[0]
+    again = segment(VirtioNetHdr.parse(head), head[10:] + b"".join(bytes(b) for b in bufs))
+    assert [bytes(s) for s in again] == dgrams
+
+
+def test_udp_coalescing_is_off_unless_asked() -> None:
+    dgrams = [udp_packet(4, pattern(100)) for _ in range(5)]
+    items = coalesce(dgrams)
+    assert [bytes(b[0]) for _, b in items] == dgrams
+    assert all(h == ZERO_VNET_HDR for h, _ in items)
+
+
+def test_udp_short_datagram_ends_a_run_and_runs_cap_at_64() -> None:
+    flow = [udp_packet(4, pattern(500)) for _ in range(3)] + [udp_packet(4, pattern(20))]
+    flow += [udp_packet(4, pattern(500)) for _ in range(2)]
+    items = coalesce(flow, udp=True)
+    assert len(items) == 2
+    assert check_uso(items[0], 4, 500) == pattern(500) * 3 + pattern(20)
+    assert check_uso(items[1], 4, 500) == pattern(500) * 2
+    many = [udp_packet(6, pattern(64)) for _ in range(150)]
+    items = coalesce(many, udp=True)
+    assert [len(b) for _, b in items] == [64, 64, 22]
+    # a larger datagram does not join a run (gso_size is the first datagram's size)
+    items = coalesce([udp_packet(4, pattern(100)), udp_packet(4, pattern(200))], udp=True)
+    assert len(items) == 2
+    assert all(h == ZERO_VNET_HDR for h, _ in items)
+
+
+def test_udp_flows_interleave_and_odd_packets_stay_alone_in_order() -> None:
+    a = [udp_packet(4, pattern(300), ports=(1, 2)) for _ in range(4)]
+    b = [udp_packet(4, pattern(300), ports=(3, 4)) for _ in range(4)]
+    mixed = [x for pair in zip(a, b, strict=True) for x in pair]
+    items = coalesce(mixed, udp=True)
+    assert len(items) == 2
+    assert check_uso(items[0], 4, 300) == pattern(300) * 4
+    assert items[0][0][10 + 20 : 10 + 24] == struct.pack("!HH", 1, 2)
+    assert items[1][0][10 + 20 : 10 + 24] == struct.pack("!HH", 3, 4)
+    # a fragment, another TTL, or a bad UDP length: each alone, and the run of its flow ends
+    # there, so that no later datagram of the flow overtakes it
+    frag = udp_packet(4, pattern(300), ports=(1, 2), frag=0x2000)
+    other_ttl = udp_packet(4, pattern(300), ports=(1, 2), ttl=9)
+    bad = bytearray(udp_packet(4, pattern(300), ports=(1, 2)))
+    bad[25] ^= 1
+    for odd in (frag, other_ttl, bytes(bad)):
+        seq = [a[0], a[1], odd, a[2], a[3]]
+        items = coalesce(seq, udp=True)
+        flat = []
+        for head, bufs in items:
+            if head == ZERO_VNET_HDR:
+                flat.append(bytes(bufs[0]))
+            else:
+                flat.append(check_uso((head, bufs), 4, 300))
+        assert flat == [pattern(300) * 2, odd, pattern(300) * 2]
+
+
+def test_udp_and_tcp_in_one_batch() -> None:
+    tcp = [tcp_packet(4, pattern(1000), seq=1 + 1000 * i) for i in range(3)]
+    udp = [udp_packet(4, pattern(1000)) for _ in range(3)]
+    items = coalesce([tcp[0], udp[0], tcp[1], udp[1], tcp[2], udp[2]], udp=True)
+    kinds = [VirtioNetHdr.parse(h).gso_type for h, _ in items]
+    assert kinds == [GSO_TCPV4, GSO_UDP_L4]
+    assert check_coalesced(items[0], 4, 1000) == pattern(1000) * 3
+    assert check_uso(items[1], 4, 1000) == pattern(1000) * 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    version=st.sampled_from([4, 6]),
+    sizes=st.lists(st.integers(min_value=0, max_value=1400), min_size=1, max_size=80),
+)
+def test_udp_coalesce_keeps_every_datagram_in_order(version: int, sizes: list[int]) -> None:
+    # consecutive IP ids, as a sender makes them and as segmentation restores them
+    dgrams = [udp_packet(version, pattern(n)[::-1], ip_id=i) for i, n in enumerate(sizes)]
+    out: list[bytes] = []
+    for head, bufs in coalesce(dgrams, udp=True):
+        if head == ZERO_VNET_HDR:
+            out.append(bytes(bufs[0]))
+            continue
+        vnet = VirtioNetHdr.parse(head)
+        check_uso((head, bufs), version, vnet.gso_size)
+        segs = segment(vnet, head[10:] + b"".join(bytes(b) for b in bufs))
+        out.extend(bytes(s) for s in segs)
+    assert out == dgrams
+
+
+@pytest.mark.parametrize("version", [4, 6])
+@pytest.mark.parametrize("size", [0, 1, 2, 333, 1023, 1024, 1025, 1392, 4001])
+def test_complete_checksum_small_and_large(version: int, size: int) -> None:
+    payload = pattern(size)
+    ulen = 8 + size
+    ih = ip_header(version, ulen, 17)
+    src, dst = (SRC4, DST4) if version == 4 else (SRC6, DST6)
+    partial = pseudo_sum(src, dst, 17, ulen)
+    pkt = ih + struct.pack("!HHHH", 1, 2, ulen, partial) + payload
+    hdr = VirtioNetHdr(F_NEEDS_CSUM, GSO_NONE, 0, 0, len(ih), 6)
+    out = offload.complete_checksum(hdr, memoryview(pkt))
+    verify_l4(bytes(out), len(ih), 17)
+    assert out[: len(ih) + 6] == pkt[: len(ih) + 6]
+    assert out[len(ih) + 8 :] == payload
+
+
+def test_complete_checksum_zero_result_is_ffff_for_udp_only() -> None:
+    # a UDP header whose checksum comes out as 0 must be sent as 0xFFFF (0 means "none");
+    # for TCP 0 stays 0. Data whose sum is 0xFFFF yields a computed checksum of 0.
+    body = struct.pack("!HHHH", 0xFFFF, 0, 0, 0)  # ports + length + field: sum 0xFFFF
+    pkt = bytes(20) + body
+    out_udp = offload.complete_checksum(VirtioNetHdr(F_NEEDS_CSUM, 0, 0, 0, 20, 6), pkt)
+    assert out_udp[26:28] == b"\xff\xff"
+    tcp = bytes(20) + struct.pack("!HH", 0xFFFF, 0) + bytes(16)
+    out_tcp = offload.complete_checksum(VirtioNetHdr(F_NEEDS_CSUM, 0, 0, 0, 20, 16), tcp)
+    assert out_tcp[36:38] == b"\0\0"
+    with pytest.raises(MalformedPacket):
+        offload.complete_checksum(VirtioNetHdr(F_NEEDS_CSUM, 0, 0, 0, 20, 16), bytes(30))

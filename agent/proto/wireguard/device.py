@@ -47,7 +47,7 @@ from agent.proto.wireguard.cookie import CookieChecker
 from agent.proto.wireguard.handshake import Handshake, LocalIdentity, consume_initiation
 from agent.proto.wireguard.messages import TRANSPORT_HEADER, CookieReply
 from agent.proto.wireguard.peer import DeviceContext, Endpoint, Event, IndexTable, Peer
-from agent.proto.wireguard.session import Keypair
+from agent.proto.wireguard.session import NONCE, Keypair
 
 __all__ = ["Device", "RxBatch"]
 
@@ -211,11 +211,22 @@ class Device:
         route = self.route
         drop = self._ctx.drop
         unpack = TRANSPORT_HEADER.unpack_from
+        nonce = NONCE.pack
         # The transport batch currently accumulating for one keypair.
         cur_kp: Keypair | None = None
         cur_peer: Peer | None = None
         cur_bytes = 0
         cur_data = False
+        # The last receiver index looked up, with its entry, whether it may still receive and
+        # its AEAD. Forgotten whenever the index table may change (a handshake message, a
+        # finished run of transport messages), so a freed index is looked up again.
+        last_index = -1
+        entry: tuple[Keypair, Peer] | None = None
+        alive = False
+        decrypt: Callable[[bytes, Buffer, None], bytes] | None = None
+        # Every packet of a run usually comes from the same inner source address.
+        last_src: Buffer | None = None
+        last_src_peer: Peer | None = None
         for d in datagrams:
             n = len(d)
             if n >= TRANSPORT_MIN_SIZE and d[0] == MSG_TRANSPORT:
@@ -223,16 +234,21 @@ class Device:
                 if word != MSG_TRANSPORT:
                     result.foreign.append(d)
                     continue
-                entry = keypairs.get(index)
-                if entry is None:
+                if index != last_index:
+                    last_index = index
+                    entry = keypairs.get(index)
+                    if entry is not None:
+                        alive = entry[0].can_receive(now)
+                        decrypt = entry[0].decrypt
+                if entry is None or decrypt is None:
                     drop(DropReason.UNKNOWN_RECEIVER)
                     continue
-                kp, peer = entry
-                if not kp.can_receive(now):
+                if not alive:
                     drop(DropReason.EXPIRED_SESSION)
                     continue
+                kp, peer = entry
                 try:
-                    pt = kp.open(counter, memoryview(d)[16:])
+                    pt = decrypt(nonce(counter), d[16:], None)
                 except InvalidTag:
                     drop(DropReason.AUTHENTICATION)
                     continue
@@ -244,6 +260,7 @@ class Device:
                         self._finish_transport(
                             result, cur_peer, cur_kp, src, now, cur_bytes, cur_data
                         )
+                        last_index = -1
                     cur_kp, cur_peer, cur_bytes, cur_data = kp, peer, 0, False
                 cur_bytes += n
                 if not pt:
@@ -262,11 +279,15 @@ class Device:
                 if length > len(pt) or length < 20:
                     drop(DropReason.MALFORMED)
                     continue
-                if route(srcaddr) is not peer:
+                if srcaddr != last_src:
+                    last_src = srcaddr
+                    last_src_peer = route(srcaddr)
+                if last_src_peer is not peer:
                     drop(DropReason.DISALLOWED_SOURCE)
                     continue
                 packets.append(pt if length == len(pt) else pt[:length])
             else:
+                last_index = -1
                 try:
                     result.replies.extend(self._receive_handshake(d, src, now, result))
                 except RemoteProtocolError as e:

@@ -46,6 +46,7 @@ class Keypair:
         "_seal",
         "_send_prefix",
         "created",
+        "decrypt",
         "is_initiator",
         "local_index",
         "remote_index",
@@ -65,6 +66,8 @@ class Keypair:
     ) -> None:
         self._seal = ChaCha20Poly1305(send_key).encrypt
         self._open = ChaCha20Poly1305(recv_key).decrypt
+        # The raw AEAD for the receive loop: decrypt(NONCE.pack(counter), ciphertext, None)
+        self.decrypt = self._open
         self.local_index = local_index
         self.remote_index = remote_index
         self.is_initiator = is_initiator
