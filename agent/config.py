@@ -36,6 +36,7 @@ __all__ = [
     "Config",
     "InterfaceConfig",
     "PeerConfig",
+    "ControlConfig",
     "DerpConfig",
     "DerpRegion",
     "DerpNode",
@@ -131,10 +132,24 @@ class DerpConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ControlConfig:
+    """A coordinator (`agent coordinator`): it hands out addresses, peers and the DERP map."""
+
+    url: str  # https://HOST[:PORT]
+    auth_key: str = ""  # pre-auth key; "" once the node is registered
+    ca_file: str | None = None  # None = the system trust store
+    hostname: str = ""  # "" = this machine's host name
+
+    def __repr__(self) -> str:  # the auth key is a secret
+        return f"ControlConfig(url={self.url!r}, hostname={self.hostname!r})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     interface: InterfaceConfig
     derp: DerpConfig = DerpConfig()
     peers: tuple[PeerConfig, ...] = ()
+    control: ControlConfig | None = None
 
 
 # -- entry points ---------------------------------------------------------------------------------
@@ -150,16 +165,18 @@ def parse_config(text: str, *, base_dir: Path | None = None) -> Config:
     """Validate TOML `text`; raise ConfigError listing every problem found."""
     c = _Checker(base_dir)
     doc = c.toml(text)
-    c.known("", doc, {"interface", "derp", "peers"})
+    c.known("", doc, {"interface", "derp", "peers", "control"})
+    c.has_control = "control" in doc
     iface_t = c.table("interface", doc.get("interface"), required=True)
     iface = c.interface(iface_t) if iface_t is not None else None
     derp = c.derp(doc.get("derp"))
     peers = tuple(c.items("", doc, "peers", c.peer))
+    control = c.control(doc["control"]) if c.has_control else None
     if c.problems:
         raise ConfigError(c.problems)
     assert iface is not None
     assert derp is not None
-    return Config(interface=iface, derp=derp, peers=peers)
+    return Config(interface=iface, derp=derp, peers=peers, control=control)
 
 
 def control_socket_path(path: str | Path) -> str:
@@ -216,6 +233,7 @@ class _Checker:
         self.problems: list[str] = []
         # cross-checks, filled as sections are read (interface and derp before peers)
         self.own_public: NodePublic | None = None
+        self.has_control = False  # a [control] section: addresses come from the coordinator
         self.region_ids: set[int] = set()
         self.peer_names: dict[str, str] = {}
         self.peer_keys: dict[NodePublic, str] = {}
@@ -417,6 +435,33 @@ class _Checker:
 
     # sections
 
+    def control(self, v: object) -> ControlConfig | None:
+        p = "control"
+        t = self.table(p, v)
+        if t is None:
+            return None
+        self.known(p, t, {"url", "auth_key", "auth_key_file", "ca_file", "hostname"})
+        url = self.required(p, t, "url", self.string)
+        if url is not None and not url.startswith("https://"):
+            self.bad(f"{p}.url", f"{url!r} is not an https:// URL")
+        auth_key = ""
+        if "auth_key" in t and "auth_key_file" in t:
+            self.bad(p, "give auth_key or auth_key_file, not both")
+        elif "auth_key" in t:
+            auth_key = self.string(f"{p}.auth_key", t["auth_key"]) or ""
+        elif "auth_key_file" in t:
+            file = self.path(f"{p}.auth_key_file", t["auth_key_file"])
+            if file is not None:
+                try:
+                    auth_key = Path(file).read_text(encoding="utf-8").strip()
+                except (OSError, UnicodeDecodeError) as e:
+                    self.bad(f"{p}.auth_key_file", f"cannot read {file!r}: {e}")
+        ca_file = self.opt(p, t, "ca_file", self.path, None)
+        hostname = self.opt(p, t, "hostname", self.string, "")
+        if url is None or not url.startswith("https://"):
+            return None
+        return ControlConfig(url=url, auth_key=auth_key, ca_file=ca_file, hostname=hostname)
+
     def interface(self, t: dict[str, Any]) -> InterfaceConfig | None:
         p = "interface"
         self.known(p, t, _INTERFACE_KEYS)
@@ -425,7 +470,11 @@ class _Checker:
         priv = self.key_or_file(p, t, "private_key", NodePrivate, required=True)
         self.own_public = priv.public() if priv is not None else None
         addrs: list[IPv4Interface | IPv6Interface] = self.items(
-            p, t, "addresses", self.address, empty="lists no overlay address"
+            p,
+            t,
+            "addresses",
+            self.address,
+            empty=None if self.has_control else "lists no overlay address",
         )
         listen_port = self.opt(p, t, "listen_port", self.port, 41641)
         mtu = self.opt(p, t, "mtu", lambda q, v: self.integer(q, v, 576, 65535), 1280)

@@ -26,7 +26,9 @@ from typing import Any
 
 from agent import api
 from agent.config import Config
-from agent.daemon import metrics, uapi
+from agent.coordinator.client import CoordinatorClient, CoordinatorError
+from agent.coordinator.netmap import NetMap, NodeInfo
+from agent.daemon import control, metrics, uapi
 from agent.daemon.dataplane import DataPlane
 from agent.daemon.derp_client import DerpClients
 from agent.daemon.netcheck_cmd import NetcheckDriver
@@ -72,8 +74,12 @@ def sd_notify(message: str) -> None:
 class Daemon:
     """Everything `agent up` owns. Fields are owned by the event loop's thread."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, coordinator: CoordinatorClient | None = None) -> None:
         self.config = config
+        self.coordinator = coordinator
+        self.control: control.ControlLink | None = None
+        self._static_peers = {p.public_key for p in config.peers}
+        self._control_peers: dict[NodePublic, NodeInfo] = {}
         self.names = {p.public_key: p.name for p in config.peers}
         self.device: Device | None = None
         self.tun: Tun | None = None
@@ -172,6 +178,11 @@ class Daemon:
                     have_v6=any(":" in ip for ip in self.local_ips),
                 )
                 self._tasks.append(loop.create_task(self._netcheck_loop(), name="netcheck"))
+            if self.coordinator is not None:
+                self.control = control.ControlLink(
+                    self.coordinator, self.config, self._apply_netmap, self._control_lost
+                )
+                self._tasks.append(loop.create_task(self.control.run(), name="control"))
             now = loop.time()
             self._update_local_endpoints(now)
             self._send_stun(self.stun.start(now))
@@ -315,6 +326,7 @@ class Daemon:
                     log.info("home region", old=derp.home_region, new=preferred)
                     derp.set_home(preferred)
                     self.paths.home_region = preferred
+                    self._report_control()
             await asyncio.sleep(max(0.0, driver.netchecker.next_run_at(loop.time()) - loop.time()))
 
     def _update_local_endpoints(self, now: float) -> None:
@@ -325,6 +337,71 @@ class Daemon:
         endpoints += [(ip, port) for ip in self.local_ips if (ip, port) not in endpoints]
         self.paths.set_local_endpoints(endpoints, now)
         log.info("endpoints", endpoints=[_fmt(ep) for ep in endpoints])
+        self._report_control()
+
+    # -- coordinator ---------------------------------------------------------------------------
+    def _report_control(self) -> None:
+        if self.control is not None:
+            self.control.report(self.paths.local_endpoints, self.paths.home_region)
+
+    def _control_lost(self, why: str) -> None:
+        """Out of the network: drop every peer the coordinator gave us (static ones stay)."""
+        log.error("coordinator link stopped", reason=why)
+        device = self.device
+        for key in list(self._control_peers):
+            if device is not None:
+                device.remove_peer(key)
+            self.paths.remove_peer(key)
+            self.names.pop(key, None)
+        self._control_peers = {}
+        sd_notify(f"STATUS=up: {self.config.interface.name}, removed from the coordinator")
+
+    def _apply_netmap(self, netmap: NetMap) -> None:
+        """Peers from the coordinator, applied live: added, changed, removed (static peers
+        from the config are never touched)."""
+        device = self.device
+        if device is None:
+            return
+        own = self.config.interface.private_key.public()
+        seen: dict[NodePublic, NodeInfo] = {}
+        added = changed = 0
+        for node in netmap.peers:
+            key = node.node_key
+            if key == own or key in self._static_peers:
+                continue
+            seen[key] = node
+            old = self._control_peers.get(key)
+            if old == node:
+                continue
+            self.names[key] = node.name
+            if old is None:
+                device.add_peer(key, allowed_ips=node.allowed_ips())
+                added += 1
+            else:
+                peer = device.peers.get(key)
+                if peer is not None:
+                    device.set_allowed_ips(peer, node.allowed_ips(), replace=True)
+                changed += 1
+            if old is None or (old.disco_key, old.home_region) != (
+                node.disco_key,
+                node.home_region,
+            ):
+                self.paths.add_peer(key, derp_region=node.home_region, disco_key=node.disco_key)
+        removed = [key for key in self._control_peers if key not in seen]
+        for key in removed:
+            device.remove_peer(key)
+            self.paths.remove_peer(key)
+            self.names.pop(key, None)
+        self._control_peers = seen
+        log.info(
+            "netmap",
+            version=netmap.version,
+            peers=len(seen),
+            added=added,
+            changed=changed,
+            removed=len(removed),
+        )
+        self.flush()
 
     def _send_stun(self, requests: list[tuple[bytes, tuple[str, int]]]) -> None:
         if self.udp is None:
@@ -654,7 +731,15 @@ def _stun_servers(config: Config) -> list[StunServer]:
 
 def run_daemon(config: Config) -> int:
     """Run `agent up` in the foreground until SIGTERM/SIGINT; returns the exit code."""
-    daemon = Daemon(config)
+    client: CoordinatorClient | None = None
+    if config.control is not None:
+        url = config.control.url
+        try:
+            config, client, _reg = asyncio.run(control.join(config))
+        except (CoordinatorError, ValueError) as e:
+            log.error("cannot join the coordinator", url=url, error=str(e))
+            return 1
+    daemon = Daemon(config, coordinator=client)
     try:
         try:
             daemon.open_interface()

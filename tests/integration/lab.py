@@ -514,9 +514,13 @@ class Agent:
         ifname: str | None = None,
         mtu: int | None = None,
         derp_toml: str = "",
+        control_toml: str = "",
     ) -> None:
         self.lab = lab
         self.derp_toml = derp_toml  # a [derp] section with its [[derp.regions]], verbatim
+        # a [control] section, verbatim: the coordinator hands out the addresses, so
+        # `addresses` are then only what start() waits for, not written to the config
+        self.control_toml = control_toml
         self.ns = ns
         self.private_key = private_key
         self.public_key = base64.b64encode(
@@ -538,12 +542,15 @@ class Agent:
             "[interface]",
             f"name = {_toml_str(self.ifname)}",
             f"private_key = {_toml_str(self.private_key)}",
-            f"addresses = {_toml_list(self.addresses)}",
             f"listen_port = {self.listen_port}",
             f"control_socket = {_toml_str(str(self.control_socket))}",
         ]
+        if not self.control_toml:
+            lines.append(f"addresses = {_toml_list(self.addresses)}")
         if self.mtu is not None:
             lines.append(f"mtu = {self.mtu}")
+        if self.control_toml:
+            lines += ["", self.control_toml.strip()]
         if self.derp_toml:
             lines += ["", self.derp_toml.strip()]
         for p in self.peers:
