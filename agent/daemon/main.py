@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import os
+import secrets
 import signal
 import socket
 import time
@@ -69,6 +71,27 @@ def sd_notify(message: str) -> None:
     with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.connect(path)
         s.sendall(message.encode())
+
+
+class RandomPool:
+    """secrets.token_bytes served from a 4 KiB block: the timers draw jitter on every data
+    send, and one getrandom() per block instead of per call is measurable on the packet path.
+    Bytes are never handed out twice."""
+
+    def __init__(self, block: int = 4096) -> None:
+        self._block = block
+        self._buf = b""
+        self._pos = 0
+
+    def __call__(self, n: int) -> bytes:
+        if n > self._block:
+            return secrets.token_bytes(n)
+        if self._pos + n > len(self._buf):
+            self._buf = secrets.token_bytes(self._block)
+            self._pos = 0
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return out
 
 
 class Daemon:
@@ -126,7 +149,9 @@ class Daemon:
         cfg = self.config.interface
         loop = asyncio.get_running_loop()
         self._loop = loop
-        device = Device(cfg.private_key, wall_offset=time.time() - loop.time())
+        device = Device(
+            cfg.private_key, wall_offset=time.time() - loop.time(), randbytes=RandomPool()
+        )
         self.device = device
         for p in self.config.peers:
             device.add_peer(
@@ -201,6 +226,7 @@ class Daemon:
                 udp_gro=self.udp.gro,
                 derp_home=self.paths.home_region,
             )
+            gc.freeze()  # startup objects never need collecting: shorter pauses on the packet path
             sd_notify(f"READY=1\nSTATUS=up: {cfg.name}, {len(device.peers)} peers")
             await self._stop.wait()
         finally:
