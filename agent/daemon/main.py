@@ -19,29 +19,27 @@ import contextlib
 import gc
 import ipaddress
 import os
-import secrets
 import signal
 import socket
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from agent import api
 from agent.config import Config
 from agent.coordinator.client import CoordinatorClient, CoordinatorError
 from agent.coordinator.netmap import NetMap, NodeInfo
 from agent.daemon import control, metrics, uapi
+from agent.daemon.control_api import ControlApi, format_endpoint, serve_control
 from agent.daemon.dataplane import DataPlane
 from agent.daemon.derp_client import DerpClients
 from agent.daemon.netcheck_cmd import NetcheckDriver
 from agent.daemon.netinfo import local_addresses
+from agent.daemon.randpool import RandomPool
 from agent.daemon.transport import PeerTransport
 from agent.daemon.tun import Tun, open_tun
 from agent.daemon.udp import UdpSocket, open_udp
 from agent.engine.engine import PathEngine, static_disco_private, static_disco_public
 from agent.engine.events import PathChanged, PongReceived
 from agent.engine.netcheck import Report
-from agent.engine.paths import derp_region_of
 from agent.engine.stun_probe import StunProber, StunServer
 from agent.keys import NodePublic
 from agent.log import get_logger
@@ -71,27 +69,6 @@ def sd_notify(message: str) -> None:
     with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.connect(path)
         s.sendall(message.encode())
-
-
-class RandomPool:
-    """secrets.token_bytes served from a 4 KiB block: the timers draw jitter on every data
-    send, and one getrandom() per block instead of per call is measurable on the packet path.
-    Bytes are never handed out twice."""
-
-    def __init__(self, block: int = 4096) -> None:
-        self._block = block
-        self._buf = b""
-        self._pos = 0
-
-    def __call__(self, n: int) -> bytes:
-        if n > self._block:
-            return secrets.token_bytes(n)
-        if self._pos + n > len(self._buf):
-            self._buf = secrets.token_bytes(self._block)
-            self._pos = 0
-        out = self._buf[self._pos : self._pos + n]
-        self._pos += n
-        return out
 
 
 class Daemon:
@@ -127,6 +104,7 @@ class Daemon:
         self._servers: list[asyncio.AbstractServer] = []
         self._stop = asyncio.Event()
         self._uapi_served = False
+        self.api = ControlApi(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open_interface(self) -> None:
@@ -194,7 +172,7 @@ class Daemon:
             await self._start_uapi()
             if cfg.metrics_listen is not None:
                 host, port = cfg.metrics_listen
-                self._servers.append(await metrics.serve_metrics(host, port, self.metrics_text))
+                self._servers.append(await metrics.serve_metrics(host, port, self.api.metrics_text))
             if self.derp is not None:
                 self.derp.start()
                 self.netcheck = NetcheckDriver(
@@ -362,7 +340,7 @@ class Daemon:
         endpoints = [*self.stun.public_endpoints()]
         endpoints += [(ip, port) for ip in self.local_ips if (ip, port) not in endpoints]
         self.paths.set_local_endpoints(endpoints, now)
-        log.info("endpoints", endpoints=[_fmt(ep) for ep in endpoints])
+        log.info("endpoints", endpoints=[format_endpoint(ep) for ep in endpoints])
         self._report_control()
 
     # -- coordinator ---------------------------------------------------------------------------
@@ -449,7 +427,7 @@ class Daemon:
                     peer=self.names.get(ev.key, str(ev.key)),
                     old=ev.old,
                     new=ev.new,
-                    endpoint=_fmt(ev.endpoint) if ev.endpoint else None,
+                    endpoint=format_endpoint(ev.endpoint) if ev.endpoint else None,
                     derp_region=ev.derp_region,
                 )
             elif isinstance(ev, PongReceived):
@@ -530,183 +508,7 @@ class Daemon:
 
     # -- control socket ----------------------------------------------------------------------
     async def _start_control_socket(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        server = await asyncio.start_unix_server(self._serve_control, path=path)
-        os.chmod(path, 0o600)
-        self._servers.append(server)
-
-    async def _serve_control(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), timeout=10)
-            try:
-                req = api.Request.parse(line)
-                if req.op == "status":
-                    reply = api.Response.success(self.status().to_dict())
-                elif req.op == "metrics":
-                    reply = api.Response.success({"text": self.metrics_text()})
-                elif req.op == "ping":
-                    reply = await self._control_ping(req.args)
-                else:
-                    reply = api.Response.failure(f"operation {req.op!r} is not supported yet")
-            except api.ApiError as e:
-                reply = api.Response.failure(str(e))
-            writer.write(reply.encode())
-            await writer.drain()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
-            log.debug("control connection failed", error=str(e))
-        finally:
-            writer.close()
-
-    def status(self) -> api.Status:
-        device = self.device
-        assert device is not None
-        assert self.udp is not None
-        assert self.tun is not None
-        assert self._loop is not None
-        now = self._loop.time()
-        cfg = self.config.interface
-        peers = []
-        for pk, peer in device.peers.items():
-            if self.transport is not None:
-                self.transport.has_path(peer, now)  # peers added by `wg set` get a path entry
-            path = self.paths.status(pk, now)
-            ep = path.endpoint
-            endpoint = None
-            if ep is not None:
-                endpoint = f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
-            live = peer.keypairs.current is not None
-            peers.append(
-                api.PeerStatus(
-                    name=self.names.get(pk, pk.to_b64()[:8]),
-                    public_key=pk.to_b64(),
-                    allowed_ips=tuple(str(n) for n in device.allowed_ips.networks_of(peer)),
-                    path=path.path if live else "none",
-                    endpoint=endpoint,
-                    derp_region=path.derp_region,
-                    latency_ms=None if path.latency is None else round(path.latency * 1000, 3),
-                    latest_handshake=int(peer.last_handshake) if peer.last_handshake else None,
-                    rx_bytes=peer.rx_bytes,
-                    tx_bytes=peer.tx_bytes,
-                    persistent_keepalive=peer.persistent_keepalive,
-                )
-            )
-        drops: dict[str, int] = {str(k): v for k, v in device.drops.items() if v}
-        dp: dict[str, Any] = {"offload": self.tun.offload, "udp_gso": self.udp.gso}
-        es = self.paths.stats
-        dp["disco"] = {
-            **{f"sent_{k}": v for k, v in es.sent.items()},
-            **{f"received_{k}": v for k, v in es.received.items()},
-            **{f"dropped_{k}": v for k, v in es.drops.items()},
-            "stun_sent": self.stun.sent,
-            "stun_answered": self.stun.answered,
-        }
-        if self.dataplane is not None:
-            stats = self.dataplane.stats.as_dict()
-            for k, v in stats.items():
-                if k == "drops" and isinstance(v, dict):
-                    for reason, n in v.items():
-                        drops[reason] = drops.get(reason, 0) + n
-                else:
-                    dp[k] = v
-        derp = api.DerpStatus(
-            home_region=self.paths.home_region,
-            connected_regions=self.derp.connected_regions() if self.derp is not None else (),
-            stats=self.derp.stats() if self.derp is not None else {},
-        )
-        return api.Status(
-            interface=cfg.name,
-            derp=derp,
-            public_key=device.public_key.to_b64(),
-            listen_port=self.udp.port,
-            addresses=tuple(str(a) for a in cfg.addresses),
-            peers=tuple(peers),
-            drops=drops,
-            dataplane=dp,
-        )
-
-    def find_peer(self, text: str) -> NodePublic | None:
-        """A peer by name, public key (base64) or an overlay address inside its allowed IPs."""
-        device = self.device
-        if device is None:
-            return None
-        for key, name in self.names.items():
-            if name == text and key in device.peers:
-                return key
-        for key in device.peers:
-            if key.to_b64() == text:
-                return key
-        try:
-            addr = ipaddress.ip_address(text)
-        except ValueError:
-            return None
-        peer = device.route(addr.packed)
-        return peer.public_key if peer is not None else None
-
-    async def _control_ping(self, args: Mapping[str, Any]) -> api.Response:
-        text = args.get("peer")
-        if not isinstance(text, str):
-            return api.Response.failure("ping needs a peer (name, overlay address or key)")
-        key = self.find_peer(text)
-        if key is None:
-            return api.Response.failure(f"no peer {text!r}")
-        if not self.paths.has_disco(key):
-            return api.Response.failure(
-                f"peer {text!r} is a plain WireGuard peer (no DERP region, no DISCO): "
-                "use ping on its overlay address"
-            )
-        pong = await self.ping(key)
-        name = self.names.get(key, key.to_b64()[:8])
-        peer = self.device.peers.get(key) if self.device is not None else None
-        nets = self.device.allowed_ips.networks_of(peer) if self.device and peer else []
-        who = {"peer": name, "address": str(nets[0].network_address) if nets else None}
-        if pong is None:
-            return api.Response.success({**who, "pong": False})
-        region = derp_region_of(pong.via)
-        codes = {r.id: r.code for r in self.config.derp.regions}
-        return api.Response.success(
-            {
-                **who,
-                "pong": True,
-                "via": "derp" if region is not None else "direct",
-                "derp_region": region,
-                "derp_code": codes.get(region) if region is not None else None,
-                "endpoint": None if region is not None else _fmt(pong.via),
-                "latency_ms": round(pong.latency * 1000, 3),
-            }
-        )
-
-    def metrics_text(self) -> str:
-        st = self.status()
-        peers = tuple(
-            metrics.PeerMetrics(
-                name=p.name,
-                public_key=p.public_key,
-                rx_bytes=p.rx_bytes,
-                tx_bytes=p.tx_bytes,
-                handshakes=self.handshakes.get(NodePublic.from_b64(p.public_key), 0),
-                last_handshake=p.latest_handshake,
-                path=p.path,
-                path_switches=self.path_switches.get(NodePublic.from_b64(p.public_key), 0),
-            )
-            for p in st.peers
-        )
-        counters = {k: v for k, v in st.dataplane.items() if isinstance(v, int) and k != "udp_gso"}
-        derp = self.derp
-        return metrics.render(
-            metrics.Snapshot(
-                peers=peers,
-                drops=st.drops,
-                dataplane=counters,
-                derp_connected=(
-                    {rid: link.connected for rid, link in derp.links.items()} if derp else {}
-                ),
-                derp=dict(st.derp.stats),
-            )
-        )
+        self._servers.append(await serve_control(path, self.api))
 
     # -- WireGuard UAPI ----------------------------------------------------------------------
     def _uapi_path(self) -> str:
@@ -733,10 +535,6 @@ class Daemon:
             return
         self._servers.append(server)
         self._uapi_served = True
-
-
-def _fmt(ep: tuple[str, int]) -> str:
-    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
 
 
 def _stun_servers(config: Config) -> list[StunServer]:
