@@ -13,6 +13,7 @@ import pytest
 from agent.config import (
     Config,
     ConfigError,
+    ControlConfig,
     DerpConfig,
     DerpNode,
     InterfaceConfig,
@@ -344,9 +345,36 @@ def test_example_config_parses_with_inline_keys() -> None:
 
 def test_example_config_shows_every_key() -> None:
     text = (REPO / "agent.conf.example").read_text()
-    keys = {"private_key_file", "preshared_key_file"}
-    for cls in (InterfaceConfig, PeerConfig, DerpConfig, DerpNode):
+    keys = {"private_key_file", "preshared_key_file", "auth_key_file"}
+    for cls in (InterfaceConfig, PeerConfig, DerpConfig, DerpNode, ControlConfig):
         keys |= {f.name for f in dataclasses.fields(cls)}
     keys |= {"id", "code", "nodes"}
     missing = sorted(k for k in keys if not re.search(rf"\b{k}\b", text))
     assert missing == []
+
+
+def test_control_section_makes_addresses_optional(tmp_path: Path) -> None:
+    key_file = tmp_path / "auth.key"
+    key_file.write_text("agentkey-abc\n")
+    text = f"""
+[interface]
+private_key = {q(PRIV_A.to_b64())}
+
+[control]
+url = "https://coord.example.net:8443"
+auth_key_file = "auth.key"
+hostname = "laptop"
+"""
+    cfg = parse_config(text, base_dir=tmp_path)
+    assert cfg.interface.addresses == ()
+    assert cfg.control == ControlConfig(
+        url="https://coord.example.net:8443", auth_key="agentkey-abc", hostname="laptop"
+    )
+    assert "agentkey" not in repr(cfg.control)
+
+
+def test_control_section_problems() -> None:
+    text = IFACE + '[control]\nurl = "http://x"\nauth_key = "a"\nauth_key_file = "b"\n'
+    problems = problems_of(text)
+    assert "control.url: 'http://x' is not an https:// URL" in problems
+    assert "control: give auth_key or auth_key_file, not both" in problems
