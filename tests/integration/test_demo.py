@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ def test_demo_runs_relayed_then_direct_and_leaves_nothing_behind() -> None:
     out = res.stdout
     assert "Path from a to b: derp (region 900, through the relay)" in out
     assert "Path from a to b: direct (198.18.2.1:41641)" in out
-    assert out.count("3 packets transmitted, 3 received") == 2
+    # both directions got their 3 replies (ping may need a 4th try while the session starts)
+    assert len(re.findall(r"\d+ packets transmitted, 3 received", out)) == 2, out
     assert "Done: the overlay works." in out
     assert not {ns for ns in _namespaces() - before if ns.startswith("agt-demo-")}
