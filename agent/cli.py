@@ -244,8 +244,10 @@ def _cmd_derper(args: argparse.Namespace) -> int:
             mesh_with=args.mesh_with,
             mesh_ca_file=path(args.mesh_ca_file),
             verify_clients_file=path(args.verify_clients_file),
+            rate_config=path(args.rate_config),
         )
-    except ValueError as e:  # a bad key file, mesh key, --mesh-with entry or allowed-keys line
+    except ValueError as e:  # a bad key file, mesh key, --mesh-with entry, allowed-keys line
+        # or rate config
         return _err(f"derper: {e}")
     except OSError as e:  # includes ssl.SSLError (bad or missing certificate)
         return _err(f"derper: {e}")
@@ -447,6 +449,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--verify-clients-file",
         help="allowed client public keys, one a line (base64 or nodekey:<hex>, # comments)",
+    )
+    p.add_argument(
+        "--rate-config",
+        metavar="FILE",
+        help='per-client receive limit, JSON {"PerClientRateLimitBytesPerSec": N, '
+        '"PerClientRateBurstBytes": M} (N = 0: off); read again on SIGHUP',
     )
     p.add_argument("--log-level", default=os.environ.get("AGENT_LOG_LEVEL", "info"))
     p.set_defaults(func=_cmd_derper)

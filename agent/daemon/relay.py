@@ -14,7 +14,9 @@ behaviour, region mesh), §6.2-§6.3 (STUN server). Each accepted TCP (or TLS) s
       anything else                          -> 404 (426 for /derp without an Upgrade), then close
     DERP            bytes -> RelayCore.receive_data; after every input each connection's
                     data_to_send is flushed, CloseConnection events close their streams and
-                    ForwardToMesh events go out on the region's mesh links (relay_mesh.py)
+                    ForwardToMesh events go out on the region's mesh links (relay_mesh.py);
+                    PauseReading / ResumeReading (the core's per-client receive rate limit,
+                    §4.6) pause and resume reading that stream: TCP back-pressure, no drops
 
 All connections share one RelayCore (ids are ints) and one asyncio timer armed at
 `RelayCore.next_deadline()`. After each input the shell writes only the connections the core
@@ -23,7 +25,8 @@ transport holds more than MAX_CLIENT_BUFFER unsent bytes loses further frames (c
 `RelayServer.dropped_frames`) instead of stalling others. Streams are tls_stream.Stream (OpenSSL
 on the socket, no per-connection read buffer), not asyncio's TLS transport: see tls_stream.py.
 Files: the server key (`--config`, derper's `{"PrivateKey": "privkey:<hex>"}`, created 0600),
-the mesh key (relay_mesh.load_mesh_key) and the allowed client keys (`--verify-clients-file`).
+the mesh key (relay_mesh.load_mesh_key), the allowed client keys (`--verify-clients-file`) and
+the receive rate limit (`--rate-config`, derper's JSON, read again on SIGHUP: `load_rate_config`).
 """
 
 from __future__ import annotations
@@ -54,14 +57,24 @@ from agent.daemon.tls_stream import StreamServer, serve_streams
 from agent.keys import NodePrivate, NodePublic
 from agent.proto.derp import upgrade
 from agent.proto.derp.frames import FRAME_HEADER_LEN
-from agent.proto.derp.server import ClientRegistered, CloseConnection, ForwardToMesh, RelayCore
+from agent.proto.derp.server import (
+    CLIENT_INFO_TIMEOUT,
+    ClientRegistered,
+    CloseConnection,
+    ForwardToMesh,
+    PauseReading,
+    RelayCore,
+    ResumeReading,
+)
 from agent.proto.errors import RemoteProtocolError
 
 __all__ = [
     "MAX_CLIENT_BUFFER",
     "HEAD_TIMEOUT",
+    "RateLimit",
     "RelayServer",
     "RelayStats",
+    "load_rate_config",
     "serve_relay",
     "make_self_signed",
     "load_or_create_server_key",
@@ -73,6 +86,15 @@ __all__ = [
 
 MAX_CLIENT_BUFFER: Final = 1 << 20
 HEAD_TIMEOUT: Final = 30.0  # derper's http.Server ReadTimeout before the hijack (§1.1)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Per-client receive limit (§4.6): bytes per second (0: off) and the bucket's depth (the
+    core raises it to RATE_LIMIT_MIN_BURST)."""
+
+    bytes_per_sec: int = 0
+    burst_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -118,7 +140,9 @@ class _RelayConn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.server.stats.accepted += 1
         self.server.conns[self.conn_id] = self
-        self.head_timer = self.server.loop.call_later(HEAD_TIMEOUT, self.transport.abort)
+        self.head_timer = self.server.loop.call_later(
+            self.server.head_timeout, self.transport.abort
+        )
 
     def peer_addr(self) -> tuple[str, int] | None:
         peer = self.transport.get_extra_info("peername") if self.transport is not None else None
@@ -303,6 +327,7 @@ class RelayServer:
         self.loop = loop
         self.log = log
         self.stats = RelayStats()
+        self.head_timeout = HEAD_TIMEOUT  # TLS handshake plus HTTP request, from the accept
         self.conns: dict[int, _RelayConn] = {}
         self.port = 0
         self.stun_port: int | None = None
@@ -353,6 +378,11 @@ class RelayServer:
             self.mesh_links[peer.name] = link
             link.start()
 
+    def set_rate_limit(self, limit: RateLimit) -> None:
+        """Apply a receive rate limit to every non-mesh client, connected ones included."""
+        self.core.set_rate_limit(limit.bytes_per_sec, limit.burst_bytes, self.loop.time())
+        self.flush()
+
     def _new_conn(self) -> _RelayConn:
         self._next_id += 1
         return _RelayConn(self, self._next_id)
@@ -395,6 +425,14 @@ class RelayServer:
                 level("relay_close", conn=event.conn_id, reason=event.reason)
                 if closing is not None and closing.transport is not None:
                     closing.transport.close()
+            elif isinstance(event, PauseReading):
+                paused = self.conns.get(event.conn_id)
+                if paused is not None and paused.transport is not None:
+                    paused.transport.pause_reading()
+            elif isinstance(event, ResumeReading):
+                resumed = self.conns.get(event.conn_id)
+                if resumed is not None and resumed.transport is not None:
+                    resumed.transport.resume_reading()
             elif isinstance(event, ClientRegistered):
                 self.log.debug(
                     "relay_client", conn=event.conn_id, key=event.key.hex(), mesh=event.mesh
@@ -455,13 +493,27 @@ async def serve_relay(
     mesh_peers: Sequence[MeshPeer] = (),
     mesh_ssl_context: ssl.SSLContext | None = None,
     mesh_retry: float = MESH_RETRY_BASE,
+    rate_limit: RateLimit | None = None,
+    head_timeout: float = HEAD_TIMEOUT,
+    client_info_timeout: float = CLIENT_INFO_TIMEOUT,
 ) -> RelayServer:
     """Listen for DERP on host:port (TLS when `ssl_context` is set) and STUN on UDP `stun_port`
     (None disables it; 0 picks a free port). With `mesh_key`, connections presenting it are mesh
-    peers, and each of `mesh_peers` is dialled (TLS checked with `mesh_ssl_context`)."""
+    peers, and each of `mesh_peers` is dialled (TLS checked with `mesh_ssl_context`).
+    `rate_limit` limits what each non-mesh client may send (`RelayServer.set_rate_limit` changes
+    it later). A stream must finish its TLS handshake and HTTP request within `head_timeout`,
+    and its DERP login within `client_info_timeout` after the upgrade."""
     loop = asyncio.get_running_loop()
-    core = RelayCore(private_key, verify_client=verify_client, mesh_key=mesh_key)
+    core = RelayCore(
+        private_key,
+        verify_client=verify_client,
+        mesh_key=mesh_key,
+        client_info_timeout=client_info_timeout,
+    )
+    if rate_limit is not None:
+        core.set_rate_limit(rate_limit.bytes_per_sec, rate_limit.burst_bytes, loop.time())
     relay = RelayServer(core, loop, log)
+    relay.head_timeout = head_timeout
     server = await serve_streams(relay._new_conn, host or None, port, ssl_context=ssl_context)
     relay._server = server
     relay.port = server.sockets[0].getsockname()[1]
@@ -528,6 +580,26 @@ def load_allowed_keys(path: Path) -> frozenset[bytes]:
         except ValueError:
             raise ValueError(f"{path}:{number}: not a public key: {text!r}") from None
     return frozenset(keys)
+
+
+def load_rate_config(path: Path) -> RateLimit:
+    """derper's `--rate-config` file: `{"PerClientRateLimitBytesPerSec": N,
+    "PerClientRateBurstBytes": M}` (names matched case-insensitively as Go's decoder does; a
+    missing one is 0; N = 0 turns the limit off). ValueError names the problem."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    fields = {str(k).lower(): v for k, v in value.items()}
+    numbers: list[int] = []
+    for name in ("PerClientRateLimitBytesPerSec", "PerClientRateBurstBytes"):
+        number = fields.get(name.lower(), 0)
+        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+            raise ValueError(f"{path}: {name} must be a non-negative integer, not {number!r}")
+        numbers.append(number)
+    return RateLimit(numbers[0], numbers[1])
 
 
 # --- certificates ---------------------------------------------------------------------------------
@@ -600,9 +672,11 @@ def run_derper(
     mesh_with: str = "",
     mesh_ca_file: Path | None = None,
     verify_clients_file: Path | None = None,
+    rate_config: Path | None = None,
 ) -> int:
     """`agent derper`: serve until SIGTERM/SIGINT; returns the exit code. Bad files raise
-    ValueError or OSError before anything listens."""
+    ValueError or OSError before anything listens. SIGHUP reads `rate_config` again (a bad
+    file then keeps the limit in force and logs why)."""
     from agent.daemon.relay_mesh import parse_mesh_with
 
     host, port = parse_addr(addr)
@@ -628,6 +702,7 @@ def run_derper(
         allowed = load_allowed_keys(verify_clients_file)
         verify_client = allowed.__contains__
         log.info("derper verify-clients", keys=len(allowed), file=str(verify_clients_file))
+    rate_limit = load_rate_config(rate_config) if rate_config is not None else None
 
     async def main() -> None:
         relay = await serve_relay(
@@ -641,11 +716,20 @@ def run_derper(
             mesh_key=mesh_key,
             mesh_peers=peers,
             mesh_ssl_context=mesh_ctx,
+            rate_limit=rate_limit,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if rate_config is not None:
+            loop.add_signal_handler(signal.SIGHUP, _reload_rate_config, relay, rate_config, log)
+            log.info(
+                "derper rate limit",
+                bytes_per_sec=relay.core.rate_limit()[0],
+                burst=relay.core.rate_limit()[1],
+                file=str(rate_config),
+            )
         log.info(
             "derper up",
             addr=f"{host}:{relay.port}",
@@ -662,3 +746,15 @@ def run_derper(
 
     asyncio.run(main())
     return 0
+
+
+def _reload_rate_config(relay: RelayServer, path: Path, log: FilteringBoundLogger) -> None:
+    """SIGHUP: read `--rate-config` again and apply it; on a bad file keep the current limit."""
+    try:
+        limit = load_rate_config(path)
+    except (OSError, ValueError) as exc:
+        log.warning("derper rate limit reload failed", file=str(path), error=str(exc))
+        return
+    relay.set_rate_limit(limit)
+    rate, burst = relay.core.rate_limit()
+    log.info("derper rate limit reloaded", bytes_per_sec=rate, burst=burst, file=str(path))

@@ -46,7 +46,8 @@ def metrics_text(relay: RelayServer) -> str:
     drops["write_buffer_full"] = stats.dropped_frames
     drops["mesh_unavailable"] = stats.mesh_unavailable
     links = relay.mesh_links.values()
-    rows: list[tuple[str, str, str, list[tuple[str, int]]]] = [
+    rate, burst = core.rate_limit()
+    rows: list[tuple[str, str, str, list[tuple[str, int | float]]]] = [
         ("derp_clients", "gauge", "Registered DERP connections.",
          [("", registered)]),
         ("derp_client_keys", "gauge", "Distinct registered client keys.", [("", keys)]),
@@ -75,6 +76,17 @@ def metrics_text(relay: RelayServer) -> str:
         ("derp_peer_gone_frames_total", "counter", "PeerGone frames sent, by reason.",
          [('{reason="disconnected"}', counters.peer_gone_disconnected),
           ('{reason="not_here"}', counters.peer_gone_not_here)]),
+        ("derp_rate_limit_bytes_per_second", "gauge",
+         "Per-client receive rate limit (0: off).", [("", int(rate))]),
+        ("derp_rate_limit_burst_bytes", "gauge", "Per-client receive burst.",
+         [("", int(burst))]),
+        ("derp_rate_limited_clients", "gauge", "Clients not read now: out of receive tokens.",
+         [("", core.paused_count())]),
+        ("derp_rate_limited_total", "counter", "Times a client was paused by the rate limit.",
+         [("", counters.throttle_pauses)]),
+        ("derp_rate_limited_seconds_total", "counter",
+         "Time clients spent paused by the rate limit, summed.",
+         [("", round(counters.throttled_seconds, 3))]),
         ("derp_protocol_errors_total", "counter", "Connections closed for a protocol error.",
          [("", stats.protocol_errors)]),
         ("derp_stun_answered_total", "counter", "STUN binding requests answered.",

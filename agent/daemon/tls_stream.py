@@ -22,6 +22,10 @@ protocol's own objects.
              waits in a bytearray (get_write_buffer_size) flushed when writable. For TLS the
              pending buffer keeps its whole prefix until OpenSSL reports it all written: after
              a "want write" SSL_write must be retried with the same bytes (it may be longer)
+    pause_reading() / resume_reading()
+             the socket leaves / rejoins the selector (writes go on); the kernel's receive
+             buffer fills and TCP pushes back on the sender. On resume, records OpenSSL already
+             decrypted (SSL_pending) are delivered first: the selector would not report them
     close()  flush pending output (CLOSE_TIMEOUT at most), send close_notify, close; abort():
              close now
     EOF, reset or a TLS error -> closed; protocol.connection_lost(exc) runs soon after (call_soon)
@@ -88,7 +92,7 @@ class Stream(asyncio.Transport):
     """One accepted connection; the subset of asyncio.Transport a server protocol needs
     (write, close, abort, is_closing, get_write_buffer_size, get_extra_info("peername"))."""
 
-    __slots__ = ("_buffer", "_close_timer", "_fd", "_loop", "_pending", "_protocol",
+    __slots__ = ("_buffer", "_close_timer", "_fd", "_loop", "_paused", "_pending", "_protocol",
                  "_read_wants_write", "_sock", "_state", "_tls", "_writing")  # fmt: skip
 
     def __init__(
@@ -113,6 +117,7 @@ class Stream(asyncio.Transport):
         self._pending: bytearray | None = None
         self._writing = False  # a writer callback is registered
         self._read_wants_write = False  # an SSL read asked for the socket to be writable
+        self._paused = False  # pause_reading(): not in the selector for reading
         self._close_timer: asyncio.TimerHandle | None = None  # only while CLOSING
         loop.add_reader(self._fd, self._on_readable)
         self._protocol.connection_made(self)
@@ -148,6 +153,27 @@ class Stream(asyncio.Transport):
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self._protocol
+
+    def is_reading(self) -> bool:
+        return not self._paused and (self._state is _State.OPEN or self._state is _State.HANDSHAKE)
+
+    def pause_reading(self) -> None:
+        """Stop delivering data_received (no-op when paused or closing); writes go on."""
+        if self._paused or self.is_closing():
+            return
+        self._paused = True
+        if self._state is _State.OPEN:
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._state is not _State.OPEN:
+            return
+        self._loop.add_reader(self._fd, self._on_readable)
+        if self._tls and cast(ssl.SSLSocket, self._sock).pending():
+            self._loop.call_soon(self._on_readable)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         state = self._state
@@ -236,6 +262,8 @@ class Stream(asyncio.Transport):
             self._finish(exc, graceful=False)
             return False
         self._state = _State.OPEN
+        if self._paused:
+            self._loop.remove_reader(self._fd)
         self._want_write(self._pending is not None)
         return True
 
@@ -248,7 +276,8 @@ class Stream(asyncio.Transport):
             self._read_wants_write = False
             if self._pending is None:
                 self._want_write(False)
-            self._on_readable()
+            if not self._paused:
+                self._on_readable()
         if self._state is _State.OPEN or self._state is _State.CLOSING:
             self._flush_pending()
 
@@ -257,7 +286,7 @@ class Stream(asyncio.Transport):
             if not self._handshake():
                 return
             self._flush_pending()
-        if self._state is not _State.OPEN:
+        if self._state is not _State.OPEN or self._paused:
             return
         sock, view = self._sock, self._buffer.view
         got = 0

@@ -42,6 +42,16 @@ and watchers, mesh connections and "who heard from key K" are indexed. SendPacke
 routed straight from the input bytes: a run of consecutive SendPackets to one destination is
 copied into that destination's output once and patched in place into RecvPackets (same length:
 type 0x04 -> 0x05 and the 32-byte destination key -> the source key), with no per-frame objects.
+
+Receive rate limit (§4.6; off until `set_rate_limit`): a token bucket per registered non-mesh
+connection, `burst` bytes deep (at least RATE_LIMIT_MIN_BURST), refilled at `bytes_per_sec`. Each
+frame's payload length, capped at RATE_LIMIT_MIN_BURST, is charged before the frame is acted on.
+A frame the bucket cannot pay for waits, it is never dropped: the core keeps it and everything
+after it (in `_Conn.partial`), emits PauseReading and arms a throttle deadline for when the
+tokens will be there (RATE_LIMIT_MIN_WAIT at least, so a throttled sender wakes the loop at most
+1/RATE_LIMIT_MIN_WAIT times a second). The shell stops reading that stream (TCP back-pressure
+reaches the sender); `on_timer` acts on what the tokens then cover, and emits ResumeReading once
+nothing waits. Unthrottled connections never reach that code: `receive_data` checks one field.
 """
 
 from __future__ import annotations
@@ -94,12 +104,16 @@ from agent.proto.errors import LocalProtocolError, MalformedPacket, RemoteProtoc
 __all__ = [
     "CLIENT_INFO_TIMEOUT",
     "MESH_KEY_LEN",
+    "RATE_LIMIT_MIN_BURST",
+    "RATE_LIMIT_MIN_WAIT",
     "ConnState",
     "RelayCore",
     "RelayCounters",
     "ClientRegistered",
     "CloseConnection",
     "ForwardToMesh",
+    "PauseReading",
+    "ResumeReading",
     "RelayEvent",
 ]
 
@@ -109,6 +123,8 @@ _DISCO_MAGIC: Final = "TS💬".encode()  # §8.1
 _DISCO_MIN_LEN: Final = 62
 _NOT_HERE_RATE: Final = 1.0  # PeerGone(NotHere) per second per connection, burst 3 (§4.2)
 _NOT_HERE_BURST: Final = 3.0
+RATE_LIMIT_MIN_BURST: Final = MAX_PACKET_SIZE + KEY_LEN  # 65568: bucket floor and charge cap (§4.6)
+RATE_LIMIT_MIN_WAIT: Final = 0.01  # a throttled connection is looked at again after >= 10 ms
 _MESH_ONLY: Final = frozenset(
     {FrameType.FORWARD_PACKET, FrameType.WATCH_CONNS, FrameType.CLOSE_PEER}
 )
@@ -158,7 +174,25 @@ class ForwardToMesh:
     packet: bytes
 
 
-RelayEvent: TypeAlias = ClientRegistered | CloseConnection | ForwardToMesh
+@dataclass(frozen=True, slots=True)
+class PauseReading:
+    """The connection ran out of receive tokens: the shell stops reading the stream (the core
+    holds what it already got) until ResumeReading. `until` is when the core looks again."""
+
+    conn_id: int
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeReading:
+    """Everything held for the connection was acted on: the shell reads the stream again."""
+
+    conn_id: int
+
+
+RelayEvent: TypeAlias = (
+    ClientRegistered | CloseConnection | ForwardToMesh | PauseReading | ResumeReading
+)
 
 
 @dataclass(slots=True)
@@ -173,6 +207,8 @@ class RelayCounters:
     packets_forwarded_in: int = 0  # ForwardPacket frames accepted from mesh peers
     peer_gone_not_here: int = 0
     peer_gone_disconnected: int = 0
+    throttle_pauses: int = 0  # PauseReading events: a client ran out of receive tokens
+    throttled_seconds: float = 0.0  # summed over connections, counted when each pause ends
 
 
 @dataclass(slots=True, eq=False)
@@ -195,6 +231,14 @@ class _Conn:
     mesh: bool = False  # logged in with our mesh key
     watching: bool = False  # mesh peer that sent WatchConns
     flags: PeerPresentFlags = PeerPresentFlags.IS_REGULAR
+    # Receive rate limit. rate 0: unlimited, and `partial` means an incomplete frame as above;
+    # rate > 0: `partial` holds every byte received and not yet acted on (complete frames too).
+    rate: float = 0.0  # bytes/s
+    burst: float = 0.0
+    tokens: float = 0.0
+    tokens_at: float = 0.0
+    paused_at: float | None = None  # since when the shell was told to stop reading
+    resume_at: float | None = None  # throttle deadline; in RelayCore._throttle while set
 
 
 @dataclass(slots=True)
@@ -224,6 +268,24 @@ def _endpoint(peer_addr: tuple[str, int] | None) -> tuple[_IPAddress, int] | Non
         return None
 
 
+def _fill_frame(partial: bytearray, data: bytes) -> int:
+    """Move bytes from `data` into the incomplete frame `partial` (header first, its length
+    checked) until it is complete: how many were taken, or -1 if all of `data` went in and
+    it is still incomplete."""
+    pos = 0
+    if len(partial) < FRAME_HEADER_LEN:
+        pos = min(FRAME_HEADER_LEN - len(partial), len(data))
+        partial += data[:pos]
+        if len(partial) < FRAME_HEADER_LEN:
+            return -1
+        _check_length(*FRAME_HEADER.unpack_from(partial))
+    length: int = FRAME_HEADER.unpack_from(partial)[1]
+    need = FRAME_HEADER_LEN + length - len(partial)
+    take = min(need, len(data) - pos)
+    partial += memoryview(data)[pos : pos + take]
+    return pos + take if take == need else -1
+
+
 def _check_length(frame_type: int, length: int) -> None:
     """FrameTooLarge for a header announcing more than its type (or any frame) may carry."""
     limit = max_payload_len(frame_type)
@@ -243,6 +305,7 @@ class RelayCore:
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
         verify_client: Callable[[bytes], bool] | None = None,
         mesh_key: bytes | None = None,
+        client_info_timeout: float = CLIENT_INFO_TIMEOUT,
     ) -> None:
         if len(server_private) != 32:
             raise LocalProtocolError("server private key must be 32 bytes")
@@ -255,6 +318,7 @@ class RelayCore:
         self._randbytes = randbytes
         self._verify_client = verify_client
         self._mesh_key = mesh_key
+        self._client_info_timeout = client_info_timeout
         # Owned by the core.
         self._conns: dict[int, _Conn] = {}
         self._clients: dict[bytes, _KeySet] = {}
@@ -267,6 +331,10 @@ class RelayCore:
         self._registered = 0  # registered conns, all keys
         self._listeners: dict[bytes, set[int]] = {}  # key -> conns whose heard_from holds it
         self._events: list[RelayEvent] = []
+        self._rate = 0.0  # receive limit for new non-mesh registrations, bytes/s (0: none)
+        self._burst = float(RATE_LIMIT_MIN_BURST)
+        self._throttle: list[tuple[float, int]] = []  # heap; stale when != _Conn.resume_at
+        self._paused = 0  # connections the shell was told to stop reading
         self.drops: dict[str, int] = {}
         self.counters = RelayCounters()
 
@@ -329,6 +397,14 @@ class RelayCore:
     def remote_count(self) -> int:
         return len(self._remote)
 
+    def rate_limit(self) -> tuple[float, float]:
+        """(bytes per second, burst bytes) of the receive limit; (0, ...) when it is off."""
+        return self._rate, self._burst
+
+    def paused_count(self) -> int:
+        """Connections currently throttled (the shell is not reading them)."""
+        return self._paused
+
     def mesh_conns(self) -> list[int]:
         """Registered inbound connections that logged in with our mesh key."""
         return sorted(self._mesh_ids)
@@ -352,7 +428,7 @@ class RelayCore:
         conn = _Conn(conn_id, None, _endpoint(peer_addr))
         self._conns[conn_id] = conn
         self._out(conn).extend(self._server_key_frame)
-        self._arm(conn, now + CLIENT_INFO_TIMEOUT)
+        self._arm(conn, now + self._client_info_timeout)
 
     def connection_lost(self, conn_id: int) -> None:
         conn = self._conns.pop(conn_id, None)
@@ -360,6 +436,7 @@ class RelayCore:
             return
         self._dirty.pop(conn_id, None)
         conn.deadline = None
+        self._end_pause(conn, None)
         self._unregister(conn)
         for key in conn.heard_from or ():
             ids = self._listeners.get(key)
@@ -412,15 +489,33 @@ class RelayCore:
 
     def next_deadline(self) -> float | None:
         timers, conns = self._timers, self._conns
+        deadline: float | None = None
         while timers:
             deadline, conn_id = timers[0]
             conn = conns.get(conn_id)
             if conn is not None and conn.deadline == deadline:
-                return deadline
+                break
             heapq.heappop(timers)  # stale: re-armed, closed or gone
+            deadline = None
+        if self._throttle:
+            resume = self._next_resume()
+            if resume is not None and (deadline is None or resume < deadline):
+                return resume
+        return deadline
+
+    def _next_resume(self) -> float | None:
+        throttle, conns = self._throttle, self._conns
+        while throttle:
+            deadline, conn_id = throttle[0]
+            conn = conns.get(conn_id)
+            if conn is not None and conn.resume_at == deadline:
+                return deadline
+            heapq.heappop(throttle)
         return None
 
     def on_timer(self, now: float) -> None:
+        if self._throttle:
+            self._resume_throttled(now)
         timers, conns = self._timers, self._conns
         while timers and timers[0][0] <= now:
             deadline, conn_id = heapq.heappop(timers)
@@ -448,11 +543,19 @@ class RelayCore:
             return
         chunk = data if isinstance(data, bytes) else bytes(data)
         try:
+            if conn.rate:
+                self._receive_limited(conn, chunk, now)
+                return
             pos = 0
             if conn.partial is not None:
                 pos = self._complete_partial(conn, conn.partial, chunk, now)
             if 0 <= pos < len(chunk) and conn.state in _OPEN:
+                if conn.rate:  # the frame completed above was its ClientInfo: charge the rest
+                    self._receive_limited(conn, chunk[pos:], now)
+                    return
                 self._frames(conn, chunk, pos, now)
+                if conn.rate and conn.partial is not None and conn.state is ConnState.REGISTERED:
+                    self._drain_limited(conn, now)  # logged in mid-chunk: the rest is charged
         except RemoteProtocolError as exc:
             conn.partial = None
             self._close(conn, f"protocol error: {exc}")
@@ -479,12 +582,15 @@ class RelayCore:
         self._frames(conn, bytes(partial), 0, now)
         return pos
 
-    def _frames(self, conn: _Conn, data: bytes, pos: int, now: float) -> None:
-        """Act on every complete frame in `data[pos:]`; keep an incomplete tail in conn.partial.
+    def _frames(
+        self, conn: _Conn, data: bytes, pos: int, now: float, stop: int | None = None
+    ) -> None:
+        """Act on every complete frame in `data[pos:stop]`; keep an incomplete tail in
+        conn.partial (a rate-limited connection passes `stop` at a frame boundary).
 
         SendPackets to a local client are gathered in runs (consecutive frames, same destination)
         and handed to `_deliver_run` as offsets into `data`; anything else goes to `_handle`."""
-        end = len(data)
+        end = len(data) if stop is None else stop
         unpack = FRAME_HEADER.unpack_from
         startswith = data.startswith
         run_dst = b""
@@ -523,14 +629,17 @@ class RelayCore:
             if run_conn is not None:
                 self._deliver_run(conn, run_conn, data, run, pos)
                 run_conn = None
+            login = conn.state is ConnState.AWAIT_CLIENT_INFO
             self._handle(conn, frame_type, data[pos + FRAME_HEADER_LEN : frame_end], now)
             pos = frame_end
             if conn.state not in _OPEN:  # closed by this frame: ignore the rest
                 return
+            if login and conn.rate:  # registered with a receive limit: the rest is charged
+                break
         if run_conn is not None:
             self._deliver_run(conn, run_conn, data, run, pos)
         if pos < end:
-            conn.partial = bytearray(data[pos:])
+            conn.partial = bytearray(data[pos:end])
 
     def _handle(self, conn: _Conn, frame_type: int, payload: bytes, now: float) -> None:
         if conn.state is ConnState.AWAIT_CLIENT_INFO:
@@ -593,6 +702,8 @@ class RelayCore:
         jitter = int.from_bytes(self._randbytes(4), "big") / 2**32 * KEEPALIVE_JITTER
         conn.keepalive_period = KEEPALIVE_INTERVAL + jitter
         self._arm(conn, now + conn.keepalive_period)
+        if self._rate and not mesh:
+            self._start_bucket(conn, now)
         kset = self._clients.get(frame.key)
         if kset is None:
             self._clients[frame.key] = _KeySet([conn.conn_id], conn.conn_id)
@@ -622,6 +733,154 @@ class RelayCore:
         kset = self._clients.get(conn.key)
         if kset is not None and len(kset.conns) > 1:
             kset.active = conn.conn_id
+
+    # --- receive rate limit (§4.6) -----------------------------------------------------------
+
+    def set_rate_limit(self, bytes_per_sec: float, burst: float, now: float) -> None:
+        """Limit every non-mesh client's receive rate (0 turns the limit off); `burst` is raised
+        to RATE_LIMIT_MIN_BURST. Applies to connections already registered too, each with a full
+        bucket (derper's UpdateRateLimits); the only call that walks every connection."""
+        if bytes_per_sec < 0 or burst < 0:
+            raise LocalProtocolError("rate limit and burst must not be negative")
+        self._rate = float(bytes_per_sec)
+        self._burst = max(float(burst), float(RATE_LIMIT_MIN_BURST))
+        for conn in list(self._conns.values()):
+            if conn.state is not ConnState.REGISTERED or conn.mesh:
+                continue
+            if self._rate:
+                was_limited = bool(conn.rate)
+                self._start_bucket(conn, now)
+                if not was_limited:
+                    continue  # its `partial` is at most one incomplete frame: still valid
+            else:
+                conn.rate = 0.0
+            self._wake(conn, now)
+
+    def _start_bucket(self, conn: _Conn, now: float) -> None:
+        conn.rate = self._rate
+        conn.burst = self._burst
+        conn.tokens = self._burst
+        conn.tokens_at = now
+
+    def _receive_limited(self, conn: _Conn, chunk: bytes, now: float) -> None:
+        """Input for a rate-limited connection: queued behind what waits already, then acted
+        on as far as its tokens go."""
+        held = conn.partial
+        start = 0
+        if held is not None:
+            if conn.resume_at is not None:  # throttled: its deadline comes first
+                held += chunk
+                return
+            # Not throttled, so `held` is one incomplete frame: complete it, act on it (or wait
+            # for its tokens), then go on in the chunk itself.
+            start = _fill_frame(held, chunk)
+            if start < 0:
+                return
+            self._drain_limited(conn, now)
+            if conn.partial is not None:  # it waits for tokens: so does the rest
+                if conn.state is ConnState.REGISTERED:
+                    conn.partial += memoryview(chunk)[start:]
+                return
+            if conn.state is not ConnState.REGISTERED:
+                return
+        if start < len(chunk):
+            self._drain_limited(conn, now, chunk, start)  # in place: no copy of what is paid for
+
+    def _drain_limited(
+        self, conn: _Conn, now: float, chunk: bytes | None = None, start: int = 0
+    ) -> None:
+        """Act on the complete frames the bucket pays for, from `chunk[start:]` (nothing held)
+        or else from what is held; keep the rest; pause or resume reading."""
+        held = conn.partial
+        rate = conn.rate
+        buf: bytes | bytearray
+        if chunk is not None:
+            buf = chunk
+        elif held is not None:
+            buf = held
+        else:
+            self._end_pause(conn, now, resume=True)
+            return
+        tokens = conn.tokens
+        if rate:
+            tokens = min(conn.burst, tokens + (now - conn.tokens_at) * rate)
+            conn.tokens_at = now
+        end = len(buf)
+        pos = start
+        short = 0.0
+        unpack = FRAME_HEADER.unpack_from
+        while end - pos >= FRAME_HEADER_LEN:
+            frame_type, length = unpack(buf, pos)
+            if end - pos - FRAME_HEADER_LEN < length:
+                _check_length(frame_type, length)  # _frames checks the complete ones
+                break  # incomplete
+            if rate:
+                cost = length if length < RATE_LIMIT_MIN_BURST else RATE_LIMIT_MIN_BURST
+                if tokens < cost:
+                    short = cost - tokens
+                    break
+                tokens -= cost
+            pos += FRAME_HEADER_LEN + length
+        conn.tokens = tokens
+        if chunk is not None:
+            if pos < end:
+                conn.partial = bytearray(memoryview(chunk)[pos:])
+            if pos > start:
+                self._frames(conn, chunk, start, now, pos)
+        elif held is not None and pos:
+            if rate:
+                frames = bytes(memoryview(held)[:pos])
+                del held[:pos]  # O(1): bytearray moves its start
+                if not held:
+                    conn.partial = None
+            else:  # the limit was lifted: everything as usual, an incomplete tail included
+                frames = bytes(held)
+                conn.partial = None
+            self._frames(conn, frames, 0, now)
+        if conn.state is not ConnState.REGISTERED:
+            return
+        if not short:
+            self._end_pause(conn, now, resume=True)
+            return
+        until = now + max(short / rate, RATE_LIMIT_MIN_WAIT)
+        conn.resume_at = until
+        heapq.heappush(self._throttle, (until, conn.conn_id))
+        if conn.paused_at is None:
+            conn.paused_at = now
+            self._paused += 1
+            self.counters.throttle_pauses += 1
+            self._events.append(PauseReading(conn.conn_id, until))
+        else:
+            self.counters.throttled_seconds += now - conn.paused_at
+            conn.paused_at = now
+
+    def _wake(self, conn: _Conn, now: float) -> None:
+        conn.resume_at = None
+        try:
+            self._drain_limited(conn, now)
+        except RemoteProtocolError as exc:  # a held frame turned out bad: as in receive_data
+            conn.partial = None
+            self._close(conn, f"protocol error: {exc}")
+
+    def _resume_throttled(self, now: float) -> None:
+        throttle, conns = self._throttle, self._conns
+        while throttle and throttle[0][0] <= now:
+            deadline, conn_id = heapq.heappop(throttle)
+            conn = conns.get(conn_id)
+            if conn is not None and conn.resume_at == deadline:
+                self._wake(conn, now)
+
+    def _end_pause(self, conn: _Conn, now: float | None, *, resume: bool = False) -> None:
+        """Hook: nothing waits on the bucket any more (or the connection is going away)."""
+        conn.resume_at = None
+        if conn.paused_at is None:
+            return
+        if now is not None:
+            self.counters.throttled_seconds += now - conn.paused_at
+        conn.paused_at = None
+        self._paused -= 1
+        if resume:
+            self._events.append(ResumeReading(conn.conn_id))
 
     # --- routing --------------------------------------------------------------------------------
 
@@ -720,6 +979,7 @@ class RelayCore:
         self._unregister(conn)
         conn.state = ConnState.CLOSED
         conn.deadline = None
+        self._end_pause(conn, None)
         self._events.append(CloseConnection(conn.conn_id, reason))
 
     def _unregister(self, conn: _Conn) -> None:
