@@ -31,7 +31,7 @@ from .lab import (
 
 pytestmark = pytest.mark.netns
 
-COORD_IP, RELAY_IP = "198.18.0.30", "198.18.0.10"
+COORD_IP, RELAY_IP, RELAY2_IP = "198.18.0.30", "198.18.0.10", "198.18.0.20"
 ENV = {"PYTHONPATH": str(REPO_ROOT)}
 
 
@@ -76,13 +76,20 @@ class Site:
         )
 
 
-def _site(lab: Lab) -> Site:
+def _site(lab: Lab, regions: int = 1) -> Site:
     ns_r = lab.add_ns("r")
-    for ip in (COORD_IP, RELAY_IP):
+    for ip in (COORD_IP, RELAY_IP, RELAY2_IP):
         lab.run(None, "ip", "-n", ns_r, "addr", "add", f"{ip}/32", "dev", "lo")
     lab.run(ns_r, "sysctl", "-qw", "net.ipv4.ip_forward=1")
     relay_certs = lab.path("relay-certs")
     start_derper(lab, ns_r, RELAY_IP, 443, relay_certs)
+    second = ""
+    if regions == 2:
+        start_derper(lab, ns_r, RELAY2_IP, 443, relay_certs)
+        second = (
+            f'\n[[derp.regions]]\nid = 901\ncode = "lab2"\nnodes = [{{ host = "{RELAY2_IP}", '
+            f'port = 443, ca_file = "{relay_certs}/{RELAY2_IP}.crt" }}]\n'
+        )
     conf = lab.path("coordinator.conf")
     conf.write_text(
         f"""
@@ -99,7 +106,7 @@ cert_dir = "{lab.path("coord-certs")}"
 id = 900
 code = "lab"
 nodes = [{{ host = "{RELAY_IP}", port = 443, ca_file = "{relay_certs}/{RELAY_IP}.crt" }}]
-"""
+{second}"""
     )
     site = Site(lab, ns_r, conf, "")
     site.auth_key = site.cli("keys", "create", "--reusable", "--expiry", "1h").strip()
@@ -143,3 +150,32 @@ def test_three_agents_join_ping_lose_a_removed_node_and_survive_a_restart(lab: L
     listed = site.cli("nodes")
     assert "a" in listed
     assert "b" in listed
+
+
+def test_an_agent_moves_its_home_region_and_the_others_still_reach_it(lab: Lab) -> None:
+    """a cannot reach region 900 at all (TCP and STUN dropped), so its netcheck prefers 901;
+    it moves its home there and tells the coordinator; b (home 900, UDP to a blocked) reaches
+    a through a's new home region, which b learns from the network map."""
+    site = _site(lab, regions=2)
+    a = site.agent("a", 1, "100.64.0.1/10")
+    b = site.agent("b", 2, "100.64.0.2/10")
+    lab.run(
+        site.ns_r,
+        "nft",
+        "add table inet agtlab; "
+        "add chain inet agtlab in { type filter hook input priority 0; }; "
+        f"add rule inet agtlab in ip saddr 198.18.1.1 ip daddr {RELAY_IP} drop; "
+        "add chain inet agtlab blockudp { type filter hook forward priority 0; }; "
+        "add rule inet agtlab blockudp meta l4proto udp drop",
+    )
+    a.start()
+    b.start()
+    assert _wait_for(lambda: a.status()["derp"]["home_region"] == 901, 15, interval=0.3)
+
+    def b_knows() -> bool:
+        peers = b.status()["peers"]
+        return bool(peers) and peers[0]["derp_region"] == 901
+
+    assert _wait_for(b_knows, 10, interval=0.3), b.status()["peers"]
+    assert ping(b.ns, "100.64.0.1", count=3, timeout=15), "b did not reach a in its new region"
+    assert ping(a.ns, "100.64.0.2", count=2, timeout=10)
