@@ -31,11 +31,18 @@ readiness and the handler drains a batch, then calls `on_activity()` once so the
 re-arm its single timer. Drops are counted by `DropReason`; a `RemoteProtocolError` from the
 device is counted by its `reason` and never raised. No threads: measured slower than one loop
 (cryptography holds the GIL for packets under 2 KB).
+
+A TUN read that fails with anything but EAGAIN (EBADFD once `ip link del` removed the interface
+from under us) is fatal, as in wireguard-go: both fds are detached at once (a dead TUN fd stays
+readable, so a level-triggered reader would spin), one error line names the interface and the
+error, and `on_fatal` runs. The default raises SystemExit(1): the event loop unwinds, the daemon's
+cleanup runs, the process exits 1 (a supervisor with Restart=on-failure recreates the interface).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +60,7 @@ from agent.daemon.tun import OFFLOAD_TSO_USO, Tun
 from agent.daemon.udp import Endpoint, UdpSocket
 from agent.engine.paths import derp_endpoint
 from agent.keys import NodePublic
+from agent.log import get_logger
 from agent.proto.errors import DropReason, MalformedPacket, RemoteProtocolError
 
 __all__ = [
@@ -66,10 +74,20 @@ __all__ = [
     "DataPlane",
     "MAX_TUN_READS",
     "MAX_UDP_DATAGRAMS",
+    "EXIT_TUN_FAILED",
+    "exit_on_tun_failure",
 ]
+
+log = get_logger("agent.dataplane")
 
 MAX_TUN_READS = 64
 MAX_UDP_DATAGRAMS = 512
+EXIT_TUN_FAILED = 1
+
+
+def exit_on_tun_failure(error: OSError) -> None:
+    """The default `on_fatal`: stop the process with status EXIT_TUN_FAILED."""
+    raise SystemExit(EXIT_TUN_FAILED)
 
 
 class PeerLike(Protocol):
@@ -222,8 +240,10 @@ class DataPlane:
         max_datagrams: int = MAX_UDP_DATAGRAMS,
         sender: PeerSender | None = None,
         on_foreign: ForeignHandler | None = None,
+        on_fatal: Callable[[OSError], None] = exit_on_tun_failure,
     ) -> None:
         self.tun = tun
+        self.on_fatal = on_fatal
         self.udp = udp
         self.sender: PeerSender = sender if sender is not None else _UdpOnly(udp)
         self.on_foreign = on_foreign
@@ -255,7 +275,11 @@ class DataPlane:
 
     def on_tun_readable(self) -> None:
         """Drain the TUN: segment, route, encrypt per peer, send with GSO."""
-        frames = self.tun.read_batch(self.max_tun_reads)
+        try:
+            frames = self.tun.read_batch(self.max_tun_reads)
+        except OSError as e:
+            self._tun_failed(e)
+            return
         if not frames:
             return
         stats = self.stats
@@ -311,6 +335,17 @@ class DataPlane:
                 if packets:
                     self._send_to_peer(peer, packets, now)
         self.on_activity()
+
+    def _tun_failed(self, error: OSError) -> None:
+        self.detach()
+        code = errno.errorcode.get(error.errno, "") if error.errno else ""
+        text = error.strerror or str(error)
+        log.error(
+            "TUN device failed, stopping",
+            interface=self.tun.name,
+            error=f"{code}: {text}" if code else text,
+        )
+        self.on_fatal(error)
 
     def _send_to_peer(self, peer: PeerLike, packets: list[Buffer], now: float) -> None:
         stats = self.stats

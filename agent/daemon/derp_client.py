@@ -59,7 +59,7 @@ CONNECT_TIMEOUT: Final = 10.0
 IDLE_TIMEOUT: Final = 60.0  # a non-home region with no traffic this long is closed
 IDLE_CHECK: Final = 10.0
 MAX_PENDING: Final = 256  # datagrams waiting for a link to come up
-MAX_WRITE_BUFFER: Final = 4 * 1024 * 1024
+MAX_WRITE_BUFFER: Final = 512 * 1024  # shallow: deep queues here inflate TCP's RTT
 MAX_HEAD: Final = 16 * 1024
 
 PacketsHandler = Callable[[int, NodePublic, list[bytes]], None]

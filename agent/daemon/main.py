@@ -300,12 +300,18 @@ class Daemon:
     def _peer_heard(self, key: NodePublic, now: float) -> None:
         """An authenticated DISCO message from `key` (static mode: disco key = node key): if our
         handshake to it waits without a session, the peer is reachable now, so retry at once
-        (its first initiation may have been lost, e.g. before it had joined the relay)."""
+        (its first initiation may have been lost, e.g. before it had joined the relay); with no
+        session and no handshake at all (we restarted while the peer kept its old session),
+        start one, so the peer does not wait out WireGuard's 15 s "no reply" timer."""
         device, transport = self.device, self.transport
         peer = device.peers.get(key) if device is not None else None
         if peer is None or transport is None:
             return
         datagrams = peer.retry_handshake(now)
+        if not datagrams and peer.keypairs.current is None:
+            # No session at all (we restarted, or never talked): a peer that speaks DISCO to us
+            # is sending or about to, so start the handshake now (one per REKEY_TIMEOUT).
+            datagrams = peer.keepalive(now)
         if datagrams:
             transport.send_to_peer(peer, datagrams, now)
 
