@@ -124,7 +124,6 @@ class ControlLink:
         self._state = (tuple(endpoints), home_region)
         self._wake.set()
 
-
     async def _poll_loop(self) -> None:
         attempt = 0
         while True:
