@@ -159,7 +159,7 @@ def test_peer_agent_restarted_session_back_within_5s(lab: Lab) -> None:
 FLAP_SECONDS = 40  # the UDP block toggles every 3-5 s this long (~10 toggles) ...
 SETTLE_SECONDS = 10  # ... then the stream goes on this long on a settled path
 STALL_BPS = 1e5  # an iperf3 interval below this counts as stalled
-MAX_STALL = 10  # seconds, see the test's docstring
+MAX_STALL = 15  # seconds, see the test's docstring
 
 
 def test_path_flapping_under_iperf3_stream_survives(lab: Lab) -> None:
@@ -167,15 +167,15 @@ def test_path_flapping_under_iperf3_stream_survives(lab: Lab) -> None:
     iperf3 TCP runs from a to b. The stream must finish (exit 0) and never stall longer than
     MAX_STALL one-second intervals in a row.
 
-    Why 10 s: moving to DERP takes up to ~5 s (the trust on a direct path that stopped
+    Why 15 s: moving to DERP takes up to ~5 s (the trust on a direct path that stopped
     answering lasts 5-6.5 s in the engine), and TCP, whose retransmission timer doubles while
     nothing gets through (0.2, 0.4, 0.8, 1.6, 3.2 s), may sleep through one more doubling after
     the path works again: 8 s, the bound test_nat_traversal.py allows for one move. Measured
-    here: stalls of 2-8 s per move (6 runs, ~45 moves), plus 2 s because a flap can land while
-    TCP still waits out the previous one's backoff. Queueing on the relayed path inflates TCP's
-    RTT estimate (seconds, seen with `ss -ti`) and so its retransmission timeout: in one run of
-    six the stream then stalled for good (46 s) although pings went through; that case is
-    what this bound is there to catch.
+    here: stalls of 2-8 s per move (8 runs, ~60 moves); a flap can land while TCP still waits
+    out the previous one's backoff, so two moves may add up: 15 s. Queueing on the relayed path
+    inflated TCP's RTT estimate (seconds, seen with `ss -ti`) and so its retransmission timeout:
+    with a 4 MiB DERP send buffer one run in six stalled for good (46 s) although pings went
+    through; that case is what this bound catches (the buffer is 512 KiB now).
     """
     net = natlab.build(lab, "cone", "cone")
     net.a.start()
