@@ -50,7 +50,7 @@ def _load_line(line: bytes | str) -> dict[str, Any]:
         raise ApiError(f"message longer than {MAX_LINE} bytes")
     try:
         obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(f"not a JSON line: {e}") from e
     if not isinstance(obj, dict):
         raise ApiError("a message is a JSON object")
@@ -272,7 +272,7 @@ class Status:
     def from_json(cls, text: str | bytes) -> Self:
         try:
             obj = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ApiError(f"not JSON: {e}") from e
         if not isinstance(obj, dict):
             raise ApiError("a status is a JSON object")

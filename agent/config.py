@@ -249,6 +249,10 @@ class _Checker:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError([f"not valid TOML: {e}"]) from e
+        except ValueError as e:  # an integer of more than 4300 digits
+            raise ConfigError([f"not valid TOML: {e}"]) from e
+        except RecursionError as e:  # arrays or inline tables nested too deep
+            raise ConfigError(["not valid TOML: nested too deep"]) from e
 
     def known(self, path: str, table: Mapping[str, Any], allowed: set[str]) -> None:
         for key in table:

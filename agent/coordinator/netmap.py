@@ -15,8 +15,8 @@ some); missing or mistyped ones are errors.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import (
@@ -81,7 +81,7 @@ class BadMessage(MalformedPacket):
 def _load(data: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # Recursion: nested too deep
         raise BadMessage(f"not JSON: {e}") from None
     if not isinstance(doc, dict):
         raise BadMessage("expected a JSON object")
@@ -118,7 +118,14 @@ def _opt_int(doc: Mapping[str, Any], key: str, path: str = "") -> int | None:
 
 
 def _number(doc: Mapping[str, Any], key: str, path: str = "") -> float:
-    return float(_field(doc, key, (int, float), path))
+    v = _field(doc, key, (int, float), path)
+    try:
+        number = float(v)
+    except OverflowError:  # an integer literal beyond a float
+        number = math.inf
+    if not math.isfinite(number):  # NaN passed every comparison (and SQLite stores it as NULL)
+        raise BadMessage(f"{path + '.' if path else ''}{key}: not a finite number")
+    return number
 
 
 def _opt_number(doc: Mapping[str, Any], key: str, path: str = "") -> float | None:
@@ -320,7 +327,7 @@ class SealedRequest:
         try:
             nonce = base64.b64decode(_str(doc, "nonce"), validate=True)
             sealed = base64.b64decode(_str(doc, "sealed"), validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or characters outside ASCII
             raise BadMessage("nonce/sealed: not base64") from None
         if len(nonce) != 24:
             raise BadMessage("nonce: expected 24 bytes")
@@ -349,7 +356,7 @@ class SealedResponse:
         try:
             nonce = base64.b64decode(_str(doc, "nonce"), validate=True)
             sealed = base64.b64decode(_str(doc, "sealed"), validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or characters outside ASCII
             raise BadMessage("nonce/sealed: not base64") from None
         if len(nonce) != 24:
             raise BadMessage("nonce: expected 24 bytes")

@@ -83,7 +83,10 @@ class WaitForNetmap:
     version: int  # the database's version when the request was authenticated
 
 
-_UNAUTHORIZED: Final = ApiError(401, "unauthorized", "unknown or revoked token (node removed?)")
+def _unauthorized() -> ApiError:
+    """A fresh error each time: raising one shared instance grew its traceback (and every frame
+    and request body it held) by two entries per request, without bound."""
+    return ApiError(401, "unauthorized", "unknown or revoked token (node removed?)")
 
 
 class Service:
@@ -204,7 +207,7 @@ class Service:
             raise ApiError(401, "unauthorized", "missing Authorization: Bearer TOKEN")
         node = self.store.node_by_token(token.strip())
         if node is None:
-            raise _UNAUTHORIZED
+            raise _unauthorized()
         if node.expired(now):
             raise ApiError(403, "node_expired", f"the key of node {node.name!r} expired")
         return node
@@ -224,7 +227,7 @@ class Service:
                 now=now,
             )
         except NotFound:
-            raise _UNAUTHORIZED from None
+            raise _unauthorized() from None
         except NodeExpired as e:
             raise ApiError(403, e.code, str(e)) from None
         return Reply(200, b'{"changed":%s}' % (b"true" if changed else b"false"), changed=changed)
@@ -248,7 +251,7 @@ class Service:
         frags = self._fragments(snapshot)
         me = frags.get(node_id)
         if me is None:
-            return _UNAUTHORIZED.reply()
+            return _unauthorized().reply()
         if me[0].expired(now):
             return ApiError(403, "node_expired", f"the key of node {me[0].name!r} expired").reply()
         peers = b",".join(

@@ -221,6 +221,8 @@ def _layout(hdr: VirtioNetHdr, pkt: Buffer) -> _Layout:
         raise MalformedPacket("offload for a protocol other than TCP/UDP")
     if l3len < (20 if version == 4 else 40) or l3len + l4len > len(pkt):
         raise MalformedPacket("transport header outside the packet")
+    if l3len & 1:  # IP headers are whole 32-bit words; the checksums sum 16-bit words
+        raise MalformedPacket("transport header at an odd offset")
     return _Layout(version, l3len, proto, l4len)
 
 

@@ -671,7 +671,7 @@ def _open(private: bytes, public: bytes, sealed: bytes, what: str) -> dict[str, 
         raise AuthenticationFailed(f"{what}: box does not open") from exc
     try:
         info = json.loads(bytes(message))
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting
         raise MalformedPacket(f"{what}: box does not hold JSON") from exc
     if not isinstance(info, dict):
         raise MalformedPacket(f"{what}: JSON is not an object")

@@ -1011,7 +1011,9 @@ class RelayCore:
             return
         gone = PeerGone(key, PeerGoneReason.DISCONNECTED).encode()
         for conn_id in sorted(listeners):
-            other = self._conns[conn_id]
+            other = self._conns.get(conn_id)
+            if other is None:  # connection_lost of a client that sent packets to its own key
+                continue
             if other.heard_from is not None:
                 other.heard_from.discard(key)
             if other.state is ConnState.REGISTERED:

@@ -1,0 +1,1 @@
+"""Fuzz harnesses for every parser and receive path; see fuzz/README.md."""
