@@ -60,6 +60,7 @@ _PEER_KEYS = {
 }  # fmt: skip
 
 _K = TypeVar("_K", bound=Key32)
+_MAX_KEY_FILE = 4096
 _T = TypeVar("_T")
 
 
@@ -409,7 +410,8 @@ class _Checker:
         if file is None:
             return None
         try:
-            text = Path(file).read_text(encoding="ascii")
+            with open(file, "rb") as f:  # bounded: a key file is ~45 bytes (not /dev/zero)
+                text = f.read(_MAX_KEY_FILE).decode("ascii")
         except OSError as e:
             self.bad(path, f"cannot read {file!r}: {e.strerror or e}")
             return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from agent.api import ApiError, Request, Response, Status
@@ -26,3 +28,11 @@ def test_toml_integer_past_the_digit_limit_is_a_config_error() -> None:
     # tomllib raised a plain ValueError (int() refuses more than 4300 digits)
     with pytest.raises(ConfigError, match="not valid TOML"):
         parse_config("a = " + "9" * 5000)
+
+
+def test_a_key_file_that_never_ends_is_refused_not_read_forever(tmp_path: Path) -> None:
+
+    text = '[interface]\nprivate_key_file = "/dev/zero"\naddresses = ["100.64.0.1/32"]\n'
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, base_dir=tmp_path)
+    assert "interface.private_key_file" in str(info.value.problems)

@@ -75,7 +75,7 @@ class _PeerPlan:
 
 
 def _uint(key: str, value: str, top: int) -> int:
-    if not value.isdigit() or int(value) > top:
+    if not (value.isascii() and value.isdigit()) or int(value) > top:
         raise _Invalid(f"{key}: {value!r} is not an integer in 0..{top}")
     return int(value)
 
