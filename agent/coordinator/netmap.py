@@ -497,6 +497,16 @@ class NodeInfo:
         )
 
 
+def interface_addresses(
+    node: NodeInfo, v4: IPv4Network, v6: IPv6Network
+) -> tuple[IPv4Interface, IPv6Interface]:
+    """A node's interface addresses: its overlay addresses with the ranges' prefix lengths
+    (so the kernel routes the whole overlay to the interface)."""
+    return IPv4Interface(f"{node.ipv4}/{v4.prefixlen}"), IPv6Interface(
+        f"{node.ipv6}/{v6.prefixlen}"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Registration:
     """The register answer (sealed): the node as registered, its bearer token for the other
@@ -510,10 +520,7 @@ class Registration:
 
     def addresses(self) -> tuple[IPv4Interface, IPv6Interface]:
         """The node's own interface addresses, with the overlay ranges as prefixes."""
-        return (
-            IPv4Interface(f"{self.node.ipv4}/{self.ipv4_range.prefixlen}"),
-            IPv6Interface(f"{self.node.ipv6}/{self.ipv6_range.prefixlen}"),
-        )
+        return interface_addresses(self.node, self.ipv4_range, self.ipv6_range)
 
     @classmethod
     def parse(cls, data: bytes) -> Self:
@@ -554,10 +561,7 @@ class NetMap:
 
     def addresses(self) -> tuple[IPv4Interface, IPv6Interface]:
         """This node's interface addresses, with the overlay ranges as prefixes."""
-        return (
-            IPv4Interface(f"{self.self_node.ipv4}/{self.ipv4_range.prefixlen}"),
-            IPv6Interface(f"{self.self_node.ipv6}/{self.ipv6_range.prefixlen}"),
-        )
+        return interface_addresses(self.self_node, self.ipv4_range, self.ipv6_range)
 
     @classmethod
     def parse(cls, data: bytes) -> Self:
