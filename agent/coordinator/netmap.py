@@ -312,6 +312,18 @@ class ServerKey:
         return _dump({"public_key": self.public_key.to_b64(), "time": self.time})
 
 
+def _nonce_and_box(doc: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The base64 `nonce` (24 bytes) and `sealed` fields of a sealed message."""
+    try:
+        nonce = base64.b64decode(_str(doc, "nonce"), validate=True)
+        sealed = base64.b64decode(_str(doc, "sealed"), validate=True)
+    except ValueError:  # binascii.Error, or characters outside ASCII
+        raise BadMessage("nonce/sealed: not base64") from None
+    if len(nonce) != 24:
+        raise BadMessage("nonce: expected 24 bytes")
+    return nonce, sealed
+
+
 @dataclass(frozen=True, slots=True)
 class SealedRequest:
     """`POST /api/v1/register` body: a RegisterRequest sealed in a NaCl box from the node key to
@@ -324,13 +336,7 @@ class SealedRequest:
     @classmethod
     def parse(cls, data: bytes) -> Self:
         doc = _load(data)
-        try:
-            nonce = base64.b64decode(_str(doc, "nonce"), validate=True)
-            sealed = base64.b64decode(_str(doc, "sealed"), validate=True)
-        except ValueError:  # binascii.Error, or characters outside ASCII
-            raise BadMessage("nonce/sealed: not base64") from None
-        if len(nonce) != 24:
-            raise BadMessage("nonce: expected 24 bytes")
+        nonce, sealed = _nonce_and_box(doc)
         return cls(node_key=_node_key(doc, "node_key"), nonce=nonce, sealed=sealed)
 
     def encode(self) -> bytes:
@@ -353,13 +359,7 @@ class SealedResponse:
     @classmethod
     def parse(cls, data: bytes) -> Self:
         doc = _load(data)
-        try:
-            nonce = base64.b64decode(_str(doc, "nonce"), validate=True)
-            sealed = base64.b64decode(_str(doc, "sealed"), validate=True)
-        except ValueError:  # binascii.Error, or characters outside ASCII
-            raise BadMessage("nonce/sealed: not base64") from None
-        if len(nonce) != 24:
-            raise BadMessage("nonce: expected 24 bytes")
+        nonce, sealed = _nonce_and_box(doc)
         return cls(nonce=nonce, sealed=sealed)
 
     def encode(self) -> bytes:

@@ -157,7 +157,6 @@ class RegionLink:
         self._node_index = 0
         self._attempt = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ from agent.daemon.tun import Tun, open_tun
 from agent.daemon.udp import UdpSocket, open_udp
 from agent.engine.engine import PathEngine, static_disco_private, static_disco_public
 from agent.engine.events import PathChanged, PongReceived
-from agent.engine.netcheck import Report
 from agent.engine.stun_probe import StunProber, StunServer
 from agent.keys import NodePublic
 from agent.log import get_logger
@@ -96,7 +95,6 @@ class Daemon:
         self._pong_waiters: dict[bytes, asyncio.Future[PongReceived]] = {}
         self._regions_up: set[int] = set()
         self.netcheck: NetcheckDriver | None = None
-        self.last_report: Report | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -267,7 +265,7 @@ class Daemon:
             now = loop.time()
             for key in device.peers:
                 if self.paths.has_disco(key):
-                    self.paths.on_send(key, now)
+                    self.paths.announce(key, now)
             self.flush()
 
     # -- DISCO and STUN ----------------------------------------------------------------------
@@ -330,7 +328,6 @@ class Daemon:
                 log.warning("netcheck failed", error=str(e))
             else:
                 full = False
-                self.last_report = report
                 preferred = report.preferred_region
                 if preferred is not None and preferred != derp.home_region:
                     log.info("home region", old=derp.home_region, new=preferred)

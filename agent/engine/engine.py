@@ -421,6 +421,14 @@ class PathEngine:
             sched.note_call_me_maybe_answer(now)
 
     # -- DISCO out ------------------------------------------------------------------------------
+    def announce(self, key: NodePublic, now: float) -> None:
+        """We just joined a relay: send the peer our endpoints (a paced CallMeMaybe) without
+        counting it as activity, so no heartbeats start for peers we are not talking to."""
+        peer = self._peers.get(key)
+        if peer is not None:
+            self._call_me_maybe(peer, now)
+            self._rearm(peer, now)
+
     def ping(self, key: NodePublic, now: float) -> bytes:
         """`agent ping`: one TxID, sent to the trusted best path, or else through DERP and to
         every candidate. Each pong shows up as a PongReceived with this TxID. Counts as

@@ -77,8 +77,6 @@ class _PeerPath:
     configured_region: int | None
     direct_rx: float | None = None
     derp_rx_region: int | None = None
-    was_trusted: bool = False
-    switches: int = 0
 
 
 class PathTable:
@@ -136,18 +134,9 @@ class PathTable:
         p = self._peers.get(key)
         if p is None:
             return Targets()
-        trusted = self._trusted(p, now)
-        if trusted != p.was_trusted:
-            p.was_trusted = trusted
-            p.switches += 1
-        if trusted:
+        if self._trusted(p, now):
             return Targets(udp=p.direct)
         return Targets(udp=p.direct, derp=self._region(p))
-
-    def switches(self, key: NodePublic) -> int:
-        """How often sending changed between direct only and relayed (seen at send time)."""
-        p = self._peers.get(key)
-        return p.switches if p is not None else 0
 
     def status(self, key: NodePublic, now: float) -> PathStatus:
         p = self._peers.get(key)

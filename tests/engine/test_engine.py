@@ -421,3 +421,20 @@ def test_call_me_maybe_answers_cannot_loop() -> None:
             break
     assert not out, "CallMeMaybe answers kept bouncing"
     assert cmm_sent <= 4
+
+
+def test_announce_sends_call_me_maybe_without_starting_heartbeats() -> None:
+    a, _ = pair()
+    a.announce(B, NOW)
+    out = a.outgoing()
+    assert [o.derp_region for o in out] == [REGION]  # one CallMeMaybe through DERP
+    a.announce(B, NOW + 1)  # paced like any CallMeMaybe
+    assert a.outgoing() == []
+    now = NOW
+    while now < NOW + 10:  # nobody answers; nothing is sent to B but paced CallMeMaybes
+        now += 0.1
+        deadline = a.next_deadline()
+        if deadline is not None and deadline <= now:
+            a.on_timer(now)
+        a.outgoing()
+    assert a.stats.sent["ping"] == 0  # not active: no heartbeats, no discovery pings
