@@ -23,8 +23,14 @@ Flow between two nodes A and B that both run an engine (B's side is symmetrical)
     either receive Pong    latency of that candidate; best path with hysteresis
                            (better_path); trusted for 6.5 s: targets() = UDP only
     while active           heartbeat ping to the best path every 3 s renews the trust; a
-                           heartbeat without pong for 1.5 s ends the trust (DERP is used
-                           again, 4.5 s at worst after the path died); pings time out at 5 s
+                           heartbeat without pong for 0.5 s ends the trust (DERP is used
+                           again); pings time out at 5 s
+    sending, no answer     data sent over the trusted path and nothing back over it for
+                           0.5 s: a heartbeat ping at once, so a path that dies under traffic
+                           falls back to DERP in about 1 s, not up to 3.5 s
+    relayed, no answer     the peer's data comes through DERP while our trusted direct path
+                           has been silent for 0.5 s: the peer gave up on it, so trust ends at
+                           once (a side that only answers falls back with the sending side)
     while relayed+active   every heartbeat runs a discovery round (each candidate at most once
                            per 5 s, plus a CallMeMaybe): the path upgrades by itself when the
                            network lets it, about 6 s after it does
@@ -139,6 +145,8 @@ class EngineStats:
     received: Counter[str] = field(default_factory=Counter)  # "ping" / "pong" / "call_me_maybe"
     sent: Counter[str] = field(default_factory=Counter)
     duplicate_pings: int = 0
+    silence_probes: int = 0  # heartbeat pings sent early: the direct path went silent
+    relayed_fallbacks: int = 0  # trust ended because the peer's data came through DERP
     unmatched_pongs: int = 0
 
 
@@ -271,7 +279,12 @@ class PathEngine:
         if not peer.trusted(now):
             self._discover(peer, now, call_me_maybe=True)
             self._rearm(peer, now)
-        elif self._deadlines.get(key) is None:
+            return
+        if peer.note_direct_send(now, self.timings):
+            assert peer.best is not None
+            self.stats.silence_probes += 1
+            self._ping(peer, peer.best.endpoint, now, PingPurpose.HEARTBEAT)
+        if self._deadlines.get(key) is None:
             self._rearm(peer, now)
 
     def on_receive(self, key: NodePublic, src: Endpoint, now: float) -> None:
@@ -285,6 +298,19 @@ class PathEngine:
         region = derp_region_of(src)
         if region is None:
             peer.add_candidate(src, CandidateSource.LEARNED, now)
+            if peer.best is not None and peer.best.endpoint == src:
+                peer.note_direct_answer(now)
+            return
+        if peer.relayed_while_silent(now, self.timings):
+            # The peer sends through DERP and the direct path says nothing: answer through
+            # DERP as well from now on, and probe the direct path (a pong restores it).
+            assert peer.best is not None
+            peer.lose_trust(peer.best.endpoint, now)
+            self.stats.relayed_fallbacks += 1
+            self._ping(peer, peer.best.endpoint, now, PingPurpose.HEARTBEAT)
+            self._discover(peer, now, call_me_maybe=True)
+            peer.derp_rx_region = region
+            self._rearm(peer, now)
         elif region != peer.derp_rx_region:
             peer.derp_rx_region = region
             self._refresh(peer, now)

@@ -24,6 +24,11 @@ Transitions, each a method here:
     on_ping_timeout(A)       a ping to A failed: if A is best and untrusted, best is cleared
     lose_trust(A)            a heartbeat to the trusted best A is late: trust ends now, so
                              traffic goes through DERP as well until a pong comes back
+    note_direct_send(now)    data goes out over the trusted best path: True when the path has
+                             returned nothing for `Timings.silent_after` and is due a probe
+    note_direct_answer(now)  something authenticated came back over the best path
+    relayed_while_silent()   data came through DERP while the trusted best path is silent:
+                             the engine then ends the trust at once (lose_trust)
     set_call_me_maybe(eps)   the CallMeMaybe source moves to exactly `eps`; every candidate
                              becomes due for a ping
 """
@@ -78,6 +83,9 @@ class PeerPath:
     derp_latency: float | None = None  # latest pong over DERP
     schedule: PunchSchedule = field(default_factory=PunchSchedule)
     reported: tuple[PathKind, Endpoint | None, int | None] = ("none", None, None)
+    unanswered_since: float | None = None  # first send over best since it last answered
+    last_silence_probe: float | None = None
+    last_direct_answer: float | None = None  # last packet or pong from the best path
 
     def __post_init__(self) -> None:
         if self.configured_endpoint is not None:
@@ -178,6 +186,7 @@ class PeerPath:
         if self.best is not None and self.best.endpoint == ep:
             self.best = this
             self.trust_until = now + t.trust_udp_addr
+            self.note_direct_answer(now)
 
     def on_ping_timeout(self, ep: Endpoint, now: float) -> None:
         if self._is_best(ep) and not self.trusted(now):
@@ -190,6 +199,37 @@ class PeerPath:
             self.trust_until = now
             return True
         return False
+
+    def note_direct_send(self, now: float, t: Timings) -> bool:
+        """Data goes out over the trusted best path. True when nothing has come back over it
+        for `t.silent_after(latency)` since the first such send, and no silence probe went out
+        within that time: the caller pings the best path at once."""
+        since = self.unanswered_since
+        if since is None:
+            self.unanswered_since = now
+            return False
+        after = t.silent_after(self.best.latency if self.best is not None else None)
+        if now - since < after:
+            return False
+        last = self.last_silence_probe
+        if last is not None and now - last < after:
+            return False
+        self.last_silence_probe = now
+        return True
+
+    def note_direct_answer(self, now: float) -> None:
+        """An authenticated packet came from the best path's endpoint: it is not silent."""
+        self.unanswered_since = None
+        self.last_direct_answer = now
+
+    def relayed_while_silent(self, now: float, t: Timings) -> bool:
+        """Data from the peer came through DERP. True when we trust the direct path but have
+        heard nothing over it for `t.silent_after(latency)`: the peer has given up on the
+        direct path, so ours is most likely dead too."""
+        if not self.trusted(now) or self.best is None:
+            return False
+        last = self.last_direct_answer
+        return last is None or now - last >= t.silent_after(self.best.latency)
 
     def want_full_ping(self, now: float, t: Timings) -> bool:
         """tailscaled wantFullPingLocked: no trusted best, never full-pinged, or a slow best

@@ -18,6 +18,7 @@ __all__ = [
     "UPGRADE_UDP_DIRECT_INTERVAL",
     "GOOD_ENOUGH_LATENCY",
     "HEARTBEAT_PONG_DEADLINE",
+    "SILENT_PATH_PROBE",
     "PING_BACK_INTERVAL",
     "CALL_ME_MAYBE_INTERVAL",
     "CALL_ME_MAYBE_ANSWER_INTERVAL",
@@ -42,10 +43,17 @@ GOOD_ENOUGH_LATENCY: Final = 0.005  # goodEnoughLatency: at or below, never look
 # --- ours ----------------------------------------------------------------------------------------
 # A heartbeat ping to the trusted best path that has no pong after this long (or 3x the path's
 # latency, if larger) ends the trust at once, so traffic also goes through DERP. tailscaled waits
-# for the trust window to lapse: up to 3 s + 6.5 s after the path died; this bounds the fallback
-# by HEARTBEAT_INTERVAL + HEARTBEAT_PONG_DEADLINE = 4.5 s (the issue asks for 5 s). A single lost
-# pong only costs duplicate sends over DERP until the next pong.
-HEARTBEAT_PONG_DEADLINE: Final = 1.5
+# for the trust window to lapse: up to 3 s + 6.5 s after the path died. A single lost or slow
+# pong only costs duplicate sends over DERP until a pong comes back (a late one counts).
+HEARTBEAT_PONG_DEADLINE: Final = 0.5
+# Data sent over the trusted direct path and nothing back over it (no WireGuard packet from that
+# endpoint, no pong) for this long (or 2x the path's latency, if larger): a heartbeat ping goes
+# out at once instead of at the next heartbeat, at most once per this interval. With the pong
+# deadline above, a direct path that dies under traffic falls back to DERP about 1 s later
+# instead of up to 3 s + 0.5 s (a TCP stream's retransmission timer keeps doubling meanwhile, so
+# every second of outage can cost as much again after it). An idle peer is never probed; a
+# one-way stream costs one ping per interval.
+SILENT_PATH_PROBE: Final = 0.5
 # A ping that arrives over UDP from a peer we have no trusted path to is answered with a pong AND
 # a ping back to its source (at most this often per endpoint). Without a coordinator handing out
 # endpoints, this is what lets the second side of a hole punch finish in one round trip instead
@@ -76,6 +84,7 @@ class Timings:
     upgrade_udp_direct_interval: float = UPGRADE_UDP_DIRECT_INTERVAL
     good_enough_latency: float = GOOD_ENOUGH_LATENCY
     heartbeat_pong_deadline: float = HEARTBEAT_PONG_DEADLINE
+    silent_path_probe: float = SILENT_PATH_PROBE
     ping_back_interval: float = PING_BACK_INTERVAL
     call_me_maybe_interval: float = CALL_ME_MAYBE_INTERVAL
     call_me_maybe_answer_interval: float = CALL_ME_MAYBE_ANSWER_INTERVAL
@@ -84,6 +93,11 @@ class Timings:
         """How long a heartbeat pong may take before the best path loses its trust."""
         floor = self.heartbeat_pong_deadline
         return min(self.ping_timeout, max(floor, 3 * latency if latency is not None else floor))
+
+    def silent_after(self, latency: float | None) -> float:
+        """How long a trusted direct path we send on may return nothing before it is probed."""
+        floor = self.silent_path_probe
+        return max(floor, 2 * latency) if latency is not None else floor
 
 
 DEFAULT_TIMINGS: Final = Timings()

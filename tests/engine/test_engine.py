@@ -438,3 +438,66 @@ def test_announce_sends_call_me_maybe_without_starting_heartbeats() -> None:
             a.on_timer(now)
         a.outgoing()
     assert a.stats.sent["ping"] == 0  # not active: no heartbeats, no discovery pings
+
+
+def test_answered_direct_traffic_needs_no_silence_probes() -> None:
+    a, b = pair()
+    a.on_send(B, NOW)
+    b.on_send(A, NOW)
+    settle(a, b, NOW)
+    now = NOW
+    while now < NOW + 20:
+        now = round(now + 0.05, 6)
+        a.on_send(B, now)
+        b.on_receive(A, A_EP, now)  # the data arrives and is answered at once
+        b.on_send(A, now)
+        a.on_receive(B, B_EP, now)
+        for e in (a, b):
+            d = e.next_deadline()
+            if d is not None and d <= now:
+                e.on_timer(now)
+        settle(a, b, now)
+    assert a.status(B, now).path == "direct"
+    assert a.stats.silence_probes == b.stats.silence_probes == 0
+
+
+def test_one_way_traffic_is_probed_at_most_once_per_interval_and_stays_direct() -> None:
+    a, b = pair()
+    a.on_send(B, NOW)
+    b.on_send(A, NOW)
+    settle(a, b, NOW)
+    end = run_timers([a, b], NOW + 20)  # sends every 0.1 s, nothing ever comes back as data
+    assert a.status(B, end).path == "direct"
+    assert 20 / T.silent_path_probe / 2 <= a.stats.silence_probes <= 20 / T.silent_path_probe + 1
+    assert a.stats.drops.total() == 0
+
+
+def test_an_idle_trusted_path_is_never_probed_for_silence() -> None:
+    a, b = pair()
+    a.on_send(B, NOW)
+    b.on_send(A, NOW)
+    settle(a, b, NOW)
+    run_timers([a, b], NOW + 20, send=False)
+    assert a.stats.silence_probes == 0
+
+
+def test_data_through_derp_ends_the_trust_of_a_silent_direct_path() -> None:
+    """The answering side of a stream (TCP ACKs only) falls back with the sending side: once
+    the peer's data arrives through DERP and nothing came over UDP for a while, trust ends."""
+    a, b = pair()
+    a.on_send(B, NOW)
+    b.on_send(A, NOW)
+    settle(a, b, NOW)
+    assert b.status(A, NOW).path == "direct"
+    b.on_receive(A, A_EP, NOW + 0.1)
+    b.on_receive(A, derp_endpoint(REGION), NOW + 0.2)  # a duplicate through DERP: direct works
+    assert b.status(A, NOW + 0.2).path == "direct"
+    later = NOW + 0.1 + T.silent_path_probe
+    pings = b.stats.sent["ping"]
+    b.on_receive(A, derp_endpoint(REGION), later)
+    assert b.status(A, later).path == "derp"
+    assert b.targets(A, later) == Targets(udp=A_EP, derp=REGION)
+    assert b.stats.relayed_fallbacks == 1
+    assert b.stats.sent["ping"] > pings, "the direct path is probed"
+    settle(a, b, later)  # the pong comes back: direct again
+    assert b.status(A, later).path == "direct"

@@ -119,3 +119,24 @@ def test_direct_path_loss_falls_back_within_5s_and_recovers_within_30s(
     assert t - healed < 30.0
     p.sim.run_for(5)
     assert p.a.rx[p.b.key][-1].path == "udp"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+@pytest.mark.parametrize("side", ["a", "both"])
+def test_a_path_that_dies_under_traffic_falls_back_in_about_a_second(seed: int, side: str) -> None:
+    """Traffic both ways: the side that stops hearing back probes at once (the silence probe)
+    instead of waiting for its next heartbeat, so both are on DERP about 1 s later."""
+    p = pair("port_restricted", "full_cone", seed=seed)
+    p.start()
+    p.sim.run_for(10.0 + 0.71 * seed)
+    assert directed(p)
+    broken = p.sim.now
+    _block([p.a] if side == "a" else [p.a, p.b], True)
+    t = p.sim.run_for(5.0, until=lambda: p.both("derp"))
+    assert t is not None
+    assert t - broken <= 1.5, f"fell back after {t - broken:.2f} s"
+    assert p.a.engine.stats.silence_probes >= 1
+    p.sim.run_for(5.0)
+    for rx_host, tx_host in ((p.a, p.b), (p.b, p.a)):
+        times = [r.at for r in rx_host.rx[tx_host.key] if r.at >= broken - 1]
+        assert max_gap(times) <= 2.0

@@ -160,3 +160,42 @@ def test_want_full_ping() -> None:
     assert p.want_full_ping(160.0, T)  # slow path, a minute since the last round
     p.on_pong(PUB, 0.001, PUB, 160.0, T)
     assert not p.want_full_ping(160.0, T)  # good enough: never look for better
+
+
+def test_a_silent_direct_path_is_due_a_probe_once_per_interval() -> None:
+    p = peer()
+    p.on_pong(PUB, 0.01, PUB, 10.0, T)
+    after = T.silent_after(0.01)
+    assert after == T.silent_path_probe
+    assert not p.note_direct_send(10.1, T)  # first send since the answer starts the clock
+    assert not p.note_direct_send(10.1 + after - 0.01, T)
+    assert p.note_direct_send(10.1 + after, T)  # silent for `after`: probe
+    assert not p.note_direct_send(10.1 + after + 0.1, T)  # at most once per interval
+    assert p.note_direct_send(10.1 + 2 * after, T)
+    p.note_direct_answer(11.0)  # a packet came back: the clock restarts
+    assert not p.note_direct_send(11.5, T)
+    assert not p.note_direct_send(11.5 + after - 0.01, T)
+
+
+def test_a_pong_from_the_best_path_ends_its_silence() -> None:
+    p = peer()
+    p.on_pong(PUB, 0.01, PUB, 10.0, T)
+    p.note_direct_send(10.1, T)
+    p.on_pong(PUB, 0.01, PUB, 10.3, T)
+    assert not p.note_direct_send(10.1 + T.silent_path_probe, T)
+
+
+def test_silence_scales_with_a_slow_path() -> None:
+    assert T.silent_after(None) == T.silent_path_probe
+    assert T.silent_after(0.4) == 0.8
+
+
+def test_data_through_derp_while_the_direct_path_is_silent() -> None:
+    p = peer(configured_region=1)
+    p.on_pong(PUB, 0.01, PUB, 10.0, T)
+    assert not p.relayed_while_silent(10.2, T)  # the pong was just now
+    p.note_direct_answer(10.4)
+    assert not p.relayed_while_silent(10.4 + T.silent_path_probe - 0.01, T)
+    assert p.relayed_while_silent(10.4 + T.silent_path_probe, T)
+    p.lose_trust(PUB, 11.0)
+    assert not p.relayed_while_silent(11.0, T)  # untrusted already: nothing to end

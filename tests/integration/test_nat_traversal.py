@@ -70,7 +70,7 @@ def test_behind_cone_nats_they_go_direct(lab: Lab) -> None:
 
 
 def test_udp_blocked_mid_transfer_moves_to_the_relay_and_back(lab: Lab) -> None:
-    """iperf3 TCP keeps going while the path moves: direct -> DERP (<= 5 s) -> direct."""
+    """iperf3 TCP keeps going while the path moves: direct -> DERP (<= 3 s) -> direct."""
     net = build(lab, "cone", "cone")
     net.a.start()
     net.b.start()
@@ -100,11 +100,13 @@ def test_udp_blocked_mid_transfer_moves_to_the_relay_and_back(lab: Lab) -> None:
         (len(run) for run in "".join("0" if b < 1e5 else "1" for b in intervals).split("1")),
         default=0,
     )
-    assert to_derp <= 5.0, f"moved to DERP after {to_derp:.1f} s"
+    # a direct path that goes silent under traffic is probed after 0.5 s and dropped 0.5 s
+    # later (measured 1.3 s here, including the 0.2 s status polling); the issue asks <= 5 s
+    assert to_derp <= 3.0, f"moved to DERP after {to_derp:.1f} s"
     assert to_direct <= 30.0
-    # the path moves within 5 s; TCP's own retransmission backoff (0.2+0.4+0.8+1.6+3.2 s) adds
-    # up to one more doubling before the stream is seen flowing again
-    assert stalled <= 8, f"TCP stalled for {stalled} s: {intervals}"
+    # TCP's own retransmission backoff (0.2+0.4+0.8+1.6 s) adds up to one more doubling
+    # before the stream is seen flowing again (measured: 1 s)
+    assert stalled <= 4, f"TCP stalled for {stalled} s: {intervals}"
     assert sum(1 for b in intervals[-6:] if b > 1e6) >= 4, f"not flowing at the end: {intervals}"
     assert result["end"]["sum_received"]["bytes"] > 0
     print(f"to DERP {to_derp:.1f} s, back to direct {to_direct:.1f} s, stall {stalled} s")
