@@ -1,8 +1,8 @@
 """Attacks on the WireGuard core (two Device cores in memory, fake clock): a replayed handshake
-initiation from another address, and an initiation flood from many sources while a real peer
-handshakes. Replayed and forged transport packets are in tests/proto/test_device.py
-(test_replay_and_forged_packets_are_counted_not_raised); the replay window itself in
-tests/proto/test_replay_allowedips.py."""
+initiation from another address, replayed transport data from the peer's and another address,
+and an initiation flood from many sources while a real peer handshakes. Forged transport packets
+are in tests/proto/test_device.py (test_replay_and_forged_packets_are_counted_not_raised); the
+replay window itself in tests/proto/test_replay_allowedips.py."""
 
 from __future__ import annotations
 
@@ -175,3 +175,28 @@ def test_an_attacker_with_a_cookie_is_rate_limited_per_address() -> None:
     # Only the burst got as far as the (failing) decryption.
     assert b.drops[DropReason.AUTHENTICATION] - before == RATELIMIT_BURST
     assert b.drops[DropReason.RATE_LIMITED] - limited_before == 50 - RATELIMIT_BURST
+
+
+def test_replayed_data_from_elsewhere_is_dropped_and_moves_nothing() -> None:
+    """An on-path attacker records a burst of transport packets and re-sends it, from the
+    peer's address and from its own, now and after newer packets: every copy is a counted
+    replay drop, nothing reaches the TUN twice, and the peer's endpoint does not roam."""
+    a, b = devices()
+    pa, pb = a.peers[b.public_key], b.peers[a.public_key]
+    init = pa.encrypt([ipv4(A_IP, B_IP)], T0)
+    res = b.receive_batch(init, A_EP, T0)
+    staged = a.receive(res.replies[0][0], B_EP, T0).replies
+    b.receive_batch([d for d, _ in staged], A_EP, T0)
+    burst = pa.encrypt([ipv4(A_IP, B_IP, b"pay %d" % i) for i in range(8)], T0 + 1)
+    got = b.receive_batch(burst, A_EP, T0 + 1).packets
+    assert [bytes(p)[20:] for p in got] == [b"pay %d" % i for i in range(8)]
+
+    for src in (A_EP, EVIL_EP):
+        res = b.receive_batch(list(reversed(burst)), src, T0 + 2)
+        assert res.packets == []
+        assert res.replies == []
+    newer = pa.encrypt([ipv4(A_IP, B_IP, b"newer")], T0 + 3)
+    assert [bytes(p)[20:] for p in b.receive_batch(newer, A_EP, T0 + 3).packets] == [b"newer"]
+    assert b.receive_batch(burst[:3], EVIL_EP, T0 + 4).packets == []
+    assert b.drops[DropReason.REPLAY] == 8 + 8 + 3
+    assert pb.endpoint == A_EP  # a replayed packet never makes the peer roam
