@@ -215,5 +215,6 @@ class ControlApi:
                     {rid: link.connected for rid, link in derp.links.items()} if derp else {}
                 ),
                 derp=dict(st.derp.stats),
+                disco=self.d.paths.stats.counters(),
             )
         )

@@ -12,6 +12,9 @@
     agent_dataplane_<name>_total               counter  data plane counters (packets, bytes, ...)
     agent_derp_connected{region}               gauge    1 while the region's link is up
     agent_derp_<name>_total                    counter  DERP link counters, all regions summed
+    agent_disco_<name>_total                   counter  path engine: DISCO messages sent and
+                                                        received by kind, drops by reason,
+                                                        silence probes, relayed fallbacks
 
 The server answers `GET /metrics` only; it listens on a loopback address (config enforces it).
 """
@@ -96,6 +99,7 @@ class Snapshot:
     dataplane: Mapping[str, int] = field(default_factory=dict)
     derp_connected: Mapping[int, bool] = field(default_factory=dict)
     derp: Mapping[str, int] = field(default_factory=dict)
+    disco: Mapping[str, int] = field(default_factory=dict)
 
 
 def render(snap: Snapshot) -> str:
@@ -148,6 +152,8 @@ def render(snap: Snapshot) -> str:
         )
     for name, n in sorted(snap.derp.items()):
         out.add(f"agent_derp_{name}_total", "counter", f"DERP links {name}.", n)
+    for name, n in sorted(snap.disco.items()):
+        out.add(f"agent_disco_{name}_total", "counter", f"Path engine {name}.", n)
     return out.text()
 
 

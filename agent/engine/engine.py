@@ -147,6 +147,18 @@ class EngineStats:
     duplicate_pings: int = 0
     silence_probes: int = 0  # heartbeat pings sent early: the direct path went silent
     relayed_fallbacks: int = 0  # trust ended because the peer's data came through DERP
+
+    def counters(self) -> dict[str, int]:
+        """Every counter under one flat name (for metrics): sent_ping, received_pong,
+        dropped_malformed, silence_probes, ..."""
+        out = {f"sent_{k}": v for k, v in self.sent.items()}
+        out.update({f"received_{k}": v for k, v in self.received.items()})
+        out.update({f"dropped_{k.value}": v for k, v in self.drops.items()})
+        out["duplicate_pings"] = self.duplicate_pings
+        out["unmatched_pongs"] = self.unmatched_pongs
+        out["silence_probes"] = self.silence_probes
+        out["relayed_fallbacks"] = self.relayed_fallbacks
+        return out
     unmatched_pongs: int = 0
 
 

@@ -28,6 +28,7 @@ SNAP = Snapshot(
     dataplane={"tx_packets": 10, "rx_packets": 9},
     derp_connected={900: True, 901: False},
     derp={"tx_packets": 7},
+    disco={"sent_ping": 12, "silence_probes": 2},
 )
 
 
@@ -57,6 +58,8 @@ def test_exposition_values_and_escaping() -> None:
     assert "agent_dataplane_tx_packets_total 10\n" in text
     assert 'agent_derp_connected{region="901"} 0\n' in text
     assert "agent_derp_tx_packets_total 7\n" in text
+    assert "agent_disco_sent_ping_total 12\n" in text
+    assert "agent_disco_silence_probes_total 2\n" in text
     assert "agent_up 1\n" in text
 
 

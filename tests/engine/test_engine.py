@@ -245,6 +245,7 @@ def test_derp_source_must_own_the_disco_key() -> None:
     stranger = NodePrivate(bytes(range(100, 132))).public()
     a.receive_disco(cmm.payload, derp_endpoint(REGION), NOW, derp_src=stranger)
     assert a.stats.drops[DropReason.UNKNOWN_PEER] == 1
+    assert a.stats.counters()["dropped_unknown_peer"] == 1
 
 
 def test_unknown_sender_is_not_opened() -> None:
@@ -498,6 +499,7 @@ def test_data_through_derp_ends_the_trust_of_a_silent_direct_path() -> None:
     assert b.status(A, later).path == "derp"
     assert b.targets(A, later) == Targets(udp=A_EP, derp=REGION)
     assert b.stats.relayed_fallbacks == 1
+    assert b.stats.counters()["relayed_fallbacks"] == 1
     assert b.stats.sent["ping"] > pings, "the direct path is probed"
     settle(a, b, later)  # the pong comes back: direct again
     assert b.status(A, later).path == "direct"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any
@@ -109,6 +110,11 @@ def test_udp_blocked_mid_transfer_moves_to_the_relay_and_back(lab: Lab) -> None:
     assert stalled <= 4, f"TCP stalled for {stalled} s: {intervals}"
     assert sum(1 for b in intervals[-6:] if b > 1e6) >= 4, f"not flowing at the end: {intervals}"
     assert result["end"]["sum_received"]["bytes"] > 0
+    probes = re.search(
+        r"^agent_disco_silence_probes_total (\d+)$", net.a.cli("metrics").stdout, re.M
+    )
+    assert probes is not None
+    assert int(probes.group(1)) >= 1, "the silent path was not probed"
     print(f"to DERP {to_derp:.1f} s, back to direct {to_direct:.1f} s, stall {stalled} s")
 
 
