@@ -370,6 +370,7 @@ class Daemon:
         if device is None:
             return
         own = self.config.interface.private_key.public()
+        now = self._loop.time() if self._loop is not None else 0.0
         seen: dict[NodePublic, NodeInfo] = {}
         added = changed = 0
         for node in netmap.peers:
@@ -394,6 +395,9 @@ class Daemon:
                 node.home_region,
             ):
                 self.paths.add_peer(key, derp_region=node.home_region, disco_key=node.disco_key)
+                self.paths.set_netmap_endpoints(key, node.endpoints, now)
+            elif old.endpoints != node.endpoints:
+                self.paths.set_netmap_endpoints(key, node.endpoints, now)
         removed = [key for key in self._control_peers if key not in seen]
         for key in removed:
             device.remove_peer(key)

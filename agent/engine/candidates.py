@@ -52,6 +52,7 @@ class CandidateSource(Flag):
     CONFIG = auto()
     CALL_ME_MAYBE = auto()
     LEARNED = auto()
+    NETMAP = auto()  # the peer's endpoints as the coordinator's netmap lists them
 
 
 @dataclass(frozen=True, slots=True)

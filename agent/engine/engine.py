@@ -36,12 +36,13 @@ Flow between two nodes A and B that both run an engine (B's side is symmetrical)
                            network lets it, about 6 s after it does
     idle 45 s              heartbeats stop; the next on_send starts over
 
-Inputs: `add_peer`/`remove_peer`/`set_endpoint` (configuration), `on_send` (we are about to
-send to a peer: activity), `on_receive` (an authenticated WireGuard packet arrived),
-`receive_disco` (a DISCO packet arrived over UDP or DERP), `set_local_endpoints`, `ping`,
-`on_timer`. Outputs: `targets`/`status` (per peer, now), `outgoing()` (DISCO datagrams to send),
-`events()` (PathChanged, PongReceived), `next_deadline()`. Hostile input to `receive_disco` is
-counted in `stats.drops` and never raises.
+Inputs: `add_peer`/`remove_peer`/`set_endpoint`/`set_netmap_endpoints` (configuration),
+`on_send` (we are about to send to a peer: activity), `on_receive` (an authenticated WireGuard
+packet arrived), `receive_disco` (a DISCO packet arrived over UDP or DERP),
+`set_local_endpoints`, `ping`, `on_timer`. Outputs: `targets`/`status` (per peer, now),
+`outgoing()` (DISCO datagrams to send), `events()` (PathChanged, PongReceived),
+`next_deadline()`. Hostile input to `receive_disco` is counted in `stats.drops` and never
+raises.
 
 Disco keys in static-config mode (no coordinator)
 -------------------------------------------------
@@ -159,6 +160,7 @@ class EngineStats:
         out["silence_probes"] = self.silence_probes
         out["relayed_fallbacks"] = self.relayed_fallbacks
         return out
+
     unmatched_pongs: int = 0
 
 
@@ -256,6 +258,21 @@ class PathEngine:
             self._plain.set_endpoint(key, endpoint)
         elif derp_region_of(endpoint) is None and endpoint != peer.configured_endpoint:
             peer.set_configured_endpoint(endpoint)
+
+    def set_netmap_endpoints(
+        self, key: NodePublic, endpoints: Iterable[Endpoint], now: float
+    ) -> None:
+        """The peer's endpoints from the coordinator's netmap: candidates to probe (tailscaled
+        takes them from its netmap too), so a direct path can be tried before the peer's first
+        CallMeMaybe. An active peer without a trusted path is probed at once."""
+        peer = self._peers.get(key)
+        if peer is None:
+            return
+        eps = [(str(ep[0]), int(ep[1])) for ep in endpoints]
+        peer.set_netmap_endpoints(eps[:MAX_CALL_ME_MAYBE_ENDPOINTS], now)
+        if peer.schedule.active(now, self.timings) and not peer.trusted(now):
+            self._discover(peer, now, call_me_maybe=False)
+        self._rearm(peer, now)
 
     def set_local_endpoints(self, endpoints: Iterable[Endpoint], now: float | None = None) -> None:
         """Our candidate endpoints (STUN-learned public ones first, then local addresses with

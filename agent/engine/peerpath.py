@@ -31,6 +31,7 @@ Transitions, each a method here:
                              the engine then ends the trust at once (lose_trust)
     set_call_me_maybe(eps)   the CallMeMaybe source moves to exactly `eps`; every candidate
                              becomes due for a ping
+    set_netmap_endpoints()   the coordinator's endpoints for the peer replace that source
 """
 
 from __future__ import annotations
@@ -144,6 +145,15 @@ class PeerPath:
         self._sweep()
         for cand in self.candidates.values():
             cand.last_ping = None
+
+    def set_netmap_endpoints(self, endpoints: list[Endpoint], now: float) -> None:
+        """The coordinator's list of the peer's endpoints replaces that source. New ones are
+        due for a ping at the next discovery round (their last ping is unset)."""
+        for cand in self.candidates.values():
+            cand.sources &= ~CandidateSource.NETMAP
+        for ep in endpoints:
+            self.add_candidate(ep, CandidateSource.NETMAP, now)
+        self._sweep()
 
     def prune(self, now: float, t: Timings) -> None:
         """Expire learned endpoints nothing came from for SESSION_ACTIVE_TIMEOUT."""

@@ -503,3 +503,20 @@ def test_data_through_derp_ends_the_trust_of_a_silent_direct_path() -> None:
     assert b.stats.sent["ping"] > pings, "the direct path is probed"
     settle(a, b, later)  # the pong comes back: direct again
     assert b.status(A, later).path == "direct"
+
+
+def test_netmap_endpoints_are_probed_without_a_call_me_maybe() -> None:
+    """With a coordinator, the netmap lists the peer's endpoints: an active peer's are pinged at
+    once, and the pong makes the path direct before any CallMeMaybe went through DERP."""
+    a, b = pair()
+    a.on_send(B, NOW)  # active, relayed: nothing to ping yet
+    assert all(o.derp_region is not None for o in a.outgoing())
+    a.set_netmap_endpoints(B, [B_EP], NOW + 0.1)
+    pings = [o for o in a.outgoing() if o.endpoint == B_EP]
+    assert len(pings) == 1
+    b.receive_disco(pings[0].payload, A_EP, NOW + 0.1)
+    for o in b.outgoing():
+        if o.endpoint == A_EP:
+            a.receive_disco(o.payload, B_EP, NOW + 0.11)
+    assert a.status(B, NOW + 0.11).path == "direct"
+    a.set_netmap_endpoints(A, [A_EP], NOW)  # not a peer of a: ignored

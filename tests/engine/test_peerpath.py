@@ -199,3 +199,12 @@ def test_data_through_derp_while_the_direct_path_is_silent() -> None:
     assert p.relayed_while_silent(10.4 + T.silent_path_probe, T)
     p.lose_trust(PUB, 11.0)
     assert not p.relayed_while_silent(11.0, T)  # untrusted already: nothing to end
+
+
+def test_netmap_endpoints_replace_their_source_only() -> None:
+    p = peer(configured_endpoint=PUB)
+    p.set_netmap_endpoints([PUB, LAN], 1.0)
+    assert set(p.candidates) == {PUB, LAN}
+    p.set_netmap_endpoints([PUB2], 2.0)
+    assert set(p.candidates) == {PUB, PUB2}  # PUB stays: the config still names it
+    assert p.candidates[PUB2].ping_due(2.0, T.disco_ping_interval)
