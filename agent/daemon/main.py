@@ -26,13 +26,14 @@ from collections.abc import Sequence
 
 from agent.config import Config
 from agent.coordinator.client import CoordinatorClient, CoordinatorError
-from agent.coordinator.netmap import NetMap, NodeInfo
+from agent.coordinator.netmap import NetMap
 from agent.daemon import control, metrics, uapi
 from agent.daemon.control_api import ControlApi, format_endpoint, serve_control
 from agent.daemon.dataplane import DataPlane
 from agent.daemon.derp_client import DerpClients
 from agent.daemon.netcheck_cmd import NetcheckDriver
 from agent.daemon.netinfo import local_addresses
+from agent.daemon.netmap_peers import NetmapPeers
 from agent.daemon.randpool import RandomPool
 from agent.daemon.transport import PeerTransport
 from agent.daemon.tun import Tun, open_tun
@@ -77,9 +78,10 @@ class Daemon:
         self.config = config
         self.coordinator = coordinator
         self.control: control.ControlLink | None = None
-        self._static_peers = {p.public_key for p in config.peers}
-        self._control_peers: dict[NodePublic, NodeInfo] = {}
         self.names = {p.public_key: p.name for p in config.peers}
+        self.netmap_peers = NetmapPeers(
+            config.interface.private_key.public(), {p.public_key for p in config.peers}, self.names
+        )
         self.device: Device | None = None
         self.tun: Tun | None = None
         self.udp: UdpSocket | None = None
@@ -354,63 +356,22 @@ class Daemon:
     def _control_lost(self, why: str) -> None:
         """Out of the network: drop every peer the coordinator gave us (static ones stay)."""
         log.error("coordinator link stopped", reason=why)
-        device = self.device
-        for key in list(self._control_peers):
-            if device is not None:
-                device.remove_peer(key)
-            self.paths.remove_peer(key)
-            self.names.pop(key, None)
-        self._control_peers = {}
+        self.netmap_peers.drop_all(self.device, self.paths)
         sd_notify(f"STATUS=up: {self.config.interface.name}, removed from the coordinator")
 
     def _apply_netmap(self, netmap: NetMap) -> None:
-        """Peers from the coordinator, applied live: added, changed, removed (static peers
-        from the config are never touched)."""
-        device = self.device
-        if device is None:
+        """Peers from the coordinator, applied live (daemon/netmap_peers.py)."""
+        device, loop = self.device, self._loop
+        if device is None or loop is None:
             return
-        own = self.config.interface.private_key.public()
-        now = self._loop.time() if self._loop is not None else 0.0
-        seen: dict[NodePublic, NodeInfo] = {}
-        added = changed = 0
-        for node in netmap.peers:
-            key = node.node_key
-            if key == own or key in self._static_peers:
-                continue
-            seen[key] = node
-            old = self._control_peers.get(key)
-            if old == node:
-                continue
-            self.names[key] = node.name
-            if old is None:
-                device.add_peer(key, allowed_ips=node.allowed_ips())
-                added += 1
-            else:
-                peer = device.peers.get(key)
-                if peer is not None:
-                    device.set_allowed_ips(peer, node.allowed_ips(), replace=True)
-                changed += 1
-            if old is None or (old.disco_key, old.home_region) != (
-                node.disco_key,
-                node.home_region,
-            ):
-                self.paths.add_peer(key, derp_region=node.home_region, disco_key=node.disco_key)
-                self.paths.set_netmap_endpoints(key, node.endpoints, now)
-            elif old.endpoints != node.endpoints:
-                self.paths.set_netmap_endpoints(key, node.endpoints, now)
-        removed = [key for key in self._control_peers if key not in seen]
-        for key in removed:
-            device.remove_peer(key)
-            self.paths.remove_peer(key)
-            self.names.pop(key, None)
-        self._control_peers = seen
+        change = self.netmap_peers.apply(netmap, device, self.paths, loop.time())
         log.info(
             "netmap",
             version=netmap.version,
-            peers=len(seen),
-            added=added,
-            changed=changed,
-            removed=len(removed),
+            peers=change.peers,
+            added=change.added,
+            changed=change.changed,
+            removed=change.removed,
         )
         self.flush()
 
