@@ -1,9 +1,10 @@
-"""DERP relay throughput and idle-connection memory: `agent derper` and Tailscale's DERP server.
+"""DERP relay throughput, latency and memory under load: `agent derper` and Tailscale's server.
 
     ns agt-<hex>-relay (loopback; a dead-end veth carries the default route tailcat wants)
     +-----------------------------------------------------------------------------------+
     |  sender --TLS--> relay --TLS--> receiver     one relay at a time:                  |
     |  idle x P --TLS (N connections)--> relay     agent derper, or tailcat's derpserver |
+    |  pinger <--TLS--> relay <--TLS--> echo       (+ busy sender/receiver pairs)         |
     +-----------------------------------------------------------------------------------+
 
 Every client is a separate Python process (this file with --worker), identical for both relays:
@@ -16,7 +17,11 @@ DerpClientConn, then
           RecvPacket frames of the expected size and source key with strided header checks,
           walking frame by frame only when another frame type is mixed in;
   idle    opens its share of the N connections (from its own 127.0.1.x address), holds them,
-          and on request reports how many are still open (no hang-up or EOF seen by poll).
+          and on request reports how many are still open (no hang-up or EOF seen by poll);
+  ping    sends a 64-byte packet (sequence number, send time) to the echo client every
+          --ping-interval s, one outstanding at a time, and times the reply: p50/p99/max RTT
+          after PING_WARMUP round trips (a reply later than PING_TIMEOUT counts as lost);
+  echo    sends every packet from the pinger straight back to it.
 
 Per relay, two fresh relay processes. The first carries the throughput runs, 1400-byte and then
 100-byte packets, one sender and one receiver: flat out (the sender writes as fast as the relay
@@ -26,13 +31,20 @@ the best delivered rate with < 1 % loss. The second relay is for idle connection
 have idled for --hold seconds; the difference over N is the memory per connection. While they
 are held, one more flat-out 1400-byte run shows the relay's throughput with N clients on it.
 
+Latency: the ping pair runs (a) on the first relay before anything else, (b) on the second with
+the N idle connections held, (c) with them held and --pairs 1400-byte pairs each offering
+--pair-rate packets/s (a rate both relays carry without loss), while the relay's VmRSS is sampled
+every 0.25 s: its peak over the RSS with the idle ones alone shows what traffic adds (bounded by
+the per-client queues), and (d, --flat-pairs) with the pairs flat out: the relay saturated.
+
 Mbit/s counts relayed packet bytes (not frame or TLS overhead); loss is 1 - delivered / written.
 Relay CPU is the relay process's user+system time over the sender's run, in percent of one core
 (Go uses several threads). A warning is printed when a load generator used more than 85 % of a
 core in a run: then it, not the relay, may have set the rate.
 
 Usage (root): python bench/relay.py [--seconds 5] [--idle 10000] [--quick] [--json]
-              [--relay agent --relay tailscale] [--profile FILE.svg]
+              [--pairs 4] [--pair-rate 5000] [--ping-seconds 5] [--busy-seconds 10]
+              [--no-flat-pairs] [--relay agent --relay tailscale] [--profile FILE.svg]
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import secrets
@@ -75,6 +88,10 @@ START_TIMEOUT = 30.0
 LOSS_LIMIT = 1.0  # percent
 BUSY_CPU = 85.0  # percent of a core above which a load generator may be the bottleneck
 _HEADER = struct.Struct(">BI")
+_PING = struct.Struct(">Qd")  # sequence number, send time: the start of a ping packet
+PING_TIMEOUT = 1.0  # a reply later than this counts as lost
+PING_WARMUP = 10  # first round trips not kept (first use of each path through the relay)
+PING_SIZE = 64  # bytes of packet per ping (a DISCO ping is about this size)
 
 # key, unit, label, target (None: informational), ratio shown. Ratios are ours / Tailscale's.
 METRICS: list[tuple[str, str, str, str | None, bool]] = [
@@ -91,6 +108,28 @@ METRICS: list[tuple[str, str, str, str | None, bool]] = [
     ("idle_kb", "KiB", "relay RSS per idle connection", "<= 20", True),
     ("idle_open_s", "s", "time to open them all", None, True),
     ("mbps_1400_loaded", "Mbit/s", "1400 B, flat out, idle ones held", None, True),
+    ("rtt_idle_p50", "ms", "ping RTT, idle relay: p50", None, True),
+    ("rtt_idle_p99", "ms", "ping RTT, idle relay: p99", None, True),
+    ("rtt_idle_max", "ms", "ping RTT, idle relay: max", None, True),
+    ("rtt_held_p50", "ms", "ping RTT, idle ones held: p50", None, True),
+    ("rtt_held_p99", "ms", "ping RTT, idle ones held: p99", None, True),
+    ("rtt_held_max", "ms", "ping RTT, idle ones held: max", None, True),
+    ("held_cpu", "% core", "relay CPU, idle ones held + ping", None, True),
+    ("busy_pps", "pps", "busy pairs (paced), idle held: delivered", None, True),
+    ("busy_loss", "%", "busy pairs (paced), idle held: loss", None, False),
+    ("rtt_busy_p50", "ms", "ping RTT, idle held + busy pairs: p50", None, True),
+    ("rtt_busy_p99", "ms", "ping RTT, idle held + busy pairs: p99", None, True),
+    ("rtt_busy_max", "ms", "ping RTT, idle held + busy pairs: max", None, True),
+    ("busy_cpu", "% core", "relay CPU, idle held + busy pairs", None, True),
+    ("busy_rss", "MiB", "relay RSS, idle held + busy pairs: peak", None, True),
+    ("busy_rss_growth", "MiB", "  its growth over idle ones alone", None, True),
+    ("flat_mbps", "Mbit/s", "busy pairs flat out, idle held: delivered", None, True),
+    ("flat_loss", "%", "busy pairs flat out, idle held: loss", None, False),
+    ("rtt_flat_p50", "ms", "ping RTT, idle held + pairs flat out: p50", None, True),
+    ("rtt_flat_p99", "ms", "ping RTT, idle held + pairs flat out: p99", None, True),
+    ("rtt_flat_max", "ms", "ping RTT, idle held + pairs flat out: max", None, True),
+    ("flat_cpu", "% core", "relay CPU, idle held + pairs flat out", None, True),
+    ("flat_rss_growth", "MiB", "relay RSS growth, pairs flat out", None, True),
 ]
 
 
@@ -380,6 +419,138 @@ def worker_idle(port: int, count: int, source: str, deadline_s: float) -> None:
         s.close()
 
 
+def split_frames(buf: bytearray) -> list[tuple[int, bytes]]:
+    """The whole frames at the start of `buf` as (type, payload), removed from it."""
+    frames: list[tuple[int, bytes]] = []
+    pos, end = 0, len(buf)
+    while end - pos >= 5:
+        ftype, length = _HEADER.unpack_from(buf, pos)
+        if end - pos < 5 + length:
+            break
+        frames.append((ftype, bytes(buf[pos + 5 : pos + 5 + length])))
+        pos += 5 + length
+    del buf[:pos]
+    return frames
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of an ascending, non-empty list."""
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def rtt_summary(rtts: list[float]) -> dict[str, float]:
+    """p50, p99, max and mean of round trips in seconds, in milliseconds."""
+    if not rtts:
+        return {}
+    ordered = sorted(rtts)
+    return {
+        "p50": 1e3 * percentile(ordered, 50),
+        "p99": 1e3 * percentile(ordered, 99),
+        "max": 1e3 * ordered[-1],
+        "mean": 1e3 * sum(ordered) / len(ordered),
+    }
+
+
+def _stdin_ready() -> bool:
+    return bool(select.select([sys.stdin.fileno()], [], [], 0)[0])
+
+
+def worker_echo(port: int, private: bytes, peer: bytes) -> None:
+    """Send every packet from `peer` back to it at once, until "done" on stdin."""
+    sock = login(port, private, ctx=_tls())
+    sock.sock.settimeout(0.2)
+    buf = bytearray()
+    echoed = 0
+    first = cpu0 = 0.0
+    _emit({"ready": True})
+    while not _stdin_ready():
+        try:
+            data = sock.recv()
+        except TimeoutError:
+            continue
+        if not data:
+            break
+        if not first:
+            first, cpu0 = time.monotonic(), _cpu_seconds()
+        buf += data
+        out = [
+            SendPacket(peer, payload[KEY_LEN:]).encode()
+            for ftype, payload in split_frames(buf)
+            if ftype == FrameType.RECV_PACKET and payload[:KEY_LEN] == peer
+        ]
+        if out:
+            sock.sendall(b"".join(out))
+            echoed += len(out)
+    span = max(time.monotonic() - first, 1e-9)
+    _emit({"echoed": echoed, "cpu": 100 * (_cpu_seconds() - cpu0) / span if first else 0.0})
+    sock.close()
+
+
+def worker_ping(
+    port: int, private: bytes, peer: bytes, size: int, seconds: float, interval: float
+) -> None:
+    """One packet to `peer` every `interval` s, one outstanding at a time: the next leaves on
+    the schedule or as soon as the reply is in, whichever is later (no catch-up bursts). A reply
+    not in within PING_TIMEOUT counts as lost; the first PING_WARMUP round trips are not kept."""
+    sock = login(port, private, ctx=_tls())
+    pad = bytes(max(0, size - _PING.size))
+    buf = bytearray()
+    rtts: list[float] = []
+    lost = late = other = 0
+    _emit({"ready": True})
+    _wait_line("go")
+    cpu0, start = _cpu_seconds(), time.monotonic()
+    end = start + seconds
+    seq = 0
+    next_at = start
+    while (now := time.monotonic()) < end:
+        if next_at > now:
+            time.sleep(next_at - now)
+        seq += 1
+        sent_at = time.monotonic()
+        sock.sendall(SendPacket(peer, _PING.pack(seq, sent_at) + pad).encode())
+        deadline = sent_at + PING_TIMEOUT
+        rtt: float | None = None
+        while rtt is None and (left := deadline - time.monotonic()) > 0:
+            sock.sock.settimeout(left)
+            try:
+                data = sock.recv()
+            except TimeoutError:
+                break
+            got_at = time.monotonic()
+            if not data:
+                raise ConnectionError("EOF from the relay")
+            buf += data
+            for ftype, payload in split_frames(buf):
+                if ftype != FrameType.RECV_PACKET or payload[:KEY_LEN] != peer:
+                    other += 1
+                elif _PING.unpack_from(payload, KEY_LEN)[0] == seq:
+                    rtt = got_at - sent_at
+                else:
+                    late += 1  # the reply to one already counted lost
+        if rtt is None:
+            lost += 1
+        elif seq > PING_WARMUP:
+            rtts.append(rtt)
+        next_at = max(next_at + interval, time.monotonic())
+    elapsed = time.monotonic() - start
+    _emit(
+        {
+            "sent": seq,
+            "replies": len(rtts),
+            "lost": lost,
+            "late": late,
+            "other": other,
+            "seconds": elapsed,
+            "cpu": 100 * (_cpu_seconds() - cpu0) / elapsed,
+        }
+        | rtt_summary(rtts)
+    )
+    _wait_line("close")
+    sock.close()
+
+
 def worker_probe(port: int, count: int) -> None:
     """Log in `count` times (waiting for the relay to accept), then close: readiness and warm-up."""
     ctx = _tls()
@@ -418,6 +589,17 @@ def run_worker(kind: str, args: dict[str, Any]) -> None:
         )
     elif kind == "idle":
         worker_idle(port, args["count"], args["source"], args["deadline"])
+    elif kind == "echo":
+        worker_echo(port, bytes.fromhex(args["priv"]), bytes.fromhex(args["peer"]))
+    elif kind == "ping":
+        worker_ping(
+            port,
+            bytes.fromhex(args["priv"]),
+            bytes.fromhex(args["peer"]),
+            args["size"],
+            args["seconds"],
+            args["interval"],
+        )
     else:
         worker_probe(port, args["count"])
 
@@ -556,35 +738,42 @@ class Bench:
                 raise LabError(f"{e}\n{relay.proc.describe()}") from e
         return relay
 
+    def pair(
+        self, pool: list[Worker], relay: Relay, size: int, seconds: float, rate: float | None
+    ) -> tuple[Worker, Worker]:
+        """A receiver and a sender logged in (the sender waiting for "go"): (send, recv)."""
+        rpriv, spriv = secrets.token_bytes(32), secrets.token_bytes(32)
+        rpub, spub = bytes(PrivateKey(rpriv).public_key), bytes(PrivateKey(spriv).public_key)
+        recv = self.worker(
+            pool,
+            "recv",
+            port=relay.port,
+            priv=rpriv.hex(),
+            src=spub.hex(),
+            size=size,
+            timeout=seconds + 60,
+        )
+        recv.read(LOGIN_TIMEOUT)
+        send = self.worker(
+            pool,
+            "send",
+            port=relay.port,
+            priv=spriv.hex(),
+            dst=rpub.hex(),
+            size=size,
+            seconds=seconds,
+            rate=rate,
+        )
+        send.read(LOGIN_TIMEOUT)
+        return send, recv
+
     def throughput(
         self, relay: Relay, size: int, seconds: float, rate: float | None = None
     ) -> dict[str, float]:
         """One sender, one receiver, `size`-byte packets for `seconds` (offered `rate` pps, or as
         fast as the relay takes them)."""
-        rpriv, spriv = secrets.token_bytes(32), secrets.token_bytes(32)
-        rpub, spub = bytes(PrivateKey(rpriv).public_key), bytes(PrivateKey(spriv).public_key)
         with workers() as pool:
-            recv = self.worker(
-                pool,
-                "recv",
-                port=relay.port,
-                priv=rpriv.hex(),
-                src=spub.hex(),
-                size=size,
-                timeout=seconds + 60,
-            )
-            recv.read(LOGIN_TIMEOUT)
-            send = self.worker(
-                pool,
-                "send",
-                port=relay.port,
-                priv=spriv.hex(),
-                dst=rpub.hex(),
-                size=size,
-                seconds=seconds,
-                rate=rate,
-            )
-            send.read(LOGIN_TIMEOUT)
+            send, recv = self.pair(pool, relay, size, seconds, rate)
             cpu0 = relay.cpu_seconds()
             send.tell("go")
             sent = send.read(seconds + 30)
@@ -615,6 +804,109 @@ class Bench:
                     f" (offered {offered:,.0f} pps): it may have set the rate"
                 )
         return {"pps": pps, "mbps": pps * size * 8 / 1e6, "loss": loss, "cpu": relay_cpu}
+
+    def ping_pair(self, pool: list[Worker], relay: Relay, seconds: float) -> tuple[Worker, Worker]:
+        """An echo client and a pinger logged in (the pinger waiting for "go"): (ping, echo)."""
+        ppriv, epriv = secrets.token_bytes(32), secrets.token_bytes(32)
+        ppub, epub = bytes(PrivateKey(ppriv).public_key), bytes(PrivateKey(epriv).public_key)
+        echo = self.worker(pool, "echo", port=relay.port, priv=epriv.hex(), peer=ppub.hex())
+        echo.read(LOGIN_TIMEOUT)
+        ping = self.worker(
+            pool,
+            "ping",
+            port=relay.port,
+            priv=ppriv.hex(),
+            peer=epub.hex(),
+            size=PING_SIZE,
+            seconds=seconds,
+            interval=self.args.ping_interval,
+        )
+        ping.read(LOGIN_TIMEOUT)
+        return ping, echo
+
+    def load(
+        self,
+        relay: Relay,
+        tag: str,
+        seconds: float,
+        pairs: int = 0,
+        rate: float | None = None,
+        baseline_kib: int | None = None,
+    ) -> dict[str, float | None]:
+        """The ping pair for `seconds`, alone (pairs 0) or alongside `pairs` 1400 B pairs, each
+        sending at `rate` pps (None: flat out). Keys: rtt_TAG_{p50,p99,max} (ms), TAG_cpu, and
+        with pairs TAG_{pps,mbps,loss,rss,rss_growth} (growth: peak RSS over `baseline_kib`)."""
+        size = 1400
+        with workers() as pool:
+            ping, echo = self.ping_pair(pool, relay, seconds)
+            flows = [self.pair(pool, relay, size, seconds, rate) for _ in range(pairs)]
+            rss0, cpu0, start = relay.rss_kib(), relay.cpu_seconds(), time.monotonic()
+            for w in [ping, *(send for send, _ in flows)]:
+                w.tell("go")
+            samples: list[tuple[float, int]] = []  # (seconds since go, VmRSS KiB)
+            while (t := time.monotonic() - start) < seconds:
+                samples.append((t, relay.rss_kib()))
+                time.sleep(0.25)
+            sent = [send.read(seconds + 30) for send, _ in flows]
+            pinged = ping.read(seconds + PING_TIMEOUT + 30)
+            cpu = 100 * (relay.cpu_seconds() - cpu0) / (time.monotonic() - start)
+            samples.append((time.monotonic() - start, relay.rss_kib()))
+            echo.tell("done")
+            echoed = echo.read(30)
+            for _, recv in flows:
+                recv.tell("done")
+            got = [recv.read(30) for _, recv in flows]
+            for w in [ping, *(send for send, _ in flows)]:
+                w.tell("close")
+        out: dict[str, float | None] = {f"{tag}_cpu": cpu}
+        for q in ("p50", "p99", "max"):
+            out[f"rtt_{tag}_{q}"] = pinged.get(q)
+        log(
+            f"    ping: {pinged['sent']:,} sent, RTT p50 {pinged.get('p50', 0):.2f} ms, p99 "
+            f"{pinged.get('p99', 0):.2f} ms, max {pinged.get('max', 0):.2f} ms, mean "
+            f"{pinged.get('mean', 0):.2f} ms; {pinged['lost']} lost, {pinged['late']} late; "
+            f"CPU relay {cpu:.0f} %, pinger {pinged['cpu']:.0f} %, echo {echoed['cpu']:.0f} %"
+        )
+        roles = [("pinger", pinged["cpu"]), ("echo client", echoed["cpu"])]
+        if pairs:
+            written = sum(s["sent"] for s in sent)
+            received = sum(g["received"] for g in got)
+            pps = sum(g["received"] / g["seconds"] for g in got if g["received"])
+            loss = 100 * (1 - received / written) if written else 100.0
+            peak = max(kib for _, kib in samples)
+            mid = [kib for t, kib in samples if t >= seconds / 2]
+            base = baseline_kib if baseline_kib is not None else rss0
+            out |= {
+                f"{tag}_pps": pps,
+                f"{tag}_mbps": pps * size * 8 / 1e6,
+                f"{tag}_loss": loss,
+                f"{tag}_rss": peak / 1024,
+                f"{tag}_rss_growth": (peak - base) / 1024,
+            }
+            offered = sum(s["sent"] / s["seconds"] for s in sent)
+            log(
+                f"    {pairs} pairs: offered {offered:,.0f} pps, delivered {pps:,.0f} pps "
+                f"({pps * size * 8 / 1e6:,.0f} Mbit/s), loss {loss:.2f} %; senders "
+                f"{max(s['cpu'] for s in sent):.0f} % CPU at most, receivers "
+                f"{max(g['cpu'] for g in got):.0f} %"
+            )
+            log(
+                f"    relay RSS {base / 1024:.1f} MiB before, {rss0 / 1024:.1f} at go, peak "
+                f"{peak / 1024:.1f}, {min(mid) / 1024:.1f}-{max(mid) / 1024:.1f} over the second "
+                f"half, {samples[-1][1] / 1024:.1f} at the end"
+            )
+            if any(g["bad"] for g in got):
+                self.warnings[f"{relay.name} {tag} bad"] = (
+                    f"{relay.name}, {tag}: {sum(g['bad'] for g in got)} malformed packets"
+                )
+            roles += [("sender", s["cpu"]) for s in sent] + [("receiver", g["cpu"]) for g in got]
+        for role, used in roles:
+            if used > BUSY_CPU:
+                self.warnings[f"{relay.name} {tag} {role}"] = (
+                    f"{relay.name}, {tag}: a {role} used {used:.0f} % of a core: it may have set"
+                    " the rate"
+                )
+        return out
 
     def sweep(self, relay: Relay, size: int, out: dict[str, float | None]) -> None:
         """Flat out, then up to --steps paced runs bisecting the offer for < LOSS_LIMIT % loss."""
@@ -682,16 +974,52 @@ class Bench:
             )
             out["idle_held"] = min(alive, established)
             out["idle_kb"] = (after - before) / held if held else None
+            self.loaded(relay, alive, after, out)
             log(f"  1400 B packets, {self.args.seconds:g} s, with {alive:,} idle connections held")
             try:
                 out["mbps_1400_loaded"] = self.throughput(relay, 1400, self.args.seconds)["mbps"]
             except LabError as e:
                 log(f"    failed: {e}")
                 out["mbps_1400_loaded"] = None
+            self.flat_pairs(relay, alive, after, out)
             # Stop the relay first: closing N connections one by one is not what we measure.
             relay.proc.stop(timeout=3.0)
             for w in idlers:
                 w.tell("close")
+
+    def loaded(
+        self, relay: Relay, alive: int, baseline_kib: int, out: dict[str, float | None]
+    ) -> None:
+        """Latency with the idle connections held: alone, with --pairs paced busy pairs and,
+        unless --no-flat-pairs, with them flat out (after the single flat-out run)."""
+        if not self.args.ping_seconds:
+            return
+        pairs, rate = self.args.pairs, self.args.pair_rate
+        try:
+            log(f"  ping RTT, {alive:,} idle held, {self.args.ping_seconds:g} s")
+            out |= self.load(relay, "held", self.args.ping_seconds, baseline_kib=baseline_kib)
+            if pairs:
+                log(
+                    f"  ping RTT, {alive:,} idle held, {pairs} pairs of 1400 B at {rate:,.0f}"
+                    f" pps each, {self.args.busy_seconds:g} s"
+                )
+                out |= self.load(relay, "busy", self.args.busy_seconds, pairs, rate, baseline_kib)
+        except LabError as e:
+            log(f"    failed: {e}")
+
+    def flat_pairs(
+        self, relay: Relay, alive: int, baseline_kib: int, out: dict[str, float | None]
+    ) -> None:
+        """The ping pair alongside --pairs pairs flat out (--flat-pairs): the relay saturated."""
+        pairs = self.args.pairs
+        if not (self.args.flat_pairs and pairs and self.args.ping_seconds):
+            return
+        seconds = self.args.seconds
+        log(f"  ping RTT, {alive:,} idle held, {pairs} pairs of 1400 B flat out, {seconds:g} s")
+        try:
+            out |= self.load(relay, "flat", seconds, pairs, None, baseline_kib)
+        except LabError as e:
+            log(f"    failed: {e}")
 
     def established(self, port: int) -> int:
         res = self.lab.run(self.ns, "ss", "-Htn", "state", "established", f"( sport = :{port} )")
@@ -709,6 +1037,12 @@ class Bench:
         out: dict[str, float | None] = {}
         relay = self.start(name)
         try:
+            if self.args.ping_seconds:
+                log(f"  ping RTT, idle relay, {self.args.ping_seconds:g} s")
+                try:
+                    out |= self.load(relay, "idle", self.args.ping_seconds)
+                except LabError as e:
+                    log(f"    failed: {e}")
             spy = self.profile(relay, self.args.seconds + 1)  # the first (flat out) 1400 B run
             try:
                 self.sweep(relay, 1400, out)
@@ -745,6 +1079,8 @@ def fmt(value: float | None, unit: str) -> str:
         return "-"
     if unit in ("pps", "conns"):
         return f"{value:,.0f}"
+    if unit == "ms":
+        return f"{value:.2f}"
     if unit in ("%", "% core", "s"):
         return f"{value:.1f}"
     return f"{value:.2f}" if unit == "KiB" else f"{value:,.1f}"
@@ -776,6 +1112,11 @@ def main() -> int:
         ("--idle", int, 10000, 300, "idle connections to open (0: skip)"),
         ("--idle-procs", int, 4, 2, "processes opening them"),
         ("--hold", float, 5.0, 1.0, "seconds to hold them before checking"),
+        ("--ping-seconds", float, 5.0, 1.5, "ping RTT runs, idle relay / idle ones held (0: none)"),
+        ("--ping-interval", float, 0.01, 0.01, "seconds between pings (one outstanding)"),
+        ("--pairs", int, 4, 4, "busy 1400 B pairs alongside the ping, idle ones held (0: none)"),
+        ("--pair-rate", float, 5000, 5000, "packets/s each busy pair offers"),
+        ("--busy-seconds", float, 10.0, 2.0, "length of the busy-pairs run"),
     ]
     for flag, kind, full, quick, text in sized:
         ap.add_argument(flag, type=kind, help=f"{text} (default {full:g}; --quick {quick:g})")
@@ -788,11 +1129,21 @@ def main() -> int:
         help="per-client send queue of Tailscale's server, in packets (default 32; sets"
         " TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH)",
     )
+    ap.add_argument(
+        "--flat-pairs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one more ping run with the --pairs flat out (--seconds long; default on)",
+    )
     ap.add_argument("--relay", action="append", choices=RELAYS, help="only these (repeatable)")
     ap.add_argument("--quick", action="store_true", help="a short smoke run")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--profile", type=Path, help="py-spy flame graph (SVG) of agent derper, 1400 B")
-    ap.add_argument("--worker", choices=("send", "recv", "idle", "probe"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--worker",
+        choices=("send", "recv", "idle", "probe", "echo", "ping"),
+        help=argparse.SUPPRESS,
+    )
     ap.add_argument("--worker-args", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
