@@ -1,8 +1,9 @@
 """The per-packet pipeline: TUN <-> WireGuard device <-> UDP, batched, on the event loop's thread.
 
 Outbound (TUN readable; `on_tun_readable`):
-  1. TUN read, draining up to `max_tun_reads` reads until EAGAIN. With offloads one read is a
-     TCP/UDP super-packet of up to 64 KB (~45 segments at MTU 1420).
+  1. TUN read, draining up to `max_tun_reads` reads until EAGAIN (one read after a quiet
+     spell, see below). With offloads one read is a TCP/UDP super-packet of up to 64 KB
+     (~45 segments at MTU 1420).
   2. Segmentation (`offload.segment`): wire-size IP packets with complete checksums, built as
      rows of one numpy array. A plain packet only gets its checksum finished
      (`offload.complete_checksum`), without the segmentation machinery.
@@ -14,14 +15,15 @@ Outbound (TUN readable; `on_tun_readable`):
      run of up to 64 equal-size datagrams, and/or the peer's DERP region.
 
 Inbound (UDP readable; `on_udp_readable`):
-  1. UDP receive with GRO, draining up to `max_datagrams` datagrams until EAGAIN; one receive
-     is a run of datagrams of one source.
+  1. UDP receive with GRO, draining up to `max_datagrams` datagrams until EAGAIN (one receive
+     after a quiet spell); one receive is a run of datagrams of one source.
   2. Decryption, replay and allowed-IP checks, once per run (`DeviceLike.receive_batch`);
      handshake replies and keepalives come back in the same result and are sent at once.
   3. Coalescing (`offload.coalesce`): in-order TCP segments of one flow become one GSO packet;
      with USO, equal-size UDP datagrams of one flow become one UDP_L4 GSO packet (up to 64
      small datagrams per TUN write instead of one write each).
-  4. TUN write: one `writev` per coalesced packet (vnet header + headers + payloads).
+  4. TUN write: one `writev` per coalesced packet (vnet header + headers + payloads); a lone
+     packet skips coalescing.
 
 Relayed (a DERP link delivered datagrams; `on_relayed`): the same as inbound, with the region's
 pseudo-endpoint as the source; replies go back through that region to the sending key.
@@ -31,6 +33,14 @@ readiness and the handler drains a batch, then calls `on_activity()` once so the
 re-arm its single timer. Drops are counted by `DropReason`; a `RemoteProtocolError` from the
 device is counted by its `reason` and never raised. No threads: measured slower than one loop
 (cryptography holds the GIL for packets under 2 KB).
+
+A lone packet (ping, request/response) pays for every syscall and every trip through the event
+loop, so two things keep its path short. A wakeup more than SPARSE_GAP after the previous one on
+the same fd reads once instead of draining (the read that finds the queue empty is saved; if
+more was queued, the level-triggered reader fires again at once, and that wakeup drains). And a
+lone packet written into a quiet TUN is followed by one TUN read in the same handler: what the
+write provoked (an echo reply, a TCP ACK) is usually queued before the write returns, and goes
+out without an epoll round trip.
 
 A TUN read that fails with anything but EAGAIN (EBADFD once `ip link del` removed the interface
 from under us) is fatal, as in wireguard-go: both fds are detached at once (a dead TUN fd stays
@@ -43,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +93,10 @@ log = get_logger("agent.dataplane")
 
 MAX_TUN_READS = 64
 MAX_UDP_DATAGRAMS = 512
+# A wakeup more than this after the previous one on the same fd is "sparse": one read, no
+# drain (the read that would find the queue empty costs a syscall and an exception; if more
+# is queued, the level-triggered reader fires again at once and that wakeup drains).
+SPARSE_GAP = 0.001
 EXIT_TUN_FAILED = 1
 
 
@@ -254,6 +269,9 @@ class DataPlane:
         self.max_datagrams = max_datagrams
         self.stats = DataPlaneStats()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # When each fd last woke us (clock seconds): after a quiet spell a wakeup reads once
+        self._tun_seen = -math.inf
+        self._udp_seen = -math.inf
 
     # ------------------------------------------------------------------ event loop
 
@@ -275,13 +293,21 @@ class DataPlane:
 
     def on_tun_readable(self) -> None:
         """Drain the TUN: segment, route, encrypt per peer, send with GSO."""
+        now = self.clock()
+        sparse = now - self._tun_seen > SPARSE_GAP
+        self._tun_seen = now
+        if self._from_tun(1 if sparse else self.max_tun_reads, now):
+            self.on_activity()
+
+    def _from_tun(self, max_reads: int, now: float) -> bool:
+        """Up to `max_reads` TUN reads, sent on to their peers; False if nothing was read."""
         try:
-            frames = self.tun.read_batch(self.max_tun_reads)
+            frames = self.tun.read_batch(max_reads)
         except OSError as e:
             self._tun_failed(e)
-            return
+            return False
         if not frames:
-            return
+            return False
         stats = self.stats
         drops = stats.drops
         stats.tun_reads += len(frames)
@@ -329,12 +355,10 @@ class DataPlane:
                 last_list.append(one)
             else:
                 last_list.extend(segments)
-        if per_peer:
-            now = self.clock()
-            for peer, packets in per_peer.values():
-                if packets:
-                    self._send_to_peer(peer, packets, now)
-        self.on_activity()
+        for peer, packets in per_peer.values():
+            if packets:
+                self._send_to_peer(peer, packets, now)
+        return True
 
     def _tun_failed(self, error: OSError) -> None:
         self.detach()
@@ -372,26 +396,40 @@ class DataPlane:
 
     def on_udp_readable(self) -> None:
         """Drain the socket: decrypt per GRO run, send replies, coalesce and write the TUN."""
-        batches = self.udp.recv_batch(self.max_datagrams)
+        now = self.clock()
+        sparse = now - self._udp_seen > SPARSE_GAP
+        self._udp_seen = now
+        batches = self.udp.recv_batch(1 if sparse else self.max_datagrams)
         if not batches:
             return
-        stats = self.stats
-        stats.udp_reads += len(batches)
-        now = self.clock()
+        self.stats.udp_reads += len(batches)
         plaintext: list[Buffer] = []
         for datagrams, src in batches:
             self._receive(datagrams, src, None, now, plaintext)
         if plaintext:
             self._write_tun(plaintext)
+            if sparse:
+                self._answer(now)
         self.on_activity()
 
     def on_relayed(self, region: int, src_key: NodePublic, datagrams: list[bytes]) -> None:
         """Datagrams that `src_key` sent us through DERP region `region`."""
         plaintext: list[Buffer] = []
-        self._receive(datagrams, derp_endpoint(region), src_key, self.clock(), plaintext)
+        now = self.clock()
+        self._receive(datagrams, derp_endpoint(region), src_key, now, plaintext)
         if plaintext:
             self._write_tun(plaintext)
+            if len(datagrams) == 1:
+                self._answer(now)
         self.on_activity()
+
+    def _answer(self, now: float) -> None:
+        """After a lone packet went into a quiet TUN: its answer (an echo reply, a TCP ACK)
+        is usually queued before the write returns, so read it now rather than after a trip
+        through the event loop. Not when we sent recently: then the packet is more likely the
+        answer to ours, and nothing follows it."""
+        if now - self._tun_seen > SPARSE_GAP and self._from_tun(1, now):
+            self._tun_seen = now
 
     def _receive(
         self,
@@ -430,7 +468,7 @@ class DataPlane:
     def _write_tun(self, packets: list[Buffer]) -> None:
         stats = self.stats
         tun = self.tun
-        if tun.vnet_hdr:
+        if tun.vnet_hdr and len(packets) > 1:
             items = coalesce(packets, udp=tun.offload == OFFLOAD_TSO_USO)
             failed = tun.write_coalesced(items)
             stats.tun_writes += len(items)

@@ -64,6 +64,9 @@ class UdpSocket:
         self.send_errors = 0
         self.last_error: OSError | None = None
         self._targets: dict[Endpoint, tuple[str, int]] = {}
+        # the kernel's source address tuples, normalised once (and the same Endpoint object
+        # every time, which makes the endpoint comparisons downstream identity checks)
+        self._sources: dict[tuple[object, ...], Endpoint] = {}
 
     @property
     def port(self) -> int:
@@ -101,6 +104,7 @@ class UdpSocket:
         """Receive until EAGAIN or `max_datagrams`: (datagrams of one GRO buffer, source) each."""
         out: list[tuple[list[memoryview], Endpoint]] = []
         recvmsg = self.sock.recvmsg
+        sources = self._sources
         count = 0
         while count < max_datagrams:
             try:
@@ -117,7 +121,12 @@ class UdpSocket:
             n = len(data)
             parts = [view[i : i + size] for i in range(0, n, size)] if 0 < size < n else [view]
             count += len(parts)
-            out.append((parts, _normalise(raw)))
+            src = sources.get(raw)
+            if src is None:
+                if len(sources) > 4096:
+                    sources.clear()
+                src = sources[raw] = _normalise(raw)
+            out.append((parts, src))
         return out
 
     # ------------------------------------------------------------------ send

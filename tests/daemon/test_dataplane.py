@@ -7,7 +7,7 @@ from ipaddress import ip_network
 from typing import Any
 
 from agent.daemon.dataplane import DataPlane
-from agent.daemon.offload import NO_OFFLOAD
+from agent.daemon.offload import NO_OFFLOAD, ZERO_VNET_HDR
 from agent.keys import NodePrivate
 from agent.proto.errors import DropReason
 from agent.proto.wireguard.device import Device
@@ -58,6 +58,15 @@ class FakeUdp:
         return out
 
 
+def drain_tun(dp: DataPlane, tun: FakeTun) -> None:
+    """Readiness until the fake TUN is empty (a wakeup after a quiet spell reads only once)."""
+    for _ in range(100):
+        if not tun.reads:
+            return
+        dp.on_tun_readable()
+    raise AssertionError("the TUN was never drained")
+
+
 def make(endpoint: tuple[str, int] | None) -> tuple[DataPlane, FakeTun, FakeUdp, Device]:
     dev = Device(NodePrivate.generate())
     dev.add_peer(
@@ -74,7 +83,7 @@ def make(endpoint: tuple[str, int] | None) -> tuple[DataPlane, FakeTun, FakeUdp,
 def test_unroutable_non_ip_and_no_endpoint_are_counted() -> None:
     dp, tun, udp, _ = make(None)
     tun.reads = [ipv4(A_IP, bytes([10, 0, 0, 1])), b"\x00garbage", ipv4(A_IP, B_IP)]
-    dp.on_tun_readable()
+    drain_tun(dp, tun)
     assert dp.stats.drops[DropReason.NO_ROUTE] == 1
     assert dp.stats.drops[DropReason.NOT_IP] == 1
     assert dp.stats.drops[DropReason.NO_ENDPOINT] == 1
@@ -84,7 +93,7 @@ def test_unroutable_non_ip_and_no_endpoint_are_counted() -> None:
 def test_a_batch_for_one_peer_starts_one_handshake() -> None:
     dp, tun, udp, dev = make(("198.18.0.2", 41641))
     tun.reads = [ipv4(A_IP, B_IP) for _ in range(10)]
-    dp.on_tun_readable()
+    drain_tun(dp, tun)
     assert len(udp.sent) == 1
     assert udp.sent[0][0][0] == 1  # one initiation; the packets are staged
     (peer,) = dev.peers.values()
@@ -184,6 +193,10 @@ class VnetTun(FakeTun):
         self.items.extend(items)
         return 0
 
+    def write_packets(self, packets: list[Any]) -> int:
+        self.items.extend((ZERO_VNET_HDR, [p]) for p in packets)
+        return 0
+
 
 def _udp_partial(src: bytes, dst: bytes, payload: bytes, ip_id: int) -> bytes:
     """A UDP packet as the kernel hands it with NEEDS_CSUM: the pseudo-header sum in the field."""
@@ -258,3 +271,118 @@ def test_small_udp_through_two_planes_is_checksummed_and_coalesced() -> None:
             words = (words & 0xFFFF) + (words >> 16)
         assert words == 0xFFFF
     assert any(VirtioNetHdr.parse(h).gso_type == GSO_UDP_L4 for h, _ in tun_b.items)
+
+
+class EchoTun(FakeTun):
+    """A TUN whose kernel answers every written packet at once (an echo reply, a TCP ACK)."""
+
+    def write_packets(self, packets: list[bytes]) -> int:
+        super().write_packets(packets)
+        for p in packets:
+            p = bytes(p)
+            self.reads.append(ipv4(p[16:20], p[12:16], b"reply:" + p[20:]))
+        return 0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _linked_planes(
+    clock: Clock,
+) -> tuple[tuple[DataPlane, FakeTun, FakeUdp], tuple[DataPlane, EchoTun, FakeUdp]]:
+    ka, kb = NodePrivate.generate(), NodePrivate.generate()
+    dev_a, dev_b = Device(ka), Device(kb)
+    dev_a.add_peer(kb.public(), endpoint=("198.18.0.2", 1), allowed_ips=[ip_network(f"{B4}/32")])
+    dev_b.add_peer(ka.public(), endpoint=("198.18.0.1", 1), allowed_ips=[ip_network(f"{A4}/32")])
+    tun_a, tun_b = FakeTun(), EchoTun()
+    udp_a, udp_b = FakeUdp(), FakeUdp()
+    dp_a = DataPlane(tun_a, udp_a, dev_a, clock, lambda: None)  # type: ignore[arg-type]
+    dp_b = DataPlane(tun_b, udp_b, dev_b, clock, lambda: None)  # type: ignore[arg-type]
+    return (dp_a, tun_a, udp_a), (dp_b, tun_b, udp_b)
+
+
+A4, B4 = "100.64.0.1", "100.64.0.2"
+
+
+def _deliver(src: FakeUdp, dst: FakeUdp, dp: DataPlane, ep: str) -> int:
+    sent, src.sent = src.sent, []
+    if sent:
+        dst.inbox = [([memoryview(d) for d, _ in sent], (ep, 1))]
+        dp.on_udp_readable()
+    return len(sent)
+
+
+def test_a_reply_the_tun_write_provoked_leaves_in_the_same_wakeup() -> None:
+    clock = Clock()
+    (dp_a, tun_a, udp_a), (dp_b, tun_b, udp_b) = _linked_planes(clock)
+    tun_a.reads = [ipv4(A_IP, B_IP, b"ping")]
+    dp_a.on_tun_readable()  # stages the packet, sends an initiation
+    for _ in range(3):  # initiation, response (+ the staged packet), then its echo
+        _deliver(udp_a, udp_b, dp_b, "198.18.0.1")
+        if tun_b.reads:  # the event loop's turn: the TUN is readable
+            dp_b.on_tun_readable()
+        _deliver(udp_b, udp_a, dp_a, "198.18.0.2")
+    assert tun_b.written == [ipv4(A_IP, B_IP, b"ping")]
+    assert tun_a.written == [ipv4(B_IP, A_IP, b"reply:ping")]
+    # A lone packet much later: b writes it, reads the answer and sends it in one wakeup.
+    clock.now += 5.0
+    tun_a.reads = [ipv4(A_IP, B_IP, b"again")]
+    dp_a.on_tun_readable()
+    assert _deliver(udp_a, udp_b, dp_b, "198.18.0.1") == 1
+    assert tun_b.reads == []
+    assert len(udp_b.sent) == 1
+    _deliver(udp_b, udp_a, dp_a, "198.18.0.2")
+    assert tun_a.written[-1] == ipv4(B_IP, A_IP, b"reply:again")
+    assert dp_b.stats.tun_reads == dp_b.stats.tun_writes == 2
+    # The answer to something we sent a moment ago is not followed by a read of the TUN.
+    reads = dp_a.stats.tun_reads
+    tun_a.reads = [ipv4(A_IP, B_IP, b"third")]
+    clock.now += 5.0
+    dp_a.on_tun_readable()
+    clock.now += 0.0002
+    _deliver(udp_a, udp_b, dp_b, "198.18.0.1")
+    tun_a.reads = [ipv4(A_IP, B_IP, b"queued")]
+    _deliver(udp_b, udp_a, dp_a, "198.18.0.2")
+    assert tun_a.written[-1] == ipv4(B_IP, A_IP, b"reply:third")
+    assert dp_a.stats.tun_reads == reads + 1
+    assert len(tun_a.reads) == 1
+
+
+class CountingUdp(FakeUdp):
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[int] = []
+
+    def recv_batch(self, max_datagrams: int) -> list[tuple[list[memoryview], tuple[str, int]]]:
+        self.asked.append(max_datagrams)
+        return super().recv_batch(max_datagrams)
+
+
+def test_a_wakeup_after_a_quiet_spell_reads_once_and_a_busy_one_drains() -> None:
+    clock = Clock()
+    dev = Device(NodePrivate.generate())
+    dev.add_peer(NodePrivate.generate().public(), allowed_ips=[ip_network(f"{B4}/32")])
+    tun, udp = FakeTun(), CountingUdp()
+    dp = DataPlane(tun, udp, dev, clock, lambda: None)  # type: ignore[arg-type]
+    tun.reads = [ipv4(A_IP, B_IP) for _ in range(5)]
+    dp.on_tun_readable()
+    assert dp.stats.tun_reads == 1
+    assert len(tun.reads) == 4
+    clock.now += 0.0001  # readable again at once (level-triggered): drain
+    dp.on_tun_readable()
+    assert dp.stats.tun_reads == 5
+    assert tun.reads == []
+    assert dp.stats.drops[DropReason.NO_ENDPOINT] == 5  # every packet still counted
+    clock.now += 1.0
+    tun.reads = [ipv4(A_IP, B_IP) for _ in range(2)]
+    dp.on_tun_readable()
+    assert dp.stats.tun_reads == 6
+    dp.on_udp_readable()
+    clock.now += 0.0001
+    dp.on_udp_readable()
+    assert udp.asked == [1, dp.max_datagrams]

@@ -106,6 +106,30 @@ def test_ipv4_only_socket() -> None:
         assert [d for parts, _ in got for d in parts] == [b"x", b"y"]
 
 
+def test_a_source_is_normalised_once_and_reused() -> None:
+    with open_udp(0) as dual:
+        v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            v4.bind(("127.0.0.1", 0))
+            for i in range(2):
+                v4.sendto(bytes([i]) * (10 + i), ("127.0.0.1", dual.port))  # no GRO merge
+            got = recv_all_with_ports(dual, 2)
+            assert [src for _, src in got] == [v4.getsockname()] * 2
+            assert got[0][1] is got[1][1]  # the same Endpoint object: cheap comparisons
+        finally:
+            v4.close()
+
+
+def test_one_read_asked_gives_one_receive() -> None:
+    with open_udp(0) as rx, open_udp(0) as tx:
+        for i in range(3):
+            tx.send_batch([bytes([i]) * (10 + i)], ("127.0.0.1", rx.port))
+        select.select([rx.fileno()], [], [], 3.0)
+        time.sleep(0.05)
+        assert len(rx.recv_batch(1)) == 1
+        assert len(recv_all_with_ports(rx, 2)) == 2
+
+
 def test_recv_batch_returns_empty_when_nothing_waits() -> None:
     with open_udp(0) as s:
         assert s.recv_batch(64) == []

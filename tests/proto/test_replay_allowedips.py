@@ -46,6 +46,37 @@ def test_replay_matches_reference(counters: list[int]) -> None:
             highest = max(highest, c)
 
 
+@settings(max_examples=300)
+@given(st.lists(st.integers(-70, 70), max_size=400), st.integers(0, 1 << 20))
+def test_replay_mostly_in_order_matches_reference(steps: list[int], start: int) -> None:
+    # Counters walk forward by small steps (the in-order short path) with repeats and a few
+    # packets from behind, across many 64-counter blocks.
+    w = ReplayWindow()
+    seen: set[int] = set()
+    highest = -1
+    c = start
+    for step in steps:
+        c = max(0, c + step)
+        got = w.accept(c)
+        if c in seen or highest - c > WINDOW_SIZE:
+            assert not got
+        elif highest - c <= WINDOW_SIZE - 64:
+            assert got
+        if got:
+            seen.add(c)
+            highest = max(highest, c)
+
+
+def test_replay_in_order_near_the_counter_limit() -> None:
+    w = ReplayWindow()
+    top = REJECT_AFTER_MESSAGES - 1
+    assert w.accept(top - 1)
+    assert w.accept(top)
+    assert not w.accept(top)
+    assert not w.accept(REJECT_AFTER_MESSAGES)
+    assert not w.accept(REJECT_AFTER_MESSAGES + 1)
+
+
 def _ref_lookup(table: dict[IPv4Network | IPv6Network, int], addr: bytes) -> int | None:
     ip = ipaddress.ip_address(addr)
     best: tuple[int, int] | None = None

@@ -224,6 +224,7 @@ class Device:
         entry: tuple[Keypair, Peer] | None = None
         alive = False
         decrypt: Callable[[bytes, Buffer, None], bytes] | None = None
+        accept: Callable[[int], bool] | None = None
         # Every packet of a run usually comes from the same inner source address.
         last_src: Buffer | None = None
         last_src_peer: Peer | None = None
@@ -240,7 +241,8 @@ class Device:
                     if entry is not None:
                         alive = entry[0].can_receive(now)
                         decrypt = entry[0].decrypt
-                if entry is None or decrypt is None:
+                        accept = entry[0].replay.accept
+                if entry is None or decrypt is None or accept is None:
                     drop(DropReason.UNKNOWN_RECEIVER)
                     continue
                 if not alive:
@@ -252,7 +254,7 @@ class Device:
                 except InvalidTag:
                     drop(DropReason.AUTHENTICATION)
                     continue
-                if not kp.replay.accept(counter):
+                if not accept(counter):
                     drop(DropReason.REPLAY)
                     continue
                 if kp is not cur_kp:
@@ -267,16 +269,17 @@ class Device:
                     continue  # keepalive
                 cur_data = True
                 v = pt[0] >> 4
-                if v == 4 and len(pt) >= 20:
+                m = len(pt)
+                if v == 4 and m >= 20:
                     length = (pt[2] << 8) | pt[3]
                     srcaddr = pt[12:16]
-                elif v == 6 and len(pt) >= 40:
+                elif v == 6 and m >= 40:
                     length = 40 + ((pt[4] << 8) | pt[5])
                     srcaddr = pt[8:24]
                 else:
                     drop(DropReason.NOT_IP)
                     continue
-                if length > len(pt) or length < 20:
+                if length > m or length < 20:
                     drop(DropReason.MALFORMED)
                     continue
                 if srcaddr != last_src:
@@ -285,7 +288,7 @@ class Device:
                 if last_src_peer is not peer:
                     drop(DropReason.DISALLOWED_SOURCE)
                     continue
-                packets.append(pt if length == len(pt) else pt[:length])
+                packets.append(pt if length == m else pt[:length])
             else:
                 last_index = -1
                 try:
@@ -307,7 +310,8 @@ class Device:
         data: bool,
     ) -> None:
         out = peer.on_transport(kp, src, now, nbytes=nbytes, data=data)
-        result.replies.extend((d, src) for d in out)
+        if out:
+            result.replies.extend([(d, src) for d in out])
         if peer not in result.peers:
             result.peers.append(peer)
 

@@ -3,6 +3,10 @@
 The ring holds RING_BLOCKS blocks of 64 bits; one block is always being recycled, so the window is
 (RING_BLOCKS - 1) * 64 = 8128 counters behind the highest seen. `accept(counter)` must be
 called only after the packet authenticated, so a forged counter cannot move the window.
+
+In-order counters (the usual case) take a short path: a counter above the highest seen but in
+the same 64-bit block needs no block cleared, and its bit cannot be set yet (bits above the
+highest counter of a block are zero: the block was cleared when the window moved into it).
 """
 
 from __future__ import annotations
@@ -28,10 +32,15 @@ class ReplayWindow:
 
     def accept(self, counter: int) -> bool:
         """True and remember `counter` if it is new and inside the window; False if replayed/old."""
+        last = self._last
+        if last < counter < REJECT_AFTER_MESSAGES and counter ^ last < 64:
+            # In order, same block as the highest seen: nothing to clear, the bit is free.
+            self._last = counter
+            self._blocks[(counter >> _BLOCK_BITS_LOG) & _RING_MASK] |= 1 << (counter & 63)
+            return True
         if counter >= REJECT_AFTER_MESSAGES:
             return False
         block = counter >> _BLOCK_BITS_LOG
-        last = self._last
         blocks = self._blocks
         if counter > last:
             current = last >> _BLOCK_BITS_LOG
