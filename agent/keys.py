@@ -44,13 +44,15 @@ def clamp(raw: bytes) -> bytes:
 class Key32:
     """32 raw bytes with base64/hex codecs; subclasses say what the key is for."""
 
-    __slots__ = ("_raw",)
+    __slots__ = ("_hash", "_raw")
     _secret = False
 
     def __init__(self, raw: bytes) -> None:
         if len(raw) != KEY_LEN:
             raise KeyError_(f"a key is {KEY_LEN} bytes, got {len(raw)}")
         self._raw = bytes(raw)
+        # computed once: keys are dict keys on the packet path (several lookups per batch)
+        self._hash = hash((type(self).__name__, self._raw))
 
     @property
     def raw(self) -> bytes:
@@ -91,7 +93,7 @@ class Key32:
         return hmac.compare_digest(self._raw, other._raw)
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, self._raw))
+        return self._hash
 
     def __str__(self) -> str:
         if self._secret:

@@ -28,6 +28,10 @@ class Timer(Enum):
     ZERO_KEY_MATERIAL = "zero_key_material"
     PERSISTENT_KEEPALIVE = "persistent_keepalive"
 
+    # Members are singletons: identity hashing is C-level (Enum's own __hash__ is Python code,
+    # and the deadlines dict is looked up on every batch sent or received).
+    __hash__ = object.__hash__
+
 
 _ORDER = tuple(Timer)
 
