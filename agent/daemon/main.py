@@ -423,7 +423,8 @@ class Daemon:
             self.transport.send_to_endpoint(datagrams, endpoint, None)
 
     def flush(self) -> None:
-        """After any activity: log core events, re-arm the single timer to the next deadline."""
+        """After any activity: log core events; arm the single timer if the next deadline is
+        earlier than the armed one."""
         device, loop = self.device, self._loop
         if device is None or loop is None:
             return
@@ -444,15 +445,18 @@ class Daemon:
             for d in (device.next_deadline(), self.paths.next_deadline(), self.stun.next_deadline())
             if d is not None
         ]
-        deadline = min(deadlines) if deadlines else None
-        if deadline == self._timer_at:
-            return
+        if not deadlines:
+            return  # a timer still armed fires, finds nothing due, and is not re-armed
+        deadline = min(deadlines)
+        if self._timer_at is not None and self._timer_at <= deadline:
+            return  # the armed timer comes first; when it fires, flush re-arms to what is due
+        # Only an earlier deadline re-arms: WireGuard's keepalive and new-handshake timers
+        # move with every packet, and re-arming for each of them costs more than one early
+        # wakeup now and then.
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
         self._timer_at = deadline
-        if deadline is not None:
-            self._timer = loop.call_at(deadline, self._on_timer)
+        self._timer = loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -302,3 +302,45 @@ def test_retry_handshake_sends_a_new_initiation_early_once_a_second() -> None:
 def test_retry_handshake_without_a_pending_handshake_does_nothing() -> None:
     p = Pair()
     assert p.pa.retry_handshake(p.now) == []
+
+
+def test_timers_of_many_peers_come_from_a_heap_not_a_scan() -> None:
+    """A thousand peers, a few with persistent keepalives: the device's next deadline is theirs,
+    only due peers run their timers, and a removed peer's timers are forgotten."""
+    dev = Device(NodePrivate(bytes(range(1, 33))), randbytes=seeded(5))
+    peers = [
+        dev.add_peer(
+            NodePrivate.generate().public(),
+            endpoint=("198.18.0.9", 1000 + i),
+            persistent_keepalive=25 if i in (10, 500) else None,
+        )
+        for i in range(1000)
+    ]
+    assert dev.next_deadline() is None  # nothing armed yet
+    for i, peer in enumerate(peers):
+        if peer.persistent_keepalive:
+            peer.timers.on_authenticated_traversal(100.0 + i)
+    assert dev.next_deadline() == 125.0 + 10
+    calls: list[Peer] = []
+    for peer in peers:
+        original = peer.on_timer
+
+        def spy(
+            now: float, peer: Peer = peer, original: Callable[[float], list[bytes]] = original
+        ) -> list[bytes]:
+            calls.append(peer)
+            return original(now)
+
+        peer.on_timer = spy  # type: ignore[method-assign]
+    dev.on_timer_by_peer(140.0)
+    assert calls == [peers[10]]
+    # its keepalive found no session: a handshake went out, retransmitted after 5 s + jitter
+    deadline = dev.next_deadline()
+    assert deadline is not None
+    assert 145.0 <= deadline <= 145.34
+    dev.remove_peer(peers[10].public_key)
+    assert dev.next_deadline() == 125.0 + 500
+    dev.remove_peer(peers[500].public_key)
+    assert dev.next_deadline() is None
+    dev.on_timer_by_peer(1000.0)
+    assert calls == [peers[10]]

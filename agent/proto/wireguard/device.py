@@ -381,9 +381,8 @@ class Device:
 
     # -- timers ------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
-        return min(
-            (d for p in self.peers.values() if (d := p.next_deadline()) is not None), default=None
-        )
+        """The earliest timer of any peer (a heap: no scan over the peers)."""
+        return self._ctx.deadlines.next()
 
     def on_timer(self, now: float) -> list[tuple[bytes, Endpoint]]:
         """Run every peer's expired timers; datagrams to send (peers without endpoint skipped)."""
@@ -399,11 +398,12 @@ class Device:
         """Run every peer's expired timers; the datagrams each peer wants sent (the caller
         chooses the path: direct UDP, a DERP region, or both)."""
         out: list[tuple[Peer, list[bytes]]] = []
-        for peer in list(self.peers.values()):
-            d = peer.next_deadline()
-            if d is None or d > now:
-                continue
+        deadlines = self._ctx.deadlines
+        for peer in deadlines.due(now):
+            if self.peers.get(peer.public_key) is not peer:
+                continue  # removed meanwhile
             datagrams = peer.on_timer(now)
+            deadlines.set(peer, peer.next_deadline())  # due() took it off the heap
             if datagrams:
                 out.append((peer, datagrams))
         return out

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from agent.keys import NodePublic, PresharedKey
+from agent.proto.deadlines import Deadlines
 from agent.proto.errors import DropReason
 from agent.proto.wireguard.constants import (
     KEEPALIVE_TIMEOUT,
@@ -114,6 +115,7 @@ class DeviceContext:
     randbytes: Callable[[int], bytes] = secrets.token_bytes
     events: deque[Event] = field(default_factory=deque)
     drops: dict[DropReason, int] = field(default_factory=dict)
+    deadlines: Deadlines[Peer] = field(default_factory=Deadlines)  # each peer's earliest timer
 
     def drop(self, reason: DropReason, n: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + n
@@ -143,7 +145,9 @@ class Peer:
         self.cookies = CookieGenerator(public_key)
         self.keypairs = Keypairs()
         self.endpoint = endpoint
-        self.timers = PeerTimers(persistent_keepalive, randbytes=ctx.randbytes)
+        self.timers = PeerTimers(
+            persistent_keepalive, randbytes=ctx.randbytes, on_change=self._deadline_moved
+        )
         self.staged: deque[Buffer] = deque()
         self.rx_bytes = 0
         self.tx_bytes = 0
@@ -343,6 +347,9 @@ class Peer:
     # -- timers ------------------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         return self.timers.next_deadline()
+
+    def _deadline_moved(self, when: float | None) -> None:
+        self._ctx.deadlines.set(self, when)
 
     def on_timer(self, now: float) -> list[bytes]:
         """Act on every expired timer; returns datagrams for `self.endpoint`."""

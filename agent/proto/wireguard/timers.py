@@ -41,6 +41,7 @@ class PeerTimers:
 
     __slots__ = (
         "_deadline",
+        "_on_change",
         "_randbytes",
         "deadlines",
         "need_another_keepalive",
@@ -52,12 +53,14 @@ class PeerTimers:
         persistent_keepalive: int | None = None,
         *,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
+        on_change: Callable[[float | None], None] | None = None,
     ) -> None:
         self.deadlines: dict[Timer, float | None] = dict.fromkeys(Timer)
         self.persistent_keepalive = persistent_keepalive
         self.need_another_keepalive = False
         self._randbytes = randbytes
         self._deadline: float | None = None
+        self._on_change = on_change  # told the earliest deadline whenever it changes
 
     # -- plumbing ----------------------------------------------------------------------------
     def _jitter(self) -> float:
@@ -65,7 +68,13 @@ class PeerTimers:
 
     def _set(self, timer: Timer, at: float | None) -> None:
         self.deadlines[timer] = at
-        self._deadline = min((d for d in self.deadlines.values() if d is not None), default=None)
+        self._moved(min((d for d in self.deadlines.values() if d is not None), default=None))
+
+    def _moved(self, deadline: float | None) -> None:
+        if deadline != self._deadline:
+            self._deadline = deadline
+            if self._on_change is not None:
+                self._on_change(deadline)
 
     def pending(self, timer: Timer) -> bool:
         return self.deadlines[timer] is not None
@@ -86,7 +95,7 @@ class PeerTimers:
     def stop_all(self) -> None:
         for t in Timer:
             self.deadlines[t] = None
-        self._deadline = None
+        self._moved(None)
 
     # -- hooks -------------------------------------------------------------------------------
     def on_data_sent(self, now: float) -> None:
