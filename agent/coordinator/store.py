@@ -25,6 +25,7 @@ All methods are blocking: the server runs them on one worker thread, the admin C
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
 
 from agent.coordinator.netmap import Endpoint, NodeInfo, format_endpoint, parse_endpoint
 from agent.keys import DiscoPublic, NodePrivate, NodePublic, clamp
@@ -60,6 +61,26 @@ SCHEMA_VERSION: Final = 1
 AUTH_KEY_PREFIX: Final = "agentkey-"
 _PREFIX_SHOWN: Final = len(AUTH_KEY_PREFIX) + 6  # what `keys list` shows of a key
 _WRITE_RETRIES: Final = 5  # a UNIQUE clash between instances is retried with fresh reads
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _retried(method: Callable[Concatenate[Store, _P], _R]) -> Callable[Concatenate[Store, _P], _R]:
+    """Run a write transaction again (up to _WRITE_RETRIES times) when it hits a UNIQUE clash
+    with another coordinator instance sharing the database."""
+
+    def retrying(self: Store, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        for attempt in range(_WRITE_RETRIES):
+            try:
+                return method(self, *args, **kwargs)
+            except self._integrity:
+                if attempt == _WRITE_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    functools.update_wrapper(retrying, method)
+    return retrying
 
 
 class StoreError(Exception):
@@ -580,6 +601,7 @@ class Store:
         )
         return changed, True
 
+    @_retried
     def register_node(
         self,
         *,
@@ -602,41 +624,6 @@ class Store:
         counted and the key expiry restarts at `now + key_lifetime`. An existing node keeps its
         id and addresses. `timestamp` must be newer than the node's last registration
         (ReplayedRegistration)."""
-        for attempt in range(_WRITE_RETRIES):
-            try:
-                return self._register_once(
-                    auth_key=auth_key,
-                    node_key=node_key,
-                    disco_key=disco_key,
-                    hostname=hostname,
-                    endpoints=endpoints,
-                    home_region=home_region,
-                    timestamp=timestamp,
-                    key_lifetime=key_lifetime,
-                    ipv4_range=ipv4_range,
-                    ipv6_range=ipv6_range,
-                    now=now,
-                )
-            except self._integrity:
-                if attempt == _WRITE_RETRIES - 1:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _register_once(
-        self,
-        *,
-        auth_key: str,
-        node_key: NodePublic,
-        disco_key: DiscoPublic,
-        hostname: str,
-        endpoints: tuple[Endpoint, ...],
-        home_region: int | None,
-        timestamp: float,
-        key_lifetime: float | None,
-        ipv4_range: IPv4Network,
-        ipv6_range: IPv6Network,
-        now: float,
-    ) -> tuple[NodeRecord, str]:
         token = self._randbytes(32).hex()
         with self._tx():
             self._bump()

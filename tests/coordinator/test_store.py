@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from agent.coordinator import store as store_module
 from agent.coordinator.store import (
     AddressesExhausted,
     AuthKeyRejected,
@@ -282,3 +284,25 @@ def test_not_a_database(tmp_path: Path) -> None:
     junk.write_bytes(b"this is not an SQLite file" * 100)
     with pytest.raises(StoreError, match="not a database"):
         Store.open(str(junk))
+
+
+def test_a_write_that_clashes_with_another_instance_is_retried() -> None:
+    class Clashing:
+        _integrity = (sqlite3.IntegrityError,)
+
+    calls: list[int] = []
+
+    @store_module._retried
+    def write(self: Any, value: int, fail: int) -> int:
+        calls.append(value)
+        if len(calls) <= fail:
+            raise sqlite3.IntegrityError("UNIQUE constraint failed")
+        return value * 2
+
+    assert write(Clashing(), 21, 2) == 42
+    assert len(calls) == 3
+    assert write.__name__ == "write"
+    calls.clear()
+    with pytest.raises(sqlite3.IntegrityError):
+        write(Clashing(), 1, 99)
+    assert len(calls) == store_module._WRITE_RETRIES
