@@ -12,7 +12,7 @@ import secrets
 import ssl
 from collections.abc import Callable
 
-from agent.proto.derp.client import ClientEvent, DerpClientConn
+from agent.proto.derp.client import ClientEvent, Connected, DerpClientConn
 from agent.proto.derp.upgrade import client_request, parse_response
 
 TIMEOUT = 10.0
@@ -45,6 +45,16 @@ class DerpStreamClient:
         client.upgrade_headers = response.headers
         client.conn.connection_made(asyncio.get_running_loop().time())
         client.feed(leftover)
+        return client
+
+    @classmethod
+    async def connect(cls, port: int, ctx: ssl.SSLContext) -> DerpStreamClient:
+        """TLS to 127.0.0.1:`port`, upgrade, and wait until the relay accepted the login."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1"
+        )
+        client = await cls.upgrade(reader, writer, f"127.0.0.1:{port}")
+        await client.wait_for(lambda e: isinstance(e, Connected))
         return client
 
     def now(self) -> float:

@@ -26,7 +26,7 @@ import pytest_asyncio
 import structlog
 
 from agent.daemon.relay import RelayServer, make_self_signed, serve_relay
-from agent.proto.derp.client import Connected, PacketReceived
+from agent.proto.derp.client import PacketReceived
 from agent.proto.derp.frames import (
     FRAME_HEADER,
     NONCE_LEN,
@@ -83,12 +83,7 @@ async def relay(tls: Tls) -> AsyncIterator[RelayServer]:
 
 
 async def _client(port: int, ctx: ssl.SSLContext) -> DerpStreamClient:
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1"
-    )
-    client = await DerpStreamClient.upgrade(reader, writer, f"127.0.0.1:{port}")
-    await client.wait_for(lambda e: isinstance(e, Connected))
-    return client
+    return await DerpStreamClient.connect(port, ctx)
 
 
 class Traffic:

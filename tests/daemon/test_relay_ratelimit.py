@@ -33,7 +33,7 @@ from agent.daemon.relay import (
     serve_relay,
 )
 from agent.daemon.tls_stream import serve_streams
-from agent.proto.derp.client import Connected, DerpClientConn, PacketReceived
+from agent.proto.derp.client import DerpClientConn, PacketReceived
 from agent.proto.derp.frames import (
     FRAME_HEADER,
     FRAME_HEADER_LEN,
@@ -323,12 +323,7 @@ async def relay(tls: tuple[ssl.SSLContext, ssl.SSLContext, Path]) -> AsyncIterat
 
 
 async def _client(port: int, ctx: ssl.SSLContext) -> DerpStreamClient:
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1"
-    )
-    client = await DerpStreamClient.upgrade(reader, writer, f"127.0.0.1:{port}")
-    await client.wait_for(lambda e: isinstance(e, Connected))
-    return client
+    return await DerpStreamClient.connect(port, ctx)
 
 
 class Receiver:

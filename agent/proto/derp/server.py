@@ -564,19 +564,8 @@ class RelayCore:
     def _complete_partial(self, conn: _Conn, partial: bytearray, data: bytes, now: float) -> int:
         """Fill the pending incomplete frame from `data`; process it when complete. Returns where
         the rest of `data` starts, or -1 when all of it went into the still incomplete frame."""
-        pos = 0
-        if len(partial) < FRAME_HEADER_LEN:
-            pos = min(FRAME_HEADER_LEN - len(partial), len(data))
-            partial += data[:pos]
-            if len(partial) < FRAME_HEADER_LEN:
-                return -1
-            _check_length(*FRAME_HEADER.unpack_from(partial))
-        length: int = FRAME_HEADER.unpack_from(partial)[1]
-        need = FRAME_HEADER_LEN + length - len(partial)
-        take = min(need, len(data) - pos)
-        partial += data[pos : pos + take]
-        pos += take
-        if take < need:
+        pos = _fill_frame(partial, data)
+        if pos < 0:
             return -1
         conn.partial = None
         self._frames(conn, bytes(partial), 0, now)
