@@ -10,10 +10,16 @@ For each peer count, in a fresh namespace of its own and one after the other (ne
                too, as the floor every start pays
     idle       the daemon's user+system CPU time over --idle seconds after a 2 s settle, in % of
                one core (/proc/PID/stat); VmRSS at the end and VmHWM (the peak, i.e. startup)
+    busy       the first peer is a real agent in a second namespace (joined by a veth pair):
+               iperf3 sends --busy-pps 64-byte UDP datagrams per second through the tunnel for
+               --busy seconds; the loaded agent's CPU over that run, in % of one core and in
+               microseconds per packet. Work that grows with the number of configured peers on
+               the packet path (a scan per batch) shows up here as a gap between 10 and 1,000
     status     wall time of `agent status --json` (every peer in the answer)
     stop       SIGTERM to exit (status 0 required)
 
-Usage (root): python bench/load.py [--peers 10 --peers 1000] [--idle 30] [--json]
+Usage (root): python bench/load.py [--peers 10 --peers 1000] [--idle 30] [--busy 5]
+              [--busy-pps 20000] [--json]
 Progress goes to stderr, the table (or JSON) to stdout; exit status 1 when a run failed.
 """
 
@@ -40,6 +46,7 @@ from tests.integration.lab import (  # the repository root, put on sys.path abov
     Lab,
     LabError,
     Peer,
+    iperf3,
     keypair,
 )
 
@@ -75,12 +82,31 @@ def _import_seconds(lab: Lab, ns: str) -> float:
     return time.monotonic() - start
 
 
-def measure(n_peers: int, idle: float) -> dict[str, Any]:
+def measure(n_peers: int, idle: float, busy: float, busy_pps: int) -> dict[str, Any]:
     """One agent with `n_peers` peers in a fresh lab; the figures as a dict."""
     with Lab() as lab:
-        ns = lab.add_ns("load")
-        priv, _ = keypair()
-        peers = [Peer(f"p{i}", keypair()[1], (f"{BASE + 2 + i}/32",)) for i in range(n_peers)]
+        ns, ns_peer = lab.add_ns("load"), lab.add_ns("peer")
+        ip_a, ip_b = lab.link(ns, ns_peer)
+        priv, pub = keypair()
+        peer_priv, peer_pub = keypair()
+        peers = [
+            Peer(
+                f"p{i}",
+                peer_pub if i == 0 else keypair()[1],
+                (f"{BASE + 2 + i}/32",),
+                endpoint=f"{ip_b}:{PORT}" if i == 0 else None,
+            )
+            for i in range(n_peers)
+        ]
+        other = Agent(
+            lab,
+            ns_peer,
+            private_key=peer_priv,
+            addresses=[f"{BASE + 2}/32"],
+            listen_port=PORT,
+            peers=[Peer("load", pub, (f"{BASE + 1}/32",), endpoint=f"{ip_a}:{PORT}")],
+        )
+        other.start()
         agent = Agent(
             lab, ns, private_key=priv, addresses=[f"{BASE + 1}/32"], listen_port=PORT, peers=peers
         )
@@ -115,6 +141,29 @@ def measure(n_peers: int, idle: float) -> dict[str, Any]:
         cpu1, t1 = _cpu_seconds(proc.pid), time.monotonic()
         mem = _status_kib(proc.pid)
 
+        busy_row: dict[str, Any] = {}
+        if busy > 0:
+            cpu0 = _cpu_seconds(proc.pid)
+            run = iperf3(
+                ns_peer,
+                ns,
+                str(BASE + 2),
+                busy,
+                udp=True,
+                length=64,
+                bitrate=str(busy_pps * 64 * 8),
+            )
+            cpu = _cpu_seconds(proc.pid) - cpu0
+            sent = run["end"]["sum"]["packets"]
+            span = float(run["end"]["sum"]["seconds"])
+            rx = run["end"]["sum_received"]
+            busy_row = {
+                "busy_pps": round(sent / span),
+                "busy_loss_pct": round(float(rx["lost_percent"]), 2),
+                "busy_cpu_pct": round(100 * cpu / span, 1),
+                "busy_us_per_packet": round(1e6 * cpu / sent, 2) if sent else None,
+            }
+
         s0 = time.monotonic()
         status = agent.status()
         status_s = time.monotonic() - s0
@@ -141,18 +190,30 @@ def measure(n_peers: int, idle: float) -> dict[str, Any]:
             "peak_rss_mib": round(mem["VmHWM"] / 1024, 1),
             "status_s": round(status_s, 3),
             "stop_s": round(stop_s, 3),
+            **busy_row,
         }
+
+
+def _busy_cell(r: dict[str, Any]) -> str:
+    if r.get("busy_us_per_packet") is None:
+        return "-"
+    return (
+        f"{r['busy_cpu_pct']:.0f} % at {r['busy_pps']:,} pps: {r['busy_us_per_packet']:.1f} us"
+        f" per packet ({r['busy_loss_pct']:.1f} % lost)"
+    )
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| peers | import floor | spawn to READY | idle CPU (1 core) | RSS | peak RSS "
-        "| `agent status` | SIGTERM to exit |\n|---|---|---|---|---|---|---|---|\n"
+        "| busy CPU, 64 B UDP | `agent status` | SIGTERM to exit |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
     )
     body = "".join(
         f"| {r['peers']:,} | {r['import_s']:.2f} s | {r['ready_s']:.2f} s | "
         f"{r['idle_cpu_pct']:.2f} % over {r['idle_s']:.0f} s | {r['rss_mib']:.1f} MiB | "
-        f"{r['peak_rss_mib']:.1f} MiB | {r['status_s']:.2f} s | {r['stop_s']:.2f} s |\n"
+        f"{r['peak_rss_mib']:.1f} MiB | {_busy_cell(r)} | {r['status_s']:.2f} s | "
+        f"{r['stop_s']:.2f} s |\n"
         for r in rows
     )
     return head + body
@@ -162,6 +223,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--peers", type=int, action="append", help="peer count (repeat; 10 and 1000)")
     ap.add_argument("--idle", type=float, default=30.0, help="idle seconds measured (30)")
+    ap.add_argument("--busy", type=float, default=5.0, help="busy seconds measured (5; 0: off)")
+    ap.add_argument("--busy-pps", type=int, default=20000, help="64 B datagrams/s when busy")
     ap.add_argument("--json", action="store_true", help="JSON on stdout instead of a table")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -173,7 +236,7 @@ def main() -> int:
     for n in counts:
         _say(f"agent with {n} peers: starting, then idle for {args.idle:.0f} s")
         try:
-            row = measure(n, args.idle)
+            row = measure(n, args.idle, args.busy, args.busy_pps)
         except LabError as e:
             _say(f"failed: {e}")
             failed = True
