@@ -4,6 +4,7 @@ on, how fast; fallback to DERP when the direct path dies; upgrade when it comes 
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
@@ -140,3 +141,32 @@ def test_a_path_that_dies_under_traffic_falls_back_in_about_a_second(seed: int, 
     for rx_host, tx_host in ((p.a, p.b), (p.b, p.a)):
         times = [r.at for r in rx_host.rx[tx_host.key] if r.at >= broken - 1]
         assert max_gap(times) <= 2.0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_flapping_costs_at_most_a_second_and_a_half_per_block(seed: int) -> None:
+    """UDP between the two hosts is cut and restored every 3-5 s for a minute while traffic
+    flows both ways: each cut is bridged through DERP quickly, each restore moves back to
+    direct, and no gap in what arrives is longer than the fallback time."""
+    p = pair("port_restricted", "full_cone", seed=seed)
+    p.start()
+    p.sim.run_for(5.0)
+    assert directed(p)
+    rng = random.Random(seed)
+    start = p.sim.now
+    seen: set[str] = set()
+    blocked = False
+    while p.sim.now - start < 60.0:
+        blocked = not blocked
+        _block([p.a, p.b], blocked)
+        until = p.sim.now + rng.uniform(3.0, 5.0)
+        while p.sim.now < until:
+            p.sim.run_for(0.25)
+            seen.add(p.path(p.a, p.b))
+    _block([p.a, p.b], False)
+    p.sim.run_for(10.0)
+    assert seen == {"direct", "derp"}
+    assert directed(p)
+    for rx_host, tx_host in ((p.a, p.b), (p.b, p.a)):
+        times = [r.at for r in rx_host.rx[tx_host.key] if r.at >= start]
+        assert max_gap(times) <= 1.5, f"gap of {max_gap(times):.2f} s"
