@@ -145,15 +145,20 @@ class CoordinatorClient:
     ) -> Registration:
         """Join, or come back after a restart (a registered, unexpired node key needs no auth
         key). Sets `self.token`. NotAuthorized when the auth key is refused."""
-        started = time.monotonic()
         key = await self.server_key()
+        # The coordinator's clock when it answered, plus what passed here since the answer
+        # arrived: a lower bound of its clock now, so registrations one after the other carry
+        # increasing timestamps. (Timing from before the request counted the TLS handshake
+        # and the round trip as well: a slow first connection then put the timestamp ahead of
+        # the next registration's, which was refused as a replay.)
+        got_key = time.monotonic()
         req = RegisterRequest(
             auth_key=auth_key,
             disco_key=disco_key,
             hostname=hostname,
             endpoints=tuple(endpoints),
             home_region=home_region,
-            timestamp=key.time + (time.monotonic() - started),
+            timestamp=key.time + (time.monotonic() - got_key),
         )
         nonce = self._randbytes(24)
         sealed = SealedRequest(

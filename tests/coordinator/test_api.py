@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -370,3 +371,27 @@ async def test_restart_keeps_state(database: str, tmp_path: Path) -> None:
             await coord.client().register(
                 node_key=NodePrivate.generate(), disco_key=disco, hostname="x", auth_key=key
             )
+
+
+async def test_a_slow_first_connection_does_not_make_the_next_registration_a_replay(
+    database: str, tmp_path: Path
+) -> None:
+    """The register timestamp is the coordinator's clock when it handed out its key plus the
+    time since: the connection set-up before that (here 1.5 s) must not count, or a node that
+    registers again at once is refused as replayed."""
+    async with running(_config(database, tmp_path)) as coord:
+        key = coord.key()
+        slow = coord.client()
+        send = slow._request
+
+        async def slow_request(method: str, path: str, body: bytes = b"", **kw: Any) -> Any:
+            if path == "/key":
+                await asyncio.sleep(1.5)  # a slow TLS handshake before the server sees it
+            return await send(method, path, body, **kw)
+
+        slow._request = slow_request  # type: ignore[method-assign]
+        priv = NodePrivate.generate()
+        disco = DiscoPrivate.generate().public()
+        first = await slow.register(node_key=priv, disco_key=disco, hostname="n", auth_key=key)
+        again = await coord.client().register(node_key=priv, disco_key=disco, hostname="n")
+        assert again.node.id == first.node.id
