@@ -287,7 +287,8 @@ def test_retry_handshake_sends_a_new_initiation_early_once_a_second() -> None:
     p = Pair()
     p.lost = True  # the first initiation is lost (the peer was not reachable yet)
     assert p.send_a([ipv4(A_IP, B_IP)]) == []
-    assert p.pa.retry_handshake(p.now + 0.5) == []  # too soon
+    assert p.pa.retry_handshake(p.now + 0.5) == []  # too soon: the retransmit comes forward
+    assert p.a.next_deadline() == p.now + 1.0
     p.now += 1.0
     p.lost = False
     (init,) = p.pa.retry_handshake(p.now)
@@ -344,3 +345,19 @@ def test_timers_of_many_peers_come_from_a_heap_not_a_scan() -> None:
     assert dev.next_deadline() is None
     dev.on_timer_by_peer(1000.0)
     assert calls == [peers[10]]
+
+
+def test_news_within_the_retry_second_brings_the_retransmit_forward() -> None:
+    """The peer's announcement arrives 0.2 s after our first (lost) initiation: the second
+    initiation leaves 1 s after the first, from the timer, not after REKEY_TIMEOUT."""
+    p = Pair()
+    p.lost = True
+    p.send_a([ipv4(A_IP, B_IP)])
+    sent_at = p.now
+    p.lost = False
+    assert p.pa.retry_handshake(sent_at + 0.2) == []
+    deadline = p.a.next_deadline()
+    assert deadline == sent_at + 1.0
+    out = p.a.on_timer_by_peer(deadline)
+    assert [d[0] for _, ds in out for d in ds] == [1]  # a new initiation
+    assert p.pa.handshake_attempts == 1

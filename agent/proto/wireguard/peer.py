@@ -206,14 +206,15 @@ class Peer:
     def retry_handshake(self, now: float) -> list[bytes]:
         """The peer just proved reachable (an authenticated DISCO message arrived, possibly
         through a relay it had not joined yet) while our handshake waits without a session:
-        a new initiation now instead of at the retransmit timer, at most once per second."""
+        a new initiation now instead of at the retransmit timer, at most once per second.
+        Within that second the retransmit timer is brought forward to its end instead: the
+        news must not wait out the full REKEY_TIMEOUT (the first initiation typically went out
+        just before the peer joined the relay, and its announcement arrives moments later)."""
         last = self._last_initiation_sent
-        if (
-            self.keypairs.current is not None
-            or self._initiation_index is None
-            or last is None
-            or now - last < RETRY_HANDSHAKE_MIN_INTERVAL
-        ):
+        if self.keypairs.current is not None or self._initiation_index is None or last is None:
+            return []
+        if now - last < RETRY_HANDSHAKE_MIN_INTERVAL:
+            self.timers.expedite_retransmit(last + RETRY_HANDSHAKE_MIN_INTERVAL)
             return []
         return self._initiate(now, retry=True)
 

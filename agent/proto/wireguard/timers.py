@@ -129,6 +129,12 @@ class PeerTimers:
         """Initiation sent: retransmit after REKEY_TIMEOUT plus jitter."""
         self._set(Timer.RETRANSMIT_HANDSHAKE, now + REKEY_TIMEOUT + self._jitter())
 
+    def expedite_retransmit(self, at: float) -> None:
+        """Retransmit the pending initiation no later than `at` (the peer proved reachable)."""
+        current = self.deadlines[Timer.RETRANSMIT_HANDSHAKE]
+        if current is not None and at < current:
+            self._set(Timer.RETRANSMIT_HANDSHAKE, at)
+
     def on_handshake_complete(self) -> None:
         """Response consumed: stop retransmitting."""
         self._set(Timer.RETRANSMIT_HANDSHAKE, None)
