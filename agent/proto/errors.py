@@ -46,6 +46,7 @@ class DropReason(StrEnum):
     AUTHENTICATION = "authentication"
     REPLAY = "replay"
     REPLAYED_HANDSHAKE = "replayed_handshake"
+    SIMULTANEOUS_INITIATION = "simultaneous_initiation"  # ours is kept (the larger key wins)
     UNKNOWN_RECEIVER = "unknown_receiver"
     UNKNOWN_PEER = "unknown_peer"
     COOKIE_REQUIRED = "cookie_required"

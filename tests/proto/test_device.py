@@ -361,3 +361,50 @@ def test_news_within_the_retry_second_brings_the_retransmit_forward() -> None:
     out = p.a.on_timer_by_peer(deadline)
     assert [d[0] for _, ds in out for d in ds] == [1]  # a new initiation
     assert p.pa.handshake_attempts == 1
+
+
+def test_simultaneous_initiations_settle_in_one_round_trip() -> None:
+    """Both sides initiate at once (each has a packet to send, the other's initiation still
+    in flight). The side with the larger public key keeps its own; the other answers it, and
+    both staged packets arrive at once instead of after REKEY_TIMEOUT."""
+    p = Pair()
+    p.pb.endpoint = A_EP
+    ia = p.pa.encrypt([ipv4(A_IP, B_IP, b"from a")], p.now)
+    ib = p.pb.encrypt([ipv4(B_IP, A_IP, b"from b")], p.now)
+    assert ia[0][0] == ib[0][0] == 1  # two initiations, crossing
+    ra = p.a.receive_batch(ib, B_EP, p.now + 0.01)
+    rb = p.b.receive_batch(ia, A_EP, p.now + 0.01)
+    a_larger = p.a.public_key.raw > p.b.public_key.raw
+    keeper, yielder = (p.a, p.b) if a_larger else (p.b, p.a)
+    kept, answered = (ra, rb) if a_larger else (rb, ra)
+    assert kept.replies == []
+    assert keeper.drops[DropReason.SIMULTANEOUS_INITIATION] == 1
+    assert [d[0] for d, _ in answered.replies] == [2]  # the yielding side answers
+    # the response reaches the keeper: its session is up and its staged packet follows
+    k_peer = p.pa if keeper is p.a else p.pb
+    y_peer = p.pb if keeper is p.a else p.pa
+    y_ep, k_ep = (B_EP, A_EP) if keeper is p.a else (A_EP, B_EP)
+    done = keeper.receive_batch([d for d, _ in answered.replies], y_ep, p.now + 0.02)
+    assert k_peer.keypairs.current is not None
+    got = yielder.receive_batch([d for d, _ in done.replies], k_ep, p.now + 0.03)
+    assert len(got.packets) == 1  # the keeper's staged packet
+    assert y_peer.keypairs.current is not None
+    # the yielding side's own staged packet goes out on the new session
+    back = [d for d, _ in got.replies]
+    assert back, "the yielder flushes its staged packet once the session is confirmed"
+    assert len(keeper.receive_batch(back, y_ep, p.now + 0.04).packets) == 1
+    # a replay of the initiation the keeper did not take is refused as a replay
+    before = keeper.drops.get(DropReason.REPLAYED_HANDSHAKE, 0)
+    keeper.receive_batch(ib if keeper is p.a else ia, y_ep, p.now + 3)
+    assert keeper.drops.get(DropReason.REPLAYED_HANDSHAKE, 0) == before + 1
+
+
+def test_an_initiation_well_after_ours_is_taken_whatever_the_keys() -> None:
+    p = Pair()
+    p.pb.endpoint = A_EP
+    ia = p.pa.encrypt([ipv4(A_IP, B_IP)], p.now)  # ours: lost on the way (never delivered)
+    ib = p.pb.encrypt([ipv4(B_IP, A_IP)], p.now + 1.5)
+    assert ia
+    assert ib
+    res = p.a.receive_batch(ib, B_EP, p.now + 1.5)
+    assert [d[0] for d, _ in res.replies] == [2]

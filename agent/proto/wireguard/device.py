@@ -367,6 +367,8 @@ class Device:
             consumed = consume_initiation(self._ctx.local, d, find_peer=find)
             peer = peers[consumed.remote_static]
             response = peer.on_initiation(consumed, src, now)
+            if response is None:
+                return []  # we keep our own initiation (counted by the peer)
             result.peers.append(peer)
             return [(response, src)]
         # MSG_RESPONSE: receiver index is bytes 8..12

@@ -490,6 +490,15 @@ class Handshake:
         self._state = consumed
         self._last_chaining_key, self._last_hash = consumed.chaining_key, consumed.hash
 
+    def note_timestamp(self, consumed: ConsumedInitiation) -> None:
+        """An initiation we do not take over (we keep our own, see Peer.on_initiation): only
+        its timestamp is remembered, so a replay of it is refused like any other."""
+        if consumed.remote_static != self.remote_static:
+            raise LocalProtocolError("initiation was consumed for another peer")
+        if consumed.timestamp <= self.last_timestamp:
+            raise ReplayedHandshake("initiation timestamp is not newer than the last accepted")
+        self.last_timestamp = consumed.timestamp
+
     def create_response(
         self, local_index: int, *, ephemeral_private: bytes | None = None
     ) -> tuple[bytearray, SessionKeys]:

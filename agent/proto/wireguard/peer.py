@@ -36,6 +36,7 @@ from agent.proto.wireguard.session import Keypair, Keypairs
 from agent.proto.wireguard.timers import PeerTimers, Timer
 
 RETRY_HANDSHAKE_MIN_INTERVAL = 1.0  # seconds between early initiations (retry_handshake)
+SIMULTANEOUS_INITIATION = 1.0  # the peer's initiation this soon after ours: both in flight
 
 __all__ = [
     "Endpoint",
@@ -257,8 +258,25 @@ class Peer:
         return [bytes(msg)]
 
     # -- receiving (called by the Device) ----------------------------------------------------
-    def on_initiation(self, consumed: ConsumedInitiation, src: Endpoint, now: float) -> bytes:
-        """Responder: accept a decrypted initiation and return the response datagram."""
+    def on_initiation(
+        self, consumed: ConsumedInitiation, src: Endpoint, now: float
+    ) -> bytes | None:
+        """Responder: accept a decrypted initiation and return the response datagram.
+
+        None when both sides initiated at once (ours left less than SIMULTANEOUS_INITIATION
+        ago, unanswered) and our public key is the larger: we keep our handshake and the peer,
+        which sees the same two keys, takes ours and answers it, one round trip. Taking both
+        would free each side's own initiation index, so both responses would be unknown and
+        the session would wait for the retransmit timer (REKEY_TIMEOUT)."""
+        if (
+            self._initiation_index is not None
+            and self._last_initiation_sent is not None
+            and now - self._last_initiation_sent < SIMULTANEOUS_INITIATION
+            and self._ctx.local.public.raw > self.public_key.raw
+        ):
+            self.handshake.note_timestamp(consumed)
+            self._ctx.drop(DropReason.SIMULTANEOUS_INITIATION)
+            return None
         self.handshake.accept_initiation(consumed, now)
         ctx = self._ctx
         if self._initiation_index is not None:  # theirs replaces ours
