@@ -320,7 +320,7 @@ class _Demo:
         cmd = f"ip netns exec {src.ns} ping -n -c 3 -i 0.3 -w 10 {addr}".split()
         res = _run(*cmd, timeout=20, check=False)
         for line in res.stdout.splitlines():
-            if "bytes from" in line or line.startswith(("rtt", "3 packets")):
+            if "bytes from" in line or "packets transmitted" in line or line.startswith("rtt"):
                 _say(f"  {line}")
         if res.returncode != 0:
             _say(f"  no answer from {addr}; log of {src.tag}:\n{self.log_tail(src)}")

@@ -35,7 +35,7 @@ from agent.proto.wireguard.handshake import ConsumedInitiation, Handshake, Local
 from agent.proto.wireguard.session import Keypair, Keypairs
 from agent.proto.wireguard.timers import PeerTimers, Timer
 
-RETRY_HANDSHAKE_MIN_INTERVAL = 1.0  # seconds between early initiations (retry_handshake)
+RETRY_HANDSHAKE_MIN_INTERVAL = 0.25  # seconds between early initiations (retry_handshake)
 SIMULTANEOUS_INITIATION = 1.0  # the peer's initiation this soon after ours: both in flight
 
 __all__ = [
@@ -207,8 +207,10 @@ class Peer:
     def retry_handshake(self, now: float) -> list[bytes]:
         """The peer just proved reachable (an authenticated DISCO message arrived, possibly
         through a relay it had not joined yet) while our handshake waits without a session:
-        a new initiation now instead of at the retransmit timer, at most once per second.
-        Within that second the retransmit timer is brought forward to its end instead: the
+        a new initiation now instead of at the retransmit timer, at most one per
+        RETRY_HANDSHAKE_MIN_INTERVAL (the peer's DISCO messages, each authenticated, are what
+        trigger it, so it cannot loop faster). Within that interval the retransmit timer is
+        brought forward to its end instead: the
         news must not wait out the full REKEY_TIMEOUT (the first initiation typically went out
         just before the peer joined the relay, and its announcement arrives moments later)."""
         last = self._last_initiation_sent
