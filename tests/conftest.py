@@ -6,8 +6,11 @@ import os
 import random
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+
+from tests.tls_pair import Tls, make_tls
 
 FAKE_CLOCK_START = 1000.0
 RANDBYTES_SEED = 0x5EED
@@ -41,6 +44,12 @@ def fake_clock() -> FakeClock:
 def seeded_randbytes() -> Callable[[int], bytes]:
     """A deterministic stand-in for `secrets.token_bytes`, the same sequence in every test."""
     return random.Random(RANDBYTES_SEED).randbytes
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> Tls:
+    """A self-signed certificate for 127.0.0.1, the server context and a client trusting it."""
+    return make_tls(tmp_path / "certs")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -32,7 +32,7 @@ import os
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
@@ -388,24 +388,18 @@ class Store:
         cur: _Cursor = self._conn.execute(sql, params)
         return cur
 
-    @contextmanager
-    def _tx(self) -> Iterator[None]:
+    def _tx(self) -> AbstractContextManager[None]:
         """One write transaction (SQLite takes the write lock at once)."""
-        self._exec("BEGIN" if self._pg else "BEGIN IMMEDIATE")
-        self._in_tx = True
-        try:
-            yield
-        except BaseException:
-            self._rollback()
-            raise
-        finally:
-            self._in_tx = False
-        self._exec("COMMIT")
+        return self._transaction("BEGIN" if self._pg else "BEGIN IMMEDIATE")
+
+    def _read_tx(self) -> AbstractContextManager[None]:
+        """Several reads that see one state (no write lock)."""
+        return self._transaction("BEGIN")
 
     @contextmanager
-    def _read_tx(self) -> Iterator[None]:
-        """Several reads that see one state (no write lock)."""
-        self._exec("BEGIN")
+    def _transaction(self, begin: str) -> Iterator[None]:
+        """`begin`, the body, COMMIT; a rollback when the body raises."""
+        self._exec(begin)
         self._in_tx = True
         try:
             yield

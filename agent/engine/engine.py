@@ -146,6 +146,7 @@ class EngineStats:
     received: Counter[str] = field(default_factory=Counter)  # "ping" / "pong" / "call_me_maybe"
     sent: Counter[str] = field(default_factory=Counter)
     duplicate_pings: int = 0
+    unmatched_pongs: int = 0
     silence_probes: int = 0  # heartbeat pings sent early: the direct path went silent
     relayed_fallbacks: int = 0  # trust ended because the peer's data came through DERP
 
@@ -160,8 +161,6 @@ class EngineStats:
         out["silence_probes"] = self.silence_probes
         out["relayed_fallbacks"] = self.relayed_fallbacks
         return out
-
-    unmatched_pongs: int = 0
 
 
 _KIND: Final[dict[type[disco.Message], str]] = {

@@ -138,21 +138,22 @@ class PeerPath:
 
     def set_call_me_maybe(self, endpoints: list[Endpoint], now: float) -> None:
         """The peer's CallMeMaybe: replace that source, make every candidate due for a ping."""
-        for cand in self.candidates.values():
-            cand.sources &= ~CandidateSource.CALL_ME_MAYBE
-        for ep in endpoints:
-            self.add_candidate(ep, CandidateSource.CALL_ME_MAYBE, now)
-        self._sweep()
+        self._replace_source(CandidateSource.CALL_ME_MAYBE, endpoints, now)
         for cand in self.candidates.values():
             cand.last_ping = None
 
     def set_netmap_endpoints(self, endpoints: list[Endpoint], now: float) -> None:
         """The coordinator's list of the peer's endpoints replaces that source. New ones are
         due for a ping at the next discovery round (their last ping is unset)."""
+        self._replace_source(CandidateSource.NETMAP, endpoints, now)
+
+    def _replace_source(
+        self, source: CandidateSource, endpoints: list[Endpoint], now: float
+    ) -> None:
         for cand in self.candidates.values():
-            cand.sources &= ~CandidateSource.NETMAP
+            cand.sources &= ~source
         for ep in endpoints:
-            self.add_candidate(ep, CandidateSource.NETMAP, now)
+            self.add_candidate(ep, source, now)
         self._sweep()
 
     def prune(self, now: float, t: Timings) -> None:

@@ -18,14 +18,13 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 import structlog
 
-from agent.daemon.relay import RelayServer, make_self_signed, serve_relay
+from agent.daemon.relay import RelayServer, serve_relay
 from agent.proto.derp.client import PacketReceived
 from agent.proto.derp.frames import (
     FRAME_HEADER,
@@ -39,28 +38,13 @@ from agent.proto.derp.frames import (
 )
 from agent.proto.derp.upgrade import client_request, parse_response
 from tests.derp_stream import DerpStreamClient
+from tests.tls_pair import Tls
 
 LOG = structlog.get_logger()
 HEAD_TIMEOUT = 1.0
 LOGIN_TIMEOUT = 1.0
 REPO = Path(__file__).resolve().parents[2]
 _STAMP = struct.Struct(">Id")  # sequence number, send time
-
-
-@dataclass
-class Tls:
-    server: ssl.SSLContext
-    client: ssl.SSLContext
-    cert: Path
-    key: Path
-
-
-@pytest.fixture
-def tls(tmp_path: Path) -> Tls:
-    cert, key = make_self_signed(tmp_path / "certs", "127.0.0.1")
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert, key)
-    return Tls(server, ssl.create_default_context(cafile=str(cert)), cert, key)
 
 
 @pytest_asyncio.fixture

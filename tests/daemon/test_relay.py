@@ -9,7 +9,6 @@ import secrets
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -33,25 +32,10 @@ from agent.proto.derp.upgrade import (
     parse_response,
 )
 from tests.derp_stream import DerpStreamClient
+from tests.tls_pair import Tls
 
 LOG = structlog.get_logger()
 TIMEOUT = 5.0
-
-
-@dataclass
-class Tls:
-    server: ssl.SSLContext
-    client: ssl.SSLContext
-
-
-@pytest.fixture
-def tls(tmp_path: Path) -> Tls:
-    cert, key = make_self_signed(tmp_path / "certs", "127.0.0.1")
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.minimum_version = ssl.TLSVersion.TLSv1_2
-    server.load_cert_chain(cert, key)
-    client = ssl.create_default_context(cafile=str(cert))
-    return Tls(server, client)
 
 
 @pytest_asyncio.fixture

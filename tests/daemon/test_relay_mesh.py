@@ -6,7 +6,6 @@ import asyncio
 import secrets
 import ssl
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ import structlog
 from agent.daemon.relay import (
     RelayServer,
     load_allowed_keys,
-    make_self_signed,
     serve_relay,
 )
 from agent.daemon.relay_mesh import MeshPeer, load_mesh_key, parse_mesh_with
@@ -28,24 +26,11 @@ from agent.proto.derp.client import (
     PeerGoneEvent,
 )
 from tests.derp_stream import DerpStreamClient
+from tests.tls_pair import Tls
 
 LOG = structlog.get_logger()
 MESH_KEY = bytes(range(100, 132))
 RETRY = 0.05  # mesh reconnect backoff base for tests
-
-
-@dataclass
-class Tls:
-    server: ssl.SSLContext
-    client: ssl.SSLContext
-
-
-@pytest.fixture
-def tls(tmp_path: Path) -> Tls:
-    cert, key = make_self_signed(tmp_path / "certs", "127.0.0.1")
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert, key)
-    return Tls(server, ssl.create_default_context(cafile=str(cert)))
 
 
 async def _eventually(check: Callable[[], bool], what: str) -> None:

@@ -8,29 +8,14 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-from agent.daemon.relay import make_self_signed
 from agent.daemon.tls_stream import StreamServer, serve_streams
+from tests.tls_pair import Tls
 
 TIMEOUT = 5.0
-
-
-@dataclass
-class Tls:
-    server: ssl.SSLContext
-    client: ssl.SSLContext
-
-
-@pytest.fixture
-def tls(tmp_path: Path) -> Tls:
-    cert, key = make_self_signed(tmp_path / "certs", "127.0.0.1")
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert, key)
-    return Tls(server, ssl.create_default_context(cafile=str(cert)))
 
 
 @dataclass

@@ -401,9 +401,7 @@ class Device:
         chooses the path: direct UDP, a DERP region, or both)."""
         out: list[tuple[Peer, list[bytes]]] = []
         deadlines = self._ctx.deadlines
-        for peer in deadlines.due(now):
-            if self.peers.get(peer.public_key) is not peer:
-                continue  # removed meanwhile
+        for peer in deadlines.due(now):  # a removed peer's timers were stopped: never due
             datagrams = peer.on_timer(now)
             deadlines.set(peer, peer.next_deadline())  # due() took it off the heap
             if datagrams:
