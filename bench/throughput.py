@@ -11,8 +11,14 @@ and the average and median of 20 pings. The two implementations run one after th
 same namespaces, never at the same time; with `--rounds N` they alternate N times and each figure
 is the median over the rounds (a shared machine's load then hits both alike).
 
+The UDP receiver (iperf3's server) gets a 1 MB socket buffer (`--udp-rcvbuf`, iperf3 -w) so the
+loss measured is the tunnel's, not the measuring socket's: with the kernel's default 208 KB a
+burst of ~250 small datagrams overflows it whenever the server is off the CPU for a moment, and
+batched delivery (ours: up to 64 datagrams per TUN write) makes such bursts. `--udp-rcvbuf 0`
+keeps iperf3's default. net.core.rmem_max caps the size; a warning says so.
+
 Usage (root): python bench/throughput.py [--seconds 10] [--rounds 1] [--json]
-                                         [--impl agent --impl wireguard-go]
+                                         [--impl agent --impl wireguard-go] [--udp-rcvbuf 1M]
 """
 
 from __future__ import annotations
@@ -117,10 +123,12 @@ def tunnel(lab: Lab, ns_a: str, ns_b: str, ips: tuple[str, str], impl: str) -> I
             wb.stop()
 
 
-def udp_run(ns_a: str, ns_b: str, size: int, seconds: float, pps: float | None) -> dict[str, float]:
+def udp_run(
+    ns_a: str, ns_b: str, size: int, seconds: float, pps: float | None, rcvbuf: str | None
+) -> dict[str, float]:
     """One iperf3 UDP run offering `pps` packets/s (None: as fast as iperf3 can send)."""
     bitrate = "0" if pps is None else f"{pps * size * 8:.0f}"
-    r = iperf3(ns_b, ns_a, B4, seconds, udp=True, length=size, bitrate=bitrate)
+    r = iperf3(ns_b, ns_a, B4, seconds, udp=True, length=size, bitrate=bitrate, window=rcvbuf)
     rx = r["end"]["sum_received"]
     span = max(float(rx["seconds"]), 1e-9)
     return {
@@ -130,14 +138,16 @@ def udp_run(ns_a: str, ns_b: str, size: int, seconds: float, pps: float | None) 
     }
 
 
-def measure(ns_a: str, ns_b: str, seconds: float, steps: int, log: Any) -> dict[str, float | None]:
+def measure(
+    ns_a: str, ns_b: str, seconds: float, steps: int, rcvbuf: str | None, log: Any
+) -> dict[str, float | None]:
     out: dict[str, float | None] = {}
     log(f"  TCP {seconds:g} s")
     tcp = iperf3(ns_b, ns_a, B4, seconds)
     out["tcp_gbps"] = tcp["end"]["sum_received"]["bits_per_second"] / 1e9
     for size in UDP_SIZES:
         log(f"  UDP {size} B, unlimited offer")
-        flood = udp_run(ns_a, ns_b, size, seconds, None)
+        flood = udp_run(ns_a, ns_b, size, seconds, None, rcvbuf)
         out[f"udp{size}_pps"] = flood["pps"]
         out[f"udp{size}_loss_pct"] = flood["loss"]
         # Bisect the offered rate: `good` is the best offer seen with < 1 % loss, `bad` the
@@ -150,7 +160,7 @@ def measure(ns_a: str, ns_b: str, seconds: float, steps: int, log: Any) -> dict[
         offer = flood["pps"]
         for _ in range(steps if good is None else 0):
             log(f"  UDP {size} B, offer {offer:,.0f} pps")
-            run = udp_run(ns_a, ns_b, size, seconds, offer)
+            run = udp_run(ns_a, ns_b, size, seconds, offer, rcvbuf)
             if run["loss"] < LOSS_LIMIT:
                 if good is None or run["pps"] > good[1]:
                     good = (offer, run["pps"])
@@ -177,6 +187,12 @@ def ping_times(ns: str, addr: str, count: int, interval: float = 0.05) -> list[f
         check=False,
     )
     return [float(t) for t in _PING_TIME.findall(res.stdout)]
+
+
+def size_bytes(text: str) -> int:
+    """iperf3's size syntax: 1M = 1048576, 512K, or plain bytes."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
 def median_of_rounds(rounds: list[dict[str, float | None]]) -> dict[str, float | None]:
@@ -223,9 +239,15 @@ def main() -> int:
     ap.add_argument("--impl", action="append", choices=IMPLS, help="only these (repeatable)")
     ap.add_argument("--udp-steps", type=int, default=5, help="offers tried per UDP size")
     ap.add_argument(
+        "--udp-rcvbuf",
+        default="1M",
+        help="UDP receiver socket buffer (iperf3 -w; 0 = iperf3's default)",
+    )
+    ap.add_argument(
         "--rounds", type=int, default=1, help="alternate the implementations N times (median)"
     )
     args = ap.parse_args()
+    rcvbuf = None if args.udp_rcvbuf in ("", "0") else args.udp_rcvbuf
     if os.geteuid() != 0:
         sys.stderr.write("needs root (network namespaces)\n")
         return 1
@@ -239,6 +261,11 @@ def main() -> int:
     def log(msg: str) -> None:
         sys.stderr.write(msg + "\n")
 
+    if rcvbuf is not None:
+        limit = int(Path("/proc/sys/net/core/rmem_max").read_text())
+        if limit < size_bytes(rcvbuf):
+            log(f"warning: net.core.rmem_max is {limit}: the {rcvbuf} UDP receive buffer is capped")
+
     runs: dict[str, list[dict[str, float | None]]] = {impl: [] for impl in impls}
     failed: set[str] = set()
     started = time.monotonic()
@@ -250,14 +277,16 @@ def main() -> int:
                 log(f"{impl}:" if args.rounds <= 1 else f"{impl} (round {n + 1}/{args.rounds}):")
                 try:
                     with tunnel(lab, ns_a, ns_b, ips, impl):
-                        runs[impl].append(measure(ns_a, ns_b, args.seconds, args.udp_steps, log))
+                        runs[impl].append(
+                            measure(ns_a, ns_b, args.seconds, args.udp_steps, rcvbuf, log)
+                        )
                 except LabError as e:
                     log(f"  {impl} failed: {e}")
                     failed.add(impl)
     log(f"done in {time.monotonic() - started:.0f} s")
     results = {impl: {} if impl in failed else median_of_rounds(runs[impl]) for impl in impls}
     if args.json:
-        doc = {"seconds": args.seconds, "mtu": MTU, "results": results}
+        doc = {"seconds": args.seconds, "mtu": MTU, "udp_rcvbuf": rcvbuf, "results": results}
         if args.rounds > 1:
             doc["rounds"] = runs
         print(json.dumps(doc, indent=2))

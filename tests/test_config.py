@@ -66,6 +66,7 @@ def test_minimal_config_gets_defaults() -> None:
     assert iface.private_key == PRIV_A
     assert iface.addresses == (ip_interface("100.64.0.1/32"), ip_interface("fd7a:115c:a1e0::1/128"))
     assert (iface.listen_port, iface.mtu, iface.uapi, iface.fwmark) == (41641, 1280, True, 0)
+    assert iface.txqueuelen == 2000
     assert iface.control_socket == "/run/agent/agent0.sock"
     assert iface.metrics_listen is None
     assert cfg.derp == DerpConfig(home_region=None, regions=())
@@ -74,7 +75,10 @@ def test_minimal_config_gets_defaults() -> None:
 
 def test_v4_v6_peers_derp_map_and_inline_psk() -> None:
     text = (
-        IFACE.replace("[interface]", '[interface]\nname = "wgx1"\nlisten_port = 0\nmtu = 1420')
+        IFACE.replace(
+            "[interface]",
+            '[interface]\nname = "wgx1"\nlisten_port = 0\nmtu = 1420\ntxqueuelen = 500',
+        )
         + """
 [derp]
 home_region = 900
@@ -103,7 +107,11 @@ insecure_skip_verify = true
     cfg = parse_config(text, base_dir=Path("/etc/agent"))
     assert cfg.interface.name == "wgx1"
     assert cfg.interface.control_socket == "/run/agent/wgx1.sock"
-    assert (cfg.interface.listen_port, cfg.interface.mtu) == (0, 1420)
+    assert (cfg.interface.listen_port, cfg.interface.mtu, cfg.interface.txqueuelen) == (
+        0,
+        1420,
+        500,
+    )
     region = cfg.derp.regions[0]
     assert (cfg.derp.home_region, region.id, region.code) == (900, 900, "lab")
     assert region.nodes == (
@@ -191,6 +199,7 @@ BAD = [
      "interface.listen_port: expected an integer, got a boolean (true)"),
     (IFACE + "mtu = 500\n", "interface.mtu: 500 is out of range 576..65535"),
     (IFACE + "mtu = 1000\n", "interface.mtu: 1000 is below 1280, the minimum for IPv6 addresses"),
+    (IFACE + "txqueuelen = 0\n", "interface.txqueuelen: 0 is out of range 1..1000000"),
     (IFACE + "uapi = 1\n", "interface.uapi: expected true or false, got an integer (1)"),
     (IFACE + "fwmark = -1\n", "interface.fwmark: -1 is out of range 0..4294967295"),
     ('[interface]\naddresses = ["100.64.0.1/32"]\n',

@@ -113,7 +113,7 @@ class Daemon:
         cfg = self.config.interface
         self.tun = open_tun(cfg.name)
         routes = [net for p in self.config.peers for net in p.allowed_ips]
-        self.tun.configure(list(cfg.addresses), cfg.mtu, routes)
+        self.tun.configure(list(cfg.addresses), cfg.mtu, routes, txqueuelen=cfg.txqueuelen)
         self.udp = open_udp(cfg.listen_port)
         if cfg.fwmark:
             self.udp.sock.setsockopt(socket.SOL_SOCKET, SO_MARK, cfg.fwmark)

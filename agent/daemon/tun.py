@@ -158,16 +158,22 @@ class Tun:
     # ------------------------------------------------------------------ link
 
     def configure(
-        self, addresses: Sequence[IPInterface], mtu: int, routes: Sequence[IPNetwork]
+        self,
+        addresses: Sequence[IPInterface],
+        mtu: int,
+        routes: Sequence[IPNetwork],
+        *,
+        txqueuelen: int | None = None,
     ) -> None:
-        """Set MTU and addresses, bring the link up, and route each network to the device.
+        """Set MTU, transmit queue length (None: the kernel's 500) and addresses, bring the link
+        up, and route each network to the device.
 
         Routes already covered by one of the interface's own prefixes are skipped (the kernel
         adds those itself).
         """
         with IPRoute() as ipr:
             index = _link_index(ipr, self.name)
-            _link_set(ipr, index, mtu=mtu)
+            _link_set(ipr, index, mtu=mtu, txqlen=txqueuelen)
             for iface in addresses:
                 _addr_add(ipr, index, iface)
             _link_set(ipr, index, state="up")
@@ -249,10 +255,17 @@ def _link_index(ipr: IPRoute, name: str) -> int:
 
 
 def _link_set(
-    ipr: IPRoute, index: int, *, mtu: int | None = None, state: str | None = None
+    ipr: IPRoute,
+    index: int,
+    *,
+    mtu: int | None = None,
+    txqlen: int | None = None,
+    state: str | None = None,
 ) -> None:
     if mtu is not None:
         ipr.link("set", index=index, mtu=mtu)
+    if txqlen is not None:
+        ipr.link("set", index=index, txqlen=txqlen)
     if state is not None:
         ipr.link("set", index=index, state=state)
 

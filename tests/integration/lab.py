@@ -703,8 +703,12 @@ def iperf3(
     bitrate: str | None = None,
     port: int | None = None,
     check: bool = True,
+    window: str | None = None,
 ) -> dict[str, Any]:
-    """One iperf3 run (client -J output as a dict); the server (-s -1) is stopped by PID."""
+    """One iperf3 run (client -J output as a dict); the server (-s -1) is stopped by PID.
+
+    `window` is iperf3's -w: socket buffer size on both ends (for UDP, the receiver's
+    SO_RCVBUF; capped by net.core.rmem_max)."""
     port = port or 20000 + secrets.randbelow(20000)
     with tempfile.TemporaryDirectory(prefix=f"{NS_PREFIX}iperf-") as tmp:
         err_path = Path(tmp) / "server.err"
@@ -731,6 +735,8 @@ def iperf3(
                 cmd += ["-b", bitrate]
             if length:
                 cmd += ["-l", str(length)]
+            if window:
+                cmd += ["-w", window]
             res = _run(client_ns, cmd, check=False, timeout=seconds + 30)
             try:
                 result: dict[str, Any] = json.loads(res.stdout)

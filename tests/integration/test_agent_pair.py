@@ -12,6 +12,8 @@ ns agt-<hex>-a                                  ns agt-<hex>-b
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -65,6 +67,17 @@ def test_ping_v4_and_v6_both_ways(pair: Pair, lab: Lab) -> None:
     assert ping(pair.ns_b, A4), f"b -> a v4 failed\n{lab.logs()}"
     assert ping(pair.ns_a, B6), f"a -> b v6 failed\n{lab.logs()}"
     assert ping(pair.ns_b, A6), f"b -> a v6 failed\n{lab.logs()}"
+
+
+def test_interface_has_the_default_mtu_and_transmit_queue(pair: Pair) -> None:
+    out = subprocess.run(
+        ["ip", "-j", "-n", pair.ns_a, "link", "show", pair.a.ifname],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (link,) = json.loads(out)
+    assert (link["mtu"], link["txqlen"]) == (1280, 2000), link
 
 
 def test_status_shows_handshake_and_bytes(pair: Pair, lab: Lab) -> None:
