@@ -190,9 +190,16 @@ def ping_times(ns: str, addr: str, count: int, interval: float = 0.05) -> list[f
 
 
 def size_bytes(text: str) -> int:
-    """iperf3's size syntax: 1M = 1048576, 512K, or plain bytes."""
+    """iperf3's size syntax: 1M = 1048576, 512K, or plain bytes (argparse type: a bad size is
+    a usage error, not a traceback)."""
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 1M, 512K or 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
 
 
 def median_of_rounds(rounds: list[dict[str, float | None]]) -> dict[str, float | None]:
@@ -240,6 +247,7 @@ def main() -> int:
     ap.add_argument("--udp-steps", type=int, default=5, help="offers tried per UDP size")
     ap.add_argument(
         "--udp-rcvbuf",
+        type=size_bytes,
         default="1M",
         help="UDP receiver socket buffer (iperf3 -w; 0 = iperf3's default)",
     )
@@ -247,7 +255,7 @@ def main() -> int:
         "--rounds", type=int, default=1, help="alternate the implementations N times (median)"
     )
     args = ap.parse_args()
-    rcvbuf = None if args.udp_rcvbuf in ("", "0") else args.udp_rcvbuf
+    rcvbuf = str(args.udp_rcvbuf) if args.udp_rcvbuf else None  # bytes, as iperf3 -w takes them
     if os.geteuid() != 0:
         sys.stderr.write("needs root (network namespaces)\n")
         return 1
@@ -263,8 +271,8 @@ def main() -> int:
 
     if rcvbuf is not None:
         limit = int(Path("/proc/sys/net/core/rmem_max").read_text())
-        if limit < size_bytes(rcvbuf):
-            log(f"warning: net.core.rmem_max is {limit}: the {rcvbuf} UDP receive buffer is capped")
+        if limit < args.udp_rcvbuf:
+            log(f"warning: net.core.rmem_max is {limit}: the {rcvbuf} B receive buffer is capped")
 
     runs: dict[str, list[dict[str, float | None]]] = {impl: [] for impl in impls}
     failed: set[str] = set()

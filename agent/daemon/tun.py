@@ -262,12 +262,8 @@ def _link_set(
     txqlen: int | None = None,
     state: str | None = None,
 ) -> None:
-    if mtu is not None:
-        ipr.link("set", index=index, mtu=mtu)
-    if txqlen is not None:
-        ipr.link("set", index=index, txqlen=txqlen)
-    if state is not None:
-        ipr.link("set", index=index, state=state)
+    attrs = {"mtu": mtu, "txqlen": txqlen, "state": state}
+    ipr.link("set", index=index, **{k: v for k, v in attrs.items() if v is not None})
 
 
 def _addr_add(ipr: IPRoute, index: int, iface: IPInterface) -> None:
