@@ -2,6 +2,8 @@
 
     agent genkey | genpsk                  a new private / preshared key, base64 (as `wg genkey`)
     agent pubkey                           private key on stdin -> public key (as `wg pubkey`)
+    agent genkey -o FILE [--if-missing]    write a new private key to FILE (0600)
+    agent join URL --auth-key KEY          join a coordinator: config, then the service
     agent up -c FILE [--log-level L]       run the daemon in the foreground
     agent status [-c FILE] [--json]        ask the running daemon over its control socket
     agent demo                             a self-contained tour on one machine (root)
@@ -13,6 +15,7 @@ never a traceback. Logging is configured here and nowhere else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -172,7 +175,43 @@ def format_status(st: Status, now: float) -> str:
 
 
 def _cmd_genkey(args: argparse.Namespace) -> int:
-    sys.stdout.write(NodePrivate.generate().to_b64() + "\n")
+    if args.out is None:
+        sys.stdout.write(NodePrivate.generate().to_b64() + "\n")
+        return 0
+    return _write_key_file(args.out, keep=args.if_missing)
+
+
+def _write_key_file(path: str, *, keep: bool) -> int:
+    """A new private key in `path` (0600, written whole or not at all). With `keep`, a file
+    that already holds a key is left alone: what the service runs before every start."""
+    try:
+        with open(path, encoding="ascii") as f:
+            existing = f.read(4096)
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as e:
+        return _err(f"genkey: cannot read {path}: {getattr(e, 'strerror', None) or e}")
+    else:
+        if not keep:
+            return _err(f"genkey: {path} exists (--if-missing keeps a key that is there)")
+        try:
+            NodePrivate.from_b64(existing)
+        except KeyError_ as e:
+            return _err(f"genkey: {path} exists but holds no private key ({e}); not replaced")
+        return 0
+    tmp = f"{path}.new"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, (NodePrivate.generate().to_b64() + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        return _err(f"genkey: cannot write {path}: {e.strerror or e}")
     return 0
 
 
@@ -215,6 +254,40 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return run_daemon(config)
     except KeyboardInterrupt:
         return 130
+
+
+def _cmd_join(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from agent.join import JoinError, run_join, wait_for_addresses
+
+    def ask(path: str) -> list[str]:
+        return list(Status.from_dict(request(path, "status")).addresses)
+
+    def addresses(config: Path, wait: float) -> list[str]:
+        try:
+            socket_path = control_socket_path(config)
+        except ConfigError as e:
+            raise JoinError(format_problems(e, source=str(config))) from e
+        return wait_for_addresses(wait, ask, socket_path)
+
+    try:
+        got = run_join(
+            Path(args.config),
+            url=args.url,
+            auth_key=args.auth_key,
+            ca_file=args.ca_file,
+            hostname=args.hostname,
+            start=not args.no_start,
+            addresses=addresses,
+        )
+    except JoinError as e:
+        return _err(f"join: {e}")
+    if args.json:
+        sys.stdout.write(json.dumps({"config": args.config, "addresses": got}) + "\n")
+    elif got:
+        sys.stdout.write(f"joined: {', '.join(got)}\n")
+    return 0
 
 
 def _cmd_derper(args: argparse.Namespace) -> int:
@@ -372,6 +445,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("genkey", help="print a new private key (base64, as `wg genkey`)")
+    p.add_argument("-o", "--out", metavar="FILE", help="write it to FILE (mode 0600) instead")
+    p.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="with --out: keep FILE if it already holds a private key",
+    )
     p.set_defaults(func=_cmd_genkey)
     p = sub.add_parser("genpsk", help="print a new preshared key (base64, as `wg genpsk`)")
     p.set_defaults(func=_cmd_genpsk)
@@ -389,6 +468,26 @@ def _parser() -> argparse.ArgumentParser:
         help="auto: readable on a terminal, JSON lines otherwise",
     )
     p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser(
+        "join",
+        help="join a coordinator: write [control] into the config, start the service",
+        description="Write the [control] section of the config (other keys stay), then enable "
+        "and (re)start the agent's systemd unit and print the addresses it got.",
+    )
+    p.add_argument("url", metavar="URL", help="the coordinator, https://HOST[:PORT]")
+    p.add_argument(
+        "--auth-key",
+        required=True,
+        metavar="KEY",
+        help="from `agent coordinator keys create`; file:PATH reads it from a file",
+    )
+    p.add_argument("--ca-file", help="PEM CAs for the coordinator's TLS (default: system store)")
+    p.add_argument("--hostname", help="the name peers see (default: this host's name)")
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, help=conf_help)
+    p.add_argument("--no-start", action="store_true", help="only write the config; start nothing")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_cmd_join)
 
     p = sub.add_parser("status", help="show the running daemon's interface and peers")
     p.add_argument("-c", "--config", help=conf_help)

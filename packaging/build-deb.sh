@@ -6,8 +6,11 @@
 #   /usr/bin/agent                    wrapper: /usr/lib/agent/bin/python -I -B -m agent
 #   /lib/systemd/system/*.service     agent, agent@, agent-derper, agent-coordinator
 #   /usr/lib/sysusers.d/agent.conf    system users agent, agent-derper, agent-coordinator
+#   /usr/lib/tmpfiles.d/agent.conf    /run/wireguard (shared with wireguard-go), made at boot
 #   /etc/agent/agent.conf             conffile: agent.conf.example with only [interface] active
-#   /usr/share/doc/agent/             README.md, agent.conf.example, copyright
+#   /etc/agent/coordinator.conf       conffile: coordinator.conf.example (root only: the unit
+#                                     hands it to the coordinator as a credential)
+#   /usr/share/doc/agent/             README.md, the two config examples, copyright
 #
 # Why a private virtual environment and not Debian's python3 packages: Debian 12 has no
 # python3-pytun at all, and its pyroute2 (0.7.2), cryptography (38), structlog (22.3) and numpy
@@ -80,12 +83,13 @@ if grep -rlI "$WORK" "$VENV"; then die "files above still name the build directo
 # Bytecode now, recorded with its installed path; -B in the wrapper keeps it from changing.
 "$VENV/bin/python" -m compileall -q -j 0 -s "$ROOT" -p / "$VENV/lib" >/dev/null
 
-say "files: wrapper, units, sysusers, config, docs"
+say "files: wrapper, units, sysusers, tmpfiles, configs, docs"
 install -D -m 0755 packaging/deb/agent.sh "$ROOT/usr/bin/agent"
 for unit in systemd/*.service; do
     install -D -m 0644 "$unit" "$ROOT/lib/systemd/system/$(basename "$unit")"
 done
 install -D -m 0644 packaging/sysusers.conf "$ROOT/usr/lib/sysusers.d/agent.conf"
+install -D -m 0644 packaging/tmpfiles.conf "$ROOT/usr/lib/tmpfiles.d/agent.conf"
 install -d -m 0750 "$ROOT/etc/agent"
 # The default config: the documented example with everything after [interface] commented out,
 # so the service starts as installed (an interface, no peers) and every key stays documented.
@@ -95,8 +99,9 @@ awk '
     { print }
 ' agent.conf.example >"$ROOT/etc/agent/agent.conf"
 chmod 0640 "$ROOT/etc/agent/agent.conf"
+install -m 0640 coordinator.conf.example "$ROOT/etc/agent/coordinator.conf"
 install -D -m 0644 README.md "$ROOT/usr/share/doc/agent/README.md"
-install -m 0644 agent.conf.example "$ROOT/usr/share/doc/agent/agent.conf.example"
+install -m 0644 agent.conf.example coordinator.conf.example "$ROOT/usr/share/doc/agent/"
 LICENSE=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["license"]["text"])')
 printf 'agent %s\nLicense: %s\nThe bundled Python packages in %s carry their own licenses\n(see %s/lib/python%s/site-packages/*.dist-info).\n' \
     "$VERSION" "$LICENSE" "$PREFIX" "$PREFIX" "$PYVER" >"$ROOT/usr/share/doc/agent/copyright"
@@ -129,7 +134,7 @@ Description: userspace WireGuard-compatible overlay VPN agent
  Python $PYVER and the Python dependencies live in a private environment
  in $PREFIX.
 EOF
-echo /etc/agent/agent.conf >"$ROOT/DEBIAN/conffiles"
+printf '%s\n' /etc/agent/agent.conf /etc/agent/coordinator.conf >"$ROOT/DEBIAN/conffiles"
 install -m 0755 packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm "$ROOT/DEBIAN/"
 
 say "dpkg-deb: $DEB"

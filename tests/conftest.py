@@ -1,4 +1,4 @@
-"""Fixtures shared by every test, and the `netns` / `interop` marker skips."""
+"""Fixtures shared by every test, and the `netns` / `interop` / `system` marker skips."""
 
 from __future__ import annotations
 
@@ -59,7 +59,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip_interop = pytest.mark.skip(
         reason=f"{' and '.join(missing)} missing: apt-get install wireguard-go wireguard-tools"
     )
+    from tests.system.nspawn import unavailable_reason
+
+    no_system = unavailable_reason()
+    skip_system = pytest.mark.skip(reason=f"system tests: {no_system}")
     for item in items:
+        if no_system and item.get_closest_marker("system") is not None:
+            item.add_marker(skip_system)
         if not_root and item.get_closest_marker("netns") is not None:
             item.add_marker(skip_netns)
         if missing and item.get_closest_marker("interop") is not None:

@@ -12,7 +12,9 @@
 
 Every command reads the database named in the config (`-c`, default
 /etc/agent/coordinator.conf), so it works beside a running coordinator, which sees each change
-within a second (it polls the database's version). Run it as root or as the service user.
+within a second (it polls the database's version). Run it as root or as the service user;
+root works on a SQLite database as the user owning its directory, so the files SQLite adds
+beside it stay the service's.
 Exit status: 0 done, 1 failed (the reason on stderr), 2 usage.
 """
 
@@ -131,6 +133,10 @@ def _with_store(args: argparse.Namespace, action: Callable[[Store], int]) -> int
     if isinstance(config, int):
         return config
     try:
+        _become_database_owner(config.database)
+    except OSError as e:
+        return _err(f"cannot act as the database's owner: {e}")
+    try:
         store = Store.open(config.database)
     except (StoreError, OSError) as e:
         return _err(f"cannot open the database: {e}")
@@ -140,6 +146,27 @@ def _with_store(args: argparse.Namespace, action: Callable[[Store], int]) -> int
         return _err(str(e))
     finally:
         store.close()
+
+
+def _become_database_owner(database: str) -> None:
+    """As root, act as the user owning the SQLite database's directory (the service's user).
+
+    SQLite creates files beside the database (`-wal`, `-shm`, journals); made by root they
+    would lock the coordinator, running as its own user, out of its own database. So root
+    works on it as that user does, as `sudo -u agent-coordinator` would. Nothing changes for
+    other users, for PostgreSQL, or where root owns the directory.
+    """
+    if os.geteuid() != 0 or "://" in database:
+        return
+    try:
+        st = os.stat(os.path.dirname(os.path.abspath(database)))
+    except FileNotFoundError:
+        return  # Store.open says what is missing
+    if st.st_uid == 0:
+        return
+    os.setgroups([])
+    os.setgid(st.st_gid)
+    os.setuid(st.st_uid)
 
 
 def _when(t: float | None) -> str:

@@ -40,6 +40,7 @@ from agent.coordinator.netmap import LONG_POLL, MAX_BODY, ErrorBody
 from agent.coordinator.service import Reply, Service, WaitForNetmap
 from agent.coordinator.store import Snapshot, Store
 from agent.daemon.tls_stream import StreamServer, serve_streams
+from agent.netio.systemd import sd_notify
 
 __all__ = [
     "HEAD_TIMEOUT",
@@ -307,7 +308,7 @@ def server_ssl_context(config: CoordinatorConfig) -> ssl.SSLContext:
 
     cert_dir = Path(config.cert_dir)
     if config.tls_mode == "self-signed":
-        cert, key = make_self_signed(cert_dir, config.hostname)
+        cert, key = make_self_signed(cert_dir, config.hostname, program="agent coordinator")
     else:
         cert, key = cert_dir / f"{config.hostname}.crt", cert_dir / f"{config.hostname}.key"
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -353,9 +354,11 @@ def run_coordinator(config: CoordinatorConfig, log: FilteringBoundLogger) -> int
             nodes=len(server.snapshot.nodes),
             public_key=server.service.server_key.public().to_b64(),
         )
+        sd_notify(f"READY=1\nSTATUS=serving on port {server.port}")
         try:
             await stop.wait()
         finally:
+            sd_notify("STOPPING=1")
             log.info("coordinator stopping")
             await server.close()
 

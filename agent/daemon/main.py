@@ -43,6 +43,7 @@ from agent.engine.events import PathChanged, PongReceived
 from agent.engine.stun_probe import StunProber, StunServer
 from agent.keys import NodePublic
 from agent.log import get_logger
+from agent.netio.systemd import sd_notify
 from agent.proto import disco
 from agent.proto.errors import DropReason, RemoteProtocolError
 from agent.proto.wireguard.device import Device
@@ -53,22 +54,10 @@ from agent.proto.wireguard.peer import (
     KeysZeroed,
 )
 
-__all__ = ["run_daemon", "Daemon", "sd_notify"]
+__all__ = ["run_daemon", "Daemon"]
 
 log = get_logger("agent.daemon")
 SO_MARK = 36  # socket.SO_MARK is missing on some builds
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(path)
-        s.sendall(message.encode())
 
 
 class Daemon:

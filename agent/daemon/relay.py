@@ -55,6 +55,7 @@ from agent.daemon.relay_mesh import MESH_RETRY_BASE, MeshLink, MeshPeer, load_me
 from agent.daemon.stun_server import StunServer, serve_stun
 from agent.daemon.tls_stream import StreamServer, serve_streams
 from agent.keys import NodePrivate, NodePublic
+from agent.netio.systemd import sd_notify
 from agent.proto.derp import upgrade
 from agent.proto.derp.frames import FRAME_HEADER_LEN
 from agent.proto.derp.server import (
@@ -605,8 +606,15 @@ def load_rate_config(path: Path) -> RateLimit:
 # --- certificates ---------------------------------------------------------------------------------
 
 
-def make_self_signed(cert_dir: Path, hostname: str) -> tuple[Path, Path]:
+def make_self_signed(
+    cert_dir: Path, hostname: str, *, program: str = "agent derper"
+) -> tuple[Path, Path]:
     """(cert, key) paths `<cert_dir>/<hostname>.crt|.key`, generated once and reused after.
+
+    The subject names `program` beside the hostname: a relay and a coordinator on one host
+    both have certificates for its name, and a client trusting both in one CA file must not
+    find the one when it looks for the issuer of the other (OpenSSL looks issuers up by
+    subject; the key identifiers then tell the rest).
 
     The hostname keeps only [A-Za-z0-9.-] in file names, as derper's manual cert mode does (§1.1).
     The certificate is an ECDSA P-256 self-signed leaf for `hostname` (IP or DNS SAN), valid a year.
@@ -626,7 +634,12 @@ def make_self_signed(cert_dir: Path, hostname: str) -> tuple[Path, Path]:
         san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(hostname))
     except ValueError:
         san = x509.DNSName(hostname)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, program),
+            x509.NameAttribute(NameOID.COMMON_NAME, hostname),
+        ]
+    )
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -638,6 +651,7 @@ def make_self_signed(cert_dir: Path, hostname: str) -> tuple[Path, Path]:
         .not_valid_after(now + datetime.timedelta(days=365))
         .add_extension(x509.SubjectAlternativeName([san]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     key_pem = key.private_bytes(
@@ -738,9 +752,11 @@ def run_derper(
             public_key=relay.core.public_key.hex(),
             mesh_with=[p.name for p in peers],
         )
+        sd_notify(f"READY=1\nSTATUS=serving on port {relay.port}")
         try:
             await stop.wait()
         finally:
+            sd_notify("STOPPING=1")
             log.info("derper stopping")
             await relay.close()
 

@@ -204,11 +204,46 @@ class Tun:
         self.close()
 
 
+CAP_NET_ADMIN: Final = 12  # linux/capability.h
+
+
+def effective_capabilities() -> int:
+    """This process's effective capability set (CapEff of /proc/self/status); 0 if unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _tunsetiff(name: str, flags: int) -> tuple[int, str]:
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except PermissionError as e:
+        raise PermissionError(
+            e.errno,
+            "cannot open /dev/net/tun: permission denied (udev makes it mode 0666 on Debian; "
+            "a systemd unit needs DeviceAllow=/dev/net/tun rw)",
+        ) from e
     try:
         ifr = struct.pack("16sH22x", name.encode(), flags)
         res = fcntl.ioctl(fd, TUNSETIFF, ifr)
+    except PermissionError as e:
+        os.close(fd)
+        # The kernel checks CAP_NET_ADMIN in the user namespace owning the network namespace.
+        # Seen when a container's capability bounding set lacks it: systemd's
+        # AmbientCapabilities= cannot grant what the bounding set has dropped.
+        caps = effective_capabilities()
+        has = "has it" if caps >> CAP_NET_ADMIN & 1 else "lacks it"
+        raise PermissionError(
+            e.errno,
+            f"creating TUN device {name!r} needs CAP_NET_ADMIN, which this process {has} "
+            f"(effective capabilities {caps:#x}); run as root or with "
+            "AmbientCapabilities=CAP_NET_ADMIN, on a system that grants it",
+        ) from e
     except OSError:
         os.close(fd)
         raise
