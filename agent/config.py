@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.keys import Key32, KeyError_, NodePrivate, NodePublic, PresharedKey
+from agent.proto.derpmap import DerpConfig, DerpNode, DerpRegion
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -113,28 +114,6 @@ class PeerConfig:
     derp_region: int | None = None
     preshared_key: PresharedKey | None = None
     persistent_keepalive: int | None = None  # seconds; None = off
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DerpNode:
-    host: str
-    port: int = 443
-    stun_port: int = 3478  # 0 = no STUN on this node
-    ca_file: str | None = None  # None = the system trust store
-    insecure_skip_verify: bool = False  # labs only; the daemon logs it loudly
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DerpRegion:
-    id: int
-    code: str
-    nodes: tuple[DerpNode, ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DerpConfig:
-    home_region: int | None = None  # None = chosen by latency
-    regions: tuple[DerpRegion, ...] = ()  # empty = direct only
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -109,7 +109,7 @@ def test_proto_siblings_are_independent() -> None:
 @pytest.mark.parametrize(
     ("module", "allowed"),
     [
-        ("config", ("agent.keys", "agent.log")),
+        ("config", ("agent.keys", "agent.log", "agent.proto")),
         ("api", ("agent.keys", "agent.log")),
         ("keys", ()),
         ("log", ()),

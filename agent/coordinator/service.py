@@ -22,7 +22,17 @@ from urllib.parse import parse_qs, urlsplit
 from nacl.exceptions import CryptoError
 
 from agent.coordinator.config import CoordinatorConfig
-from agent.coordinator.netmap import (
+from agent.coordinator.store import (
+    AuthKeyRejected,
+    NodeExpired,
+    NodeRecord,
+    NotFound,
+    ReplayedRegistration,
+    Snapshot,
+    Store,
+    StoreError,
+)
+from agent.proto.coordinator_messages import (
     API,
     BadMessage,
     ErrorBody,
@@ -35,16 +45,6 @@ from agent.coordinator.netmap import (
     derp_to_json,
     seal,
     unseal,
-)
-from agent.coordinator.store import (
-    AuthKeyRejected,
-    NodeExpired,
-    NodeRecord,
-    NotFound,
-    ReplayedRegistration,
-    Snapshot,
-    Store,
-    StoreError,
 )
 
 __all__ = [

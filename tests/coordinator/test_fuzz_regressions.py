@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.coordinator import netmap
 from agent.coordinator.config import CoordinatorConfig
-from agent.coordinator.netmap import BadMessage
 from agent.coordinator.service import Reply, Service
 from agent.coordinator.store import Store
+from agent.proto import coordinator_messages as netmap
+from agent.proto.coordinator_messages import BadMessage
 
 DEEP = b"[" * 5000  # deeper than Python's recursion limit: json.loads raised RecursionError
 
