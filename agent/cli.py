@@ -221,7 +221,7 @@ def _cmd_derper(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from agent.log import get_logger
-    from agent.relay.server import parse_addr, run_derper
+    from agent.relay.main import parse_addr, run_derper
 
     def path(value: str | None) -> Path | None:
         return Path(value) if value else None

@@ -303,7 +303,7 @@ class CoordinatorServer:
 
 def server_ssl_context(config: CoordinatorConfig) -> ssl.SSLContext:
     """TLS as `agent derper` does it: self-signed (generated once in cert_dir) or manual."""
-    from agent.relay.server import make_self_signed
+    from agent.netio.certs import make_self_signed
 
     cert_dir = Path(config.cert_dir)
     if config.tls_mode == "self-signed":

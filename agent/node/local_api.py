@@ -12,18 +12,25 @@ import contextlib
 import ipaddress
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from agent import api
+from agent.config import Config
+from agent.engine.engine import PathEngine
+from agent.engine.events import PongReceived
 from agent.engine.paths import derp_region_of
+from agent.engine.stun_probe import StunProber
 from agent.keys import NodePublic
 from agent.log import get_logger
 from agent.node import metrics
+from agent.node.dataplane import DataPlane
+from agent.node.derp_client import DerpClients
+from agent.node.transport import PeerTransport
+from agent.node.tun import Tun
+from agent.node.udp import UdpSocket
+from agent.proto.wireguard.device import Device
 
-if TYPE_CHECKING:
-    from agent.node.main import Daemon
-
-__all__ = ["LocalApi", "format_endpoint", "serve_local_api"]
+__all__ = ["DaemonView", "LocalApi", "format_endpoint", "serve_local_api"]
 
 log = get_logger("agent.daemon")
 
@@ -43,10 +50,45 @@ async def serve_local_api(path: str, handler: LocalApi) -> asyncio.AbstractServe
     return server
 
 
+class DaemonView(Protocol):
+    """What the local API reads of the running daemon (agent/node/main.py `Daemon`)."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def device(self) -> Device | None: ...
+    @property
+    def tun(self) -> Tun | None: ...
+    @property
+    def udp(self) -> UdpSocket | None: ...
+    @property
+    def dataplane(self) -> DataPlane | None: ...
+    @property
+    def transport(self) -> PeerTransport | None: ...
+    @property
+    def derp(self) -> DerpClients | None: ...
+    @property
+    def paths(self) -> PathEngine: ...
+    @property
+    def stun(self) -> StunProber: ...
+    @property
+    def names(self) -> Mapping[NodePublic, str]: ...
+    @property
+    def handshakes(self) -> Mapping[NodePublic, int]: ...
+    @property
+    def path_switches(self) -> Mapping[NodePublic, int]: ...
+
+    def now(self) -> float:
+        """The event loop's clock; the daemon is running."""
+        ...
+
+    async def ping(self, key: NodePublic, wait: float = 5.0) -> PongReceived | None: ...
+
+
 class LocalApi:
     """Answers control requests from the running daemon's state."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: DaemonView) -> None:
         self.d = daemon
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -76,8 +118,7 @@ class LocalApi:
         assert device is not None
         assert self.d.udp is not None
         assert self.d.tun is not None
-        assert self.d._loop is not None
-        now = self.d._loop.time()
+        now = self.d.now()
         cfg = self.d.config.interface
         peers = []
         for pk, peer in device.peers.items():

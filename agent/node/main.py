@@ -106,6 +106,11 @@ class Daemon:
         self._uapi_served = False
         self.api = LocalApi(self)
 
+    def now(self) -> float:
+        """The event loop's clock; the daemon is running."""
+        assert self._loop is not None
+        return self._loop.time()
+
     # -- lifecycle ---------------------------------------------------------------------------
     def open_interface(self) -> None:
         """Create and configure the TUN and the UDP socket (before the event loop runs:

@@ -23,59 +23,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from agent.log import get_logger
+from agent.netio.prometheus import CONTENT_TYPE, Exposition
 from agent.proto.derp.upgrade import parse_request, simple_response
 from agent.proto.errors import RemoteProtocolError
 
-__all__ = ["Exposition", "PeerMetrics", "Snapshot", "render", "serve_metrics"]
+__all__ = ["PeerMetrics", "Snapshot", "render", "serve_metrics"]
 
 log = get_logger("agent.metrics")
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 READ_TIMEOUT = 5.0
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-class Exposition:
-    """Families in order; HELP and TYPE once per family, then its samples."""
-
-    def __init__(self) -> None:
-        self._families: dict[str, list[str]] = {}
-
-    def add(
-        self,
-        name: str,
-        kind: str,
-        help_text: str,
-        value: float,
-        labels: Mapping[str, str] | None = None,
-    ) -> None:
-        family = self._families.get(name)
-        if family is None:
-            family = self._families[name] = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        label_text = ""
-        if labels:
-            label_text = "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
-        family.append(f"{name}{label_text} {_number(value)}")
-
-    def text(self) -> str:
-        return "".join(line + "\n" for lines in self._families.values() for line in lines)
 
 
 @dataclass(frozen=True, slots=True)

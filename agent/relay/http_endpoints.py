@@ -10,16 +10,34 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import TYPE_CHECKING, Final
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
 
-if TYPE_CHECKING:
-    from agent.relay.server import RelayServer
+from agent.netio.prometheus import CONTENT_TYPE, Exposition
+from agent.proto.derp.server import RelayCore
+from agent.relay.mesh import MeshLink
 
-__all__ = ["CHALLENGE", "METRICS_TYPE", "NO_CACHE", "is_loopback", "metrics_text"]
+__all__ = ["CHALLENGE", "METRICS_TYPE", "NO_CACHE", "RelayStats", "is_loopback", "metrics_text"]
 
 CHALLENGE: Final = re.compile(r"[A-Za-z0-9._:-]{0,64}")  # X-Tailscale-Challenge we echo
 NO_CACHE: Final = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
-METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+METRICS_TYPE: Final = CONTENT_TYPE
+
+
+@dataclass(slots=True)
+class RelayStats:
+    accepted: int = 0
+    upgraded: int = 0
+    http_requests: int = 0
+    bad_heads: int = 0
+    protocol_errors: int = 0
+    dropped_frames: int = 0
+    stun_answered: int = 0
+    not_stun: int = 0
+    websocket: int = 0
+    mesh_unavailable: int = 0  # ForwardToMesh with the link down or its buffer full
+    by_status: dict[int, int] = field(default_factory=dict)
 
 
 def is_loopback(addr: tuple[str, int] | None) -> bool:
@@ -38,66 +56,67 @@ def is_loopback(addr: tuple[str, int] | None) -> bool:
 # --- metrics --------------------------------------------------------------------------------------
 
 
-def metrics_text(relay: RelayServer) -> str:
+def metrics_text(core: RelayCore, stats: RelayStats, mesh_links: Iterable[MeshLink]) -> str:
     """Prometheus text exposition (format 0.0.4) of the relay's counters and gauges."""
-    core, stats, counters = relay.core, relay.stats, relay.core.counters
+    counters = core.counters
     registered, keys = core.client_counts()
     drops = dict(core.drops)
     drops["write_buffer_full"] = stats.dropped_frames
     drops["mesh_unavailable"] = stats.mesh_unavailable
-    links = relay.mesh_links.values()
+    links = list(mesh_links)
     rate, burst = core.rate_limit()
-    rows: list[tuple[str, str, str, list[tuple[str, int | float]]]] = [
+    rows: list[tuple[str, str, str, list[tuple[dict[str, str], int | float]]]] = [
         ("derp_clients", "gauge", "Registered DERP connections.",
-         [("", registered)]),
-        ("derp_client_keys", "gauge", "Distinct registered client keys.", [("", keys)]),
+         [({}, registered)]),
+        ("derp_client_keys", "gauge", "Distinct registered client keys.", [({}, keys)]),
         ("derp_clients_total", "counter", "DERP registrations since start.",
-         [("", counters.clients_total)]),
+         [({}, counters.clients_total)]),
         ("derp_connections_accepted_total", "counter", "TCP/TLS connections accepted.",
-         [("", stats.accepted)]),
+         [({}, stats.accepted)]),
         ("derp_websocket_connections_total", "counter", "DERP connections over WebSocket.",
-         [("", stats.websocket)]),
+         [({}, stats.websocket)]),
         ("derp_mesh_peers", "gauge", "Mesh peer connections, by direction.",
-         [('{direction="inbound"}', len(core.mesh_conns())),
-          ('{direction="outbound"}', sum(link.connected for link in links))]),
+         [({"direction": "inbound"}, len(core.mesh_conns())),
+          ({"direction": "outbound"}, sum(link.connected for link in links))]),
         ("derp_mesh_remote_keys", "gauge", "Client keys known through mesh peers.",
-         [("", core.remote_count())]),
+         [({}, core.remote_count())]),
         ("derp_packets_relayed_total", "counter", "Packets delivered to local clients.",
-         [("", counters.packets_relayed)]),
+         [({}, counters.packets_relayed)]),
         ("derp_bytes_relayed_total", "counter", "Packet bytes delivered to local clients.",
-         [("", counters.bytes_relayed)]),
+         [({}, counters.bytes_relayed)]),
         ("derp_packets_forwarded_total", "counter", "Packets forwarded over the mesh.",
-         [('{direction="out"}', counters.packets_forwarded_out),
-          ('{direction="in"}', counters.packets_forwarded_in)]),
+         [({"direction": "out"}, counters.packets_forwarded_out),
+          ({"direction": "in"}, counters.packets_forwarded_in)]),
         ("derp_bytes_forwarded_out_total", "counter", "Packet bytes forwarded to mesh peers.",
-         [("", counters.bytes_forwarded_out)]),
+         [({}, counters.bytes_forwarded_out)]),
         ("derp_packets_dropped_total", "counter", "Packets dropped, by reason.",
-         [(f'{{reason="{reason}"}}', n) for reason, n in sorted(drops.items())]),
+         [({"reason": reason}, n) for reason, n in sorted(drops.items())]),
         ("derp_peer_gone_frames_total", "counter", "PeerGone frames sent, by reason.",
-         [('{reason="disconnected"}', counters.peer_gone_disconnected),
-          ('{reason="not_here"}', counters.peer_gone_not_here)]),
+         [({"reason": "disconnected"}, counters.peer_gone_disconnected),
+          ({"reason": "not_here"}, counters.peer_gone_not_here)]),
         ("derp_rate_limit_bytes_per_second", "gauge",
-         "Per-client receive rate limit (0: off).", [("", int(rate))]),
+         "Per-client receive rate limit (0: off).", [({}, int(rate))]),
         ("derp_rate_limit_burst_bytes", "gauge", "Per-client receive burst.",
-         [("", int(burst))]),
+         [({}, int(burst))]),
         ("derp_rate_limited_clients", "gauge", "Clients not read now: out of receive tokens.",
-         [("", core.paused_count())]),
+         [({}, core.paused_count())]),
         ("derp_rate_limited_total", "counter", "Times a client was paused by the rate limit.",
-         [("", counters.throttle_pauses)]),
+         [({}, counters.throttle_pauses)]),
         ("derp_rate_limited_seconds_total", "counter",
          "Time clients spent paused by the rate limit, summed.",
-         [("", round(counters.throttled_seconds, 3))]),
+         [({}, round(counters.throttled_seconds, 3))]),
         ("derp_protocol_errors_total", "counter", "Connections closed for a protocol error.",
-         [("", stats.protocol_errors)]),
+         [({}, stats.protocol_errors)]),
         ("derp_stun_answered_total", "counter", "STUN binding requests answered.",
-         [("", stats.stun_answered)]),
+         [({}, stats.stun_answered)]),
         ("derp_stun_ignored_total", "counter", "UDP datagrams that were not STUN requests.",
-         [("", stats.not_stun)]),
+         [({}, stats.not_stun)]),
         ("derp_http_requests_total", "counter", "Plain HTTP replies, by status.",
-         [(f'{{status="{code}"}}', n) for code, n in sorted(stats.by_status.items())]),
+         [({"status": str(code)}, n) for code, n in sorted(stats.by_status.items())]),
     ]  # fmt: skip
-    lines: list[str] = []
+    out = Exposition()
     for name, kind, help_text, samples in rows:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        lines += [f"{name}{labels} {value}" for labels, value in samples]
-    return "\n".join(lines) + "\n"
+        out.family(name, kind, help_text)  # HELP and TYPE even with no sample yet
+        for labels, value in samples:
+            out.add(name, kind, help_text, value, labels)
+    return out.text()

@@ -24,25 +24,18 @@ marked as having output (`RelayCore.take_output`), so no read costs O(connection
 transport holds more than MAX_CLIENT_BUFFER unsent bytes loses further frames (counted in
 `RelayServer.dropped_frames`) instead of stalling others. Streams are tls_stream.Stream (OpenSSL
 on the socket, no per-connection read buffer), not asyncio's TLS transport: see tls_stream.py.
-Files: the server key (`--config`, derper's `{"PrivateKey": "privkey:<hex>"}`, created 0600),
-the mesh key (relay_mesh.load_mesh_key), the allowed client keys (`--verify-clients-file`) and
-the receive rate limit (`--rate-config`, derper's JSON, read again on SIGHUP: `load_rate_config`).
+The program around it (main.py) reads the files: the server key (`--config`), the mesh key
+(mesh.load_mesh_key), the allowed client keys (`--verify-clients-file`) and the receive rate
+limit (`--rate-config`, read again on SIGHUP).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
-import json
-import os
-import re
-import signal
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Final, cast
 
 import wsproto.utilities
@@ -50,7 +43,6 @@ from structlog.typing import FilteringBoundLogger
 from wsproto import ConnectionType, WSConnection
 from wsproto import events as ws_events
 
-from agent.keys import NodePrivate, NodePublic
 from agent.netio.tls_stream import StreamServer, serve_streams
 from agent.proto.derp import upgrade
 from agent.proto.derp.frames import FRAME_HEADER_LEN
@@ -64,8 +56,15 @@ from agent.proto.derp.server import (
     ResumeReading,
 )
 from agent.proto.errors import RemoteProtocolError
-from agent.relay.http_endpoints import CHALLENGE, METRICS_TYPE, NO_CACHE, is_loopback, metrics_text
-from agent.relay.mesh import MESH_RETRY_BASE, MeshLink, MeshPeer, load_mesh_key
+from agent.relay.http_endpoints import (
+    CHALLENGE,
+    METRICS_TYPE,
+    NO_CACHE,
+    RelayStats,
+    is_loopback,
+    metrics_text,
+)
+from agent.relay.mesh import MESH_RETRY_BASE, MeshLink, MeshPeer
 from agent.relay.stun_server import StunServer, serve_stun
 
 __all__ = [
@@ -74,14 +73,7 @@ __all__ = [
     "RateLimit",
     "RelayServer",
     "RelayStats",
-    "load_rate_config",
     "serve_relay",
-    "make_self_signed",
-    "load_or_create_server_key",
-    "load_allowed_keys",
-    "metrics_text",
-    "parse_addr",
-    "run_derper",
 ]
 
 MAX_CLIENT_BUFFER: Final = 1 << 20
@@ -95,21 +87,6 @@ class RateLimit:
 
     bytes_per_sec: int = 0
     burst_bytes: int = 0
-
-
-@dataclass(slots=True)
-class RelayStats:
-    accepted: int = 0
-    upgraded: int = 0
-    http_requests: int = 0
-    bad_heads: int = 0
-    protocol_errors: int = 0
-    dropped_frames: int = 0
-    stun_answered: int = 0
-    not_stun: int = 0
-    websocket: int = 0
-    mesh_unavailable: int = 0  # ForwardToMesh with the link down or its buffer full
-    by_status: dict[int, int] = field(default_factory=dict)
 
 
 def _count_frames(data: bytes | bytearray) -> int:
@@ -204,7 +181,7 @@ class _RelayConn(asyncio.Protocol):
                 self._reply(405, "Method Not Allowed", {}, b"GET only\n")
             else:
                 self.server.count_status(200)  # counted before rendering: the reply is in it
-                body = metrics_text(self.server).encode()
+                body = self.server.metrics_text().encode()
                 self._reply(200, "OK", {"Content-Type": METRICS_TYPE}, body, counted=True)
         else:
             self._reply(404, "Not Found", {}, b"not found\n")
@@ -337,6 +314,10 @@ class RelayServer:
         self._server: StreamServer | None = None
         self._stun: StunServer | None = None
         self.mesh_links: dict[str, MeshLink] = {}  # by MeshPeer.name, the core's node id
+
+    def metrics_text(self) -> str:
+        """`GET /debug/metrics`: the relay's counters and gauges as Prometheus text."""
+        return metrics_text(self.core, self.stats, self.mesh_links.values())
 
     def note_stun(self, answered: bool) -> None:
         if answered:
@@ -535,226 +516,3 @@ async def serve_relay(
             retry_base=mesh_retry,
         )
     return relay
-
-
-# --- key files ------------------------------------------------------------------------------------
-
-
-def load_or_create_server_key(path: Path) -> bytes:
-    """The relay's private key from derper's `-c` file (`{"PrivateKey": "privkey:<64 hex>"}`);
-    a missing file is created (mode 0600) with a fresh key, so the key survives restarts."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        key = NodePrivate.generate().raw
-        path.parent.mkdir(parents=True, exist_ok=True)
-        body = json.dumps({"PrivateKey": f"privkey:{key.hex()}"}, indent="\t") + "\n"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(body)
-        return key
-    try:
-        value = json.loads(text)["PrivateKey"]
-        prefix, _, hex_key = value.partition(":")
-        key = bytes.fromhex(hex_key)
-        if prefix != "privkey" or len(key) != 32:
-            raise ValueError(value)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise ValueError(f'{path}: expected {{"PrivateKey": "privkey:<64 hex>"}}') from None
-    return key
-
-
-def load_allowed_keys(path: Path) -> frozenset[bytes]:
-    """`--verify-clients-file`: one public key a line, WireGuard base64 or `nodekey:<64 hex>`;
-    blank lines and `#` comments are ignored. ValueError names the first bad line."""
-    keys: set[bytes] = set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        text = line.partition("#")[0].strip()
-        if not text:
-            continue
-        try:
-            if text.startswith("nodekey:"):
-                keys.add(NodePublic.from_hex(text.removeprefix("nodekey:")).raw)
-            else:
-                keys.add(NodePublic.from_b64(text).raw)
-        except ValueError:
-            raise ValueError(f"{path}:{number}: not a public key: {text!r}") from None
-    return frozenset(keys)
-
-
-def load_rate_config(path: Path) -> RateLimit:
-    """derper's `--rate-config` file: `{"PerClientRateLimitBytesPerSec": N,
-    "PerClientRateBurstBytes": M}` (names matched case-insensitively as Go's decoder does; a
-    missing one is 0; N = 0 turns the limit off). ValueError names the problem."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    fields = {str(k).lower(): v for k, v in value.items()}
-    numbers: list[int] = []
-    for name in ("PerClientRateLimitBytesPerSec", "PerClientRateBurstBytes"):
-        number = fields.get(name.lower(), 0)
-        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
-            raise ValueError(f"{path}: {name} must be a non-negative integer, not {number!r}")
-        numbers.append(number)
-    return RateLimit(numbers[0], numbers[1])
-
-
-# --- certificates ---------------------------------------------------------------------------------
-
-
-def make_self_signed(cert_dir: Path, hostname: str) -> tuple[Path, Path]:
-    """(cert, key) paths `<cert_dir>/<hostname>.crt|.key`, generated once and reused after.
-
-    The hostname keeps only [A-Za-z0-9.-] in file names, as derper's manual cert mode does (§1.1).
-    The certificate is an ECDSA P-256 self-signed leaf for `hostname` (IP or DNS SAN), valid a year.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    safe = re.sub(r"[^A-Za-z0-9.-]", "", hostname) or "derper"
-    cert_path, key_path = cert_dir / f"{safe}.crt", cert_dir / f"{safe}.key"
-    if cert_path.exists() and key_path.exists():
-        return cert_path, key_path
-    cert_dir.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    try:
-        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(hostname))
-    except ValueError:
-        san = x509.DNSName(hostname)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(key_pem)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path
-
-
-def parse_addr(text: str) -> tuple[str, int]:
-    """`HOST:PORT`, `:PORT` or `[V6]:PORT` as derper's --addr; ValueError with the reason."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--addr {text!r}: expected HOST:PORT, :PORT or [V6]:PORT")
-    return host.strip("[]"), int(port)
-
-
-def run_derper(
-    *,
-    addr: str,
-    hostname: str,
-    cert_mode: str,
-    cert_dir: Path,
-    stun_port: int,
-    log: FilteringBoundLogger,
-    config: Path | None = None,
-    mesh_key_file: Path | None = None,
-    mesh_with: str = "",
-    mesh_ca_file: Path | None = None,
-    verify_clients_file: Path | None = None,
-    rate_config: Path | None = None,
-) -> int:
-    """`agent derper`: serve until SIGTERM/SIGINT; returns the exit code. Bad files raise
-    ValueError or OSError before anything listens. SIGHUP reads `rate_config` again (a bad
-    file then keeps the limit in force and logs why)."""
-    from agent.relay.mesh import parse_mesh_with
-
-    host, port = parse_addr(addr)
-    if cert_mode == "self-signed":
-        cert, key = make_self_signed(cert_dir, hostname)
-    else:
-        cert, key = cert_dir / f"{hostname}.crt", cert_dir / f"{hostname}.key"
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    private_key = (
-        load_or_create_server_key(config) if config is not None else NodePrivate.generate().raw
-    )
-    mesh_key = load_mesh_key(mesh_key_file) if mesh_key_file is not None else None
-    peers = parse_mesh_with(mesh_with, own=[(hostname, port), (host, port)])
-    if peers and mesh_key is None:
-        raise ValueError("--mesh-with needs --mesh-key-file")
-    mesh_ctx = ssl.create_default_context(
-        cafile=str(mesh_ca_file) if mesh_ca_file is not None else None
-    )
-    verify_client: Callable[[bytes], bool] | None = None
-    if verify_clients_file is not None:
-        allowed = load_allowed_keys(verify_clients_file)
-        verify_client = allowed.__contains__
-        log.info("derper verify-clients", keys=len(allowed), file=str(verify_clients_file))
-    rate_limit = load_rate_config(rate_config) if rate_config is not None else None
-
-    async def main() -> None:
-        relay = await serve_relay(
-            host,
-            port,
-            private_key=private_key,
-            ssl_context=ctx,
-            stun_port=stun_port or None,
-            log=log,
-            verify_client=verify_client,
-            mesh_key=mesh_key,
-            mesh_peers=peers,
-            mesh_ssl_context=mesh_ctx,
-            rate_limit=rate_limit,
-        )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        if rate_config is not None:
-            loop.add_signal_handler(signal.SIGHUP, _reload_rate_config, relay, rate_config, log)
-            log.info(
-                "derper rate limit",
-                bytes_per_sec=relay.core.rate_limit()[0],
-                burst=relay.core.rate_limit()[1],
-                file=str(rate_config),
-            )
-        log.info(
-            "derper up",
-            addr=f"{host}:{relay.port}",
-            stun_port=relay.stun_port,
-            cert=str(cert),
-            public_key=relay.core.public_key.hex(),
-            mesh_with=[p.name for p in peers],
-        )
-        try:
-            await stop.wait()
-        finally:
-            log.info("derper stopping")
-            await relay.close()
-
-    asyncio.run(main())
-    return 0
-
-
-def _reload_rate_config(relay: RelayServer, path: Path, log: FilteringBoundLogger) -> None:
-    """SIGHUP: read `--rate-config` again and apply it; on a bad file keep the current limit."""
-    try:
-        limit = load_rate_config(path)
-    except (OSError, ValueError) as exc:
-        log.warning("derper rate limit reload failed", file=str(path), error=str(exc))
-        return
-    relay.set_rate_limit(limit)
-    rate, burst = relay.core.rate_limit()
-    log.info("derper rate limit reloaded", bytes_per_sec=rate, burst=burst, file=str(path))

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from agent.relay.server import make_self_signed
+from agent.netio.certs import make_self_signed
 
 from . import natlab
 from .lab import (

@@ -14,9 +14,10 @@ import structlog
 
 from agent.config import DerpConfig, DerpNode, DerpRegion
 from agent.keys import NodePrivate, NodePublic
+from agent.netio.certs import make_self_signed
 from agent.node import derp_client
 from agent.node.derp_client import BACKOFF_MAX, DerpClients, backoff_delay
-from agent.relay.server import RelayServer, make_self_signed, serve_relay
+from agent.relay.server import RelayServer, serve_relay
 
 LOG = structlog.get_logger()
 TIMEOUT = 10.0

@@ -20,6 +20,7 @@ from agent import cli
 from agent.config import DerpConfig, DerpNode, DerpRegion
 from agent.engine.netcheck import Netchecker, NetcheckTimings, Report, StunTarget
 from agent.keys import NodePrivate
+from agent.netio.certs import make_self_signed
 from agent.node.netcheck_cmd import (
     NetcheckDriver,
     format_report,
@@ -27,7 +28,7 @@ from agent.node.netcheck_cmd import (
     netcheck_once,
     resolve_regions,
 )
-from agent.relay.server import RelayServer, make_self_signed, serve_relay
+from agent.relay.server import RelayServer, serve_relay
 
 LOG = structlog.get_logger()
 FAST = NetcheckTimings(stun_timeout=0.5, https_timeout=3.0)

@@ -19,12 +19,9 @@ from agent.proto.derp.client import (
     PacketReceived,
     PeerGoneEvent,
 )
+from agent.relay.main import load_allowed_keys
 from agent.relay.mesh import MeshPeer, load_mesh_key, parse_mesh_with
-from agent.relay.server import (
-    RelayServer,
-    load_allowed_keys,
-    serve_relay,
-)
+from agent.relay.server import RelayServer, serve_relay
 from tests.derp_stream import DerpStreamClient
 from tests.tls_pair import Tls
 

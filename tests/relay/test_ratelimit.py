@@ -24,6 +24,7 @@ import pytest_asyncio
 import structlog
 from nacl.public import PrivateKey
 
+from agent.netio.certs import make_self_signed
 from agent.netio.tls_stream import serve_streams
 from agent.proto.derp.client import DerpClientConn, PacketReceived
 from agent.proto.derp.frames import (
@@ -44,14 +45,8 @@ from agent.proto.derp.server import (
 )
 from agent.proto.derp.upgrade import parse_response
 from agent.proto.errors import LocalProtocolError
-from agent.relay.server import (
-    RateLimit,
-    RelayServer,
-    load_rate_config,
-    make_self_signed,
-    metrics_text,
-    serve_relay,
-)
+from agent.relay.main import load_rate_config
+from agent.relay.server import RateLimit, RelayServer, serve_relay
 from tests.derp_stream import DerpStreamClient
 
 T0 = 1000.0
@@ -394,7 +389,7 @@ async def test_relay_throttles_a_flood_over_tls_and_others_keep_talking(
         assert relay.core.drops == {}
         assert relay.dropped_frames == 0
         assert relay.core.counters.throttle_pauses >= 1
-        text = metrics_text(relay)
+        text = relay.metrics_text()
         assert f"derp_rate_limit_bytes_per_second {RATE}" in text
         assert "derp_rate_limited_total 0\n" not in text
     finally:

@@ -17,6 +17,7 @@ import structlog
 from wsproto import ConnectionType, WSConnection
 from wsproto import events as ws_events
 
+from agent.netio.certs import make_self_signed
 from agent.proto import stun
 from agent.proto.derp.client import Connected, DerpClientConn, PacketReceived
 from agent.proto.derp.frames import FrameType
@@ -25,12 +26,8 @@ from agent.proto.derp.upgrade import (
     client_request,
     parse_response,
 )
-from agent.relay.server import (
-    RelayServer,
-    load_or_create_server_key,
-    make_self_signed,
-    serve_relay,
-)
+from agent.relay.main import load_or_create_server_key
+from agent.relay.server import RelayServer, serve_relay
 from tests.derp_stream import DerpStreamClient
 from tests.tls_pair import Tls
 
