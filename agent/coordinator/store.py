@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
 
 from agent.keys import DiscoPublic, NodePrivate, NodePublic, clamp
-from agent.proto.coordinator_messages import Endpoint, NodeInfo, format_endpoint, parse_endpoint
+from agent.proto.coordinator_messages import Endpoint, NodeInfo
+from agent.proto.endpoint import format_endpoint, parse_endpoint
 
 __all__ = [
     "SCHEMA_VERSION",

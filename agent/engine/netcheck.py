@@ -54,6 +54,7 @@ from enum import IntEnum
 from typing import Any, Final
 
 from agent.proto import stun
+from agent.proto.endpoint import format_endpoint
 from agent.proto.errors import RemoteProtocolError
 
 __all__ = [
@@ -197,8 +198,7 @@ class Report:
 def _fmt(ep: Endpoint | None) -> str | None:
     if ep is None:
         return None
-    host, port = ep
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_endpoint(ep)
 
 
 # -- probe plans -----------------------------------------------------------------------------------

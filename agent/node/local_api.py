@@ -28,16 +28,12 @@ from agent.node.derp_client import DerpClients
 from agent.node.transport import PeerTransport
 from agent.node.tun import Tun
 from agent.node.udp import UdpSocket
+from agent.proto.endpoint import format_endpoint
 from agent.proto.wireguard.device import Device
 
-__all__ = ["DaemonView", "LocalApi", "format_endpoint", "serve_local_api"]
+__all__ = ["DaemonView", "LocalApi", "serve_local_api"]
 
 log = get_logger("agent.daemon")
-
-
-def format_endpoint(ep: tuple[str, int]) -> str:
-    """ip:port, or [ipv6]:port."""
-    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
 
 
 async def serve_local_api(path: str, handler: LocalApi) -> asyncio.AbstractServer:
@@ -126,9 +122,7 @@ class LocalApi:
                 self.d.transport.has_path(peer, now)  # peers added by `wg set` get a path entry
             path = self.d.paths.status(pk, now)
             ep = path.endpoint
-            endpoint = None
-            if ep is not None:
-                endpoint = f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
+            endpoint = None if ep is None else format_endpoint(ep)
             live = peer.keypairs.current is not None
             peers.append(
                 api.PeerStatus(

@@ -34,7 +34,7 @@ from agent.node import coordinator_link, metrics, uapi
 from agent.node.coordinator_client import CoordinatorClient, CoordinatorError
 from agent.node.dataplane import DataPlane
 from agent.node.derp_client import DerpClients
-from agent.node.local_api import LocalApi, format_endpoint, serve_local_api
+from agent.node.local_api import LocalApi, serve_local_api
 from agent.node.netcheck_cmd import NetcheckDriver
 from agent.node.netinfo import local_addresses
 from agent.node.netmap_peers import NetmapPeers
@@ -44,6 +44,7 @@ from agent.node.tun import Tun, open_tun
 from agent.node.udp import UdpSocket, open_udp
 from agent.proto import disco
 from agent.proto.coordinator_messages import NetMap
+from agent.proto.endpoint import format_endpoint
 from agent.proto.errors import DropReason, RemoteProtocolError
 from agent.proto.wireguard.device import Device
 from agent.proto.wireguard.peer import (

@@ -39,6 +39,7 @@ from agent.engine.netcheck import (
 from agent.log import get_logger
 from agent.node.derp_client import ssl_context
 from agent.proto.derp.upgrade import parse_response
+from agent.proto.endpoint import format_endpoint, host_header
 from agent.proto.errors import RemoteProtocolError
 
 __all__ = [
@@ -100,8 +101,7 @@ async def resolve_regions(derp: DerpConfig, *, have_v6: bool = False) -> list[Re
 
 
 def _host_header(node: DerpNode) -> str:
-    host = f"[{node.host}]" if ":" in node.host else node.host
-    return host if node.port == 443 else f"{host}:{node.port}"
+    return host_header(node.host, node.port)
 
 
 async def _https_once(node: DerpNode) -> float:
@@ -328,10 +328,6 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}ms"
 
 
-def _endpoint(ep: Endpoint) -> str:
-    return f"[{ep[0]}]:{ep[1]}" if ":" in ep[0] else f"{ep[0]}:{ep[1]}"
-
-
 def format_report(report: Report, derp: DerpConfig, *, wall: float | None = None) -> str:
     """A `tailscale netcheck`-like report; `wall` is the unix time to show (default now)."""
     codes = {r.id: r.code for r in derp.regions}
@@ -342,9 +338,9 @@ def format_report(report: Report, derp: DerpConfig, *, wall: float | None = None
         code = codes.get(region)
         return f"{code} (region {region})" if code else f"region {region}"
 
-    ipv4 = "no" if report.global_v4 is None else f"yes, {_endpoint(report.global_v4)}"
+    ipv4 = "no" if report.global_v4 is None else f"yes, {format_endpoint(report.global_v4)}"
     if report.global_v6 is not None:
-        ipv6 = f"yes, {_endpoint(report.global_v6)}"
+        ipv6 = f"yes, {format_endpoint(report.global_v6)}"
     else:
         ipv6 = "no, but OS has support" if report.ipv6_os else "no, unavailable in OS"
     varies = report.mapping_varies_by_dest_ip

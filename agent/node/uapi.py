@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from structlog.typing import FilteringBoundLogger
 
 from agent.keys import KeyError_, NodePrivate, NodePublic, PresharedKey
+from agent.proto.endpoint import format_endpoint
 from agent.proto.wireguard.allowedips import Network
 from agent.proto.wireguard.device import Device
 
@@ -47,8 +48,7 @@ def format_get(device: Device, listen_port: int, fwmark: int = 0) -> str:
         out += [f"public_key={pk.to_hex()}", f"preshared_key={psk.to_hex() if psk else _ZERO_HEX}"]
         out.append("protocol_version=1")
         if peer.endpoint is not None:
-            host, port = peer.endpoint
-            out.append(f"endpoint=[{host}]:{port}" if ":" in host else f"endpoint={host}:{port}")
+            out.append(f"endpoint={format_endpoint(peer.endpoint)}")
         sec, nsec = divmod(int((peer.last_handshake or 0) * 1e9), 1_000_000_000)
         out += [
             f"last_handshake_time_sec={sec}",

@@ -26,7 +26,6 @@ from ipaddress import (
     IPv6Address,
     IPv6Interface,
     IPv6Network,
-    ip_address,
 )
 from typing import Any, Final, Self
 
@@ -34,6 +33,7 @@ from nacl.public import Box, PrivateKey, PublicKey
 
 from agent.keys import DiscoPublic, KeyError_, NodePrivate, NodePublic
 from agent.proto.derpmap import DerpConfig, DerpNode, DerpRegion
+from agent.proto.endpoint import format_endpoint, parse_endpoint
 from agent.proto.errors import MalformedPacket
 
 __all__ = [
@@ -156,27 +156,6 @@ def _region(doc: Mapping[str, Any], key: str, path: str = "") -> int | None:
     if v is not None and not 1 <= v <= MAX_REGION:
         raise BadMessage(f"{path + '.' if path else ''}{key}: region {v} out of range")
     return v
-
-
-def format_endpoint(ep: Endpoint) -> str:
-    host, port = ep
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def parse_endpoint(text: str) -> Endpoint:
-    """`IP:PORT` or `[V6]:PORT` to (ip, port); ValueError when it is not one."""
-    host, sep, port_s = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"{text!r}: an IPv6 endpoint needs brackets")
-    if not sep or not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
-        raise ValueError(f"{text!r} is not IP:PORT")
-    try:
-        ip = ip_address(host)
-    except ValueError:
-        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
-    return str(ip), int(port_s)
 
 
 def _endpoints(doc: Mapping[str, Any], key: str, path: str = "") -> tuple[Endpoint, ...]:

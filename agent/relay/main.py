@@ -17,6 +17,7 @@ from structlog.typing import FilteringBoundLogger
 
 from agent.keys import NodePrivate, NodePublic
 from agent.netio.certs import make_self_signed
+from agent.proto.endpoint import parse_listen_address
 from agent.relay.mesh import load_mesh_key, parse_mesh_with
 from agent.relay.server import RateLimit, RelayServer, serve_relay
 
@@ -96,10 +97,10 @@ def load_rate_config(path: Path) -> RateLimit:
 
 def parse_addr(text: str) -> tuple[str, int]:
     """`HOST:PORT`, `:PORT` or `[V6]:PORT` as derper's --addr; ValueError with the reason."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--addr {text!r}: expected HOST:PORT, :PORT or [V6]:PORT")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_listen_address(text)
+    except ValueError:
+        raise ValueError(f"--addr {text!r}: expected HOST:PORT, :PORT or [V6]:PORT") from None
 
 
 def run_derper(

@@ -42,6 +42,7 @@ from agent.proto.derp.client import (
 )
 from agent.proto.derp.server import MESH_KEY_LEN, RelayCore
 from agent.proto.derp.upgrade import client_request, parse_response
+from agent.proto.endpoint import format_endpoint, host_header
 from agent.proto.errors import RemoteProtocolError
 
 __all__ = [
@@ -70,12 +71,11 @@ class MeshPeer:
 
     @property
     def name(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return format_endpoint((self.host, self.port))
 
     @property
     def host_header(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == 443 else f"{host}:{self.port}"
+        return host_header(self.host, self.port)
 
 
 def parse_mesh_with(text: str, *, own: Iterable[tuple[str, int]] = ()) -> list[MeshPeer]:

@@ -45,7 +45,7 @@ def _tracebacks() -> int:
 
 
 def test_refused_tokens_do_not_pile_up_tracebacks(tmp_path: Path) -> None:
-    # A shared ApiError instance was raised for every unknown token: each raise grew its
+    # A shared ServiceError instance was raised for every unknown token: each raise grew its
     # traceback by two entries, keeping every frame (and request body) alive for good.
     store = Store.open(str(tmp_path / "db.sqlite"))
     try:

@@ -94,7 +94,7 @@ _KEY = b'"disco_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="'
         ),
         (
             b"{" + _KEY + b', "endpoints": ["::1:5"], "home_region": null}',
-            "needs brackets",
+            "write an IPv6 endpoint as [address]:port",
         ),
         (
             b"{" + _KEY + b', "endpoints": [], "home_region": 0}',
