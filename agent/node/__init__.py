@@ -1,5 +1,5 @@
-"""The asyncio shell layer: the only code that does I/O.
+"""`agent up`: the node daemon, an asyncio shell around the sans-I/O cores.
 
-TUN devices, UDP sockets, files, signals and clocks live here; the sans-I/O cores in
-`agent.proto` and `agent.engine` are driven from it and never import it.
+TUN, UDP, the data plane, DERP links, the coordinator link, the local API socket, UAPI and
+metrics. Imports proto, engine, netio, config, api; never the relay or the coordinator.
 """
