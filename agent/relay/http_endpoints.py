@@ -1,5 +1,5 @@
 """The relay's plain-HTTP side: Prometheus metrics text and the small helpers the request
-dispatch in relay.py uses (spec: shared/spec/derp-disco.md §1.1, §1.4).
+dispatch in server.py uses (tailscale cmd/derper/derper.go).
 
 `metrics_text` renders the relay's counters and gauges in the Prometheus text format 0.0.4 for
 `GET /debug/metrics` (loopback clients only: `is_loopback`). No gauge walks the connections:

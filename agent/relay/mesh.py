@@ -1,6 +1,6 @@
 """Region mesh for `agent derper`: one outbound DERP client per other node of the region.
 
-Spec: shared/spec/derp-disco.md §4.4. Every node of a region is started with the same mesh key
+Upstream: tailscale cmd/derper/mesh.go. Every node of a region is started with the same mesh key
 (`--mesh-key-file`, 64 hex digits) and the list of the region's nodes (`--mesh-with`). For each
 other node a `MeshLink` keeps one connection:
 

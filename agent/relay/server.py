@@ -1,8 +1,8 @@
 """A DERP relay server (derper-like): TLS listener, HTTP upgrade, shared RelayCore, STUN on UDP.
 
-Spec: shared/spec/derp-disco.md §1 (transport, upgrade, WebSocket, other endpoints), §4 (server
-behaviour, region mesh), §6.2-§6.3 (STUN server). Each accepted TCP (or TLS) stream is one
-`_RelayConn` protocol:
+Upstream: tailscale cmd/derper/derper.go (endpoints), derp/derphttp/derphttp_server.go (upgrade,
+WebSocket), derp/derpserver/derpserver.go (server behaviour, region mesh). Each accepted TCP (or
+TLS) stream is one `_RelayConn` protocol:
 
     READING_HEAD    bytes until the request's blank line (upgrade.parse_request, 16 KiB, 30 s)
       /derp + Upgrade: DERP (or websocket)   -> 101 (none on fast start), RelayCore takes the stream

@@ -1,6 +1,6 @@
-"""The relay's per-client receive rate limit (spec: shared/spec/derp-disco.md §4.6): the token
-bucket in RelayCore with a fake clock, then the shell over loopback TLS (reading paused and
-resumed), then `agent derper --rate-config` reloaded on SIGHUP."""
+"""The relay's per-client receive rate limit (tailscale derpserver.go, cmd/derper --rate-config):
+the token bucket in RelayCore with a fake clock, then the shell over loopback TLS (reading paused
+and resumed), then `agent derper --rate-config` reloaded on SIGHUP."""
 
 from __future__ import annotations
 
