@@ -1,5 +1,5 @@
-"""I/O the three programs (node, relay, coordinator) share: TLS streams, certificates,
-Prometheus text, the DERP dial and upgrade.
+"""I/O the three programs (node, relay, coordinator) share: TLS streams, certificates and
+Prometheus text.
 
 Imports only proto, keys and log; never a program.
 """
