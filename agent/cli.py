@@ -247,7 +247,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except ValueError as e:  # a bad AGENT_LOG_LEVEL (argparse does not check defaults)
         return _err(str(e))
     try:
-        from agent.daemon.main import run_daemon  # lazy: heavy, and only for `up`
+        from agent.node.main import run_daemon  # lazy: heavy, and only for `up`
     except ImportError as e:
         return _err(f"the daemon is not available: {e}")
     try:
@@ -293,8 +293,8 @@ def _cmd_join(args: argparse.Namespace) -> int:
 def _cmd_derper(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from agent.daemon.relay import parse_addr, run_derper
     from agent.log import get_logger
+    from agent.relay.main import parse_addr, run_derper
 
     def path(value: str | None) -> Path | None:
         return Path(value) if value else None
@@ -420,7 +420,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_netcheck(args: argparse.Namespace) -> int:
     import asyncio
 
-    from agent.daemon.netcheck_cmd import format_report, netcheck_once
+    from agent.node.netcheck_cmd import format_report, netcheck_once
 
     try:
         config = load_config(args.config)

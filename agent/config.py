@@ -16,10 +16,8 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import (
-    IPv4Address,
     IPv4Interface,
     IPv4Network,
-    IPv6Address,
     IPv6Interface,
     IPv6Network,
     ip_address,
@@ -30,6 +28,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.keys import Key32, KeyError_, NodePrivate, NodePublic, PresharedKey
+from agent.proto.derpmap import DerpConfig, DerpNode, DerpRegion
+from agent.proto.endpoint import parse_endpoint
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -45,6 +45,8 @@ __all__ = [
     "parse_config",
     "control_socket_path",
     "format_problems",
+    "read_config_text",
+    "Checker",
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/agent/agent.conf"
@@ -116,28 +118,6 @@ class PeerConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DerpNode:
-    host: str
-    port: int = 443
-    stun_port: int = 3478  # 0 = no STUN on this node
-    ca_file: str | None = None  # None = the system trust store
-    insecure_skip_verify: bool = False  # labs only; the daemon logs it loudly
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DerpRegion:
-    id: int
-    code: str
-    nodes: tuple[DerpNode, ...]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DerpConfig:
-    home_region: int | None = None  # None = chosen by latency
-    regions: tuple[DerpRegion, ...] = ()  # empty = direct only
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class ControlConfig:
     """A coordinator (`agent coordinator`): it hands out addresses, peers and the DERP map."""
 
@@ -164,12 +144,12 @@ class Config:
 def load_config(path: str | Path) -> Config:
     """Read and validate the config file at `path`; key files are relative to its directory."""
     p = Path(path)
-    return parse_config(_read_config_text(p), base_dir=p.parent)
+    return parse_config(read_config_text(p), base_dir=p.parent)
 
 
 def parse_config(text: str, *, base_dir: Path | None = None) -> Config:
     """Validate TOML `text`; raise ConfigError listing every problem found."""
-    c = _Checker(base_dir)
+    c = Checker(base_dir)
     doc = c.toml(text)
     c.known("", doc, {"interface", "derp", "peers", "control"})
     c.has_control = "control" in doc
@@ -188,8 +168,8 @@ def parse_config(text: str, *, base_dir: Path | None = None) -> Config:
 def control_socket_path(path: str | Path) -> str:
     """Just the control socket a config names (no key files read): what `agent status` needs."""
     p = Path(path)
-    c = _Checker(p.parent)
-    doc = c.toml(_read_config_text(p))
+    c = Checker(p.parent)
+    doc = c.toml(read_config_text(p))
     t = c.table("interface", doc.get("interface"), required=True) or {}
     name = c.opt("interface", t, "name", c.ifname, "agent0")
     sock = c.opt("interface", t, "control_socket", c.path, "")
@@ -198,7 +178,7 @@ def control_socket_path(path: str | Path) -> str:
     return sock or f"/run/agent/{name}.sock"
 
 
-def _read_config_text(p: Path) -> str:
+def read_config_text(p: Path) -> str:
     try:
         return p.read_text(encoding="utf-8")
     except OSError as e:
@@ -231,7 +211,7 @@ def _kind(v: object) -> str:
     return f"a {type(v).__name__}"
 
 
-class _Checker:
+class Checker:
     """Collects problems; each check returns the parsed value, or None after adding a problem."""
 
     def __init__(self, base_dir: Path | None) -> None:
@@ -545,26 +525,11 @@ class _Checker:
         s = self.string(path, v)
         if s is None:
             return None
-        if s.startswith("["):
-            host, sep, port_s = s[1:].partition("]:")
-        else:
-            host, sep, port_s = s.rpartition(":")
-            if ":" in host:
-                self.bad(path, f"{s!r}: write an IPv6 endpoint as [address]:port")
-                return None
-        if not sep or not host:
-            self.bad(path, f"{s!r} is not host:port or [v6]:port")
-            return None
-        addr: IPv4Address | IPv6Address
         try:
-            addr = ip_address(host)
-        except ValueError:
-            self.bad(path, f"{host!r} is not a literal IP address (names are not resolved)")
+            return parse_endpoint(s)
+        except ValueError as e:
+            self.bad(path, str(e))
             return None
-        if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
-            self.bad(path, f"{s!r}: port {port_s!r} is not 1..65535")
-            return None
-        return str(addr), int(port_s)
 
     def derp(self, v: object) -> DerpConfig | None:
         t = self.table("derp", v)

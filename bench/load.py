@@ -6,7 +6,7 @@ For each peer count, in a fresh namespace of its own and one after the other (ne
                no endpoints, no DERP map: nothing to say to anyone, so the daemon should sleep
     startup    from spawning `python -m agent up` to READY=1 on a NOTIFY_SOCKET we listen on
                (sent once the TUN, its address and a route per peer, the UDP socket and both
-               control sockets are up); the bare `import agent.daemon.main` time is measured
+               control sockets are up); the bare `import agent.node.main` time is measured
                too, as the floor every start pays
     idle       the daemon's user+system CPU time over --idle seconds after a 2 s settle, in % of
                one core (/proc/PID/stat); VmRSS at the end and VmHWM (the peak, i.e. startup)
@@ -78,7 +78,7 @@ def _status_kib(pid: int) -> dict[str, int]:
 def _import_seconds(lab: Lab, ns: str) -> float:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     start = time.monotonic()
-    lab.run(ns, sys.executable, "-c", "import agent.daemon.main", env=env)
+    lab.run(ns, sys.executable, "-c", "import agent.node.main", env=env)
     return time.monotonic() - start
 
 

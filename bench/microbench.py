@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from agent.daemon.dataplane import DataPlane  # the repository root, put on sys.path above
-from agent.daemon.offload import NO_OFFLOAD
 from agent.keys import NodePrivate
+from agent.node.dataplane import DataPlane  # the repository root, put on sys.path above
+from agent.proto.offload import NO_OFFLOAD
 from agent.proto.wireguard.device import Device
 from agent.proto.wireguard.replay import ReplayWindow
 

@@ -1,6 +1,6 @@
 """Test helper: drive our sans-I/O DerpClientConn over an asyncio (TLS) stream.
 
-Used against our relay (tests/daemon/test_relay.py) and Tailscale's (tests/integration/
+Used against our relay (tests/relay/test_server.py) and Tailscale's (tests/integration/
 test_derp_tailscale.py): the same client, two servers.
 """
 

@@ -1,16 +1,24 @@
-"""The layering of STYLE.md §9.1/§10.2, enforced by walking every import with `ast`.
+"""The layering of agent/, enforced by walking every import (function-level ones too) with `ast`.
 
-- agent/proto and agent/engine are sans-I/O: no clocks, sockets, threads, OS or TUN modules, and
-  no imports of config, api, log, daemon or cli.
-- proto siblings (wireguard, derp, disco, stun, ippacket) never import each other.
-- config/api import only keys/log; keys/log import nothing above them.
-- nothing under agent/ imports agent.cli except agent/__main__.py.
+    cli, __main__, demo          the `agent` command
+    node | relay | coordinator   the three programs: never import each other
+    netio                        I/O the programs share (TLS streams, certificates, Prometheus)
+    engine                       sans-I/O: path selection, netcheck          -> proto, keys
+    config, api                  pure data and parsing                       -> proto, keys, log
+    proto                        sans-I/O protocol cores                     -> keys
+    keys, log                    leaves
+
+- proto and engine import no I/O module (clocks, sockets, threads, OS, TUN) and nothing above them;
+  proto's siblings (wireguard, derp, disco, stun, offload, coordinator_messages) share only its
+  helpers (errors, deadlines, endpoint, derpmap).
+- No import cycle anywhere in agent/ (strongly connected components of the module graph).
+- Every module and package these rules name exists: a missing one fails, it is never skipped.
 """
 
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -21,8 +29,37 @@ BANNED_IN_CORE = {
     "asyncio", "socket", "ssl", "selectors", "threading", "multiprocessing", "subprocess",
     "signal", "os", "time", "random", "pytun", "pyroute2",
 }  # fmt: skip
-ABOVE_CORE = ("agent.config", "agent.api", "agent.log", "agent.daemon", "agent.cli")
-PROTO_SIBLINGS = ("wireguard", "derp", "disco", "stun", "ippacket")
+
+PROGRAMS = ("agent.node", "agent.relay", "agent.coordinator")
+PROTO_HELPERS = ("errors", "deadlines", "endpoint", "derpmap")
+
+# What each part of agent/ may import from agent/ (besides itself).
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "agent.keys": (),
+    "agent.log": (),
+    "agent.proto": ("agent.keys",),
+    "agent.api": ("agent.keys", "agent.log"),
+    "agent.config": ("agent.keys", "agent.log", "agent.proto"),
+    "agent.engine": ("agent.keys", "agent.proto"),
+    "agent.netio": ("agent.keys", "agent.log", "agent.proto"),
+    "agent.node": (
+        "agent.keys", "agent.log", "agent.proto", "agent.engine", "agent.config", "agent.api",
+        "agent.netio",
+    ),
+    "agent.relay": ("agent.keys", "agent.log", "agent.proto", "agent.netio"),
+    "agent.coordinator": (
+        "agent.keys", "agent.log", "agent.proto", "agent.config", "agent.netio",
+    ),
+    "agent.demo": ("agent.keys",),
+    "agent.join": (),
+    "agent.cli": (
+        "agent", "agent.keys", "agent.log", "agent.config", "agent.api", "agent.demo",
+        "agent.join",
+        *PROGRAMS,
+    ),
+    "agent.__main__": ("agent.cli",),
+    "agent": (),
+}  # fmt: skip
 
 
 def _module_name(path: Path) -> str:
@@ -30,6 +67,9 @@ def _module_name(path: Path) -> str:
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
+
+
+MODULES: dict[str, Path] = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
 
 
 def imports(path: Path) -> list[tuple[str, int]]:
@@ -62,8 +102,9 @@ def _is(mod: str, prefix: str) -> bool:
     return mod == prefix or mod.startswith(prefix + ".")
 
 
-def _files(*subdirs: str) -> list[Path]:
-    return sorted(p for d in subdirs if (PKG / d).is_dir() for p in (PKG / d).rglob("*.py"))
+def _part(mod: str) -> str:
+    """The entry of ALLOWED that a module of agent/ belongs to (the longest that matches)."""
+    return max((p for p in ALLOWED if _is(mod, p)), key=len)
 
 
 def _where(path: Path, line: int, mod: str) -> str:
@@ -78,64 +119,153 @@ def _report(bad: list[str]) -> str:
     return "\n".join(first.values())
 
 
+def _agent_imports(path: Path) -> Iterator[tuple[str, int]]:
+    """Imports of agent modules from `path`, each resolved to the module it names: `from a.b
+    import c` is a.b.c when that is a module, else a.b (c is a name defined in a.b)."""
+    for mod, line in imports(path):
+        if _is(mod, "agent") and mod in MODULES:
+            yield mod, line
+
+
+def module_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {name: set() for name in MODULES}
+    for name, path in MODULES.items():
+        for mod, _ in _agent_imports(path):
+            if mod != name:
+                graph[name].add(mod)
+    return graph
+
+
+def strongly_connected(graph: Mapping[str, set[str]]) -> list[list[str]]:
+    """Tarjan's algorithm, iterative; the components with more than one module (the cycles)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            for child in children:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                    break
+                if child in on_stack:
+                    low[node] = min(low[node], index[child])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1:
+                        cycles.append(sorted(component))
+    return cycles
+
+
+# --- the modules the rules name exist --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        *ALLOWED,
+        *(f"agent.proto.{h}" for h in PROTO_HELPERS),
+        "agent.proto.wireguard",
+        "agent.proto.derp",
+        "agent.proto.disco",
+        "agent.proto.stun",
+    ],
+)
+def test_named_module_exists(module: str) -> None:
+    assert module in MODULES, f"{module} is named by the architecture rules but does not exist"
+
+
+def test_every_module_has_a_part() -> None:
+    """Every module of agent/ falls under a rule; a new top-level module needs one."""
+    orphans = [m for m in MODULES if not any(_is(m, p) for p in ALLOWED if p != "agent")]
+    assert orphans == ["agent"], f"modules no rule covers: {orphans[1:]}"
+
+
+# --- the edges ----------------------------------------------------------------------------------
+
+
 def test_cores_are_sans_io() -> None:
-    files = _files("proto", "engine")
-    if not files:
-        pytest.skip("no agent/proto or agent/engine modules yet")
+    files = [p for m, p in MODULES.items() if _is(m, "agent.proto") or _is(m, "agent.engine")]
+    assert files, "agent/proto and agent/engine hold no modules"
     bad = [
         _where(path, line, mod)
         for path in files
         for mod, line in imports(path)
-        if mod.split(".")[0] in BANNED_IN_CORE or any(_is(mod, up) for up in ABOVE_CORE)
+        if mod.split(".")[0] in BANNED_IN_CORE
+    ]
+    assert not bad, _report(bad)
+
+
+def test_every_import_follows_the_layers() -> None:
+    bad: list[str] = []
+    for name, path in MODULES.items():
+        part = _part(name)
+        allowed = (part, *ALLOWED[part])
+        for mod, line in _agent_imports(path):
+            target = _part(mod)
+            if target != "agent" and not any(_is(mod, a) for a in allowed):
+                bad.append(_where(path, line, mod))
+    assert not bad, _report(bad)
+
+
+def test_programs_never_import_each_other() -> None:
+    bad = [
+        _where(path, line, mod)
+        for name, path in MODULES.items()
+        for own in PROGRAMS
+        if _is(name, own)
+        for mod, line in imports(path)
+        if any(_is(mod, other) for other in PROGRAMS if other != own)
     ]
     assert not bad, _report(bad)
 
 
 def test_proto_siblings_are_independent() -> None:
-    bad: list[str] = []
-    for sib in PROTO_SIBLINGS:
-        own = f"agent.proto.{sib}"
-        others = [f"agent.proto.{o}" for o in PROTO_SIBLINGS if o != sib]
-        single = PKG / "proto" / f"{sib}.py"
-        for path in _files(f"proto/{sib}") + ([single] if single.exists() else []):
-            bad += [
-                _where(path, line, mod)
-                for mod, line in imports(path)
-                if any(_is(mod, o) for o in others) and not _is(mod, own)
-            ]
-    assert not bad, _report(bad)
-
-
-@pytest.mark.parametrize(
-    ("module", "allowed"),
-    [
-        ("config", ("agent.keys", "agent.log")),
-        ("api", ("agent.keys", "agent.log")),
-        ("keys", ()),
-        ("log", ()),
-    ],
-)
-def test_low_layers_import_only_below(module: str, allowed: tuple[str, ...]) -> None:
-    path = PKG / f"{module}.py"
-    if not path.exists():
-        pytest.skip(f"agent/{module}.py not written yet")
+    helpers = tuple(f"agent.proto.{h}" for h in PROTO_HELPERS)
+    siblings = {
+        ".".join(m.split(".")[:3])
+        for m in MODULES
+        if _is(m, "agent.proto") and m != "agent.proto" and not any(_is(m, h) for h in helpers)
+    }
+    assert {"agent.proto.wireguard", "agent.proto.derp", "agent.proto.disco"} <= siblings
     bad = [
         _where(path, line, mod)
+        for name, path in MODULES.items()
+        for sib in siblings
+        if _is(name, sib)
         for mod, line in imports(path)
-        if _is(mod, "agent") and mod != "agent" and not any(_is(mod, a) for a in allowed)
+        if any(_is(mod, other) for other in siblings if other != sib)
     ]
     assert not bad, _report(bad)
 
 
-def test_only_main_imports_the_cli() -> None:
-    bad = [
-        _where(path, line, mod)
-        for path in sorted(PKG.rglob("*.py"))
-        if path not in (PKG / "__main__.py", PKG / "cli.py")
-        for mod, line in imports(path)
-        if _is(mod, "agent.cli")
-    ]
-    assert not bad, _report(bad)
+def test_no_import_cycles() -> None:
+    cycles = strongly_connected(module_graph())
+    assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+# --- the checker itself -------------------------------------------------------------------------
 
 
 def test_the_walker_resolves_relative_imports() -> None:
@@ -145,3 +275,21 @@ def test_the_walker_resolves_relative_imports() -> None:
     assert ("agent.proto.derp.frames", 2) in found
     assert ("os.path", 3) in found
     assert ("agent.proto.wireguard.x", 4) in found
+
+
+def test_the_walker_sees_function_level_imports() -> None:
+    src = "def f():\n    if True:\n        from agent.node import main\n"
+    assert ("agent.node.main", 3) in set(imports_of(src, "agent.relay"))
+
+
+def test_cycle_finder() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "e"}, "e": set(), "f": {"f"}}
+    assert strongly_connected(graph) == [["a", "b", "c"]]
+    assert strongly_connected({"a": {"b"}, "b": set()}) == []
+
+
+def test_part_picks_the_longest_rule() -> None:
+    assert _part("agent.node.main") == "agent.node"
+    assert _part("agent.proto.wireguard.peer") == "agent.proto"
+    assert _part("agent.cli") == "agent.cli"
+    assert _part("agent") == "agent"

@@ -118,16 +118,16 @@ def test_no_command_and_version(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.fixture
 def fake_daemon(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
-    """Stand-in for agent.daemon.main: records the configs `up` hands over; no logging set up."""
+    """Stand-in for agent.node.main: records the configs `up` hands over; no logging set up."""
     calls: list[Config] = []
 
     def run_daemon(config: Config) -> int:
         calls.append(config)
         return 0
 
-    module = types.ModuleType("agent.daemon.main")
+    module = types.ModuleType("agent.node.main")
     module.run_daemon = run_daemon  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "agent.daemon.main", module)
+    monkeypatch.setitem(sys.modules, "agent.node.main", module)
     monkeypatch.setattr(cli, "configure_logging", lambda *a, **k: None)
     return calls
 

@@ -12,7 +12,7 @@ import ssl
 import threading
 from pathlib import Path
 
-from agent.daemon.relay import make_self_signed
+from agent.netio.certs import make_self_signed
 
 
 def _handshake(cert: Path, key: Path, cafile: Path) -> None:

@@ -10,7 +10,7 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.daemon.relay import make_self_signed
+from agent.netio.certs import make_self_signed
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`agent coordinator`: the coordination server, its admin CLI and the client the agent uses.
+"""`agent coordinator`: the coordination server and its admin CLI.
 
 Nodes join with a pre-auth key, report their node key, disco key, hostname, endpoints and home
 DERP region, get overlay addresses (IPv4 from 100.64.0.0/10, IPv6 at the same host offset in
@@ -44,6 +44,8 @@ Errors are `{"error": CODE, "message": TEXT}`:
     403 node_expired                      404 not_found    405 method_not_allowed   409 replayed
     413 too_large                         503 unavailable, addresses_exhausted
 
-Modules: netmap (wire messages), store (SQLite/PostgreSQL), service (request handling), server
-(asyncio HTTPS shell, h11), config (coordinator.conf), admin (CLI), client (the agent's side).
+Modules: store (SQLite/PostgreSQL), service (request handling), server (asyncio HTTPS shell,
+h11), config (coordinator.conf), admin (CLI). The wire messages are agent/proto/
+coordinator_messages.py and the agent's side is agent/node/coordinator_client.py: the coordinator
+never imports the node, nor the node the coordinator.
 """

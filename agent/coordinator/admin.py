@@ -272,7 +272,7 @@ def _cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _node_json(n: NodeRecord, now: float) -> dict[str, Any]:
-    from agent.coordinator.netmap import format_endpoint
+    from agent.proto.endpoint import format_endpoint
 
     return {
         "id": n.id,

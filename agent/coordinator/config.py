@@ -35,7 +35,8 @@ from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Final
 
-from agent.config import ConfigError, DerpConfig, _Checker, _read_config_text
+from agent.config import Checker, ConfigError, DerpConfig, read_config_text
+from agent.proto.endpoint import parse_listen_address
 
 __all__ = [
     "DEFAULT_COORDINATOR_CONFIG",
@@ -92,12 +93,12 @@ class CoordinatorConfig:
 
 def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
     p = Path(path)
-    return parse_coordinator_config(_read_config_text(p), base_dir=p.parent)
+    return parse_coordinator_config(read_config_text(p), base_dir=p.parent)
 
 
 def parse_coordinator_config(text: str, *, base_dir: Path | None = None) -> CoordinatorConfig:
     """Validate TOML `text`; ConfigError lists every problem."""
-    c = _Checker(base_dir)
+    c = Checker(base_dir)
     doc = c.toml(text)
     c.known("", doc, {"coordinator", "tls", "addresses", "derp"})
     d = CoordinatorConfig()
@@ -140,18 +141,18 @@ def parse_coordinator_config(text: str, *, base_dir: Path | None = None) -> Coor
     )
 
 
-def _listen(c: _Checker, path: str, v: object) -> tuple[str, int] | None:
+def _listen(c: Checker, path: str, v: object) -> tuple[str, int] | None:
     s = c.string(path, v)
     if s is None:
         return None
-    host, sep, port = s.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        c.bad(path, f"{s!r} is not HOST:PORT, :PORT or [V6]:PORT")
+    try:
+        return parse_listen_address(s)
+    except ValueError as e:
+        c.bad(path, str(e))
         return None
-    return host.strip("[]"), int(port)
 
 
-def _database(c: _Checker, path: str, v: object) -> str | None:
+def _database(c: Checker, path: str, v: object) -> str | None:
     s = c.string(path, v)
     if s is None:
         return None
@@ -163,7 +164,7 @@ def _database(c: _Checker, path: str, v: object) -> str | None:
     return c.path(path, s)
 
 
-def _duration(c: _Checker, path: str, v: object) -> float | None:
+def _duration(c: Checker, path: str, v: object) -> float | None:
     s = c.string(path, v)
     if s is None:
         return None
@@ -174,7 +175,7 @@ def _duration(c: _Checker, path: str, v: object) -> float | None:
         return None
 
 
-def _mode(c: _Checker, path: str, v: object) -> str | None:
+def _mode(c: Checker, path: str, v: object) -> str | None:
     s = c.string(path, v)
     if s is not None and s not in ("self-signed", "manual"):
         c.bad(path, f"{s!r} is not self-signed or manual")
@@ -182,7 +183,7 @@ def _mode(c: _Checker, path: str, v: object) -> str | None:
     return s
 
 
-def _net4(c: _Checker, path: str, v: object) -> IPv4Network | None:
+def _net4(c: Checker, path: str, v: object) -> IPv4Network | None:
     net = c.network(path, v)
     if net is not None and not isinstance(net, IPv4Network):
         c.bad(path, f"{net} is not an IPv4 prefix")
@@ -190,7 +191,7 @@ def _net4(c: _Checker, path: str, v: object) -> IPv4Network | None:
     return net
 
 
-def _net6(c: _Checker, path: str, v: object) -> IPv6Network | None:
+def _net6(c: Checker, path: str, v: object) -> IPv6Network | None:
     net = c.network(path, v)
     if net is not None and not isinstance(net, IPv6Network):
         c.bad(path, f"{net} is not an IPv6 prefix")

@@ -1,7 +1,7 @@
 """The coordinator's asyncio HTTPS shell: TLS streams, HTTP/1.1 by h11, the Service on one
 database thread, and the long-poll.
 
-    accept (daemon/tls_stream.py: OpenSSL on the socket, ~15 KiB per idle TLS connection where
+    accept (netio/tls_stream.py: OpenSSL on the socket, ~15 KiB per idle TLS connection where
             asyncio's TLS transport costs ~270 KiB; every waiting node holds one connection)
       -> asyncio StreamReader/StreamWriter over that stream, h11 on top: request head (16 KiB,
          HEAD_TIMEOUT), body (MAX_BODY), then Service.handle() on the database thread;
@@ -36,11 +36,11 @@ import h11
 from structlog.typing import FilteringBoundLogger
 
 from agent.coordinator.config import CoordinatorConfig
-from agent.coordinator.netmap import LONG_POLL, MAX_BODY, ErrorBody
 from agent.coordinator.service import Reply, Service, WaitForNetmap
 from agent.coordinator.store import Snapshot, Store
-from agent.daemon.tls_stream import StreamServer, serve_streams
 from agent.netio.systemd import sd_notify
+from agent.netio.tls_stream import StreamServer, serve_streams
+from agent.proto.coordinator_messages import LONG_POLL, MAX_BODY, ErrorBody
 
 __all__ = [
     "HEAD_TIMEOUT",
@@ -304,7 +304,7 @@ class CoordinatorServer:
 
 def server_ssl_context(config: CoordinatorConfig) -> ssl.SSLContext:
     """TLS as `agent derper` does it: self-signed (generated once in cert_dir) or manual."""
-    from agent.daemon.relay import make_self_signed
+    from agent.netio.certs import make_self_signed
 
     cert_dir = Path(config.cert_dir)
     if config.tls_mode == "self-signed":

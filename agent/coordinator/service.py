@@ -6,8 +6,8 @@ netmap request is authenticated here and answered with `WaitForNetmap`; the serv
 the network version to pass `since` and calls `Service.netmap_reply()`, which only reads a
 `Snapshot` (no database), so a thousand waiting nodes cost one database read per change.
 
-Errors are `ApiError(status, code, message)` and become `{"error": code, "message": ...}` bodies;
-the codes are listed in the package docstring.
+Errors are `ServiceError(status, code, message)` and become `{"error": code, "message": ...}`
+bodies; the codes are listed in the package docstring.
 """
 
 from __future__ import annotations
@@ -22,7 +22,17 @@ from urllib.parse import parse_qs, urlsplit
 from nacl.exceptions import CryptoError
 
 from agent.coordinator.config import CoordinatorConfig
-from agent.coordinator.netmap import (
+from agent.coordinator.store import (
+    AuthKeyRejected,
+    NodeExpired,
+    NodeRecord,
+    NotFound,
+    ReplayedRegistration,
+    Snapshot,
+    Store,
+    StoreError,
+)
+from agent.proto.coordinator_messages import (
     API,
     BadMessage,
     ErrorBody,
@@ -36,20 +46,10 @@ from agent.coordinator.netmap import (
     seal,
     unseal,
 )
-from agent.coordinator.store import (
-    AuthKeyRejected,
-    NodeExpired,
-    NodeRecord,
-    NotFound,
-    ReplayedRegistration,
-    Snapshot,
-    Store,
-    StoreError,
-)
 
 __all__ = [
     "MAX_SKEW",
-    "ApiError",
+    "ServiceError",
     "Reply",
     "WaitForNetmap",
     "Service",
@@ -58,7 +58,9 @@ __all__ = [
 MAX_SKEW: Final = 60.0  # a register timestamp this far from the coordinator's clock is refused
 
 
-class ApiError(Exception):
+class ServiceError(Exception):
+    """A request the coordinator refuses: HTTP status, error code and message for the body."""
+
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -83,10 +85,10 @@ class WaitForNetmap:
     version: int  # the database's version when the request was authenticated
 
 
-def _unauthorized() -> ApiError:
+def _unauthorized() -> ServiceError:
     """A fresh error each time: raising one shared instance grew its traceback (and every frame
     and request body it held) by two entries per request, without bound."""
-    return ApiError(401, "unauthorized", "unknown or revoked token (node removed?)")
+    return ServiceError(401, "unauthorized", "unknown or revoked token (node removed?)")
 
 
 class Service:
@@ -119,10 +121,10 @@ class Service:
     def handle(
         self, method: str, target: str, authorization: str | None, body: bytes, now: float
     ) -> Reply | WaitForNetmap:
-        """One request; blocking (database). Never raises ApiError: it becomes the reply."""
+        """One request; blocking (database). Never raises ServiceError: it becomes the reply."""
         try:
             return self._route(method, target, authorization, body, now)
-        except ApiError as e:
+        except ServiceError as e:
             return e.reply()
 
     def _route(
@@ -137,10 +139,10 @@ class Service:
         }
         route = routes.get(url.path)
         if route is None:
-            raise ApiError(404, "not_found", f"no such endpoint: {url.path}")
+            raise ServiceError(404, "not_found", f"no such endpoint: {url.path}")
         want, handler = route
         if method != want and not (want == "GET" and method == "HEAD"):
-            raise ApiError(405, "method_not_allowed", f"{url.path} takes {want}")
+            raise ServiceError(405, "method_not_allowed", f"{url.path} takes {want}")
         return handler()
 
     # -- endpoints ---------------------------------------------------------------------------------
@@ -152,19 +154,19 @@ class Service:
         try:
             sealed = SealedRequest.parse(body)
         except BadMessage as e:
-            raise ApiError(400, "bad_request", str(e)) from None
+            raise ServiceError(400, "bad_request", str(e)) from None
         try:
             plain = unseal(self.server_key, sealed.node_key.raw, sealed.nonce, sealed.sealed)
         except CryptoError:
-            raise ApiError(
+            raise ServiceError(
                 401, "bad_seal", "the request is not sealed by the node key to this coordinator"
             ) from None
         try:
             req = RegisterRequest.parse(plain)
         except BadMessage as e:
-            raise ApiError(400, "bad_request", str(e)) from None
+            raise ServiceError(400, "bad_request", str(e)) from None
         if abs(req.timestamp - now) > MAX_SKEW:
-            raise ApiError(
+            raise ServiceError(
                 400, "bad_timestamp", "the timestamp is not the coordinator's time (GET /key)"
             )
         cfg = self.config
@@ -183,13 +185,13 @@ class Service:
                 now=now,
             )
         except AuthKeyRejected as e:
-            raise ApiError(401, e.code, str(e)) from None
+            raise ServiceError(401, e.code, str(e)) from None
         except NodeExpired as e:
-            raise ApiError(403, e.code, str(e)) from None
+            raise ServiceError(403, e.code, str(e)) from None
         except ReplayedRegistration as e:
-            raise ApiError(409, e.code, str(e)) from None
+            raise ServiceError(409, e.code, str(e)) from None
         except StoreError as e:
-            raise ApiError(503, e.code, str(e)) from None
+            raise ServiceError(503, e.code, str(e)) from None
         registration = Registration(
             node=node.info(),
             token=token,
@@ -204,12 +206,12 @@ class Service:
     def _authenticate(self, authorization: str | None, now: float) -> NodeRecord:
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "unauthorized", "missing Authorization: Bearer TOKEN")
+            raise ServiceError(401, "unauthorized", "missing Authorization: Bearer TOKEN")
         node = self.store.node_by_token(token.strip())
         if node is None:
             raise _unauthorized()
         if node.expired(now):
-            raise ApiError(403, "node_expired", f"the key of node {node.name!r} expired")
+            raise ServiceError(403, "node_expired", f"the key of node {node.name!r} expired")
         return node
 
     def _update(self, authorization: str | None, body: bytes, now: float) -> Reply:
@@ -217,7 +219,7 @@ class Service:
         try:
             req = UpdateRequest.parse(body)
         except BadMessage as e:
-            raise ApiError(400, "bad_request", str(e)) from None
+            raise ServiceError(400, "bad_request", str(e)) from None
         try:
             _, changed = self.store.update_node(
                 node.id,
@@ -229,14 +231,14 @@ class Service:
         except NotFound:
             raise _unauthorized() from None
         except NodeExpired as e:
-            raise ApiError(403, e.code, str(e)) from None
+            raise ServiceError(403, e.code, str(e)) from None
         return Reply(200, b'{"changed":%s}' % (b"true" if changed else b"false"), changed=changed)
 
     def _netmap(self, authorization: str | None, query: str, now: float) -> WaitForNetmap:
         node = self._authenticate(authorization, now)
         values = parse_qs(query).get("since", [])
         if values and not values[0].isdigit():
-            raise ApiError(400, "bad_request", "since: expected a version number")
+            raise ServiceError(400, "bad_request", "since: expected a version number")
         since = int(values[0]) if values else None
         return WaitForNetmap(node.id, since, self.store.version())
 
@@ -253,7 +255,9 @@ class Service:
         if me is None:
             return _unauthorized().reply()
         if me[0].expired(now):
-            return ApiError(403, "node_expired", f"the key of node {me[0].name!r} expired").reply()
+            return ServiceError(
+                403, "node_expired", f"the key of node {me[0].name!r} expired"
+            ).reply()
         peers = b",".join(
             f for nid, (n, f) in frags.items() if nid != node_id and not n.expired(now)
         )

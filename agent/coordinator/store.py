@@ -38,8 +38,9 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
 
-from agent.coordinator.netmap import Endpoint, NodeInfo, format_endpoint, parse_endpoint
 from agent.keys import DiscoPublic, NodePrivate, NodePublic, clamp
+from agent.proto.coordinator_messages import Endpoint, NodeInfo
+from agent.proto.endpoint import format_endpoint, parse_endpoint
 
 __all__ = [
     "SCHEMA_VERSION",

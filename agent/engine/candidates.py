@@ -1,7 +1,7 @@
 """Candidate endpoints of one peer, their pong history, and the better-path predicate.
 
 A candidate is an ip:port the peer may be reachable at. It is known from one or more sources
-(shared/spec/derp-disco.md §8.6):
+(tailscale's wgengine/magicsock/endpoint.go):
 
     CONFIG         the peer's configured endpoint (kept while configured)
     CALL_ME_MAYBE  the peer's last CallMeMaybe (kept until a later one omits it)

@@ -1,7 +1,7 @@
 """PathEngine: NAT traversal for every peer, sans-I/O (tailscaled's magicsock path logic).
 
-Follows shared/spec/derp-disco.md §8 (DISCO semantics and timings) and §9 (which packets are
-DISCO). A facade over small parts, each in its own module:
+Follows tailscale's wgengine/magicsock (endpoint.go: DISCO semantics and timings; magicsock.go:
+which packets are DISCO). A facade over small parts, each in its own module:
 
     peerpath.PeerPath      per peer: candidates, best path, trust window, DERP route
     candidates             per candidate: sources, last ping, pong history; better_path()

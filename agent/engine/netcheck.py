@@ -1,6 +1,6 @@
 """Netcheck: what the network lets us do, and which DERP region should be home. Sans-I/O.
 
-Follows shared/spec/derp-disco.md §7 (netcheck and home-region selection) and §6 (STUN). The
+Follows tailscale's net/netcheck/netcheck.go (home-region selection) and RFC 5389 (STUN). The
 shell resolves each region's STUN servers to addresses (`RegionTargets`), sends the datagrams
 this module asks for, feeds STUN answers back, and times HTTPS `GET /derp/latency-check` for the
 regions STUN did not reach.
@@ -54,6 +54,7 @@ from enum import IntEnum
 from typing import Any, Final
 
 from agent.proto import stun
+from agent.proto.endpoint import format_endpoint
 from agent.proto.errors import RemoteProtocolError
 
 __all__ = [
@@ -197,8 +198,7 @@ class Report:
 def _fmt(ep: Endpoint | None) -> str | None:
     if ep is None:
         return None
-    host, port = ep
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_endpoint(ep)
 
 
 # -- probe plans -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """One DISCO-capable peer's path state: candidates, best direct path, trust, DERP route.
 
-State (shared/spec/derp-disco.md §8.6, tailscaled's magicsock `endpoint`):
+State (tailscale's wgengine/magicsock/endpoint.go `endpoint`):
 
     candidates     endpoint -> Candidate (sources, last ping, pong history)
     best           AddrLatency | None: the direct path in use or being proven

@@ -1,7 +1,7 @@
 """When to ping: per-peer activity, heartbeat and CallMeMaybe pacing, and a deadline heap.
 
-`PunchSchedule` is the per-peer clock of the hole-punch machinery (shared/spec/derp-disco.md
-§8.5-§8.6), as named deadlines set by hooks:
+`PunchSchedule` is the per-peer clock of the hole-punch machinery (tailscale's
+wgengine/magicsock/endpoint.go), as named deadlines set by hooks:
 
     note_send(now)          we sent (or are about to send) data: the session is active; arms
                             the heartbeat if it is not running

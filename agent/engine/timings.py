@@ -1,6 +1,6 @@
 """The path engine's timings and bounds: named constants, gathered in one frozen `Timings`.
 
-Values follow shared/spec/derp-disco.md §8.7 (tailscaled's magicsock) unless a comment says why
+Values follow tailscale's wgengine/magicsock/endpoint.go unless a comment says why
 we differ. Everything is in seconds. Tests do not shorten them: they advance a fake clock.
 """
 

@@ -1,1 +1,5 @@
-"""I/O helpers the node, the relay and the coordinator share (none of them imports another)."""
+"""I/O the three programs (node, relay, coordinator) share: TLS streams, certificates,
+Prometheus text and systemd's readiness message.
+
+Imports only proto, keys and log; never a program.
+"""

@@ -1,7 +1,7 @@
 """DISCO path-discovery codec (Tailscale-compatible), sans-I/O.
 
-Follows shared/spec/derp-disco.md §8.1-§8.4 (packet, crypto, messages), §9 (classifying a
-datagram) and §10 (vectors).
+Follows tailscale's disco/disco.go (packet, NaCl box crypto, messages) and
+wgengine/magicsock/magicsock.go (classifying a datagram); vectors from disco/disco_test.go.
 
 Flow (nodes A and B, each with a disco key pair distributed through the netmap):
 

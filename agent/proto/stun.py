@@ -1,6 +1,7 @@
 """STUN binding codec (RFC 5389 subset used by Tailscale), sans-I/O.
 
-Follows shared/spec/derp-disco.md §6 (STUN), §9.1 (classifying a datagram) and §10 (vectors).
+Follows RFC 5389 and tailscale's net/stun/stun.go (classifying a datagram; vectors from
+stun_test.go).
 
 Flow (client C on its WireGuard/disco UDP socket, derper S on UDP 3478):
 

@@ -1,4 +1,4 @@
-"""Coordinator wire messages (agent/coordinator/netmap.py): every `parse`, derp_from_json,
+"""Coordinator wire messages (agent/proto/coordinator_messages.py): every `parse`, derp_from_json,
 NodeInfo.from_json and parse_endpoint.
 
 Contract: parse raises only BadMessage (a MalformedPacket); parse_endpoint raises ValueError.
@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import math
 
-from agent.coordinator import netmap
-from agent.coordinator.netmap import BadMessage
+from agent.proto import coordinator_messages as netmap
+from agent.proto.coordinator_messages import BadMessage
 from fuzz.common import Data, Seed, check, tag
 
 _KEY = "pv3xaF61kkWFO9GXW4A27eB3xX2fXq1wc1iz7cslgDE="

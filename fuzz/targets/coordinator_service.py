@@ -19,10 +19,10 @@ from pathlib import Path
 
 from agent.config import DerpConfig, DerpNode, DerpRegion
 from agent.coordinator.config import CoordinatorConfig
-from agent.coordinator.netmap import API, ErrorBody, seal
 from agent.coordinator.service import Reply, Service, WaitForNetmap
 from agent.coordinator.store import Store
 from agent.keys import DiscoPrivate, NodePrivate
+from agent.proto.coordinator_messages import API, ErrorBody, seal
 from fuzz.common import Data, Seed, check
 
 _STATUSES = {200, 400, 401, 403, 404, 405, 409, 413, 503}

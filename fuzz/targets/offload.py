@@ -1,6 +1,6 @@
 """TUN offload arithmetic on arbitrary IP headers: segment (TX) and coalesce (RX).
 
-Contract (agent/daemon/offload.py): segment raises only MalformedPacket for inconsistent
+Contract (agent/proto/offload.py): segment raises only MalformedPacket for inconsistent
 headers; coalesce takes any packets. Invariants: the numpy and pure-Python segmentation paths
 give the same packets; every GSO item coalesce builds is accepted by segment and cut back into
 as many packets as it merged.
@@ -14,7 +14,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from agent.daemon.offload import (
+from agent.proto.errors import MalformedPacket
+from agent.proto.offload import (
     F_NEEDS_CSUM,
     GSO_NONE,
     GSO_TCPV4,
@@ -25,7 +26,6 @@ from agent.daemon.offload import (
     coalesce,
     segment,
 )
-from agent.proto.errors import MalformedPacket
 from fuzz.common import Data, Seed, check, tag
 
 SRC4, DST4 = bytes([100, 64, 0, 1]), bytes([100, 64, 0, 2])

@@ -1,4 +1,4 @@
-"""The UAPI request reader and `set=1`/`get=1` handling (agent/daemon/uapi.py).
+"""The UAPI request reader and `set=1`/`get=1` handling (agent/node/uapi.py).
 
 Contract: `apply_set` returns (0 or EINVAL, datagrams) and never raises; a request that is
 refused changes nothing (the `get=1` dump is the same before and after); `_read_request`
@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from ipaddress import ip_network
 
-from agent.daemon.uapi import EINVAL, MAX_REQUEST_BYTES, _read_request, apply_set, format_get
 from agent.keys import NodePrivate, PresharedKey
+from agent.node.uapi import EINVAL, MAX_REQUEST_BYTES, _read_request, apply_set, format_get
 from agent.proto.wireguard.device import Device
 from fuzz.common import Data, Seed, check
 

@@ -17,7 +17,7 @@ import sys
 
 import structlog
 
-from agent.daemon.relay import serve_relay
+from agent.relay.server import serve_relay
 
 
 async def _main(cert: str, key: str, head_timeout: float, login_timeout: float) -> None:

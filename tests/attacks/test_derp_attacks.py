@@ -24,7 +24,6 @@ import pytest
 import pytest_asyncio
 import structlog
 
-from agent.daemon.relay import RelayServer, serve_relay
 from agent.proto.derp.client import PacketReceived
 from agent.proto.derp.frames import (
     FRAME_HEADER,
@@ -37,6 +36,7 @@ from agent.proto.derp.frames import (
     seal_client_info,
 )
 from agent.proto.derp.upgrade import client_request, parse_response
+from agent.relay.server import RelayServer, serve_relay
 from tests.derp_stream import DerpStreamClient
 from tests.tls_pair import Tls
 

@@ -17,17 +17,17 @@ from typing import Any
 import pytest
 
 from agent.config import DerpConfig, DerpNode, DerpRegion
-from agent.coordinator.client import (
-    CoordinatorClient,
-    CoordinatorRejected,
-    NotAuthorized,
-)
 from agent.coordinator.config import CoordinatorConfig
-from agent.coordinator.netmap import NetMap, RegisterRequest, SealedRequest, seal
 from agent.coordinator.server import CoordinatorServer, serve_coordinator, server_ssl_context
 from agent.coordinator.store import Store
 from agent.keys import DiscoPrivate, DiscoPublic, NodePrivate
 from agent.log import get_logger
+from agent.node.coordinator_client import (
+    CoordinatorClient,
+    CoordinatorRejected,
+    NotAuthorized,
+)
+from agent.proto.coordinator_messages import NetMap, RegisterRequest, SealedRequest, seal
 
 pytestmark = pytest.mark.asyncio
 

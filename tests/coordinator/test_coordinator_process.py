@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.coordinator.client import CoordinatorClient, CoordinatorUnavailable, NotAuthorized
 from agent.keys import DiscoPrivate, NodePrivate
+from agent.node.coordinator_client import CoordinatorClient, CoordinatorUnavailable, NotAuthorized
 
 REPO = Path(__file__).resolve().parents[2]
 

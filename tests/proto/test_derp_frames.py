@@ -1,6 +1,6 @@
 """DERP frame codec tests: golden bytes of derp-disco.md §10, boxes, FrameBuffer, fuzz.
 
-Hex literals below are copied from shared/spec/derp-disco.md §10 ("Test vectors"); keys are the
+Hex literals below were written from tailscale's derp/derp.go frame layouts; keys are the
 X25519 private scalars 32 bytes of 0x11 (server), 0x22 (client) and 0x33 (peer), and the fixed box
 nonce is 00 01 .. 17.
 """

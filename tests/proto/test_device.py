@@ -274,8 +274,11 @@ def test_arbitrary_datagrams_only_count_drops(datagrams: list[bytes]) -> None:
 def test_mutated_handshakes_only_count_drops(kind: int, tail: bytes) -> None:
     p = Pair()
     msg = bytes([kind + 1, 0, 0, 0]) + tail
-    p.b.receive_batch([msg], A_EP, p.now)
-    p.a.receive_batch([msg], B_EP, p.now)
+    for dev, src in ((p.b, A_EP), (p.a, B_EP)):
+        before = sum(dev.drops.values())
+        res = dev.receive_batch([msg], src, p.now)
+        assert (res.packets, res.replies, res.peers, res.foreign) == ([], [], [], [])
+        assert sum(dev.drops.values()) == before + 1  # one bad datagram, one counted drop
 
 
 def test_peer_removal_forgets_routes_and_sessions() -> None:
@@ -285,7 +288,8 @@ def test_peer_removal_forgets_routes_and_sessions() -> None:
     assert p.b.route(A_IP) is None
     assert p.send_a([ipv4(A_IP, B_IP)]) == []
     assert p.b.drops[DropReason.UNKNOWN_RECEIVER] >= 1
-    assert isinstance(p.pa, Peer)
+    assert p.pb.public_key not in p.b.peers
+    assert p.pa.public_key in p.a.peers  # the other side still knows its peer
 
 
 def test_retry_handshake_sends_a_new_initiation_early_at_most_so_often() -> None:

@@ -1,4 +1,4 @@
-"""DERP client connection core, sans-I/O (spec: shared/spec/derp-disco.md §3, §5.2-§5.4).
+"""DERP client connection core, sans-I/O (tailscale derp/derp_client.go).
 
 Theory of operation: the shell copies stream bytes (after the HTTP 101 upgrade, §1.3) into
 `receive_data`, writes out whatever `data_to_send` returns, drains `events()`, and calls

@@ -1,4 +1,4 @@
-"""DERP frame codec (spec: shared/spec/derp-disco.md §2 frames, §3 handshake, §10 vectors).
+"""DERP frame codec (tailscale derp/derp.go: frames, handshake).
 
 Flow after the HTTP upgrade (§3.1; C = client, S = relay server, M = mesh-key holders only):
 
@@ -39,7 +39,7 @@ A box is NaCl crypto_box (X25519 + XSalsa20-Poly1305, §3.5): `nonce | tag(16) |
 exactly what PyNaCl's `Box(priv, pub).encrypt(msg, nonce)` returns; the caller supplies the nonce.
 
 `FrameBuffer` turns a byte stream into frames, refusing a header whose length is over the limit
-before any of its body is buffered (§9.5 of STYLE.md). Receive paths raise only
+before any of its body is buffered (as h11's max_incomplete_event_size). Receive paths raise only
 RemoteProtocolError subclasses: MalformedPacket, FrameTooLarge, AuthenticationFailed.
 """
 

@@ -1,4 +1,4 @@
-"""DERP relay core over many connections, sans-I/O (spec: shared/spec/derp-disco.md §3, §4).
+"""DERP relay core over many connections, sans-I/O (tailscale derpserver.go).
 
 Theory of operation: the shell picks an opaque int id per accepted stream, calls
 `connection_made(id, now)` (which queues ServerKey), copies the stream's bytes into

@@ -1,4 +1,4 @@
-"""The HTTP/1.1 exchange that opens a DERP stream, sans-I/O (spec: shared/spec/derp-disco.md §1.3).
+"""The HTTP/1.1 exchange that opens a DERP stream, sans-I/O (tailscale derp/derphttp).
 
     client -> server   GET /derp HTTP/1.1 | Host | Connection: Upgrade | Upgrade: DERP | blank line
     server -> client   HTTP/1.1 101 Switching Protocols | Upgrade: DERP | Connection: Upgrade |

@@ -1,0 +1,481 @@
+"""The per-packet pipeline: TUN <-> WireGuard device <-> UDP, batched, on the event loop's thread.
+
+Outbound (TUN readable; `on_tun_readable`):
+  1. TUN read, draining up to `max_tun_reads` reads until EAGAIN (one read after a quiet
+     spell, see below). With offloads one read is a TCP/UDP super-packet of up to 64 KB
+     (~45 segments at MTU 1420).
+  2. Segmentation (`offload.segment`): wire-size IP packets with complete checksums, built as
+     rows of one numpy array. A plain packet only gets its checksum finished
+     (`offload.complete_checksum`), without the segmentation machinery.
+  3. Routing, once per super-packet, and only when the destination differs from the previous
+     packet's: a drained batch is mostly one flow.
+  4. Encryption, once per peer per drained batch (`PeerLike.encrypt`): nonce order is the
+     order of the batch, so a peer's packets keep their order.
+  5. Transmission through the `PeerSender` (node/transport.py): UDP GSO, one `sendmsg` per
+     run of up to 64 equal-size datagrams, and/or the peer's DERP region.
+
+Inbound (UDP readable; `on_udp_readable`):
+  1. UDP receive with GRO, draining up to `max_datagrams` datagrams until EAGAIN (one receive
+     after a quiet spell); one receive is a run of datagrams of one source.
+  2. Decryption, replay and allowed-IP checks, once per run (`DeviceLike.receive_batch`);
+     handshake replies and keepalives come back in the same result and are sent at once.
+  3. Coalescing (`offload.coalesce`): in-order TCP segments of one flow become one GSO packet;
+     with USO, equal-size UDP datagrams of one flow become one UDP_L4 GSO packet (up to 64
+     small datagrams per TUN write instead of one write each).
+  4. TUN write: one `writev` per coalesced packet (vnet header + headers + payloads); a lone
+     packet skips coalescing.
+
+Relayed (a DERP link delivered datagrams; `on_relayed`): the same as inbound, with the region's
+pseudo-endpoint as the source; replies go back through that region to the sending key.
+
+Nothing here runs once per packet on the event loop: asyncio calls each handler once per
+readiness and the handler drains a batch, then calls `on_activity()` once so the daemon can
+re-arm its single timer. Drops are counted by `DropReason`; a `RemoteProtocolError` from the
+device is counted by its `reason` and never raised. No threads: measured slower than one loop
+(cryptography holds the GIL for packets under 2 KB).
+
+A lone packet (ping, request/response) pays for every syscall and every trip through the event
+loop, so two things keep its path short. A wakeup more than SPARSE_GAP after the previous one on
+the same fd reads once instead of draining (the read that finds the queue empty is saved; if
+more was queued, the level-triggered reader fires again at once, and that wakeup drains). And a
+lone packet written into a quiet TUN is followed by one TUN read in the same handler: what the
+write provoked (an echo reply, a TCP ACK) is usually queued before the write returns, and goes
+out without an epoll round trip.
+
+A TUN read that fails with anything but EAGAIN (EBADFD once `ip link del` removed the interface
+from under us) is fatal, as in wireguard-go: both fds are detached at once (a dead TUN fd stays
+readable, so a level-triggered reader would spin), one error line names the interface and the
+error, and `on_fatal` runs. The default raises SystemExit(1): the event loop unwinds, the daemon's
+cleanup runs, the process exits 1 (a supervisor with Restart=on-failure recreates the interface).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agent.engine.paths import derp_endpoint
+from agent.keys import NodePublic
+from agent.log import get_logger
+from agent.node.tun import OFFLOAD_TSO_USO, Tun
+from agent.node.udp import Endpoint, UdpSocket
+from agent.proto.errors import DropReason, MalformedPacket, RemoteProtocolError
+from agent.proto.offload import (
+    F_NEEDS_CSUM,
+    GSO_NONE,
+    Buffer,
+    coalesce,
+    complete_checksum,
+    segment,
+)
+
+__all__ = [
+    "Endpoint",
+    "PeerLike",
+    "PeerSender",
+    "ForeignHandler",
+    "RxResult",
+    "DeviceLike",
+    "DataPlaneStats",
+    "DataPlane",
+    "MAX_TUN_READS",
+    "MAX_UDP_DATAGRAMS",
+    "EXIT_TUN_FAILED",
+    "exit_on_tun_failure",
+]
+
+log = get_logger("agent.dataplane")
+
+MAX_TUN_READS = 64
+MAX_UDP_DATAGRAMS = 512
+# A wakeup more than this after the previous one on the same fd is "sparse": one read, no
+# drain (the read that would find the queue empty costs a syscall and an exception; if more
+# is queued, the level-triggered reader fires again at once and that wakeup drains).
+SPARSE_GAP = 0.001
+EXIT_TUN_FAILED = 1
+
+
+def exit_on_tun_failure(error: OSError) -> None:
+    """The default `on_fatal`: stop the process with status EXIT_TUN_FAILED."""
+    raise SystemExit(EXIT_TUN_FAILED)
+
+
+class PeerLike(Protocol):
+    """One WireGuard peer as the data plane sees it."""
+
+    @property
+    def public_key(self) -> NodePublic: ...
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        """Where WireGuard last heard this peer (None: not known yet)."""
+        ...
+
+    def encrypt(
+        self, packets: Sequence[bytes | bytearray | memoryview], now: float
+    ) -> Sequence[bytes | bytearray]:
+        """Datagrams for `endpoint` (may include a handshake initiation; empty if staged)."""
+        ...
+
+
+class RxResult(Protocol):
+    """What the device made of a run of received datagrams."""
+
+    @property
+    def packets(self) -> Sequence[bytes | bytearray | memoryview]:
+        """Plaintext IP packets for the TUN."""
+        ...
+
+    @property
+    def replies(self) -> Sequence[tuple[bytes | bytearray, Endpoint]]:
+        """Handshake/cookie replies and keepalives to send."""
+        ...
+
+    @property
+    def peers(self) -> Sequence[PeerLike]:
+        """Peers that authenticated a message of the batch."""
+        ...
+
+    @property
+    def foreign(self) -> Sequence[bytes | bytearray | memoryview]:
+        """Datagrams that are not WireGuard messages (DISCO, STUN, junk)."""
+        ...
+
+
+# Non-WireGuard datagrams from one source (DISCO, STUN): (datagrams, src, DERP sender key, now)
+ForeignHandler = Callable[[Sequence[Buffer], Endpoint, NodePublic | None, float], None]
+
+
+class PeerSender(Protocol):
+    """Where a peer's datagrams go (node/transport.py): UDP, DERP, or both."""
+
+    def has_path(self, peer: PeerLike, now: float) -> bool: ...
+
+    def send_to_peer(
+        self, peer: PeerLike, datagrams: Sequence[bytes | bytearray], now: float
+    ) -> int:
+        """Send; returns how many datagrams were dropped."""
+        ...
+
+    def send_to_endpoint(
+        self, datagrams: Sequence[bytes | bytearray], endpoint: Endpoint, key: NodePublic | None
+    ) -> int:
+        """Reply to where a message came from (`key`: the sender, for DERP)."""
+        ...
+
+    def received(self, peers: Sequence[PeerLike], src: Endpoint, now: float) -> None:
+        """`peers` authenticated messages from `src`."""
+        ...
+
+
+class _UdpOnly:
+    """The default sender: everything over UDP to the peer's WireGuard endpoint."""
+
+    def __init__(self, udp: UdpSocket) -> None:
+        self.udp = udp
+
+    def has_path(self, peer: PeerLike, now: float) -> bool:
+        return peer.endpoint is not None
+
+    def send_to_peer(
+        self, peer: PeerLike, datagrams: Sequence[bytes | bytearray], now: float
+    ) -> int:
+        ep = peer.endpoint
+        return len(datagrams) if ep is None else self.udp.send_batch(datagrams, ep)
+
+    def send_to_endpoint(
+        self, datagrams: Sequence[bytes | bytearray], endpoint: Endpoint, key: NodePublic | None
+    ) -> int:
+        return self.udp.send_batch(datagrams, endpoint)
+
+    def received(self, peers: Sequence[PeerLike], src: Endpoint, now: float) -> None:
+        pass
+
+
+class DeviceLike(Protocol):
+    """The sans-I/O WireGuard device driven by the data plane."""
+
+    def route(self, dst: bytes) -> PeerLike | None:
+        """The peer whose allowed IPs hold `dst` (4 or 16 raw address bytes)."""
+        ...
+
+    def receive_batch(
+        self, datagrams: Sequence[bytes | bytearray | memoryview], src: Endpoint, now: float
+    ) -> RxResult:
+        """Handle datagrams from one source."""
+        ...
+
+
+@dataclass(slots=True)
+class DataPlaneStats:
+    """Counters. tx = from the TUN towards peers, rx = from peers into the TUN.
+
+    `tx_packets`/`tx_bytes` count plaintext IP packets after segmentation, `rx_packets`/
+    `rx_bytes` plaintext packets handed to the TUN; `*_datagrams`/`*_wire_bytes` count UDP.
+    """
+
+    tun_reads: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_datagrams: int = 0
+    tx_wire_bytes: int = 0
+    udp_reads: int = 0
+    rx_datagrams: int = 0
+    rx_wire_bytes: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tun_writes: int = 0
+    drops: Counter[DropReason] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, int | dict[str, int]]:
+        out: dict[str, int | dict[str, int]] = {
+            name: getattr(self, name) for name in self.__slots__ if name != "drops"
+        }
+        out["drops"] = {str(k): v for k, v in self.drops.items()}
+        return out
+
+
+class DataPlane:
+    """Moves packets between a TUN and a UDP socket through a `DeviceLike`, in batches."""
+
+    def __init__(
+        self,
+        tun: Tun,
+        udp: UdpSocket,
+        device: DeviceLike,
+        clock: Callable[[], float],
+        on_activity: Callable[[], None],
+        *,
+        max_tun_reads: int = MAX_TUN_READS,
+        max_datagrams: int = MAX_UDP_DATAGRAMS,
+        sender: PeerSender | None = None,
+        on_foreign: ForeignHandler | None = None,
+        on_fatal: Callable[[OSError], None] = exit_on_tun_failure,
+    ) -> None:
+        self.tun = tun
+        self.on_fatal = on_fatal
+        self.udp = udp
+        self.sender: PeerSender = sender if sender is not None else _UdpOnly(udp)
+        self.on_foreign = on_foreign
+        self.device = device
+        self.clock = clock
+        self.on_activity = on_activity
+        self.max_tun_reads = max_tun_reads
+        self.max_datagrams = max_datagrams
+        self.stats = DataPlaneStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # When each fd last woke us (clock seconds): after a quiet spell a wakeup reads once
+        self._tun_seen = -math.inf
+        self._udp_seen = -math.inf
+
+    # ------------------------------------------------------------------ event loop
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Register both fds with `loop` (level-triggered readers)."""
+        if self._loop is not None:
+            raise RuntimeError("data plane already attached")
+        loop.add_reader(self.tun.fileno(), self.on_tun_readable)
+        loop.add_reader(self.udp.fileno(), self.on_udp_readable)
+        self._loop = loop
+
+    def detach(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.remove_reader(self.tun.fileno())
+            loop.remove_reader(self.udp.fileno())
+
+    # ------------------------------------------------------------------ outbound
+
+    def on_tun_readable(self) -> None:
+        """Drain the TUN: segment, route, encrypt per peer, send with GSO."""
+        now = self.clock()
+        sparse = now - self._tun_seen > SPARSE_GAP
+        self._tun_seen = now
+        if self._from_tun(1 if sparse else self.max_tun_reads, now):
+            self.on_activity()
+
+    def _from_tun(self, max_reads: int, now: float) -> bool:
+        """Up to `max_reads` TUN reads, sent on to their peers; False if nothing was read."""
+        try:
+            frames = self.tun.read_batch(max_reads)
+        except OSError as e:
+            self._tun_failed(e)
+            return False
+        if not frames:
+            return False
+        stats = self.stats
+        drops = stats.drops
+        stats.tun_reads += len(frames)
+        route = self.device.route
+        # A drained batch is mostly one flow: the last destination's peer and packet list are
+        # reused without a lookup.
+        last_dst: bytes | None = None
+        last_peer: PeerLike | None = None
+        last_list: list[Buffer] | None = None
+        per_peer: dict[int, tuple[PeerLike, list[Buffer]]] = {}
+        for hdr, pkt in frames:
+            n = len(pkt)
+            version = pkt[0] >> 4 if n else 0
+            if version == 4 and n >= 20:
+                dst = pkt[16:20].tobytes()
+            elif version == 6 and n >= 40:
+                dst = pkt[24:40].tobytes()
+            else:
+                drops[DropReason.NOT_IP] += 1
+                continue
+            one: Buffer | None = None
+            segments: list[Buffer] = []
+            try:
+                if hdr.gso_type == GSO_NONE:
+                    one = complete_checksum(hdr, pkt) if hdr.flags & F_NEEDS_CSUM else pkt
+                else:
+                    segments = segment(hdr, pkt)
+            except MalformedPacket:
+                drops[DropReason.MALFORMED] += 1
+                continue
+            if dst != last_dst:
+                peer = route(dst)
+                last_dst = dst
+                if peer is None:
+                    last_peer = last_list = None
+                else:
+                    entry = per_peer.get(id(peer))
+                    if entry is None:
+                        entry = per_peer[id(peer)] = (peer, [])
+                    last_peer, last_list = entry
+            if last_list is None or last_peer is None:
+                drops[DropReason.NO_ROUTE] += 1 if one is not None else len(segments)
+                continue
+            if one is not None:
+                last_list.append(one)
+            else:
+                last_list.extend(segments)
+        for peer, packets in per_peer.values():
+            if packets:
+                self._send_to_peer(peer, packets, now)
+        return True
+
+    def _tun_failed(self, error: OSError) -> None:
+        self.detach()
+        code = errno.errorcode.get(error.errno, "") if error.errno else ""
+        text = error.strerror or str(error)
+        log.error(
+            "TUN device failed, stopping",
+            interface=self.tun.name,
+            error=f"{code}: {text}" if code else text,
+        )
+        self.on_fatal(error)
+
+    def _send_to_peer(self, peer: PeerLike, packets: list[Buffer], now: float) -> None:
+        stats = self.stats
+        sender = self.sender
+        if not sender.has_path(peer, now):
+            stats.drops[DropReason.NO_ENDPOINT] += len(packets)
+            return
+        try:
+            datagrams = peer.encrypt(packets, now)
+        except RemoteProtocolError as e:
+            stats.drops[e.reason] += len(packets)
+            return
+        stats.tx_packets += len(packets)
+        stats.tx_bytes += sum(map(len, packets))
+        if not datagrams:
+            return
+        failed = sender.send_to_peer(peer, datagrams, now)
+        if failed:
+            stats.drops[DropReason.SEND_FAILED] += failed
+        stats.tx_datagrams += len(datagrams) - failed
+        stats.tx_wire_bytes += sum(map(len, datagrams))
+
+    # ------------------------------------------------------------------ inbound
+
+    def on_udp_readable(self) -> None:
+        """Drain the socket: decrypt per GRO run, send replies, coalesce and write the TUN."""
+        now = self.clock()
+        sparse = now - self._udp_seen > SPARSE_GAP
+        self._udp_seen = now
+        batches = self.udp.recv_batch(1 if sparse else self.max_datagrams)
+        if not batches:
+            return
+        self.stats.udp_reads += len(batches)
+        plaintext: list[Buffer] = []
+        for datagrams, src in batches:
+            self._receive(datagrams, src, None, now, plaintext)
+        if plaintext:
+            self._write_tun(plaintext)
+            if sparse:
+                self._answer(now)
+        self.on_activity()
+
+    def on_relayed(self, region: int, src_key: NodePublic, datagrams: list[bytes]) -> None:
+        """Datagrams that `src_key` sent us through DERP region `region`."""
+        plaintext: list[Buffer] = []
+        now = self.clock()
+        self._receive(datagrams, derp_endpoint(region), src_key, now, plaintext)
+        if plaintext:
+            self._write_tun(plaintext)
+            if len(datagrams) == 1:
+                self._answer(now)
+        self.on_activity()
+
+    def _answer(self, now: float) -> None:
+        """After a lone packet went into a quiet TUN: its answer (an echo reply, a TCP ACK)
+        is usually queued before the write returns, so read it now rather than after a trip
+        through the event loop. Not when we sent recently: then the packet is more likely the
+        answer to ours, and nothing follows it."""
+        if now - self._tun_seen > SPARSE_GAP and self._from_tun(1, now):
+            self._tun_seen = now
+
+    def _receive(
+        self,
+        datagrams: Sequence[Buffer],
+        src: Endpoint,
+        key: NodePublic | None,
+        now: float,
+        plaintext: list[Buffer],
+    ) -> None:
+        stats = self.stats
+        stats.rx_datagrams += len(datagrams)
+        stats.rx_wire_bytes += sum(map(len, datagrams))
+        try:
+            result = self.device.receive_batch(datagrams, src, now)
+        except RemoteProtocolError as e:
+            stats.drops[e.reason] += len(datagrams)
+            return
+        if result.packets:
+            plaintext.extend(result.packets)
+        if result.foreign:
+            if self.on_foreign is not None:
+                self.on_foreign(result.foreign, src, key, now)
+            else:
+                stats.drops[DropReason.MALFORMED] += len(result.foreign)
+        sender = self.sender
+        if result.peers:
+            sender.received(result.peers, src, now)
+        for data, endpoint in result.replies:
+            failed = sender.send_to_endpoint([data], endpoint, key)
+            if failed:
+                stats.drops[DropReason.SEND_FAILED] += failed
+            else:
+                stats.tx_datagrams += 1
+                stats.tx_wire_bytes += len(data)
+
+    def _write_tun(self, packets: list[Buffer]) -> None:
+        stats = self.stats
+        tun = self.tun
+        if tun.vnet_hdr and len(packets) > 1:
+            items = coalesce(packets, udp=tun.offload == OFFLOAD_TSO_USO)
+            failed = tun.write_coalesced(items)
+            stats.tun_writes += len(items)
+        else:
+            failed = tun.write_packets(packets)
+            stats.tun_writes += len(packets)
+        if failed:
+            stats.drops[DropReason.TUN_WRITE_FAILED] += failed
+        stats.rx_packets += len(packets) - failed
+        stats.rx_bytes += sum(map(len, packets))
