@@ -43,7 +43,6 @@ INITIAL_CHAINING_KEY: Final = hash_(CONSTRUCTION)
 INITIAL_HASH: Final = hash_(INITIAL_CHAINING_KEY, IDENTIFIER)
 
 
-
 class SymmetricState:
     """Noise SymmetricState: chaining key, handshake hash and the current cipher key and nonce."""
 
