@@ -30,7 +30,7 @@ from agent.coordinator.client import (
     NotAuthorized,
 )
 from agent.coordinator.netmap import NetMap, Registration
-from agent.engine.engine import static_disco_public
+from agent.engine.discokeys import static_disco_public
 from agent.log import get_logger
 
 __all__ = ["ControlLink", "join"]

@@ -38,7 +38,8 @@ from agent.daemon.randpool import RandomPool
 from agent.daemon.transport import PeerTransport
 from agent.daemon.tun import Tun, open_tun
 from agent.daemon.udp import UdpSocket, open_udp
-from agent.engine.engine import PathEngine, static_disco_private, static_disco_public
+from agent.engine.discokeys import static_disco_private, static_disco_public
+from agent.engine.engine import PathEngine
 from agent.engine.events import PathChanged, PongReceived
 from agent.engine.stun_probe import StunProber, StunServer
 from agent.keys import NodePublic

@@ -8,7 +8,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_net
 from agent.config import DerpConfig
 from agent.coordinator.netmap import NetMap, NodeInfo
 from agent.daemon.netmap_peers import NetmapPeers
-from agent.engine.engine import PathEngine, static_disco_private
+from agent.engine.discokeys import static_disco_private
+from agent.engine.engine import PathEngine
 from agent.keys import DiscoPrivate, NodePrivate, NodePublic
 from agent.proto.wireguard.device import Device
 
