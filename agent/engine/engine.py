@@ -44,35 +44,7 @@ packet arrived), `receive_disco` (a DISCO packet arrived over UDP or DERP),
 `next_deadline()`. Hostile input to `receive_disco` is counted in `stats.drops` and never
 raises.
 
-Disco keys in static-config mode (no coordinator)
--------------------------------------------------
-A node's disco key pair IS its WireGuard node key pair: `static_disco_private(node_private)`
-for us, `static_disco_public(peer_public_key)` for each peer that speaks DISCO. Both are X25519
-keys, so the peer's public key from the config authenticates its DISCO boxes with nothing else
-to configure, from the first packet, over UDP or any relay.
-
-Weighed against:
-  * a second key per peer in the config: what the issue rules out; error-prone by hand.
-  * trust on first use of the sender key seen over DERP (the relay authenticates the frame's
-    source node key): rests on the relay operator being honest (a relay could substitute keys
-    and steer our path choice), and rotation makes re-binding silent, i.e. no check at all.
-  * sending a random disco key inside the WireGuard tunnel once it is up: the best privacy,
-    but it needs an in-tunnel control channel and a handshake over DERP before any probing,
-    which delays the first hole punch; a possible later addition.
-  * deriving the disco key from the node key by a public tweak: no privacy gain (anyone can
-    apply the tweak) and non-standard curve arithmetic.
-Costs accepted: (1) privacy: every DISCO packet carries the sender's disco public key in
-clear, so an on-path observer of direct UDP sees the node's long-term public key and can link it
-across networks (WireGuard itself never sends a static key in clear; the DERP relay sees node
-keys anyway). (2) key reuse across protocols: the same X25519 secret feeds WireGuard's Noise
-handshake (static-static DH mixed into a BLAKE2s HKDF chain with ephemeral DHs) and NaCl
-crypto_box (HSalsa20 of the DH, random 24-byte nonces). The derivations differ, the plaintexts
-are disjoint formats, and the DISCO receiver is no decryption or signing oracle for anything
-WireGuard uses; Tailscale's own DERP login already boxes with the node key. The engine takes the
-disco private key and each peer's disco public key as parameters, so a coordinator can hand out
-random per-boot disco keys (as tailscaled's control plane does) without changing the engine.
-Which peers speak DISCO is the daemon's call: a peer given a `derp_region` (one of ours), not a
-plain WireGuard peer configured with only an endpoint.
+Disco keys in static-config mode: see `discokeys`.
 
 Differences from tailscaled, all for the static mode or the issue's 5 s fallback bound: the
 CallMeMaybe answer, the ping back on an unsolicited UDP ping, the late-heartbeat trust cut, a
@@ -82,9 +54,8 @@ CallMeMaybe rate limit of one per 5 s per peer; no path-MTU probing, no peer rel
 from __future__ import annotations
 
 import secrets
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Final
 
 from agent.engine.candidates import Candidate, CandidateSource
@@ -106,8 +77,9 @@ from agent.engine.paths import (
 )
 from agent.engine.peerpath import PeerPath, usable_endpoint
 from agent.engine.schedule import Deadlines
+from agent.engine.stats import EngineStats
 from agent.engine.timings import DEFAULT_TIMINGS, MAX_CALL_ME_MAYBE_ENDPOINTS, Timings
-from agent.keys import DiscoPrivate, DiscoPublic, NodePrivate, NodePublic
+from agent.keys import DiscoPrivate, DiscoPublic, NodePublic
 from agent.proto import disco
 from agent.proto.errors import (
     DropReason,
@@ -117,50 +89,9 @@ from agent.proto.errors import (
     UnknownPeer,
 )
 
-__all__ = [
-    "PathEngine",
-    "EngineStats",
-    "static_disco_private",
-    "static_disco_public",
-]
+__all__ = ["PathEngine"]
 
 _DEDUP_SOURCES: Final = 1024  # sources whose last ping TxID we remember (duplicate detection)
-
-
-def static_disco_private(node_private: NodePrivate) -> DiscoPrivate:
-    """Our disco private key in static-config mode: the node private key (module docstring)."""
-    return DiscoPrivate(node_private.raw)
-
-
-def static_disco_public(node_public: NodePublic) -> DiscoPublic:
-    """A peer's disco public key in static-config mode: its node public key."""
-    return DiscoPublic(node_public.raw)
-
-
-@dataclass(slots=True)
-class EngineStats:
-    """Counters. `drops` uses DropReason values: malformed, authentication, unknown_peer,
-    send_failed (a peer disco key that cannot be used)."""
-
-    drops: Counter[DropReason] = field(default_factory=Counter)
-    received: Counter[str] = field(default_factory=Counter)  # "ping" / "pong" / "call_me_maybe"
-    sent: Counter[str] = field(default_factory=Counter)
-    duplicate_pings: int = 0
-    unmatched_pongs: int = 0
-    silence_probes: int = 0  # heartbeat pings sent early: the direct path went silent
-    relayed_fallbacks: int = 0  # trust ended because the peer's data came through DERP
-
-    def counters(self) -> dict[str, int]:
-        """Every counter under one flat name (for metrics): sent_ping, received_pong,
-        dropped_malformed, silence_probes, ..."""
-        out = {f"sent_{k}": v for k, v in self.sent.items()}
-        out.update({f"received_{k}": v for k, v in self.received.items()})
-        out.update({f"dropped_{k.value}": v for k, v in self.drops.items()})
-        out["duplicate_pings"] = self.duplicate_pings
-        out["unmatched_pongs"] = self.unmatched_pongs
-        out["silence_probes"] = self.silence_probes
-        out["relayed_fallbacks"] = self.relayed_fallbacks
-        return out
 
 
 _KIND: Final[dict[type[disco.Message], str]] = {

@@ -25,7 +25,7 @@ import socket
 from collections.abc import Callable, Sequence
 
 from agent.config import Config
-from agent.engine.engine import static_disco_public
+from agent.engine.discokeys import static_disco_public
 from agent.log import get_logger
 from agent.node.coordinator_client import (
     CoordinatorClient,

@@ -25,7 +25,8 @@ import time
 from collections.abc import Sequence
 
 from agent.config import Config
-from agent.engine.engine import PathEngine, static_disco_private, static_disco_public
+from agent.engine.discokeys import static_disco_private, static_disco_public
+from agent.engine.engine import PathEngine
 from agent.engine.events import PathChanged, PongReceived
 from agent.engine.stun_probe import StunProber, StunServer
 from agent.keys import NodePublic

@@ -12,7 +12,8 @@
         ├── CookieRequired        under load and mac2 missing/invalid: answer with a cookie
         ├── RateLimited           handshake rate limit per source exceeded
         ├── ExpiredSession        keypair past its reject-after time or message limit
-        └── DisallowedSource      inner source address outside the peer's allowed IPs
+        ├── DisallowedSource      inner source address outside the peer's allowed IPs
+        └── NotPermitted          a frame the sender's login does not allow (DERP mesh frames)
 
 Receive paths raise only RemoteProtocolError; the caller counts it by `reason` and moves on.
 """
@@ -36,6 +37,7 @@ __all__ = [
     "RateLimited",
     "ExpiredSession",
     "DisallowedSource",
+    "NotPermitted",
 ]
 
 
@@ -59,6 +61,11 @@ class DropReason(StrEnum):
     NOT_IP = "not_ip"
     SEND_FAILED = "send_failed"
     TUN_WRITE_FAILED = "tun_write_failed"
+    NOT_PERMITTED = "not_permitted"
+    # DERP relay (tailscale derpserver's dropReason names)
+    UNKNOWN_DEST = "unknown_dest"  # no local client with that key, none on a mesh node
+    UNKNOWN_DEST_ON_FWD = "unknown_dest_on_fwd"  # a mesh node forwarded to a key not here
+    DUP_CLIENT = "dup_client"  # several connections for the key and none of them active
 
 
 class ProtocolError(Exception):
@@ -113,3 +120,7 @@ class ExpiredSession(RemoteProtocolError):
 
 class DisallowedSource(RemoteProtocolError):
     reason = DropReason.DISALLOWED_SOURCE
+
+
+class NotPermitted(RemoteProtocolError):
+    reason = DropReason.NOT_PERMITTED

@@ -1,7 +1,7 @@
 """DERP frame codec: FrameBuffer over a chunked stream, parse_any, parse_frame, and the JSON
 inside ClientInfo/ServerInfo boxes.
 
-Contract (agent/proto/derp/frames.py): receive paths raise only RemoteProtocolError subclasses
+Contract (agent/proto/derp/frames/): receive paths raise only RemoteProtocolError subclasses
 (MalformedPacket, FrameTooLarge, AuthenticationFailed); once a FrameBuffer failed, every later
 feed raises too. Invariants: a parsed frame re-encodes to bytes that parse to the same frame;
 FrameBuffer never holds more than one header plus one allowed payload.

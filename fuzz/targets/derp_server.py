@@ -1,6 +1,6 @@
 """RelayCore.receive_data on one connection in each state, next to live clients.
 
-Contract (agent/proto/derp/server.py): a protocol error closes that connection only (a
+Contract (agent/proto/derp/server/core.py): a protocol error closes that connection only (a
 CloseConnection event) and raises RemoteProtocolError; nothing else escapes. Invariants: after
 an error the connection is closed and other clients stay registered; once the connection is
 gone, the relay's connection and client tables are back to their size before the input.

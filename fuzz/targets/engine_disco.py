@@ -20,7 +20,8 @@ import random
 
 import nacl.public
 
-from agent.engine.engine import PathEngine, static_disco_private, static_disco_public
+from agent.engine.discokeys import static_disco_private, static_disco_public
+from agent.engine.engine import PathEngine
 from agent.engine.paths import derp_endpoint
 from agent.engine.timings import MAX_CANDIDATES, MAX_OUTSTANDING_PINGS
 from agent.keys import NodePrivate

@@ -7,7 +7,8 @@ import random
 
 import nacl.public
 
-from agent.engine.engine import PathEngine, static_disco_private, static_disco_public
+from agent.engine.discokeys import static_disco_private, static_disco_public
+from agent.engine.engine import PathEngine
 from agent.engine.events import Outgoing, PathChanged, PongReceived
 from agent.engine.paths import derp_endpoint
 from agent.keys import NodePrivate, NodePublic

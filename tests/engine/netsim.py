@@ -32,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent.engine.engine import PathEngine, static_disco_private, static_disco_public
+from agent.engine.discokeys import static_disco_private, static_disco_public
+from agent.engine.engine import PathEngine
 from agent.engine.events import EngineEvent
 from agent.engine.paths import Endpoint, derp_endpoint
 from agent.keys import NodePrivate, NodePublic

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.engine.engine import PathEngine, static_disco_private, static_disco_public
+from agent.engine.discokeys import static_disco_private, static_disco_public
+from agent.engine.engine import PathEngine
 from agent.engine.events import Outgoing, PathChanged, PeerPathStatus, PongReceived
 from agent.engine.paths import PathStatus, PathTable, Targets, derp_endpoint
 from agent.engine.timings import DEFAULT_TIMINGS

@@ -6,7 +6,8 @@ import dataclasses
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 
 from agent.config import DerpConfig
-from agent.engine.engine import PathEngine, static_disco_private
+from agent.engine.discokeys import static_disco_private
+from agent.engine.engine import PathEngine
 from agent.keys import DiscoPrivate, NodePrivate, NodePublic
 from agent.node.netmap_peers import NetmapPeers
 from agent.proto.coordinator_messages import NetMap, NodeInfo

@@ -30,7 +30,7 @@ from agent.proto.derp.frames import (
     UnknownFrame,
 )
 from agent.proto.derp.server import CLIENT_INFO_TIMEOUT, CloseConnection, ConnState, RelayCore
-from agent.proto.errors import MalformedPacket
+from agent.proto.errors import MalformedPacket, NotPermitted
 
 T0 = 1000.0
 DISCO = "TS💬".encode() + bytes(60)
@@ -293,7 +293,7 @@ def test_frames_after_a_closing_frame_are_ignored() -> None:
     data = (
         bytes([FrameType.WATCH_CONNS]) + bytes(4) + SendPacket(b, b"after").encode()
     )  # WatchConns without the mesh key closes the connection
-    with pytest.raises(MalformedPacket):
+    with pytest.raises(NotPermitted):
         core.receive_data(1, data, T0)
     assert core.data_to_send(2) == b""
     assert FrameBuffer().feed(core.data_to_send(1)) == []

@@ -42,13 +42,7 @@ from agent.proto.wireguard.handshake import (
     ConsumedInitiation,
     Handshake,
     LocalIdentity,
-    SessionKeys,
-    SymmetricState,
     consume_initiation,
-    initiator_read_msg2,
-    initiator_write_msg1,
-    responder_read_msg1,
-    responder_write_msg2,
 )
 from agent.proto.wireguard.messages import (
     HandshakeInitiation,
@@ -56,6 +50,14 @@ from agent.proto.wireguard.messages import (
     TransportHeader,
     message_type,
 )
+from agent.proto.wireguard.noise import (
+    SymmetricState,
+    initiator_read_msg2,
+    initiator_write_msg1,
+    responder_read_msg1,
+    responder_write_msg2,
+)
+from agent.proto.wireguard.session import SessionKeys
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
 

@@ -8,9 +8,8 @@ the preshared key (32 zero bytes when none) is mixed in last (psk2):
     message 2     <- e, ee, se, psk     payload = empty                  (92 B on the wire)
     split         T_send(i) = T_recv(r), T_recv(i) = T_send(r) = KDF2(ck, "")
 
-The generic steps live in SymmetricState and the four `*_msg1`/`*_msg2` functions, so a test can
-run them with any prologue and payload (the cacophony vectors); Handshake wraps them with
-WireGuard's identifiers, indexes, timestamps and replay rule.
+The generic steps (SymmetricState and the four `*_msg1`/`*_msg2` functions) live in `noise.py`;
+this module wraps them with WireGuard's identifiers, indexes, timestamps and replay rule.
 
 One Handshake per peer, one state at a time (as wireguard-go):
 
@@ -39,10 +38,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-
 from agent.keys import NodePrivate, NodePublic, PresharedKey
 from agent.proto.errors import (
+    AuthenticationFailed,
     LocalProtocolError,
     RateLimited,
     ReplayedHandshake,
@@ -50,27 +48,18 @@ from agent.proto.errors import (
     UnknownReceiver,
 )
 from agent.proto.wireguard.constants import (
-    CONSTRUCTION,
     HANDSHAKE_INITIATION_RATE,
-    IDENTIFIER,
     LABEL_COOKIE,
     LABEL_MAC1,
     MSG_INITIATION,
     MSG_RESPONSE,
 )
 from agent.proto.wireguard.crypto import (
-    HASH_LEN,
     KEY_LEN,
     TAI64N_LEN,
-    aead_decrypt,
-    aead_encrypt,
-    constant_time_equal,
     dh,
     generate_private,
     hash_,
-    kdf2,
-    kdf3,
-    public_from_private,
     tai64n,
 )
 from agent.proto.wireguard.messages import (
@@ -79,185 +68,30 @@ from agent.proto.wireguard.messages import (
     HandshakeInitiation,
     HandshakeResponse,
 )
+from agent.proto.wireguard.noise import (
+    INITIAL_CHAINING_KEY,
+    INITIAL_HASH,
+    SymmetricState,
+    initiator_read_msg2,
+    initiator_write_msg1,
+    responder_read_msg1,
+    responder_write_msg2,
+)
+from agent.proto.wireguard.session import SessionKeys
 
 __all__ = [
-    "INITIAL_CHAINING_KEY",
-    "INITIAL_HASH",
-    "SymmetricState",
-    "initiator_write_msg1",
-    "responder_read_msg1",
-    "responder_write_msg2",
-    "initiator_read_msg2",
     "LocalIdentity",
-    "SessionKeys",
     "ConsumedInitiation",
     "consume_initiation",
     "Handshake",
 ]
-
-INITIAL_CHAINING_KEY: Final = hash_(CONSTRUCTION)
-INITIAL_HASH: Final = hash_(INITIAL_CHAINING_KEY, IDENTIFIER)
 
 _ZERO_KEY: Final = bytes(KEY_LEN)
 _ZERO_MAC: Final = bytes(16)
 _ZERO_TIMESTAMP: Final = bytes(TAI64N_LEN)
 
 
-# --- Noise symmetric state and the IKpsk2 message steps -----------------------------------------
-
-
-class SymmetricState:
-    """Noise SymmetricState: chaining key, handshake hash and the current cipher key and nonce."""
-
-    __slots__ = ("_key", "_nonce", "chaining_key", "hash")
-
-    def __init__(self, chaining_key: bytes, hash_value: bytes) -> None:
-        self.chaining_key = chaining_key
-        self.hash = hash_value
-        self._key: bytes | None = None
-        self._nonce = 0
-
-    @classmethod
-    def initialize(cls, protocol_name: bytes) -> SymmetricState:
-        """InitializeSymmetric: h = name padded to 32 bytes, or HASH(name) if longer; ck = h."""
-        if len(protocol_name) <= HASH_LEN:
-            h = protocol_name.ljust(HASH_LEN, b"\0")
-        else:
-            h = hash_(protocol_name)
-        return cls(h, h)
-
-    def mix_hash(self, data: bytes) -> None:
-        self.hash = hash_(self.hash, data)
-
-    def mix_key(self, input_key_material: bytes) -> None:
-        self.chaining_key, self._key = kdf2(self.chaining_key, input_key_material)
-        self._nonce = 0
-
-    def mix_key_and_hash(self, input_key_material: bytes) -> None:
-        self.chaining_key, temp_h, self._key = kdf3(self.chaining_key, input_key_material)
-        self.mix_hash(temp_h)
-        self._nonce = 0
-
-    def encrypt_and_hash(self, plaintext: bytes) -> bytes:
-        if self._key is None:
-            ciphertext = plaintext
-        else:
-            ciphertext = aead_encrypt(self._key, self._nonce, plaintext, self.hash)
-            self._nonce += 1
-        self.mix_hash(ciphertext)
-        return ciphertext
-
-    def decrypt_and_hash(self, ciphertext: bytes) -> bytes:
-        """Raises AuthenticationFailed on a bad tag (the state is then unusable)."""
-        if self._key is None:
-            plaintext = ciphertext
-        else:
-            plaintext = aead_decrypt(self._key, self._nonce, ciphertext, self.hash)
-            self._nonce += 1
-        self.mix_hash(ciphertext)
-        return plaintext
-
-    def split(self) -> tuple[bytes, bytes]:
-        """(initiator-to-responder key, responder-to-initiator key)."""
-        return kdf2(self.chaining_key, b"")
-
-
-def _mix_ephemeral(st: SymmetricState, ephemeral_public: bytes) -> None:
-    # "e" token with a PSK in the pattern: MixHash(e) and MixKey(e).
-    st.mix_hash(ephemeral_public)
-    st.mix_key(ephemeral_public)
-
-
-def initiator_write_msg1(
-    st: SymmetricState,
-    *,
-    ephemeral_private: bytes,
-    local_static_public: bytes,
-    remote_static: bytes,
-    static_static: bytes,
-    payload: bytes,
-) -> tuple[bytes, bytes, bytes]:
-    """-> e, es, s, ss, payload. Returns (ephemeral public, encrypted static, encrypted payload).
-
-    `static_static` = DH(our static private, remote static), which WireGuard precomputes.
-    """
-    ephemeral_public = public_from_private(ephemeral_private)
-    _mix_ephemeral(st, ephemeral_public)
-    st.mix_key(dh(ephemeral_private, remote_static))
-    encrypted_static = st.encrypt_and_hash(local_static_public)
-    st.mix_key(static_static)
-    encrypted_payload = st.encrypt_and_hash(payload)
-    return ephemeral_public, encrypted_static, encrypted_payload
-
-
-def responder_read_msg1(
-    st: SymmetricState,
-    *,
-    local_static_private: bytes,
-    remote_ephemeral: bytes,
-    encrypted_static: bytes,
-    encrypted_payload: bytes,
-    static_static: Callable[[bytes], bytes],
-) -> tuple[bytes, bytes]:
-    """<- e, es, s, ss, payload. Returns (initiator static public, payload).
-
-    `static_static(remote_static)` returns DH(our static private, remote_static); it may raise
-    (for instance UnknownPeer) to stop before the payload is decrypted.
-    """
-    _mix_ephemeral(st, remote_ephemeral)
-    st.mix_key(dh(local_static_private, remote_ephemeral))
-    remote_static = st.decrypt_and_hash(encrypted_static)
-    st.mix_key(static_static(remote_static))
-    payload = st.decrypt_and_hash(encrypted_payload)
-    return remote_static, payload
-
-
-def responder_write_msg2(
-    st: SymmetricState,
-    *,
-    ephemeral_private: bytes,
-    remote_ephemeral: bytes,
-    remote_static: bytes,
-    preshared_key: bytes,
-    payload: bytes,
-) -> tuple[bytes, bytes]:
-    """-> e, ee, se, psk, payload. Returns (ephemeral public, encrypted payload)."""
-    ephemeral_public = public_from_private(ephemeral_private)
-    _mix_ephemeral(st, ephemeral_public)
-    st.mix_key(dh(ephemeral_private, remote_ephemeral))
-    st.mix_key(dh(ephemeral_private, remote_static))
-    st.mix_key_and_hash(preshared_key)
-    return ephemeral_public, st.encrypt_and_hash(payload)
-
-
-def initiator_read_msg2(
-    st: SymmetricState,
-    *,
-    ephemeral_private: bytes,
-    local_static_private: bytes,
-    remote_ephemeral: bytes,
-    encrypted_payload: bytes,
-    preshared_key: bytes,
-) -> bytes:
-    """<- e, ee, se, psk, payload. Returns the payload; AuthenticationFailed if it does not open."""
-    _mix_ephemeral(st, remote_ephemeral)
-    st.mix_key(dh(ephemeral_private, remote_ephemeral))
-    st.mix_key(dh(local_static_private, remote_ephemeral))
-    st.mix_key_and_hash(preshared_key)
-    return st.decrypt_and_hash(encrypted_payload)
-
-
 # --- WireGuard handshake -------------------------------------------------------------------------
-
-
-def _raw_x25519(private: bytes, public: bytes) -> bytes:
-    """X25519 without the all-zero check (the caller decides what zero means)."""
-    try:
-        return X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(public)
-        )
-    except ValueError:
-        return _ZERO_KEY
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,17 +114,6 @@ class LocalIdentity:
     @classmethod
     def from_private(cls, private: NodePrivate) -> LocalIdentity:
         return cls(private, private.public())
-
-
-@dataclass(frozen=True, slots=True)
-class SessionKeys:
-    """The result of a completed handshake: transport keys and both indexes."""
-
-    send_key: bytes = field(repr=False)
-    recv_key: bytes = field(repr=False)
-    local_index: int
-    remote_index: int
-    is_initiator: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,9 +217,10 @@ class Handshake:
         self.local = local
         self.remote_static = remote_static
         self._randbytes = randbytes
-        self._static_static = _raw_x25519(local.private.raw, remote_static.raw)
-        if constant_time_equal(self._static_static, _ZERO_KEY):
-            raise LocalProtocolError("peer public key gives an all-zero shared secret")
+        try:
+            self._static_static = dh(local.private.raw, remote_static.raw)
+        except AuthenticationFailed:
+            raise LocalProtocolError("peer public key gives an all-zero shared secret") from None
         self._initial_hash = hash_(INITIAL_HASH, remote_static.raw)  # initiator, after pre-message
         # Changed by the owner through the methods below:
         self._psk = _psk_bytes(preshared_key)

@@ -27,15 +27,25 @@ from agent.proto.wireguard.constants import (
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
 )
-from agent.proto.wireguard.handshake import SessionKeys
 from agent.proto.wireguard.replay import ReplayWindow
 
-__all__ = ["Keypair", "Keypairs", "NONCE"]
+__all__ = ["Keypair", "Keypairs", "NONCE", "SessionKeys"]
 
 Buffer = bytes | bytearray | memoryview
 NONCE = struct.Struct("<4xQ")
 _COUNTER = struct.Struct("<Q")
 _PAD = [bytes(i) for i in range(16)]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKeys:
+    """The result of a completed handshake: transport keys and both indexes."""
+
+    send_key: bytes = field(repr=False)
+    recv_key: bytes = field(repr=False)
+    local_index: int
+    remote_index: int
+    is_initiator: bool
 
 
 class Keypair:
