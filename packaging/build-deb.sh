@@ -102,6 +102,7 @@ chmod 0640 "$ROOT/etc/agent/agent.conf"
 install -m 0640 coordinator.conf.example "$ROOT/etc/agent/coordinator.conf"
 install -D -m 0644 README.md "$ROOT/usr/share/doc/agent/README.md"
 install -m 0644 agent.conf.example coordinator.conf.example "$ROOT/usr/share/doc/agent/"
+install -D -m 0644 docs/reference.md "$ROOT/usr/share/doc/agent/docs/reference.md"
 LICENSE=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["license"]["text"])')
 printf 'agent %s\nLicense: %s\nThe bundled Python packages in %s carry their own licenses\n(see %s/lib/python%s/site-packages/*.dist-info).\n' \
     "$VERSION" "$LICENSE" "$PREFIX" "$PREFIX" "$PYVER" >"$ROOT/usr/share/doc/agent/copyright"
