@@ -235,7 +235,7 @@ class _Checker:
         if "src" not in doc:
             raise self.fail(path, "missing 'src'")
         src = self.alias(doc["src"], (*path, "src"))
-        if not (isinstance(src, User | Tag | Host) or _is_single_address(src)):
+        if not (isinstance(src, User | Tag) or _is_single_address(src)):
             message = f"a test source must be one user, tag, host or IP, not {src}"
             raise self.fail((*path, "src"), message)
         protocols = self.protocol(doc, path)
@@ -243,6 +243,11 @@ class _Checker:
         for field in ("accept", "deny"):
             found = self.destinations(doc.get(field, []), (*path, field), protocols)
             for i, d in enumerate(found):
+                if not (isinstance(d.target, User | Tag) or _is_single_address(d.target)):
+                    message = (
+                        f"a test destination must be one user, tag, host or IP, not {d.target}"
+                    )
+                    raise self.fail((*path, field, i), message)
                 if len(d.ports) != 1 or d.ports[0].first != d.ports[0].last:
                     raise self.fail((*path, field, i), "a test destination needs one port")
             checks[field] = found
@@ -330,4 +335,4 @@ def _plain_name(text: str) -> bool:
 
 
 def _is_single_address(alias: Alias) -> bool:
-    return isinstance(alias, Prefix) and alias.network.num_addresses == 1
+    return isinstance(alias, Prefix | Host) and alias.network.num_addresses == 1
