@@ -197,12 +197,7 @@ class _Parser:
         start = self.pos
         m = _STRING.match(self.text, start)
         if not m:
-            end = start + 1
-            while end < len(self.text) and self.text[end] not in '"\\\x00\n':
-                end += 1
-            if end >= len(self.text) or self.text[end] == "\n":
-                raise self.error("unterminated string", start)
-            raise self.error("invalid character in string", end)
+            raise self._string_error(start)
         raw = m.group()
         self.pos = m.end()
         if "\\" not in raw:
@@ -214,6 +209,21 @@ class _Parser:
         if any("\ud800" <= ch <= "\udfff" for ch in decoded):
             raise self.error("invalid \\u escape: unpaired surrogate", start)
         return decoded
+
+    def _string_error(self, start: int) -> PolicyError:
+        """Why the string starting at `start` did not match: where it breaks."""
+        text, i = self.text, start + 1
+        while i < len(text):
+            ch = text[i]
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == "\n":
+                break
+            if ch < " ":
+                return self.error("invalid character in string", i)
+            i += 1
+        return self.error("unterminated string", start)
 
     def number(self) -> int | float:
         start = self.pos
