@@ -136,8 +136,9 @@ class _Checker:
         return value
 
     def grammar(self, parser: Callable[[str], _T], value: JSONValue, path: Path) -> _T:
+        text = self.text(value, path)
         try:
-            return parser(self.text(value, path))
+            return parser(text)
         except ValueError as e:
             raise self.fail(path, str(e)) from None
 
