@@ -249,7 +249,8 @@ class _Checker:
                         f"a test destination must be one user, tag, host or IP, not {d.target}"
                     )
                     raise self.fail((*path, field, i), message)
-                if len(d.ports) != 1 or d.ports[0].first != d.ports[0].last:
+                portless = protocols is not None and not protocols <= PORTED_PROTOCOLS
+                if not portless and (len(d.ports) != 1 or d.ports[0].first != d.ports[0].last):
                     raise self.fail((*path, field, i), "a test destination needs one port")
             checks[field] = found
         return PolicyTest(src, checks["accept"], checks["deny"], protocols)
