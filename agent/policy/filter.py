@@ -223,7 +223,10 @@ class PacketFilter:
         for m in self._matches[p.version]:
             if m.protocols and protocol not in m.protocols:
                 continue
-            if not any(lo <= src <= hi for lo, hi in m.sources):
+            for lo, hi in m.sources:
+                if lo <= src <= hi:
+                    break
+            else:
                 continue
             for lo, hi, first, last in m.destinations:
                 if not lo <= dst <= hi:
