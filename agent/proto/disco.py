@@ -79,7 +79,7 @@ KEY_LEN: Final = 32
 NONCE_LEN: Final = 24
 BOX_OVERHEAD: Final = 16  # Poly1305 tag
 HEADER_LEN: Final = len(MAGIC) + KEY_LEN + NONCE_LEN  # 62
-MIN_LOOKS_LIKE_LEN: Final = len(MAGIC) + KEY_LEN  # 38, the §9 classification threshold
+MIN_LOOKS_LIKE_LEN: Final = len(MAGIC) + KEY_LEN  # 38, magicsock's discoHeaderLen
 MESSAGE_HEADER_LEN: Final = 2  # type, version
 MIN_PACKET_LEN: Final = HEADER_LEN + BOX_OVERHEAD + MESSAGE_HEADER_LEN  # 80
 
@@ -247,13 +247,14 @@ def parse_message(plaintext: bytes) -> Message:
 
 
 def looks_like_disco(packet: bytes) -> bool:
-    """§9.1 rule 3 / §9.2: at least magic + sender key, starting with the disco magic."""
+    """At least magic + sender key, starting with the disco magic (as tailscale
+    wgengine/magicsock/magicsock.go packetLooksLike tests it; over UDP and over DERP)."""
     return len(packet) >= MIN_LOOKS_LIKE_LEN and packet[: len(MAGIC)] == MAGIC
 
 
 def sender_key(packet: bytes) -> bytes:
-    """The sender disco public key of a packet, read before opening it (§8.2: only packets
-    from known peers' disco keys are worth opening)."""
+    """The sender disco public key of a packet, read before opening it (only packets from
+    known peers' disco keys are worth opening, as magicsock.go handleDiscoMessage does)."""
     if not looks_like_disco(packet):
         raise MalformedPacket("not a disco packet")
     return bytes(packet[len(MAGIC) : MIN_LOOKS_LIKE_LEN])
@@ -266,7 +267,8 @@ def _box(private: bytes, public: bytes) -> nacl.public.Box:
 
 
 def shared_key(private: bytes, public: bytes) -> bytes:
-    """crypto_box_beforenm(public, private): the key both directions of a disco pair use (§8.2).
+    """crypto_box_beforenm(public, private): the key both directions of a disco pair use
+    (tailscale types/key/disco.go Shared).
 
     Raises LocalProtocolError for a low-order `public` (X25519 gives all zeros).
     """

@@ -96,7 +96,8 @@ def new_txid(randbytes: Callable[[int], bytes] = secrets.token_bytes) -> bytes:
 
 
 def is_stun(data: bytes) -> bool:
-    """§9.1 rule 1: at least a header, top two bits zero, the magic cookie, binding method."""
+    """At least a header, top two bits zero, the magic cookie, binding method: the first test of
+    tailscale wgengine/magicsock/magicsock.go packetLooksLike (net/stun/stun.go Is)."""
     return (
         len(data) >= HEADER_SIZE
         and data[0] & 0xC0 == 0
@@ -196,7 +197,8 @@ def _address_value(value: bytes, xor: bytes | None) -> Address:
 
 @dataclass(frozen=True, slots=True)
 class BindingRequest:
-    """Binding Request with SOFTWARE and a trailing FINGERPRINT (§6.1): 40 bytes for "tailnode"."""
+    """Binding Request with SOFTWARE and a trailing FINGERPRINT (RFC 5389 §15.10, §15.5), as
+    tailscale net/stun/stun.go Request builds it: 40 bytes for "tailnode"."""
 
     txid: bytes
     software: bytes = SOFTWARE
@@ -211,7 +213,8 @@ class BindingRequest:
 
     @classmethod
     def parse(cls, data: bytes) -> Self:
-        """Accept as derper does (§6.2): binding type, SOFTWARE present, valid FINGERPRINT last.
+        """Accept as derper does (tailscale net/stun/stun.go ParseBindingRequest): binding type,
+        SOFTWARE present, valid FINGERPRINT last.
 
         `software` is the first SOFTWARE attribute; checking its value is the caller's choice
         (see `parse_binding_request`).
@@ -237,7 +240,8 @@ class BindingRequest:
 
 @dataclass(frozen=True, slots=True)
 class BindingResponse:
-    """Binding Success Response carrying one XOR-MAPPED-ADDRESS (§6.3): 32 (v4) or 44 (v6) bytes.
+    """Binding Success Response carrying one XOR-MAPPED-ADDRESS (RFC 5389 §15.2; tailscale
+    net/stun/stun.go Response): 32 (v4) or 44 (v6) bytes.
 
     An IPv4 `address` is sent with family 1; any IPv6 one, IPv4-mapped included, with family 2.
     `parse` returns IPv4-mapped addresses un-mapped.
@@ -260,8 +264,9 @@ class BindingResponse:
 
     @classmethod
     def parse(cls, data: bytes) -> Self:
-        """Client rules (§6.4): success type only, trim to the declared length, prefer
-        XOR-MAPPED-ADDRESS (0x0020 or 0x8020), fall back to MAPPED-ADDRESS, un-map v4-in-v6."""
+        """Client rules (tailscale net/stun/stun.go ParseResponse): success type only, trim to
+        the declared length, prefer XOR-MAPPED-ADDRESS (0x0020 or 0x8020), fall back to
+        MAPPED-ADDRESS, un-map v4-in-v6."""
         msg_type, txid, body = _header(data)
         if msg_type != BINDING_SUCCESS:
             raise MalformedPacket(f"STUN type {msg_type:#06x} is not a binding success response")
@@ -283,12 +288,12 @@ class BindingResponse:
 
 
 def binding_request(txid: bytes, software: bytes = SOFTWARE) -> bytes:
-    """The bytes of a Binding Request (§6.1)."""
+    """The bytes of a Binding Request (see `BindingRequest`)."""
     return BindingRequest(txid, software).encode()
 
 
 def parse_binding_request(data: bytes, *, software: bytes | None = SOFTWARE) -> bytes:
-    """The transaction ID of a Binding Request a STUN server should answer (§6.2).
+    """The transaction ID of a Binding Request a STUN server should answer.
 
     With `software` set (the default, as derper), the first SOFTWARE attribute must equal it.
     """
@@ -299,11 +304,11 @@ def parse_binding_request(data: bytes, *, software: bytes | None = SOFTWARE) -> 
 
 
 def binding_response(txid: bytes, addr: Address) -> bytes:
-    """The bytes of a Binding Success Response telling the client it was seen as `addr` (§6.3)."""
+    """The bytes of a Binding Success Response telling the client it was seen as `addr`."""
     return BindingResponse(txid, addr).encode()
 
 
 def parse_response(data: bytes) -> tuple[bytes, Address]:
-    """(transaction ID, mapped address) of a Binding Success Response (§6.4)."""
+    """(transaction ID, mapped address) of a Binding Success Response (see `BindingResponse`)."""
     response = BindingResponse.parse(data)
     return response.txid, response.address

@@ -1,4 +1,4 @@
-"""Coordinator wire messages (agent/proto/coordinator_messages.py): every `parse`, derp_from_json,
+"""Coordinator wire messages (agent/proto/coordinator_messages): every `parse`, derp_from_json,
 NodeInfo.from_json and parse_endpoint.
 
 Contract: parse raises only BadMessage (a MalformedPacket); parse_endpoint raises ValueError.

@@ -60,7 +60,7 @@ _FRAME_SIZES = (MAX_FRAME_SIZE, 0, 64, 1 << 16)
 
 
 def golden_frames() -> list[bytes]:
-    """One encoded frame of every known type (§10-style values)."""
+    """One encoded frame of every known type (values like the golden tests')."""
     return [
         ServerKey(SERVER_PUB).encode(),
         ClientInfo(

@@ -1,6 +1,6 @@
 """TUN offload arithmetic on arbitrary IP headers: segment (TX) and coalesce (RX).
 
-Contract (agent/proto/offload.py): segment raises only MalformedPacket for inconsistent
+Contract (agent/proto/offload): segment raises only MalformedPacket for inconsistent
 headers; coalesce takes any packets. Invariants: the numpy and pure-Python segmentation paths
 give the same packets; every GSO item coalesce builds is accepted by segment and cut back into
 as many packets as it merged.

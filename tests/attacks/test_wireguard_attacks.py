@@ -24,8 +24,8 @@ from agent.proto.wireguard.constants import (
 )
 from agent.proto.wireguard.cookie import CookieGenerator
 from agent.proto.wireguard.device import Device
+from agent.proto.wireguard.events import HandshakeCompleted
 from agent.proto.wireguard.messages import CookieReply
-from agent.proto.wireguard.peer import HandshakeCompleted
 
 A_EP = ("198.18.0.1", 41641)
 B_EP = ("198.18.0.2", 41641)

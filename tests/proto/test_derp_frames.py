@@ -1,4 +1,4 @@
-"""DERP frame codec tests: golden bytes of derp-disco.md §10, boxes, FrameBuffer, fuzz.
+"""DERP frame codec tests: golden bytes, boxes, FrameBuffer, fuzz.
 
 Hex literals below were written from tailscale's derp/derp.go frame layouts; keys are the
 X25519 private scalars 32 bytes of 0x11 (server), 0x22 (client) and 0x33 (peer), and the fixed box
@@ -56,7 +56,7 @@ from agent.proto.errors import (
     RemoteProtocolError,
 )
 
-# --- §10 keys and vectors -----------------------------------------------------------------------
+# --- keys and vectors -----------------------------------------------------------------------------
 
 SERVER_PRIV = bytes([0x11]) * 32
 CLIENT_PRIV = bytes([0x22]) * 32
@@ -78,7 +78,7 @@ SERVER_INFO_HEX = (
     "0300000035" + NONCE.hex() + "a9f96672359ffb53a9a765041e0e895820ae6ff32ce093a7548f0f9eac"
 )
 
-# (frame, §10 hex) for every frame vector in the "Other frames" table.
+# (frame, hex) for every frame type past the login.
 GOLDEN: list[tuple[Frame, str]] = [
     (ServerKey(SERVER_PUB), SERVER_KEY_HEX),
     (SendPacket(PEER_PUB, b"\x01\x02\x03"), "0400000023" + PEER_PUB.hex() + "010203"),
@@ -116,7 +116,7 @@ def test_spec_keys_match_private_scalars() -> None:
     assert bytes(PrivateKey(PEER_PRIV).public_key) == PEER_PUB
 
 
-# --- golden bytes (§10) -------------------------------------------------------------------------
+# --- golden bytes ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("frame", "hex_bytes"), GOLDEN, ids=lambda v: type(v).__name__)
@@ -156,12 +156,12 @@ def test_golden_server_info_box() -> None:
 
 
 def test_golden_disco_ping_inside_send_packet_header() -> None:
-    # §10 DISCO: the 124-byte ping inside DERP has header 04 0000009c + destination key.
+    # A DISCO ping (124 bytes) inside DERP has header 04 0000009c + destination key.
     frame = SendPacket(PEER_PUB, bytes(124))
     assert frame.encode()[:5] == bytes.fromhex("040000009c")
 
 
-# --- boxes --------------------------------------------------------------------------------------
+# --- boxes ----------------------------------------------------------------------------------------
 
 
 def test_box_round_trip_and_wrong_keys_fail() -> None:
@@ -202,7 +202,7 @@ def test_seal_rejects_bad_arguments() -> None:
         seal_client_info(CLIENT_PRIV[:31], SERVER_PUB, {}, NONCE)
 
 
-# --- per-type length rules (§2.3) ---------------------------------------------------------------
+# --- per-type length rules (derp/derp.go) ---------------------------------------------------------
 
 
 def test_server_key_accepts_extra_bytes_and_checks_magic() -> None:
@@ -338,7 +338,7 @@ def test_every_frame_type_is_covered_and_parses_to_its_class() -> None:
         assert type(parsed) is type(frame)
 
 
-# --- round trip ---------------------------------------------------------------------------------
+# --- round trip -----------------------------------------------------------------------------------
 
 keys = st.binary(min_size=32, max_size=32)
 packets = st.binary(max_size=2000)
@@ -398,7 +398,7 @@ def test_frame_buffer_any_chunking(items: list[Frame], data: st.DataObject) -> N
     assert buf.buffered == 0
 
 
-# --- FrameBuffer --------------------------------------------------------------------------------
+# --- FrameBuffer ----------------------------------------------------------------------------------
 
 
 def _handshake_stream() -> bytes:
@@ -479,7 +479,7 @@ def test_malformed_frame_fails_stream_but_feed_raw_does_not_parse() -> None:
     assert raw == [(FrameType.NOTE_PREFERRED, b""), (FrameType.KEEP_ALIVE, b"")]
 
 
-# --- hostile input ------------------------------------------------------------------------------
+# --- hostile input --------------------------------------------------------------------------------
 
 
 @given(st.lists(st.binary(max_size=200), max_size=10))

@@ -322,7 +322,7 @@ def test_mesh_peer_bypasses_verify_client() -> None:
 
 def test_watch_conns_flood_then_stream() -> None:
     """The flood lists current keys (endpoint and flags); dups each get PeerPresent, and
-    PeerGone comes only when a key's last connection goes (§4.1)."""
+    PeerGone comes only when a key's last connection goes (derpserver.go)."""
     rand = random.Random(8)
     core = RelayCore(_key(100), randbytes=rand.randbytes, mesh_key=MESH_KEY)
 

@@ -170,7 +170,7 @@ def test_peer_gone_after_sender_disconnects(pair: RelayPair) -> None:
     a_priv, b_priv = _key(10), _key(11)
     a, b = pair.connect(1, a_priv), pair.connect(2, b_priv)
     a.events(), b.events()
-    # B sends to A, so A has heard from B (§4.3); then B leaves.
+    # B sends to A, so A has heard from B; then B leaves.
     b.send_packet(_pub(a_priv), b"hi", pair.now)
     pair.pump()
     a.events()

@@ -1,4 +1,7 @@
-"""The HTTP upgrade that opens a DERP stream (spec §1.3): golden bytes, streaming, strictness."""
+"""The HTTP upgrade that opens a DERP stream: golden bytes, streaming, strictness.
+
+Both sides as tailscale writes them: derp/derphttp/derphttp_client.go (connect) and
+derp/derpserver/handler.go."""
 
 from __future__ import annotations
 

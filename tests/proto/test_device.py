@@ -21,12 +21,8 @@ from agent.proto.wireguard.constants import (
     REKEY_TIMEOUT,
 )
 from agent.proto.wireguard.device import Device
-from agent.proto.wireguard.peer import (
-    RETRY_HANDSHAKE_MIN_INTERVAL,
-    HandshakeCompleted,
-    HandshakeGivenUp,
-    Peer,
-)
+from agent.proto.wireguard.events import HandshakeCompleted, HandshakeGivenUp
+from agent.proto.wireguard.peer import RETRY_HANDSHAKE_MIN_INTERVAL, Peer
 
 A_EP = ("198.18.0.1", 41641)
 B_EP = ("198.18.0.2", 41641)

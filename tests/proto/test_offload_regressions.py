@@ -1,4 +1,4 @@
-"""Inputs the fuzzers (fuzz/) found that escaped agent/proto/offload.py's error contract."""
+"""Inputs the fuzzers (fuzz/) found that escaped the error contract of agent/proto/offload."""
 
 from __future__ import annotations
 

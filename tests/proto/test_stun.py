@@ -1,5 +1,9 @@
-"""Codec tests for agent.proto.stun: golden bytes (derp-disco.md §10), client and server rules
-(§6.2, §6.4), classification (§9.1), round trips and hostile input."""
+"""Codec tests for agent.proto.stun: golden bytes, server and client rules (tailscale
+net/stun/stun.go ParseBindingRequest and ParseResponse), classification (magicsock.go
+packetLooksLike), round trips and hostile input.
+
+The golden messages were built by hand from RFC 5389 (SOFTWARE "tailnode", FINGERPRINT,
+XOR-MAPPED-ADDRESS) with the transaction ID below."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from agent.proto.wireguard.constants import (
     TRANSPORT_MIN_SIZE,
 )
 
-# derp-disco.md §10 "STUN", transaction ID 0102…0c.
+# Transaction ID 0102…0c.
 TXID = bytes.fromhex("0102030405060708090a0b0c")
 REQUEST = bytes.fromhex(
     "000100142112a4420102030405060708090a0b0c802200087461696c6e6f646580280004b32c370f"
@@ -68,7 +72,7 @@ def with_fingerprint(msg_type: int, txid: bytes, attrs: bytes) -> bytes:
     return head + struct.pack(">HHI", stun.ATTR_FINGERPRINT, 4, crc)
 
 
-# --- golden bytes (§10) ---------------------------------------------------------------------------
+# --- golden bytes ---------------------------------------------------------------------------------
 
 
 def test_binding_request_golden() -> None:
@@ -99,12 +103,12 @@ def test_binding_response_golden(host: str, wire: bytes) -> None:
     [(RESPONSE_V4, "192.0.2.7"), (RESPONSE_V6, "2001:db8::7"), (RESPONSE_MAPPED_V6, "192.0.2.7")],
 )
 def test_parse_response_golden(wire: bytes, host: str) -> None:
-    # §6.3/§6.4: derper may report an IPv4 client as family 2, ::ffff:a.b.c.d; clients un-map.
+    # derper may report an IPv4 client as family 2, ::ffff:a.b.c.d; clients un-map.
     assert stun.parse_response(wire) == (TXID, (host, PORT))
     assert len(wire) == (32 if wire is RESPONSE_V4 else 44)
 
 
-# --- server acceptance (§6.2) ---------------------------------------------------------------------
+# --- server acceptance ----------------------------------------------------------------------------
 
 
 def test_request_with_other_software_rejected_by_default() -> None:
@@ -149,7 +153,7 @@ def test_response_is_not_a_request() -> None:
         stun.parse_binding_request(RESPONSE_V4)
 
 
-# --- client rules (§6.4) --------------------------------------------------------------------------
+# --- client rules ---------------------------------------------------------------------------------
 
 
 def test_response_mapped_address_fallback() -> None:
@@ -223,7 +227,7 @@ def test_request_bad_txid() -> None:
         stun.binding_request(b"\x00" * 11)
 
 
-# --- classification (§9.1) ------------------------------------------------------------------------
+# --- classification -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("wire", [REQUEST, RESPONSE_V4, RESPONSE_V6, RESPONSE_MAPPED_V6])

@@ -1,6 +1,6 @@
 """DERP client connection core, sans-I/O (tailscale derp/derp_client.go).
 
-Theory of operation: the shell copies stream bytes (after the HTTP 101 upgrade, §1.3) into
+Theory of operation: the shell copies stream bytes (after the HTTP 101 upgrade, see `upgrade`) into
 `receive_data`, writes out whatever `data_to_send` returns, drains `events()`, and calls
 `on_timer(now)` when `next_deadline()` passes. The login is a small table-shaped machine:
 
@@ -12,12 +12,13 @@ Theory of operation: the shell copies stream bytes (after the HTTP 101 upgrade, 
 
 Any other frame during login, or a second ServerKey/ServerInfo later, is out of order: the
 connection closes and `receive_data` raises RemoteProtocolError. Frames of unknown type (and
-client-to-server types) are skipped once connected, as tailscaled does (§2.3). The read watchdog
-closes with reason "read timeout" after CLIENT_READ_TIMEOUT seconds without a frame (§2.2).
+client-to-server types) are skipped once connected, as tailscaled does (derp/derp_client.go
+Recv). The read watchdog closes with reason "read timeout" after CLIENT_READ_TIMEOUT seconds
+without a frame.
 
-A relay's region-mesh client (§4.4) passes `mesh_key` (sent as ClientInfo `meshKey`) and
-`can_ack_pings=False`, then uses `watch_conns`, `forward_packet` and `close_peer`; the server
-answers those frames only on connections holding its mesh key.
+A relay's region-mesh client (tailscale derp/derphttp/mesh_client.go) passes `mesh_key` (sent
+as ClientInfo `meshKey`) and `can_ack_pings=False`, then uses `watch_conns`, `forward_packet`
+and `close_peer`; the server answers those frames only on connections holding its mesh key.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ READ_TIMEOUT_REASON: Final = "read timeout"
 
 @dataclass(frozen=True, slots=True)
 class Connected:
-    """ServerInfo opened: the connection is up (magicsock's "connected", §5.2)."""
+    """ServerInfo opened: the connection is up (the "connected" of tailscale
+    wgengine/magicsock/derp.go)."""
 
     server_key: bytes
 
@@ -244,7 +246,7 @@ class DerpClientConn:
         self._check_can_send()
         self._out += NotePreferred(preferred).encode()
 
-    # --- mesh (only a relay logged in with the server's mesh key may send these, §4.4) ---------
+    # --- mesh (only a relay logged in with the server's mesh key may send these) ---------
 
     def watch_conns(self) -> None:
         """Ask for PeerPresent about every client of the server now and later, PeerGone after."""
@@ -267,7 +269,8 @@ class DerpClientConn:
     # --- internals ------------------------------------------------------------------------------
 
     def _check_can_send(self) -> None:
-        # The client may send right after ClientInfo, without waiting for ServerInfo (§3.1).
+        # The client may send right after ClientInfo, without waiting for ServerInfo, as
+        # derp/derp_client.go does.
         if self.state in (ClientState.AWAIT_SERVER_KEY, ClientState.CLOSED):
             raise LocalProtocolError(f"cannot send in state {self.state.name}")
 
@@ -315,7 +318,7 @@ class DerpClientConn:
             case Restarting(reconnect_in=reconnect_in, try_for=try_for):
                 self._events.append(ServerRestarting(reconnect_in, try_for))
             case _:
-                pass  # unknown and client-to-server types are skipped (§2.3)
+                pass  # unknown and client-to-server types are skipped (derp_client.go Recv)
 
     def _on_server_key(self, frame: ServerKey) -> None:
         self.server_key = frame.key

@@ -5,14 +5,14 @@ output, `on_timer`/`next_deadline` for WireGuard's timers.
 """
 
 from agent.proto.wireguard.device import Device, RxBatch
-from agent.proto.wireguard.peer import (
+from agent.proto.wireguard.events import (
     EndpointChanged,
     Event,
     HandshakeCompleted,
     HandshakeGivenUp,
     KeysZeroed,
-    Peer,
 )
+from agent.proto.wireguard.peer import Peer
 
 __all__ = [
     "Device",

@@ -20,7 +20,6 @@ that do not start with a WireGuard type word (1-4, then three zero bytes) are re
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,16 +36,17 @@ from agent.proto.wireguard.constants import (
     MSG_INITIATION,
     MSG_RESPONSE,
     MSG_TRANSPORT,
-    RATELIMIT_BURST,
-    RATELIMIT_PACKETS_PER_SECOND,
     RESPONSE_SIZE,
     TRANSPORT_MIN_SIZE,
     UNDER_LOAD_HANDSHAKES_PER_SECOND,
 )
+from agent.proto.wireguard.context import DeviceContext, IndexTable
 from agent.proto.wireguard.cookie import CookieChecker
+from agent.proto.wireguard.events import Endpoint, Event
 from agent.proto.wireguard.handshake import Handshake, LocalIdentity, consume_initiation
 from agent.proto.wireguard.messages import TRANSPORT_HEADER, CookieReply
-from agent.proto.wireguard.peer import DeviceContext, Endpoint, Event, IndexTable, Peer
+from agent.proto.wireguard.peer import Peer
+from agent.proto.wireguard.ratelimit import LoadMonitor, RateLimiter, source_bytes
 from agent.proto.wireguard.session import NONCE, Keypair
 
 __all__ = ["Device", "RxBatch"]
@@ -73,31 +73,6 @@ class RxBatch:
     foreign: list[Buffer] = field(default_factory=list)
 
 
-class _RateLimiter:
-    """Token bucket per source address, used only while under load (wireguard-go ratelimiter)."""
-
-    __slots__ = ("_buckets",)
-
-    def __init__(self) -> None:
-        self._buckets: dict[bytes, tuple[float, float]] = {}
-
-    def allow(self, source: bytes, now: float) -> bool:
-        tokens, last = self._buckets.get(source, (float(RATELIMIT_BURST), now))
-        tokens = min(float(RATELIMIT_BURST), tokens + (now - last) * RATELIMIT_PACKETS_PER_SECOND)
-        allowed = tokens >= 1.0
-        self._buckets[source] = (tokens - 1.0 if allowed else tokens, now)
-        if len(self._buckets) > 65536:
-            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 1.0}
-        return allowed
-
-
-def _source_bytes(src: Endpoint) -> bytes:
-    try:
-        return ipaddress.ip_address(src[0]).packed + src[1].to_bytes(2, "big")
-    except ValueError:
-        return src[0].encode() + src[1].to_bytes(2, "big")
-
-
 class Device:
     """A WireGuard interface's protocol state. One owner calls it; never thread-safe."""
 
@@ -110,17 +85,15 @@ class Device:
         under_load_threshold: int = UNDER_LOAD_HANDSHAKES_PER_SECOND,
     ) -> None:
         local = LocalIdentity.from_private(private_key)
-        self._ctx = DeviceContext(
+        self._ctx: DeviceContext[Peer] = DeviceContext(
             local=local,
             indexes=IndexTable(randbytes),
             wall_offset=wall_offset,
             randbytes=randbytes,
         )
         self._cookie_checker = CookieChecker(local.public, randbytes=randbytes)
-        self._rate = _RateLimiter()
-        self._under_load_threshold = under_load_threshold
-        self._load_window = (0.0, 0)  # (window start, handshake messages in it)
-        self._under_load_until = -1.0
+        self._rate = RateLimiter()
+        self._load = LoadMonitor(under_load_threshold)
         self.peers: dict[NodePublic, Peer] = {}
         self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
         self._route_cache: dict[bytes, Peer | None] = {}
@@ -315,16 +288,6 @@ class Device:
         if peer not in result.peers:
             result.peers.append(peer)
 
-    def _under_load(self, now: float) -> bool:
-        start, count = self._load_window
-        if now - start >= 1.0:
-            start, count = now, 0
-        count += 1
-        self._load_window = (start, count)
-        if count > self._under_load_threshold:
-            self._under_load_until = now + 1.0
-        return now < self._under_load_until
-
     def _receive_handshake(
         self, d: Buffer, src: Endpoint, now: float, result: RxBatch
     ) -> list[tuple[bytes, Endpoint]]:
@@ -349,8 +312,8 @@ class Device:
         if not checker.check_mac1(d):
             self._ctx.drop(DropReason.AUTHENTICATION)
             return []
-        if self._under_load(now):
-            source = _source_bytes(src)
+        if self._load.under_load(now):
+            source = source_bytes(src)
             if not checker.check_mac2(d, source, now):
                 self._ctx.drop(DropReason.COOKIE_REQUIRED)
                 return [(checker.create_reply(d, source, now), src)]

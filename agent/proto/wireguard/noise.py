@@ -1,4 +1,5 @@
-"""Noise symmetric state and the IKpsk2 message steps (Noise spec §5.2, §7; whitepaper §5.4).
+"""Noise symmetric state and the IKpsk2 message steps (Noise Protocol Framework §5.2, §7;
+WireGuard whitepaper §5.4).
 
 The protocol-generic half of the handshake: the chaining key `ck`, the handshake hash `h`, and
 the MixHash/MixKey/MixKeyAndHash/EncryptAndHash/DecryptAndHash/Split operations over BLAKE2s

@@ -13,13 +13,10 @@ calls `encrypt`). Every method takes `now`; datagrams it returns go to `peer.end
 
 from __future__ import annotations
 
-import secrets
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 from agent.keys import NodePublic, PresharedKey
-from agent.proto.deadlines import Deadlines
 from agent.proto.errors import DropReason
 from agent.proto.wireguard.constants import (
     KEEPALIVE_TIMEOUT,
@@ -30,96 +27,37 @@ from agent.proto.wireguard.constants import (
     REKEY_AFTER_TIME,
     REKEY_TIMEOUT,
 )
+from agent.proto.wireguard.context import DeviceContext
 from agent.proto.wireguard.cookie import CookieGenerator
-from agent.proto.wireguard.handshake import ConsumedInitiation, Handshake, LocalIdentity
+from agent.proto.wireguard.events import (
+    Endpoint,
+    EndpointChanged,
+    Event,
+    HandshakeCompleted,
+    HandshakeGivenUp,
+    KeysZeroed,
+)
+from agent.proto.wireguard.handshake import ConsumedInitiation, Handshake
 from agent.proto.wireguard.session import Keypair, Keypairs
 from agent.proto.wireguard.timers import PeerTimers, Timer
 
 RETRY_HANDSHAKE_MIN_INTERVAL = 0.25  # seconds between early initiations (retry_handshake)
 SIMULTANEOUS_INITIATION = 1.0  # the peer's initiation this soon after ours: both in flight
 
+# The events are defined in `events` and re-exported here, where they used to live.
 __all__ = [
+    "RETRY_HANDSHAKE_MIN_INTERVAL",
+    "SIMULTANEOUS_INITIATION",
     "Endpoint",
     "Event",
     "HandshakeCompleted",
     "HandshakeGivenUp",
     "KeysZeroed",
     "EndpointChanged",
-    "DeviceContext",
-    "IndexTable",
     "Peer",
 ]
 
 Buffer = bytes | bytearray | memoryview
-Endpoint = tuple[str, int]
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakeCompleted:
-    peer: NodePublic
-    initiator: bool
-
-
-@dataclass(frozen=True, slots=True)
-class HandshakeGivenUp:
-    peer: NodePublic
-    attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class KeysZeroed:
-    peer: NodePublic
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointChanged:
-    peer: NodePublic
-    endpoint: Endpoint
-
-
-Event = HandshakeCompleted | HandshakeGivenUp | KeysZeroed | EndpointChanged
-
-
-class IndexTable:
-    """Our 32-bit receiver indexes: each names a pending handshake or a live keypair of a peer."""
-
-    __slots__ = ("_randbytes", "handshakes", "keypairs")
-
-    def __init__(self, randbytes: Callable[[int], bytes]) -> None:
-        self._randbytes = randbytes
-        self.handshakes: dict[int, Peer] = {}
-        self.keypairs: dict[int, tuple[Keypair, Peer]] = {}
-
-    def allocate(self, peer: Peer) -> int:
-        while True:
-            index = int.from_bytes(self._randbytes(4), "little")
-            if index not in self.handshakes and index not in self.keypairs:
-                self.handshakes[index] = peer
-                return index
-
-    def bind_keypair(self, kp: Keypair, peer: Peer) -> None:
-        self.handshakes.pop(kp.local_index, None)
-        self.keypairs[kp.local_index] = (kp, peer)
-
-    def free(self, index: int) -> None:
-        self.handshakes.pop(index, None)
-        self.keypairs.pop(index, None)
-
-
-@dataclass(slots=True)
-class DeviceContext:
-    """What every peer of one device shares. Owned by the Device."""
-
-    local: LocalIdentity
-    indexes: IndexTable
-    wall_offset: float = 0.0  # wall clock = now + wall_offset (TAI64N, latest handshake)
-    randbytes: Callable[[int], bytes] = secrets.token_bytes
-    events: deque[Event] = field(default_factory=deque)
-    drops: dict[DropReason, int] = field(default_factory=dict)
-    deadlines: Deadlines[Peer] = field(default_factory=Deadlines)  # each peer's earliest timer
-
-    def drop(self, reason: DropReason, n: int = 1) -> None:
-        self.drops[reason] = self.drops.get(reason, 0) + n
 
 
 class Peer:
@@ -127,7 +65,7 @@ class Peer:
 
     def __init__(
         self,
-        ctx: DeviceContext,
+        ctx: DeviceContext[Peer],
         public_key: NodePublic,
         *,
         preshared_key: PresharedKey | None = None,

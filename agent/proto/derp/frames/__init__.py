@@ -1,6 +1,6 @@
-"""DERP frame codec (tailscale derp/derp.go; §2 frames, §3 handshake).
+"""DERP frame codec (tailscale derp/derp.go; the login in derp/derp_client.go and derpserver).
 
-Flow after the HTTP upgrade (§3.1; C = client, S = relay server, M = mesh-key holders only):
+Flow after the HTTP upgrade (C = client, S = relay server, M = mesh-key holders only):
 
     S -> C  ServerKey      magic + server key; always the first frame
     C -> S  ClientInfo     client key + box(client priv -> server pub, JSON)
@@ -9,14 +9,14 @@ Flow after the HTTP upgrade (§3.1; C = client, S = relay server, M = mesh-key h
     steady  SendPacket -> RecvPacket, KeepAlive, Ping/Pong, PeerGone, PeerPresent (M),
             ForwardPacket (M), ClosePeer (M), Health, Restarting; unknown types are skipped
 
-Every frame (§2.1) is a 5-byte header and a payload; integers are big-endian:
+Every frame is a 5-byte header and a payload; integers are big-endian:
 
     +--------+----------------------+------------------------+
     | type   | length (u32 BE)      | payload (length bytes) |
     | 1 byte | 4 bytes              |                        |
     +--------+----------------------+------------------------+
 
-Payloads (§2.3; "key" = 32-byte raw Curve25519 public key):
+Payloads (as derp.go documents each frame type; "key" = 32-byte raw Curve25519 public key):
 
     0x01 ServerKey      magic(8) | server key(32) | [future bytes]      40..1024
     0x02 ClientInfo     client key(32) | nonce(24) | box(JSON)          56..256 KiB

@@ -1,5 +1,5 @@
-"""Connection-control frames (§2.3): KeepAlive, Ping, Pong, Health, Restarting, and UnknownFrame
-for any type byte this codec does not know.
+"""Connection-control frames (tailscale derp/derp.go): KeepAlive, Ping, Pong, Health,
+Restarting, and UnknownFrame for any type byte this codec does not know.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class Restarting:
 
 @dataclass(frozen=True, slots=True)
 class UnknownFrame:
-    """A frame of a type this codec does not know; receivers skip it (§2.3)."""
+    """A frame of a type this codec does not know; receivers skip it (derp/derp_client.go Recv)."""
 
     frame_type: int
     payload: bytes

@@ -1,4 +1,4 @@
-"""DERP frame header, type bytes, limits and the helpers every frame codec uses (§2.1-§2.3).
+"""DERP frame header, type bytes, limits and the helpers every frame codec uses (derp/derp.go).
 
 Every frame is a 5-byte header (type, u32 BE length) and a payload; MAX_PAYLOAD bounds each
 known type's payload, and is checked against the header before any body is buffered.
@@ -83,7 +83,7 @@ IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class FrameType(IntEnum):
-    """Frame type byte (§2.3)."""
+    """Frame type byte (tailscale derp/derp.go frameType)."""
 
     SERVER_KEY = 0x01
     CLIENT_INFO = 0x02

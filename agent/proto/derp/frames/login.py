@@ -1,7 +1,9 @@
-"""Login frames (§3): ServerKey, ClientInfo and ServerInfo, and the NaCl boxes they carry.
+"""Login frames: ServerKey, ClientInfo and ServerInfo, and the NaCl boxes they carry (tailscale
+derp/derp_client.go and derp/derpserver/derpserver.go).
 
-A box is NaCl crypto_box (X25519 + XSalsa20-Poly1305, §3.5): `nonce | tag(16) | ciphertext`,
-exactly what PyNaCl's `Box(priv, pub).encrypt(msg, nonce)` returns; the caller supplies the nonce.
+A box is NaCl crypto_box (X25519 + XSalsa20-Poly1305, tailscale types/key/node.go SealTo):
+`nonce | tag(16) | ciphertext`, exactly what PyNaCl's `Box(priv, pub).encrypt(msg, nonce)`
+returns; the caller supplies the nonce.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class ServerKey:
-    """0x01: magic | server public key. Bytes after the first 40 are ignored (§3.2)."""
+    """0x01: magic | server public key. Bytes after the first 40 are ignored (derp_client.go
+    recvServerKey)."""
 
     frame_type: ClassVar[FrameType] = FrameType.SERVER_KEY
     key: bytes
@@ -68,7 +71,8 @@ class ServerKey:
 
 @dataclass(frozen=True, slots=True)
 class ClientInfo:
-    """0x02: client key | sealed, where sealed = nonce | box(JSON) (§3.3)."""
+    """0x02: client key | sealed, where sealed = nonce | box(JSON) (derp_client.go
+    sendClientKey)."""
 
     frame_type: ClassVar[FrameType] = FrameType.CLIENT_INFO
     key: bytes
@@ -93,7 +97,8 @@ class ClientInfo:
 
 @dataclass(frozen=True, slots=True)
 class ServerInfo:
-    """0x03: sealed = nonce | box(JSON), server private key to client public key (§3.4)."""
+    """0x03: sealed = nonce | box(JSON), server private key to client public key
+    (derpserver.go sendServerInfo)."""
 
     frame_type: ClassVar[FrameType] = FrameType.SERVER_INFO
     sealed: bytes

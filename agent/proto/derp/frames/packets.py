@@ -1,4 +1,4 @@
-"""Packet frames (§2.3): SendPacket, RecvPacket and the mesh's ForwardPacket."""
+"""Packet frames (tailscale derp/derp.go): SendPacket, RecvPacket and the mesh's ForwardPacket."""
 
 from __future__ import annotations
 
@@ -67,7 +67,8 @@ class RecvPacket:
 
 @dataclass(frozen=True, slots=True)
 class ForwardPacket:
-    """0x0a: source key | destination key | packet, between mesh peers only (§4.4)."""
+    """0x0a: source key | destination key | packet, between mesh peers only
+    (derpserver.go handleFrameForwardPacket)."""
 
     frame_type: ClassVar[FrameType] = FrameType.FORWARD_PACKET
     src: bytes

@@ -1,4 +1,7 @@
-"""Presence frames (§2.3, §4): NotePreferred, PeerGone, PeerPresent, WatchConns, ClosePeer."""
+"""Presence frames: NotePreferred, PeerGone, PeerPresent, WatchConns, ClosePeer.
+
+Layouts from tailscale derp/derp.go; derp/derpserver/derpserver.go sends and receives them.
+"""
 
 from __future__ import annotations
 
@@ -57,7 +60,8 @@ class NotePreferred:
 
 @dataclass(frozen=True, slots=True)
 class PeerGone:
-    """0x08: key | reason. `reason` is None when an old server sent the key alone (§2.3).
+    """0x08: key | reason. `reason` is None when an old server sent the key alone
+    (derp.go framePeerGone).
 
     Bytes after the reason are ignored (room for extension).
     """
@@ -94,7 +98,7 @@ class PeerGone:
 
 @dataclass(frozen=True, slots=True)
 class PeerPresent:
-    """0x09: key | ip(16) | port(2) | flags(1), mesh watchers only (§2.3, §4.4).
+    """0x09: key | ip(16) | port(2) | flags(1), mesh watchers only (derp.go framePeerPresent).
 
     `endpoint` is None when the server sent no address or an all-zero one; an IPv4-mapped
     address is un-mapped. `flags` is None when the server sent no flags byte. Encoding writes 32

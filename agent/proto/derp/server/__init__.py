@@ -1,4 +1,4 @@
-"""The DERP relay core (`RelayCore`), sans-I/O, one module per concern.
+"""The DERP relay core (`RelayCore`), sans-I/O, one module per concern:
 
     core       lifecycle, receive loop and frame dispatch, per-connection deadlines
     login      ClientInfo -> registration, mesh-key check
@@ -6,6 +6,8 @@
     mesh       keys other mesh nodes report; WatchConns, ForwardPacket, ClosePeer
     ratelimit  per-connection receive token buckets, pausing reads
     base       the tables and outputs they share; conn: one connection; events: what comes out
+
+Upstream: tailscale derp/derpserver/derpserver.go (the Server, its sclient and mesh watchers).
 """
 
 from agent.proto.derp.server.conn import ConnState

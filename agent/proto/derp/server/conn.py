@@ -34,7 +34,9 @@ __all__ = [
     "fill_frame",
 ]
 
-NOT_HERE_RATE: Final = 1.0  # PeerGone(NotHere) per second per connection, burst 3 (§4.2)
+NOT_HERE_RATE: Final = (
+    1.0  # PeerGone(NotHere) per second per connection, burst 3 (derpserver.go peerGoneLim)
+)
 NOT_HERE_BURST: Final = 3.0
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -83,7 +85,8 @@ class Conn:
 
 @dataclass(slots=True)
 class KeySet:
-    """The local connections of one client key; `active` is the one packets go to (§4.1)."""
+    """The local connections of one client key; `active` is the one packets go to
+    (derpserver.go dupClientSet, last writer is active)."""
 
     conns: list[int]
     active: int | None

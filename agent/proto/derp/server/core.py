@@ -9,7 +9,7 @@ connection:
     state               input                           action                      next state
     AWAIT_CLIENT_INFO   ClientInfo, opens, verified     send ServerInfo, register   REGISTERED
     AWAIT_CLIENT_INFO   anything else / bad box / reject, or CLIENT_INFO_TIMEOUT    CLOSED
-    REGISTERED          SendPacket                      route (§4.2)                REGISTERED
+    REGISTERED          SendPacket                      route (see `routing`)       REGISTERED
     REGISTERED          Ping                            Pong (one pending at most)  REGISTERED
     REGISTERED          NotePreferred, unknown types    noted / discarded           REGISTERED
     REGISTERED (mesh)   WatchConns                      flood PeerPresent, watch    REGISTERED
@@ -290,4 +290,5 @@ class RelayCore(Login, Mesh, RateLimit, Routing):
             if not conn.mesh:
                 raise NotPermitted("insufficient permissions")
             self._handle_mesh(conn, frame_type, payload, now)
-        # Anything else is read and discarded (§2.3). SendPacket never gets here (_frames).
+        # Anything else is read and discarded, as derpserver.go does. SendPacket never gets here
+        # (_frames).

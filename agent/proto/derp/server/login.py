@@ -1,4 +1,5 @@
-"""Relay login (§3): ServerKey on connect, then ClientInfo within CLIENT_INFO_TIMEOUT.
+"""Relay login: ServerKey on connect, then ClientInfo within CLIENT_INFO_TIMEOUT (tailscale
+derp/derpserver/derpserver.go accept).
 
 ClientInfo is a NaCl box to our key; when it opens, the client is a mesh peer if its `meshKey`
 equals ours (constant-time compare), and otherwise must pass `verify_client`. Registration sends
@@ -30,12 +31,13 @@ from agent.proto.errors import MalformedPacket
 
 __all__ = ["CLIENT_INFO_TIMEOUT", "Login"]
 
-CLIENT_INFO_TIMEOUT: Final = 10.0  # server deadline to receive ClientInfo (§3.1)
+CLIENT_INFO_TIMEOUT: Final = 10.0  # server deadline to receive ClientInfo
 _HEX64: Final = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def _info_field(info: dict[str, Any], name: str) -> Any:
-    """A ClientInfo JSON field, matched case-insensitively as Go's decoder does (§3.3)."""
+    """A ClientInfo JSON field, matched case-insensitively as Go's decoder does
+    (encoding/json, which derpserver.go recvClientKey uses)."""
     for key, value in info.items():
         if key.lower() == name:
             return value
@@ -73,7 +75,8 @@ class Login(RelayBase):
         self._events.append(ClientRegistered(conn.conn_id, frame.key, info, mesh))
 
     def _is_mesh_peer(self, info: dict[str, Any]) -> bool:
-        """True when `meshKey` equals ours; a present but malformed meshKey is an error (§3.3)."""
+        """True when `meshKey` equals ours; a present but malformed meshKey is an error
+        (derpserver.go isMeshPeer)."""
         text = _info_field(info, "meshkey")
         if text is None:
             return False

@@ -1,4 +1,4 @@
-"""Relay region mesh (§4.4): what our watcher connections report, and mesh peers' frames.
+"""Relay region mesh: what our watcher connections report, and mesh peers' frames.
 
 A connection is a mesh peer when its ClientInfo carries `meshKey` equal to ours (see `login`);
 only mesh peers may send WatchConns, ForwardPacket and ClosePeer. As the shell drives it

@@ -1,4 +1,5 @@
-"""Relay receive rate limit (§4.6; off until `set_rate_limit`), as derper's per-client limiter.
+"""Relay receive rate limit (off until `set_rate_limit`), as derper's per-client limiter
+(tailscale derp/derpserver/derpserver.go, set from cmd/derper's --rate-config).
 
 A token bucket per registered non-mesh connection, `burst` bytes deep (at least
 RATE_LIMIT_MIN_BURST), refilled at `bytes_per_sec`. Each frame's payload length, capped at
@@ -24,7 +25,7 @@ from agent.proto.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["RATE_LIMIT_MIN_BURST", "RATE_LIMIT_MIN_WAIT", "RateLimit"]
 
-RATE_LIMIT_MIN_BURST: Final = MAX_PACKET_SIZE + KEY_LEN  # 65568: bucket floor and charge cap (§4.6)
+RATE_LIMIT_MIN_BURST: Final = MAX_PACKET_SIZE + KEY_LEN  # 65568: bucket floor and charge cap
 RATE_LIMIT_MIN_WAIT: Final = 0.01  # a throttled connection is looked at again after >= 10 ms
 
 

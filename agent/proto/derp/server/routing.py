@@ -7,13 +7,13 @@ rate-limited) with PeerGone(NotHere). Runs of SendPackets to one destination are
 its output once and patched in place into RecvPackets (same length: type 0x04 -> 0x05 and the
 32-byte destination key -> the source key), with no per-frame objects.
 
-Duplicate keys (§4.1) follow derper's "last writer is active" policy (tailscale
+Duplicate keys follow derper's "last writer is active" policy (tailscale
 derp/derpserver/derpserver.go, dupClientSet): the newest connection is active on registration,
 and afterwards whichever connection of the set last sent a frame. A set of 2+ connections
 without an active one drops packets as `dup_client`. Watchers get PeerPresent for every new
 connection and PeerGone when a key's last local connection closes. PeerGone(Disconnected) goes to
 every client that has received a packet from a key once that key is gone from the whole region:
-no local connection and no mesh node reporting it (§4.3).
+no local connection and no mesh node reporting it (derpserver.go peerGoneWatchers).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from agent.proto.errors import DropReason, LocalProtocolError
 
 __all__ = ["Routing"]
 
-_DISCO_MAGIC: Final = "TS💬".encode()  # §8.1
+_DISCO_MAGIC: Final = "TS💬".encode()  # tailscale disco/disco.go Magic
 _DISCO_MIN_LEN: Final = 62
 _RECV: Final = int(FrameType.RECV_PACKET)
 _KEY_END: Final = FRAME_HEADER_LEN + KEY_LEN  # header | key: where a SendPacket's packet starts
@@ -205,7 +205,7 @@ class Routing(RelayBase):
         conn.heard_from = None
 
     def _gone_from_region(self, key: bytes) -> None:
-        """PeerGone(Disconnected) to every open connection that has heard from `key` (§4.3)."""
+        """PeerGone(Disconnected) to every open connection that has heard from `key`."""
         listeners = self._listeners.pop(key, None)
         if not listeners:
             return
