@@ -37,7 +37,7 @@ from agent.proto.errors import LocalProtocolError
         ("...", "node"),
         ("!!!", "node"),
         ("münchen", "xn--mnchen-3ya"),
-        ("ＬＡＰＴＯＰ", "laptop"),  # fullwidth letters: NFKC
+        ("\uff2c\uff21\uff30\uff34\uff2f\uff30", "laptop"),  # fullwidth letters: NFKC
         ("😀", "node"),
         ("x" * 80, "x" * 63),
         ("a" * 62 + "-b", "a" * 62),  # cut at 63, no trailing '-'

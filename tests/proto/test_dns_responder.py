@@ -1,4 +1,4 @@
-"""The MagicDNS responder: every query type, bare names, case, NXDOMAIN, forwarding, hostile input."""
+"""The MagicDNS responder: query types, bare names, case, NXDOMAIN, forwarding, hostile input."""
 
 from __future__ import annotations
 
