@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 import structlog
 
@@ -320,8 +320,7 @@ class DnsServer:
 
         class _Udp(asyncio.DatagramProtocol):
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
-                assert isinstance(transport, asyncio.DatagramTransport)
-                self.transport = transport
+                self.transport = cast(asyncio.DatagramTransport, transport)
 
             def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
                 def send(wire: bytes) -> None:
