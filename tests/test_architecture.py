@@ -9,7 +9,7 @@
     keys, log                    leaves
 
 - proto and engine import no I/O module (clocks, sockets, threads, OS, TUN) and nothing above them;
-  proto's siblings (wireguard, derp, disco, stun, offload, coordinator_messages) share only its
+  proto's siblings (wireguard, derp, disco, stun, dns, offload, coordinator_messages) share only its
   helpers (errors, deadlines, endpoint, derpmap).
 - No import cycle anywhere in agent/ (strongly connected components of the module graph).
 - Every module and package these rules name exists: a missing one fails, it is never skipped.
@@ -191,6 +191,7 @@ def strongly_connected(graph: Mapping[str, set[str]]) -> list[list[str]]:
         "agent.proto.derp",
         "agent.proto.disco",
         "agent.proto.stun",
+        "agent.proto.dns",
     ],
 )
 def test_named_module_exists(module: str) -> None:
