@@ -1,26 +1,29 @@
 """The control API between the daemon and the CLI: JSON lines over a UNIX stream socket.
 
-Pure schema, no I/O. The CLI connects to `control_socket`, writes one request line and reads one
-response line:
+The schema, and the CLI's side of the socket (`request`). The CLI connects to `control_socket`,
+writes one request line and reads one response line:
 
     -> {"op": "status"}
     <- {"ok": true, "result": {"interface": "agent0", "public_key": "...", ...}}
     <- {"ok": false, "error": "unknown op 'frob'"}
 
 Arguments of an op sit next to "op" (`{"op": "ping", "peer": "b", "count": 3}`). A line is at most
-MAX_LINE bytes. The `status` result is `Status.to_dict()`, the `agent status --json` shape of
-interfaces.md: fields may be added, never renamed, so readers ignore fields they do not know.
+MAX_LINE bytes. The `status` result is `Status.to_dict()`, the `agent status --json` shape
+(docs/reference.md): fields may be added, never renamed, so readers ignore fields they do not know.
 The daemon converts engine statistics into these dataclasses; the engine never imports this.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self, TypeVar, cast
 
 __all__ = [
+    "DaemonUnreachableError",
+    "request",
     "MAX_LINE",
     "OPS",
     "PATHS",
@@ -159,6 +162,8 @@ class PeerStatus:
     tx_bytes: int = 0
     latency_ms: float | None = None
     persistent_keepalive: int | None = None  # seconds
+    user: str | None = None  # the peer's owner, when a coordinator says (not for tagged nodes)
+    tags: tuple[str, ...] = ()  # a tagged node's tags (they replace the user)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -173,6 +178,8 @@ class PeerStatus:
             "tx_bytes": self.tx_bytes,
             "latency_ms": self.latency_ms,
             "persistent_keepalive": self.persistent_keepalive,
+            "user": self.user,
+            "tags": list(self.tags),
         }
 
     @classmethod
@@ -193,6 +200,8 @@ class PeerStatus:
             tx_bytes=_field(d, "tx_bytes", int, 0),
             latency_ms=None if latency is None else float(latency),
             persistent_keepalive=_field(d, "persistent_keepalive", int, None),
+            user=_field(d, "user", str, None),
+            tags=_strings(d, "tags"),
         )
 
 
@@ -277,3 +286,53 @@ class Status:
         if not isinstance(obj, dict):
             raise ApiError("a status is a JSON object")
         return cls.from_dict(obj)
+
+
+class DaemonUnreachableError(Exception):
+    """The control socket is absent, refuses, or does not answer."""
+
+
+REQUEST_TIMEOUT = 5.0
+
+
+# -- the client's side: one request, one answer -------------------------------------------------
+
+
+def request(
+    socket_path: str, op: str, *, timeout: float = REQUEST_TIMEOUT, **args: Any
+) -> dict[str, Any]:
+    """Send one request to the daemon and return its result; ApiError when it answers an error."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(socket_path)
+            s.sendall(Request(op, args).encode())
+            buf = bytearray()
+            while b"\n" not in buf:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > MAX_LINE:
+                    raise ApiError(f"answer longer than {MAX_LINE} bytes")
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        raise DaemonUnreachableError(
+            f"cannot reach the daemon at {socket_path} (is `agent up` running?)"
+        ) from e
+    except PermissionError as e:
+        raise DaemonUnreachableError(f"no permission to use {socket_path} (try as root)") from e
+    except TimeoutError as e:
+        raise DaemonUnreachableError(
+            f"the daemon at {socket_path} did not answer in {timeout:g}s"
+        ) from e
+    except OSError as e:
+        raise DaemonUnreachableError(
+            f"cannot reach the daemon at {socket_path}: {e.strerror or e}"
+        ) from e
+    line, _, _ = bytes(buf).partition(b"\n")
+    if not line:
+        raise DaemonUnreachableError(f"the daemon at {socket_path} closed without answering")
+    resp = Response.parse(line)
+    if not resp.ok:
+        raise ApiError(resp.error)
+    return dict(resp.result)

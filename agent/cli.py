@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from agent import __version__
-from agent.api import MAX_LINE, ApiError, Request, Response, Status
+from agent.api import ApiError, DaemonUnreachableError, Status, request
+from agent.cli_text import completion_script, format_pong, format_status
 from agent.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
@@ -36,9 +37,8 @@ from agent.config import (
 from agent.keys import KeyError_, NodePrivate, PresharedKey
 from agent.log import LEVELS, configure_logging
 
-__all__ = ["main", "request", "DaemonUnreachableError", "format_status"]
+__all__ = ["main"]
 
-_REQUEST_TIMEOUT = 5.0
 _PING_WAIT = 5.0  # the daemon waits this long for a pong
 
 
@@ -52,123 +52,9 @@ def _positive(text: str) -> int:
 _DEFAULT_SOCKET = "/run/agent/agent0.sock"
 
 
-class DaemonUnreachableError(Exception):
-    """The control socket is absent, refuses, or does not answer."""
-
-
 def _err(msg: str) -> int:
     sys.stderr.write(f"agent: {msg}\n")
     return 1
-
-
-# -- the control socket client --------------------------------------------------------------------
-
-
-def request(
-    socket_path: str, op: str, *, timeout: float = _REQUEST_TIMEOUT, **args: Any
-) -> dict[str, Any]:
-    """Send one request to the daemon and return its result; ApiError when it answers an error."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(socket_path)
-            s.sendall(Request(op, args).encode())
-            buf = bytearray()
-            while b"\n" not in buf:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                if len(buf) > MAX_LINE:
-                    raise ApiError(f"answer longer than {MAX_LINE} bytes")
-    except (FileNotFoundError, ConnectionRefusedError) as e:
-        raise DaemonUnreachableError(
-            f"cannot reach the daemon at {socket_path} (is `agent up` running?)"
-        ) from e
-    except PermissionError as e:
-        raise DaemonUnreachableError(f"no permission to use {socket_path} (try as root)") from e
-    except TimeoutError as e:
-        raise DaemonUnreachableError(
-            f"the daemon at {socket_path} did not answer in {timeout:g}s"
-        ) from e
-    except OSError as e:
-        raise DaemonUnreachableError(
-            f"cannot reach the daemon at {socket_path}: {e.strerror or e}"
-        ) from e
-    line, _, _ = bytes(buf).partition(b"\n")
-    if not line:
-        raise DaemonUnreachableError(f"the daemon at {socket_path} closed without answering")
-    resp = Response.parse(line)
-    if not resp.ok:
-        raise ApiError(resp.error)
-    return dict(resp.result)
-
-
-# -- human output ---------------------------------------------------------------------------------
-
-
-def _plural(n: int, unit: str) -> str:
-    return f"{n} {unit}{'' if n == 1 else 's'}"
-
-
-def _ago(then: int, now: float) -> str:
-    secs = int(now) - then
-    if secs <= 0:
-        return "just now"
-    parts = []
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
-        if secs >= size:
-            parts.append(_plural(secs // size, unit))
-            secs %= size
-    return ", ".join(parts) + " ago"
-
-
-def _bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            break
-    return f"{value:.2f} {unit}"
-
-
-def format_status(st: Status, now: float) -> str:
-    """A `wg show`-like table of a status; `now` is unix seconds (for "N seconds ago")."""
-    home = st.derp.home_region
-    connected = ", ".join(str(r) for r in st.derp.connected_regions) or "none"
-    lines = [
-        f"interface: {st.interface}",
-        f"  public key: {st.public_key}",
-        f"  listening port: {st.listen_port}",
-        f"  addresses: {', '.join(st.addresses) or '(none)'}",
-        f"  home derp: {home if home is not None else '(none)'} (connected: {connected})",
-    ]
-    if st.dataplane:
-        facts = ", ".join(f"{k} {v}" for k, v in sorted(st.dataplane.items()))
-        lines.append(f"  dataplane: {facts}")
-    if any(st.drops.values()):
-        drops = ", ".join(f"{k} {n}" for k, n in sorted(st.drops.items()) if n)
-        lines.append(f"  drops: {drops}")
-    for p in st.peers:
-        lines += ["", f"peer: {p.name} ({p.public_key})", f"  path: {p.path}"]
-        if p.endpoint:
-            lines.append(f"  endpoint: {p.endpoint}")
-        if p.derp_region is not None:
-            lines.append(f"  derp region: {p.derp_region}")
-        lines.append(f"  allowed ips: {', '.join(p.allowed_ips) or '(none)'}")
-        if p.latest_handshake:
-            lines.append(f"  latest handshake: {_ago(p.latest_handshake, now)}")
-        if p.rx_bytes or p.tx_bytes:
-            lines.append(f"  transfer: {_bytes(p.rx_bytes)} received, {_bytes(p.tx_bytes)} sent")
-        if p.latency_ms is not None:
-            lines.append(f"  latency: {p.latency_ms:.1f} ms")
-        if p.persistent_keepalive:
-            lines.append(
-                f"  persistent keepalive: every {_plural(p.persistent_keepalive, 'second')}"
-            )
-    return "\n".join(lines)
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -342,34 +228,103 @@ def _socket_path(args: argparse.Namespace) -> str | int:
     return path
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def _status(args: argparse.Namespace) -> Status | int:
+    """The daemon's status, or the exit status after saying why there is none."""
     path = _socket_path(args)
     if isinstance(path, int):
         return path
     try:
-        result = request(path, "status")
-        status = Status.from_dict(result)
+        return Status.from_dict(request(path, "status"))
     except DaemonUnreachableError as e:
         return _err(str(e))
     except ApiError as e:
         return _err(f"bad answer from the daemon at {path}: {e}")
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    status = _status(args)
+    if isinstance(status, int):
+        return status
     if args.json:
         sys.stdout.write(json.dumps(status.to_dict(), indent=2) + "\n")
     else:
-        sys.stdout.write(format_status(status, time.time()) + "\n")
+        sys.stdout.write(format_status(status, time.time(), verbose=args.verbose) + "\n")
     return 0
 
 
-def format_pong(result: dict[str, Any]) -> str:
-    """One `tailscale ping`-like line: `pong from b (100.64.0.2) via DERP(lab) in 3.1ms`."""
-    who = f"{result.get('peer')} ({result.get('address')})"
-    if not result.get("pong"):
-        return f"timeout waiting for pong from {who}"
-    if result.get("via") == "derp":
-        via = f"DERP({result.get('derp_code') or result.get('derp_region')})"
+def _hosts(prefixes: Sequence[str]) -> list[str]:
+    """The single addresses among prefixes (/32, /128): what a node "has"."""
+    out = []
+    for p in prefixes:
+        net = ipaddress.ip_network(p, strict=False)
+        if net.num_addresses == 1:
+            out.append(str(net.network_address))
+    return out
+
+
+def _cmd_ip(args: argparse.Namespace) -> int:
+    status = _status(args)
+    if isinstance(status, int):
+        return status
+    if args.name is None:
+        addrs = [a.partition("/")[0] for a in status.addresses]
     else:
-        via = str(result.get("endpoint"))
-    return f"pong from {who} via {via} in {float(result.get('latency_ms') or 0):.1f}ms"
+        peer = next((p for p in status.peers if args.name in (p.name, p.public_key)), None)
+        if peer is None:
+            return _err(f"ip: no peer named {args.name!r} (`agent status` lists them)")
+        addrs = _hosts(peer.allowed_ips)
+    if args.family:
+        addrs = [a for a in addrs if ipaddress.ip_address(a).version == args.family]
+    sys.stdout.write("".join(a + "\n" for a in addrs))
+    return 0 if addrs else 1
+
+
+def _cmd_whois(args: argparse.Namespace) -> int:
+    try:
+        address = ipaddress.ip_address(args.address)
+    except ValueError:
+        return _err(f"whois: {args.address!r} is not an IP address")
+    status = _status(args)
+    if isinstance(status, int):
+        return status
+    info: dict[str, Any]
+    if any(ipaddress.ip_interface(a).ip == address for a in status.addresses):
+        info = {"name": status.interface, "self": True, "public_key": status.public_key}
+    else:
+        peer = next(
+            (
+                p
+                for p in status.peers
+                if any(address in ipaddress.ip_network(n, strict=False) for n in p.allowed_ips)
+            ),
+            None,
+        )
+        if peer is None:
+            return _err(f"whois: no node has {address}")
+        info = {
+            "name": peer.name,
+            "self": False,
+            "public_key": peer.public_key,
+            "user": peer.user,
+            "tags": list(peer.tags),
+            "addresses": _hosts(peer.allowed_ips),
+        }
+    if args.json:
+        sys.stdout.write(json.dumps(info) + "\n")
+        return 0
+    lines = [f"{address}: {info['name']}{' (this node)' if info['self'] else ''}"]
+    if info.get("tags"):
+        lines.append(f"  tags: {', '.join(info['tags'])}")
+    elif info.get("user"):
+        lines.append(f"  user: {info['user']}")
+    lines.append(f"  key: {info['public_key']}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    sys.stdout.write(completion_script(_parser()))
+    return 0
 
 
 def _cmd_ping(args: argparse.Namespace) -> int:
@@ -493,7 +448,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help=conf_help)
     p.add_argument("--socket", help="control socket (default: control_socket of the config)")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="also keys, all allowed IPs and counters"
+    )
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("ip", help="print this node's overlay addresses, or a peer's")
+    p.add_argument("name", nargs="?", metavar="NAME", help="a peer's name or public key")
+    p.add_argument("-c", "--config", help=conf_help)
+    p.add_argument("--socket", help="control socket (default: control_socket of the config)")
+    fam = p.add_mutually_exclusive_group()
+    fam.add_argument("-4", dest="family", action="store_const", const=4, help="IPv4 only")
+    fam.add_argument("-6", dest="family", action="store_const", const=6, help="IPv6 only")
+    p.set_defaults(func=_cmd_ip, family=None)
+
+    p = sub.add_parser("whois", help="which node (and user or tags) has an overlay address")
+    p.add_argument("address", metavar="ADDRESS", help="an overlay IP address")
+    p.add_argument("-c", "--config", help=conf_help)
+    p.add_argument("--socket", help="control socket (default: control_socket of the config)")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.set_defaults(func=_cmd_whois)
+
+    p = sub.add_parser("completion", help="print a shell completion script")
+    p.add_argument("shell", metavar="SHELL", choices=("bash",), help="the shell (bash)")
+    p.set_defaults(func=_cmd_completion)
 
     p = sub.add_parser("ping", help="DISCO ping a peer; show the path and the time of each pong")
     p.add_argument("peer", metavar="PEER", help="peer name, overlay address or public key")

@@ -53,9 +53,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     ),
     "agent.demo": ("agent.keys",),
     "agent.join": (),
+    "agent.cli_text": ("agent.api",),
     "agent.cli": (
         "agent", "agent.keys", "agent.log", "agent.config", "agent.api", "agent.demo",
-        "agent.join",
+        "agent.join", "agent.cli_text",
         *PROGRAMS,
     ),
     "agent.__main__": ("agent.cli",),

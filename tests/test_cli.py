@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -21,6 +22,7 @@ import structlog
 
 from agent import cli
 from agent.api import ApiError, DerpStatus, PeerStatus, Request, Response, Status
+from agent.cli_text import format_pong, format_status
 from agent.config import Config
 from agent.keys import NodePrivate
 from agent.log import configure_logging, get_logger
@@ -197,11 +199,12 @@ STATUS = Status(
             tx_bytes=3 * 1024 * 1024 + 1,
             latency_ms=0.4,
             persistent_keepalive=25,
+            user="alice",
         ),
-        PeerStatus(name="c", public_key="C" * 43 + "="),
+        PeerStatus(name="c", public_key="C" * 43 + "=", tags=("tag:web",)),
     ),
     drops={"replayed_counter": 2},
-    dataplane={"offload": "tso+gso"},
+    dataplane={"offload": "tso+gso", "disco": {"sent_ping": 3, "received_pong": 2}},
 )
 
 
@@ -229,18 +232,21 @@ class FakeDaemon:
         self.thread.start()
 
     def _serve(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except OSError:
-            return
-        with conn:
-            buf = b""
-            while b"\n" not in buf and (chunk := conn.recv(4096)):
-                buf += chunk
-            self.requests.append(Request.parse(buf))
-            conn.sendall(self.answer)
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                buf = b""
+                while b"\n" not in buf and (chunk := conn.recv(4096)):
+                    buf += chunk
+                self.requests.append(Request.parse(buf))
+                conn.sendall(self.answer)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         self.sock.close()
         self.thread.join(5)
 
@@ -306,28 +312,34 @@ def test_status_prints_a_table(
     assert (rc, err) == (0, "")
     assert daemon.requests == [Request("status", {})]
     assert out == (
-        "interface: agent0\n"
-        f"  public key: {'A' * 43}=\n"
-        "  listening port: 41641\n"
-        "  addresses: 100.64.0.1/32\n"
-        "  home derp: 900 (connected: 900)\n"
-        "  dataplane: offload tso+gso\n"
-        "  drops: replayed_counter 2\n"
+        "agent0  100.64.0.1  port 41641  home relay 900\n"
         "\n"
-        f"peer: b ({'B' * 43}=)\n"
-        "  path: direct\n"
-        "  endpoint: 198.18.0.2:41641\n"
-        "  derp region: 900\n"
-        "  allowed ips: 100.64.0.2/32, fd7a:115c:a1e0::2/128\n"
-        "  latest handshake: 1 minute, 5 seconds ago\n"
-        "  transfer: 476 B received, 3.00 MiB sent\n"
-        "  latency: 0.4 ms\n"
-        "  persistent keepalive: every 25 seconds\n"
-        "\n"
-        f"peer: c ({'C' * 43}=)\n"
-        "  path: none\n"
-        "  allowed ips: (none)\n"
+        "100.64.0.2  b  alice@   direct 198.18.0.2:41641  handshake 1m ago  rx 476 B, tx 3.0 MiB\n"
+        "-           c  tag:web  idle                     handshake -       rx 0 B, tx 0 B\n"
     )
+
+
+def test_status_verbose_flattens_counters(
+    capsys: pytest.CaptureFixture[str], daemon_at: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = daemon_at(Response.success(STATUS.to_dict()).encode())
+    monkeypatch.setattr("time.time", lambda: 1_000_000.0)
+    rc, out, err = run(capsys, "status", "--socket", path, "-v")
+    assert (rc, err) == (0, "")
+    assert out.splitlines()[:9] == [
+        "agent0  100.64.0.1  port 41641  home relay 900",
+        f"  public key {'A' * 43}=",
+        "  relays connected: 900",
+        "  data plane:",
+        "    disco.received_pong 2",
+        "    disco.sent_ping 3",
+        "    offload tso+gso",
+        "  drops:",
+        "    replayed_counter 2",
+    ]
+    assert "    allowed ips 100.64.0.2/32, fd7a:115c:a1e0::2/128" in out
+    assert "    latency 0.4 ms" in out
+    assert "    keepalive every 25 seconds" in out
 
 
 def test_status_json(capsys: pytest.CaptureFixture[str], daemon_at: Any) -> None:
@@ -372,12 +384,14 @@ def test_format_status_units() -> None:
     peer = PeerStatus(
         name="p", public_key="k", latest_handshake=1000, rx_bytes=1023, tx_bytes=5 * 2**40
     )
-    text = cli.format_status(
-        Status(interface="i", public_key="k", listen_port=1, peers=(peer,)), 1000 + 2 * 86400 + 3601
+    st = Status(interface="i", public_key="k", listen_port=1, peers=(peer,))
+    text = format_status(st, 1000 + 2 * 86400 + 3601)
+    assert "handshake 2d ago" in text
+    assert "rx 1023 B, tx 5.0 TiB" in text
+    assert text.startswith("i  no address  port 1  no relay\n")
+    assert format_status(Status(interface="i", public_key="k", listen_port=1), 0).endswith(
+        "\nno peers"
     )
-    assert "latest handshake: 2 days, 1 hour, 1 second ago" in text
-    assert "transfer: 1023 B received, 5.00 TiB sent" in text
-    assert "home derp: (none) (connected: none)" in text
 
 
 # -- logging (configured only by cli.main) --------------------------------------------------------
@@ -435,9 +449,9 @@ def test_format_pong_lines_like_tailscale_ping() -> None:
     who = {"peer": "b", "address": "100.64.0.2", "pong": True}
     relayed = {**who, "via": "derp", "derp_region": 900, "derp_code": "lab", "latency_ms": 3.14}
     direct = {**who, "via": "direct", "endpoint": "198.18.0.2:41641", "latency_ms": 0.4}
-    assert cli.format_pong(relayed) == "pong from b (100.64.0.2) via DERP(lab) in 3.1ms"
-    assert cli.format_pong(direct) == "pong from b (100.64.0.2) via 198.18.0.2:41641 in 0.4ms"
-    assert cli.format_pong({**who, "pong": False}) == (
+    assert format_pong(relayed) == "pong from b (100.64.0.2) via DERP(lab) in 3.1ms"
+    assert format_pong(direct) == "pong from b (100.64.0.2) via 198.18.0.2:41641 in 0.4ms"
+    assert format_pong({**who, "pong": False}) == (
         "timeout waiting for pong from b (100.64.0.2)"
     )
 
@@ -455,3 +469,83 @@ def test_ping_and_metrics_without_a_daemon(
     assert "cannot reach the daemon" in capsys.readouterr().err
     assert cli.main(["metrics", "--socket", sock]) == 1
     assert "cannot reach the daemon" in capsys.readouterr().err
+
+
+# -- ip, whois, completion; no Python repr in any human output ----------------------------------
+
+
+def test_ip_prints_our_addresses_or_a_peers(
+    capsys: pytest.CaptureFixture[str], daemon_at: Any
+) -> None:
+    path, _ = daemon_at(Response.success(STATUS.to_dict()).encode())
+    assert run(capsys, "ip", "--socket", path) == (0, "100.64.0.1\n", "")
+    assert run(capsys, "ip", "b", "--socket", path) == (
+        0,
+        "100.64.0.2\nfd7a:115c:a1e0::2\n",
+        "",
+    )
+    assert run(capsys, "ip", "b", "-6", "--socket", path) == (0, "fd7a:115c:a1e0::2\n", "")
+    rc, out, err = run(capsys, "ip", "zz", "--socket", path)
+    assert (rc, out) == (1, "")
+    assert err == "agent: ip: no peer named 'zz' (`agent status` lists them)\n"
+
+
+def test_whois_names_the_owner(capsys: pytest.CaptureFixture[str], daemon_at: Any) -> None:
+    path, _ = daemon_at(Response.success(STATUS.to_dict()).encode())
+    rc, out, _ = run(capsys, "whois", "fd7a:115c:a1e0::2", "--socket", path)
+    assert rc == 0
+    assert out == f"fd7a:115c:a1e0::2: b\n  user: alice\n  key: {'B' * 43}=\n"
+    rc, out, _ = run(capsys, "whois", "100.64.0.1", "--socket", path)
+    assert out.startswith("100.64.0.1: agent0 (this node)\n")
+    rc, out, _ = run(capsys, "whois", "100.64.0.2", "--socket", path, "--json")
+    assert json.loads(out)["user"] == "alice"
+    assert run(capsys, "whois", "100.64.0.9", "--socket", path)[2] == (
+        "agent: whois: no node has 100.64.0.9\n"
+    )
+    assert run(capsys, "whois", "nonsense", "--socket", path)[2] == (
+        "agent: whois: 'nonsense' is not an IP address\n"
+    )
+
+
+def test_no_python_repr_in_human_output(
+    capsys: pytest.CaptureFixture[str], daemon_at: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every command that prints the daemon's data for people: no dict, list or None reprs."""
+    path, _ = daemon_at(Response.success(STATUS.to_dict()).encode())
+    monkeypatch.setattr("time.time", lambda: 1_000_000.0)
+    outputs = [
+        run(capsys, *argv, "--socket", path)[1]
+        for argv in (("status",), ("status", "-v"), ("ip",), ("ip", "b"), ("whois", "100.64.0.2"))
+    ]
+    pong = {"peer": "b", "address": "100.64.0.2", "pong": True, "via": "direct",
+            "endpoint": "198.18.0.2:41641", "latency_ms": 0.4}  # fmt: skip
+    outputs.append(format_pong(pong))
+    for text in outputs:
+        assert text.strip()
+        for marker in ("{", "}", "[", "]", "None", "'", "()", "dict(", "Status("):
+            assert marker not in text.replace("[v6]", ""), (marker, text)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash missing")
+def test_bash_completion_from_the_parsers(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    rc, script, _ = run(capsys, "completion", "bash")
+    assert rc == 0
+    f = tmp_path / "agent.bash"
+    f.write_text(script)
+
+    def complete(line: str) -> list[str]:
+        words = line.split(" ")
+        prog = (
+            f"source {f}; COMP_WORDS=({' '.join(repr(w) for w in words)}); "
+            f"COMP_CWORD={len(words) - 1}; _agent_complete; printf '%s\\n' \"${{COMPREPLY[@]}}\""
+        )
+        res = subprocess.run(["bash", "-c", prog], capture_output=True, text=True, check=True)
+        return sorted(res.stdout.split())
+
+    assert {"status", "join", "whois", "coordinator", "completion"} <= set(complete("agent "))
+    assert complete("agent coordinator keys c") == ["create"]
+    assert complete("agent coordinator keys create --re") == ["--reusable"]
+    assert complete("agent join --c") == ["--ca-file", "--config"]
+    assert complete("agent status --j") == ["--json"]
