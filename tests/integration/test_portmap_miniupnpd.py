@@ -163,6 +163,7 @@ class Client:
 
     def reached(self, router: Router, external: str, payload: str) -> None:
         """An outside host's datagram to `external` arrives on our socket (sent until it does)."""
+
         def arrived() -> bool:
             return any(x.get("recv") == payload for x in self.lines())
 
@@ -217,5 +218,6 @@ def test_stun5780_answers_from_the_requested_address() -> None:
     req = bytes.fromhex("000100082112a442") + b"T" * 12 + bytes.fromhex("0003000400000006")
     resp, flags = answer(req, ("198.18.7.1", 4000), (STUN_ALT_IP, 3479))
     assert flags == 6
-    assert resp[:2] == b"\x01\x01" and resp[8:20] == b"T" * 12
+    assert resp[:2] == b"\x01\x01"
+    assert resp[8:20] == b"T" * 12
     assert socket.inet_aton("198.18.7.1") in resp

@@ -212,8 +212,8 @@ def parse_response(data: bytes) -> Response | MapResponse | VersionMismatch:
     if opcode == Opcode.MAP and len(data) >= _RESP_HEAD.size + _MAP.size:
         nonce, proto, _, internal, external, ext_ip = _MAP.unpack_from(data, _RESP_HEAD.size)
         addr = _v4(ext_ip)
-        if result == ResultCode.SUCCESS and (addr is None or external == 0):
-            raise MalformedAnswer("PCP MAP success without an IPv4 external address and port")
+        if result == ResultCode.SUCCESS and lifetime and (addr is None or external == 0):
+            raise MalformedAnswer("PCP MAP grant without an IPv4 external address and port")
         return MapResponse(result, lifetime, epoch, nonce, proto, internal, external, addr)
     if opcode == Opcode.MAP and result == ResultCode.SUCCESS:
         raise MalformedAnswer("PCP MAP success without its payload")
