@@ -15,10 +15,11 @@ say "apt: updating package lists"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # --no-install-recommends matters: wireguard-tools would otherwise pull in a kernel image
-say "apt: installing python3-venv gcc wireguard-go wireguard-tools iperf3 systemd-container ..."
+say "apt: installing python3-venv gcc wireguard-go wireguard-tools iperf3 systemd-container miniupnpd-nftables ..."
 apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 \
     python3-venv python3-dev gcc wireguard-go wireguard-tools iperf3 iproute2 iputils-ping \
-    nftables ethtool procps dpkg-dev systemd systemd-container mmdebstrap postgresql >/dev/null
+    nftables ethtool procps dpkg-dev systemd systemd-container mmdebstrap postgresql \
+    miniupnpd-nftables >/dev/null
 
 PY="$(command -v python3 || true)"
 if [ -z "$PY" ]; then

@@ -193,6 +193,9 @@ def strongly_connected(graph: Mapping[str, set[str]]) -> list[list[str]]:
         "agent.proto.disco",
         "agent.proto.stun",
         "agent.proto.dns",
+        "agent.proto.portmap",
+        "agent.engine.portmap",
+        "agent.node.portmap_io",
     ],
 )
 def test_named_module_exists(module: str) -> None:
