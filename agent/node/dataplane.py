@@ -79,6 +79,7 @@ __all__ = [
     "PeerLike",
     "PeerSender",
     "ForeignHandler",
+    "LocalHandler",
     "RxResult",
     "DeviceLike",
     "DataPlaneStats",
@@ -149,6 +150,8 @@ class RxResult(Protocol):
 
 # Non-WireGuard datagrams from one source (DISCO, STUN): (datagrams, src, DERP sender key, now)
 ForeignHandler = Callable[[Sequence[Buffer], Endpoint, NodePublic | None, float], None]
+# A packet from the TUN that no peer's allowed IPs take; True when this node serves it.
+LocalHandler = Callable[[bytes], bool]
 
 
 class PeerSender(Protocol):
@@ -230,6 +233,7 @@ class DataPlaneStats:
     rx_packets: int = 0
     rx_bytes: int = 0
     tun_writes: int = 0
+    local: int = 0  # packets from the TUN that a service of this node took (on_local)
     drops: Counter[DropReason] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, int | dict[str, int]]:
@@ -256,8 +260,10 @@ class DataPlane:
         sender: PeerSender | None = None,
         on_foreign: ForeignHandler | None = None,
         on_fatal: Callable[[OSError], None] = exit_on_tun_failure,
+        on_local: LocalHandler | None = None,
     ) -> None:
         self.tun = tun
+        self.on_local = on_local
         self.on_fatal = on_fatal
         self.udp = udp
         self.sender: PeerSender = sender if sender is not None else _UdpOnly(udp)
@@ -349,6 +355,12 @@ class DataPlane:
                         entry = per_peer[id(peer)] = (peer, [])
                     last_peer, last_list = entry
             if last_list is None or last_peer is None:
+                # No peer: a service of this node (the DNS resolver at 100.100.100.100) may
+                # take it. Asked only here, so routed traffic pays nothing for it.
+                local = self.on_local
+                if local is not None and one is not None and local(bytes(one)):
+                    stats.local += 1
+                    continue
                 drops[DropReason.NO_ROUTE] += 1 if one is not None else len(segments)
                 continue
             if one is not None:

@@ -386,3 +386,21 @@ def test_a_wakeup_after_a_quiet_spell_reads_once_and_a_busy_one_drains() -> None
     clock.now += 0.0001
     dp.on_udp_readable()
     assert udp.asked == [1, dp.max_datagrams]
+
+
+def test_a_packet_for_no_peer_may_be_served_locally() -> None:
+    """The DNS service address is no peer's: on_local takes it, routed traffic never asks."""
+    dp, tun, _, _ = make(("198.18.0.2", 41641))
+    taken: list[bytes] = []
+
+    def serve(pkt: bytes) -> bool:
+        taken.append(pkt)
+        return pkt[16:20] == bytes([100, 100, 100, 100])
+
+    dp.on_local = serve
+    dns = ipv4(A_IP, bytes([100, 100, 100, 100]))
+    tun.reads = [dns, ipv4(A_IP, bytes([10, 0, 0, 1])), ipv4(A_IP, B_IP)]
+    drain_tun(dp, tun)
+    assert taken == [dns, ipv4(A_IP, bytes([10, 0, 0, 1]))]  # the routed packet was not offered
+    assert dp.stats.local == 1
+    assert dp.stats.drops[DropReason.NO_ROUTE] == 1
