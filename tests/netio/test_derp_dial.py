@@ -146,41 +146,32 @@ async def test_bytes_after_the_101_reach_the_attached_protocol_in_order(tls: Tls
     assert seen[0]["connection"] == "Upgrade"
 
 
+_OVERSIZED = b"HTTP/1.1 101 Switching Protocols\r\n" + (b"X-Padding: " + b"a" * 19 + b"\r\n") * 1000
+
+
 @pytest.mark.asyncio
-async def test_a_refused_upgrade_fails_with_the_status(tls: Tls) -> None:
-    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+@pytest.mark.parametrize(
+    ("answer", "hang_up", "error"),
+    [
+        (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n", False, "HTTP 403"),
+        (b"", True, "closed before the upgrade response"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", False, "bad HTTP response"),
+        (_OVERSIZED, False, "head over"),  # 32 KiB of headers and never the blank line
+    ],
+    ids=["refused", "eof", "not-http", "oversized"],
+)
+async def test_an_upgrade_not_answered_with_101_fails(
+    tls: Tls, answer: bytes, hang_up: bool, error: str
+) -> None:
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _read_request(reader)
-        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+        writer.write(answer)
         await writer.drain()
-        await asyncio.sleep(TIMEOUT)
+        if not hang_up:
+            await asyncio.sleep(TIMEOUT)
 
-    async with _server(tls, refuse) as port:
-        with pytest.raises(UpgradeFailed, match="HTTP 403"):
-            await dial_derp("127.0.0.1", port, ssl_context=tls.client)
-
-
-@pytest.mark.asyncio
-async def test_eof_before_the_response_fails(tls: Tls) -> None:
-    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-
-    async with _server(tls, hang_up) as port:
-        with pytest.raises(UpgradeFailed, match="closed before the upgrade response"):
-            await dial_derp("127.0.0.1", port, ssl_context=tls.client)
-
-
-@pytest.mark.asyncio
-async def test_an_oversized_response_head_is_cut_off(tls: Tls) -> None:
-    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _read_request(reader)
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\n")
-        for _ in range(1000):  # 32 KiB of headers and never the blank line
-            writer.write(b"X-Padding: " + b"a" * 19 + b"\r\n")
-            await writer.drain()
-        await asyncio.sleep(TIMEOUT)
-
-    async with _server(tls, endless) as port:
-        with pytest.raises(UpgradeFailed, match="head over"):
+    async with _server(tls, respond) as port:
+        with pytest.raises(UpgradeFailed, match=error):
             await dial_derp("127.0.0.1", port, ssl_context=tls.client)
 
 
