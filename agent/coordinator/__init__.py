@@ -44,8 +44,10 @@ Errors are `{"error": CODE, "message": TEXT}`:
     403 node_expired                      404 not_found    405 method_not_allowed   409 replayed
     413 too_large                         503 unavailable, addresses_exhausted
 
-Modules: store (SQLite/PostgreSQL), service (request handling), server (asyncio HTTPS shell,
-h11), config (coordinator.conf), admin (CLI). The wire messages are agent/proto/
+Modules: store (auth keys, nodes, snapshots) on registration (who joins, names, addresses),
+records (what the store hands out) and database (SQLite/PostgreSQL, schema, transactions);
+service (request handling), server (asyncio HTTPS shell, h11), config (coordinator.conf), admin
+(CLI). The wire messages are agent/proto/
 coordinator_messages.py and the agent's side is agent/node/coordinator_client.py: the coordinator
 never imports the node, nor the node the coordinator.
 """

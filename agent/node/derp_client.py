@@ -3,7 +3,8 @@
     DerpClients                      one per daemon; the regions of the config's DERP map
       home region                    connected from the start, kept connected (NotePreferred)
       other regions                  connected on demand (a peer's region), closed when idle
-      RegionLink (one per region)    TLS -> `GET /derp` upgrade -> DerpClientConn (sans-I/O)
+      RegionLink (one per region)    agent.netio.derp_dial (TLS, `GET /derp`, 101) ->
+                                     DerpClientConn (sans-I/O)
                                      reconnect with exponential backoff and jitter, trying
                                      the region's nodes in turn
 
@@ -29,6 +30,7 @@ from typing import Final, cast
 from agent.config import DerpConfig, DerpNode, DerpRegion
 from agent.keys import NodePrivate, NodePublic
 from agent.log import get_logger
+from agent.netio.derp_dial import UpgradeFailed, dial_derp, tls_client_context
 from agent.proto.derp.client import (
     Closed,
     Connected,
@@ -38,7 +40,6 @@ from agent.proto.derp.client import (
     PeerGoneEvent,
     ServerRestarting,
 )
-from agent.proto.derp.upgrade import client_request, parse_response
 from agent.proto.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -55,12 +56,10 @@ log = get_logger("agent.derp")
 
 BACKOFF_BASE: Final = 0.25  # first retry delay, seconds
 BACKOFF_MAX: Final = 3.0  # cap: a restarted relay is back in use within a few seconds
-CONNECT_TIMEOUT: Final = 10.0
 IDLE_TIMEOUT: Final = 60.0  # a non-home region with no traffic this long is closed
 IDLE_CHECK: Final = 10.0
 MAX_PENDING: Final = 256  # datagrams waiting for a link to come up
 MAX_WRITE_BUFFER: Final = 512 * 1024  # shallow: deep queues here inflate TCP's RTT
-MAX_HEAD: Final = 16 * 1024
 
 PacketsHandler = Callable[[int, NodePublic, list[bytes]], None]
 
@@ -86,39 +85,19 @@ class DerpLinkStats:
 
 
 class _LinkProtocol(asyncio.Protocol):
-    """Bytes of one TLS connection -> the link (HTTP upgrade first, then DERP frames)."""
+    """Bytes of one upgraded connection (agent.netio.derp_dial) -> the link's DERP client."""
 
     def __init__(self, link: RegionLink) -> None:
         self.link = link
         self.transport: asyncio.Transport | None = None
-        self.head = bytearray()
-        self.upgraded = False
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.link.on_upgraded()
 
     def data_received(self, data: bytes) -> None:
-        if self.upgraded:
-            self.link.on_data(data)
-            return
-        self.head += data
-        try:
-            parsed = parse_response(bytes(self.head))
-        except RemoteProtocolError as exc:
-            self.link.fail(f"bad HTTP response: {exc}")
-            return
-        if parsed is None:
-            if len(self.head) > MAX_HEAD:
-                self.link.fail("HTTP response head too large")
-            return
-        response, leftover = parsed
-        self.head.clear()
-        if response.status != 101:
-            self.link.fail(f"relay answered HTTP {response.status} to the upgrade")
-            return
-        self.upgraded = True
-        self.link.on_upgraded(leftover)
+        self.link.on_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -186,6 +165,8 @@ class RegionLink:
             self._node_index += 1
             try:
                 await self._connect(node)
+            except UpgradeFailed as exc:
+                log.warning("derp upgrade failed", region=self.region.id, reason=str(exc))
             except (OSError, ssl.SSLError, TimeoutError) as exc:
                 self.stats.connect_failures += 1
                 log.info(
@@ -206,31 +187,20 @@ class RegionLink:
             await asyncio.sleep(delay)
 
     async def _connect(self, node: DerpNode) -> None:
-        loop = asyncio.get_running_loop()
-        ctx = ssl_context(node)
+        upgraded = await dial_derp(node.host, node.port, ssl_context=ssl_context(node))
         proto = _LinkProtocol(self)
         self._proto = proto
-        await asyncio.wait_for(
-            loop.create_connection(
-                lambda: proto, node.host, node.port, ssl=ctx, server_hostname=node.host
-            ),
-            CONNECT_TIMEOUT,
-        )
-        assert proto.transport is not None
-        proto.transport.write(client_request(node.host))
+        upgraded.attach(proto)
 
     # --- from the protocol ----------------------------------------------------------------------
 
-    def on_upgraded(self, leftover: bytes) -> None:
+    def on_upgraded(self) -> None:
         loop = self._loop
         assert loop is not None
         conn = DerpClientConn(self.private_key.raw)
         self.conn = conn
         conn.connection_made(loop.time())
-        if leftover:
-            self.on_data(leftover)
-        else:
-            self._arm_timer()
+        self._arm_timer()
 
     def on_data(self, data: bytes) -> None:
         conn, loop = self.conn, self._loop
@@ -295,10 +265,6 @@ class RegionLink:
         if self.connected:
             log.info("derp disconnected", region=self.region.id, reason=reason)
         self._set_disconnected()
-
-    def fail(self, reason: str) -> None:
-        log.warning("derp upgrade failed", region=self.region.id, reason=reason)
-        self._drop_transport(reason)
 
     # --- sending --------------------------------------------------------------------------------
 
@@ -397,12 +363,7 @@ class RegionLink:
 def ssl_context(node: DerpNode) -> ssl.SSLContext:
     """The TLS client context for a DERP node: its CA file or the system store; no
     verification at all only with `insecure_skip_verify` (labs)."""
-    if node.insecure_skip_verify:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-    return ssl.create_default_context(cafile=node.ca_file)
+    return tls_client_context(node.ca_file, insecure=node.insecure_skip_verify)
 
 
 class DerpClients:

@@ -1,6 +1,14 @@
 """The relay's plain-HTTP side: Prometheus metrics text and the small helpers the request
 dispatch in server.py uses (tailscale cmd/derper/derper.go).
 
+`http_reply` answers every request that does not open a DERP stream:
+
+    /derp/probe, /derp/latency-check       200 (GET/HEAD) or 405
+    /generate_204                          204, the X-Tailscale-Challenge echoed
+    /debug/metrics                         Prometheus text, loopback clients only (else 403)
+    /derp without an Upgrade               426
+    anything else                          404
+
 `metrics_text` renders the relay's counters and gauges in the Prometheus text format 0.0.4 for
 `GET /debug/metrics` (loopback clients only: `is_loopback`). No gauge walks the connections:
 a scrape costs O(mesh connections + drop reasons + HTTP statuses).
@@ -10,15 +18,26 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
 from agent.netio.prometheus import CONTENT_TYPE, Exposition
+from agent.proto.derp import upgrade
 from agent.proto.derp.server import RelayCore
 from agent.relay.mesh import MeshLink
 
-__all__ = ["CHALLENGE", "METRICS_TYPE", "NO_CACHE", "RelayStats", "is_loopback", "metrics_text"]
+__all__ = [
+    "CHALLENGE",
+    "METRICS_TYPE",
+    "NO_CACHE",
+    "Reply",
+    "RelayStats",
+    "http_reply",
+    "is_derp_upgrade",
+    "is_loopback",
+    "metrics_text",
+]
 
 CHALLENGE: Final = re.compile(r"[A-Za-z0-9._:-]{0,64}")  # X-Tailscale-Challenge we echo
 NO_CACHE: Final = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
@@ -51,6 +70,53 @@ def is_loopback(addr: tuple[str, int] | None) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped.is_loopback
     return ip.is_loopback
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A complete answer; `counted` when its status was already counted (metrics)."""
+
+    status: int
+    reason: str
+    headers: dict[str, str]
+    body: bytes = b""
+    counted: bool = False
+
+
+def is_derp_upgrade(request: upgrade.Request) -> bool:
+    """`/derp` asking to switch to DERP (or to a WebSocket carrying it)."""
+    return request.path.partition("?")[0] == upgrade.DERP_PATH and request.headers.get(
+        "upgrade", ""
+    ).lower() in ("derp", "websocket")
+
+
+def http_reply(
+    request: upgrade.Request, peer: tuple[str, int] | None, metrics: Callable[[], str]
+) -> Reply:
+    """The answer to a request that is not a DERP upgrade; `metrics` renders (and counts) the
+    metrics page."""
+    path = request.path.partition("?")[0]
+    method = request.method
+    if path in ("/derp/probe", "/derp/latency-check"):
+        if method in ("GET", "HEAD"):
+            return Reply(200, "OK", {"Access-Control-Allow-Origin": "*"})
+        return Reply(405, "Method Not Allowed", {}, b"bogus probe method\n")
+    if path == "/generate_204":
+        headers = {"Cache-Control": NO_CACHE}
+        challenge = request.headers.get("x-tailscale-challenge")
+        if challenge is not None and CHALLENGE.fullmatch(challenge):
+            headers["X-Tailscale-Response"] = f"response {challenge}"
+        return Reply(204, "No Content", headers)
+    if path == upgrade.DERP_PATH:
+        return Reply(426, "Upgrade Required", {}, b"DERP requires connection upgrade\n")
+    if path == "/debug/metrics":
+        if not is_loopback(peer):
+            return Reply(403, "Forbidden", {}, b"debug endpoints are loopback only\n")
+        if method not in ("GET", "HEAD"):
+            return Reply(405, "Method Not Allowed", {}, b"GET only\n")
+        body = metrics().encode()
+        return Reply(200, "OK", {"Content-Type": METRICS_TYPE}, body, counted=True)
+    return Reply(404, "Not Found", {}, b"not found\n")
 
 
 # --- metrics --------------------------------------------------------------------------------------

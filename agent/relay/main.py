@@ -17,6 +17,7 @@ from structlog.typing import FilteringBoundLogger
 
 from agent.keys import NodePrivate, NodePublic
 from agent.netio.certs import make_self_signed
+from agent.netio.derp_dial import tls_client_context
 from agent.netio.systemd import sd_notify
 from agent.proto.endpoint import parse_listen_address
 from agent.relay.mesh import load_mesh_key, parse_mesh_with
@@ -137,9 +138,7 @@ def run_derper(
     peers = parse_mesh_with(mesh_with, own=[(hostname, port), (host, port)])
     if peers and mesh_key is None:
         raise ValueError("--mesh-with needs --mesh-key-file")
-    mesh_ctx = ssl.create_default_context(
-        cafile=str(mesh_ca_file) if mesh_ca_file is not None else None
-    )
+    mesh_ctx = tls_client_context(str(mesh_ca_file) if mesh_ca_file is not None else None)
     verify_client: Callable[[bytes], bool] | None = None
     if verify_clients_file is not None:
         allowed = load_allowed_keys(verify_clients_file)

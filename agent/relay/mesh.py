@@ -4,7 +4,7 @@ Upstream: tailscale cmd/derper/mesh.go. Every node of a region is started with t
 (`--mesh-key-file`, 64 hex digits) and the list of the region's nodes (`--mesh-with`). For each
 other node a `MeshLink` keeps one connection:
 
-    dial TLS -> GET /derp (Upgrade: DERP) -> 101 -> DerpClientConn(our SERVER key, meshKey,
+    agent.netio.derp_dial (TLS, GET /derp, 101) -> DerpClientConn(our SERVER key, meshKey,
     CanAckPings false) -> Connected -> WatchConns
       PeerPresent(K)            core.mesh_peer_present(node, K)
       PeerGone(K) (any reason)  core.mesh_peer_gone(node, K)
@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 from structlog.typing import FilteringBoundLogger
 
+from agent.netio.derp_dial import dial_derp
 from agent.proto.derp.client import (
     Closed,
     Connected,
@@ -41,7 +42,6 @@ from agent.proto.derp.client import (
     PeerPresentEvent,
 )
 from agent.proto.derp.server import MESH_KEY_LEN, RelayCore
-from agent.proto.derp.upgrade import client_request, parse_response
 from agent.proto.endpoint import format_endpoint, host_header
 from agent.proto.errors import RemoteProtocolError
 
@@ -58,7 +58,6 @@ __all__ = [
 MESH_RETRY_BASE: Final = 0.5  # first retry delay; doubles per failure
 MESH_RETRY_MAX: Final = 5.0  # derper retries its mesh connections every 5 s
 MESH_MAX_BUFFER: Final = 4 << 20  # one mesh link carries many clients' packets
-DIAL_TIMEOUT: Final = 10.0
 _READ_SIZE: Final = 1 << 16
 
 
@@ -222,22 +221,14 @@ class MeshLink:
         """One connection, until it drops. True when it got as far as Connected."""
         loop = asyncio.get_running_loop()
         peer = self.peer
-        async with asyncio.timeout(DIAL_TIMEOUT):
-            reader, writer = await asyncio.open_connection(
-                peer.host,
-                peer.port,
-                ssl=self._ssl,
-                server_hostname=peer.host if self._ssl is not None else None,
-            )
+        upgraded = await dial_derp(peer.host, peer.port, ssl_context=self._ssl)
+        reader, writer = upgraded.streams()
         conn = DerpClientConn(self._private, can_ack_pings=False, mesh_key=self._mesh_key)
         reached = False
         try:
-            writer.write(client_request(peer.host_header))
-            async with asyncio.timeout(DIAL_TIMEOUT):
-                leftover = await self._read_101(reader)
             self._conn, self._writer = conn, writer
             conn.connection_made(loop.time())
-            data = leftover
+            data = b""  # the bytes that came with the 101 are the reader's first
             while True:
                 if data:
                     conn.receive_data(data, loop.time())
@@ -268,19 +259,6 @@ class MeshLink:
                 await writer.wait_closed()
             if was_connected:
                 self.log.info("mesh_link_down")
-
-    @staticmethod
-    async def _read_101(reader: asyncio.StreamReader) -> bytes:
-        buf = b""
-        while (parsed := parse_response(buf)) is None:
-            chunk = await reader.read(4096)
-            if not chunk:
-                raise ConnectionError("EOF before the upgrade response")
-            buf += chunk
-        response, leftover = parsed
-        if response.status != 101:
-            raise ConnectionError(f"upgrade refused: HTTP {response.status}")
-        return leftover
 
     def _handle_events(self, conn: DerpClientConn) -> bool:
         """Apply the client's events to the core; True when the session must end."""

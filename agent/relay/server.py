@@ -12,9 +12,10 @@ TLS) stream is one `_RelayConn` protocol:
       /generate_204                          -> 204, challenge echoed, then close
       /debug/metrics                         -> Prometheus text, loopback clients only (else 403)
       anything else                          -> 404 (426 for /derp without an Upgrade), then close
+                    (the plain-HTTP answers are http_endpoints.http_reply)
     DERP            bytes -> RelayCore.receive_data; after every input each connection's
                     data_to_send is flushed, CloseConnection events close their streams and
-                    ForwardToMesh events go out on the region's mesh links (relay_mesh.py);
+                    ForwardToMesh events go out on the region's mesh links (mesh.py);
                     PauseReading / ResumeReading (the core's per-client receive rate limit,
                     §4.6) pause and resume reading that stream: TCP back-pressure, no drops
 
@@ -56,14 +57,7 @@ from agent.proto.derp.server import (
     ResumeReading,
 )
 from agent.proto.errors import RemoteProtocolError
-from agent.relay.http_endpoints import (
-    CHALLENGE,
-    METRICS_TYPE,
-    NO_CACHE,
-    RelayStats,
-    is_loopback,
-    metrics_text,
-)
+from agent.relay.http_endpoints import RelayStats, http_reply, is_derp_upgrade, metrics_text
 from agent.relay.mesh import MESH_RETRY_BASE, MeshLink, MeshPeer
 from agent.relay.stun_server import StunServer, serve_stun
 
@@ -154,37 +148,18 @@ class _RelayConn(asyncio.Protocol):
         self._dispatch(request, raw, leftover)
 
     def _dispatch(self, request: upgrade.Request, raw: bytes, leftover: bytes) -> None:
-        path = request.path.partition("?")[0]
-        method = request.method
-        if path in ("/derp/probe", "/derp/latency-check"):
-            if method in ("GET", "HEAD"):
-                self._reply(200, "OK", {"Access-Control-Allow-Origin": "*"}, b"")
-            else:
-                self._reply(405, "Method Not Allowed", {}, b"bogus probe method\n")
-        elif path == "/generate_204":
-            headers = {"Cache-Control": NO_CACHE}
-            challenge = request.headers.get("x-tailscale-challenge")
-            if challenge is not None and CHALLENGE.fullmatch(challenge):
-                headers["X-Tailscale-Response"] = f"response {challenge}"
-            self._reply(204, "No Content", headers, b"")
-        elif path == upgrade.DERP_PATH:
-            if request.headers.get("upgrade", "").lower() not in ("derp", "websocket"):
-                self._reply(426, "Upgrade Required", {}, b"DERP requires connection upgrade\n")
-            elif "derp" in request.headers.get("sec-websocket-protocol", "").lower():
+        if is_derp_upgrade(request):
+            if "derp" in request.headers.get("sec-websocket-protocol", "").lower():
                 self._start_websocket(raw)
             else:
                 self._start_derp(request, leftover)
-        elif path == "/debug/metrics":
-            if not is_loopback(self.peer_addr()):
-                self._reply(403, "Forbidden", {}, b"debug endpoints are loopback only\n")
-            elif method not in ("GET", "HEAD"):
-                self._reply(405, "Method Not Allowed", {}, b"GET only\n")
-            else:
-                self.server.count_status(200)  # counted before rendering: the reply is in it
-                body = self.server.metrics_text().encode()
-                self._reply(200, "OK", {"Content-Type": METRICS_TYPE}, body, counted=True)
-        else:
-            self._reply(404, "Not Found", {}, b"not found\n")
+            return
+        reply = http_reply(request, self.peer_addr(), self._metrics)
+        self._reply(reply.status, reply.reason, reply.headers, reply.body, counted=reply.counted)
+
+    def _metrics(self) -> str:
+        self.server.count_status(200)  # counted before rendering: the reply is in it
+        return self.server.metrics_text()
 
     def _reply(
         self,

@@ -1,4 +1,4 @@
-"""The agent's TOML config: parse_config (agent/config.py).
+"""The agent's TOML config: parse_config (agent/config).
 
 Contract: a Config, or ConfigError listing the problems; nothing else. Key files are read
 relative to a sandbox directory holding one good key file; during each input the harness

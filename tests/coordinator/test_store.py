@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agent.coordinator import store as store_module
+from agent.coordinator.database import WRITE_RETRIES, Database
 from agent.coordinator.store import (
     AddressesExhausted,
     AuthKeyRejected,
@@ -286,23 +286,26 @@ def test_not_a_database(tmp_path: Path) -> None:
         Store.open(str(junk))
 
 
-def test_a_write_that_clashes_with_another_instance_is_retried() -> None:
-    class Clashing:
-        _integrity = (sqlite3.IntegrityError,)
-
+def test_a_write_that_clashes_with_another_instance_is_retried(tmp_path: Path) -> None:
+    db = Database.open(str(tmp_path / "c.db"))
     calls: list[int] = []
 
-    @store_module._retried
-    def write(self: Any, value: int, fail: int) -> int:
+    def write(value: int, fail: int) -> int:
         calls.append(value)
         if len(calls) <= fail:
             raise sqlite3.IntegrityError("UNIQUE constraint failed")
         return value * 2
 
-    assert write(Clashing(), 21, 2) == 42
-    assert len(calls) == 3
-    assert write.__name__ == "write"
-    calls.clear()
-    with pytest.raises(sqlite3.IntegrityError):
-        write(Clashing(), 1, 99)
-    assert len(calls) == store_module._WRITE_RETRIES
+    try:
+        assert db.retrying(lambda: write(21, 2)) == 42
+        assert len(calls) == 3
+        calls.clear()
+        with pytest.raises(sqlite3.IntegrityError):
+            db.retrying(lambda: write(1, 99))
+        assert len(calls) == WRITE_RETRIES
+        calls.clear()
+        with pytest.raises(ValueError, match="not a clash"):  # anything else is not retried
+            db.retrying(lambda: (calls.append(0), int("not a clash")))
+        assert len(calls) == 1
+    finally:
+        db.close()
