@@ -37,7 +37,7 @@ PROTO_HELPERS = ("errors", "deadlines", "endpoint", "derpmap")
 ALLOWED: dict[str, tuple[str, ...]] = {
     "agent.keys": (),
     "agent.log": (),
-    "agent.proto": ("agent.keys",),
+    "agent.proto": ("agent.keys", "agent.policy"),  # the netmap carries compiled filter rules
     "agent.policy": (),  # access control: pure, like proto; the coordinator and the node use it
     "agent.api": ("agent.keys", "agent.log"),
     "agent.config": ("agent.keys", "agent.log", "agent.proto"),

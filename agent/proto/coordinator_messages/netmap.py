@@ -14,6 +14,8 @@ from ipaddress import (
 from typing import Any, Self
 
 from agent.keys import DiscoPublic, NodePublic
+from agent.policy.errors import PolicyError
+from agent.policy.rules import FilterRule, rules_from_json, rules_to_json
 from agent.proto.coordinator_messages.fields import (
     BadMessage,
     Endpoint,
@@ -31,7 +33,10 @@ from agent.proto.coordinator_messages.fields import (
 from agent.proto.derpmap import DerpConfig, DerpNode, DerpRegion
 from agent.proto.endpoint import format_endpoint
 
+DEFAULT_DNS_DOMAIN = "mesh.internal"  # `.internal` is reserved for private use
+
 __all__ = [
+    "DEFAULT_DNS_DOMAIN",
     "derp_to_json",
     "derp_from_json",
     "NodeInfo",
@@ -110,6 +115,8 @@ class NodeInfo:
     endpoints: tuple[Endpoint, ...]
     home_region: int | None
     key_expiry: float | None  # unix seconds; None = never
+    user: str | None = None  # the owner; None for a tagged node (tags replace the user)
+    tags: tuple[str, ...] = ()
 
     def allowed_ips(self) -> tuple[IPv4Network, IPv6Network]:
         """What a peer routes to this node: its two addresses as /32 and /128."""
@@ -125,6 +132,8 @@ class NodeInfo:
             "endpoints": [format_endpoint(e) for e in self.endpoints],
             "home_region": self.home_region,
             "key_expiry": self.key_expiry,
+            "user": self.user,
+            "tags": list(self.tags),
         }
 
     @classmethod
@@ -148,7 +157,23 @@ class NodeInfo:
             endpoints=read_endpoints(doc, "endpoints", path),
             home_region=read_region(doc, "home_region", path),
             key_expiry=read_opt_number(doc, "key_expiry", path),
+            user=_read_opt_str(doc, "user", path),
+            tags=_read_strings(doc, "tags", path),
         )
+
+
+def _read_opt_str(doc: dict[str, Any], key: str, path: str) -> str | None:
+    return None if doc.get(key) is None else read_str(doc, key, path)
+
+
+def _read_strings(doc: dict[str, Any], key: str, path: str) -> tuple[str, ...]:
+    """An optional list of strings (absent from older coordinators: empty)."""
+    if doc.get(key) is None:
+        return ()
+    items = read_field(doc, key, list, path)
+    if not all(isinstance(t, str) for t in items):
+        raise BadMessage(f"{path}.{key}: expected a list of strings")
+    return tuple(items)
 
 
 def interface_addresses(
@@ -171,6 +196,10 @@ class NetMap:
     ipv4_range: IPv4Network
     ipv6_range: IPv6Network
     derp: DerpConfig
+    # What this node accepts from its peers: the rules of the policy whose destination is this
+    # node. None = the coordinator has no policy (or predates policies): everything passes.
+    packet_filter: tuple[FilterRule, ...] | None = None
+    dns_domain: str = DEFAULT_DNS_DOMAIN  # names are <name>.<dns_domain>
 
     def addresses(self) -> tuple[IPv4Interface, IPv6Interface]:
         """This node's interface addresses, with the overlay ranges as prefixes."""
@@ -188,6 +217,8 @@ class NetMap:
             ipv4_range=read_ip(doc, "ipv4_range", IPv4Network),
             ipv6_range=read_ip(doc, "ipv6_range", IPv6Network),
             derp=derp_from_json(doc.get("derp")),
+            packet_filter=_read_filter(doc),
+            dns_domain=read_str(doc, "dns_domain") if "dns_domain" in doc else DEFAULT_DNS_DOMAIN,
         )
 
     def encode(self) -> bytes:
@@ -199,5 +230,18 @@ class NetMap:
                 "ipv4_range": str(self.ipv4_range),
                 "ipv6_range": str(self.ipv6_range),
                 "derp": derp_to_json(self.derp),
+                "packet_filter": (
+                    None if self.packet_filter is None else rules_to_json(self.packet_filter)
+                ),
+                "dns_domain": self.dns_domain,
             }
         )
+
+
+def _read_filter(doc: dict[str, Any]) -> tuple[FilterRule, ...] | None:
+    if doc.get("packet_filter") is None:
+        return None
+    try:
+        return rules_from_json(doc["packet_filter"])
+    except PolicyError as e:
+        raise BadMessage(f"packet_filter: {e}") from None
