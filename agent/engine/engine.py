@@ -67,13 +67,12 @@ from agent.engine.disco_tx import PingPurpose
 from agent.engine.events import EngineEvent, Outgoing, PathChanged, PeerPathStatus
 from agent.engine.paths import (
     Endpoint,
-    PathKind,
     PathTable,
     Targets,
     derp_endpoint,
     derp_region_of,
 )
-from agent.engine.peerpath import PeerPath, usable_endpoint
+from agent.engine.peerpath import PeerPath, path_summary, usable_endpoint
 from agent.engine.schedule import Deadlines
 from agent.engine.stats import EngineStats
 from agent.engine.timings import DEFAULT_TIMINGS, MAX_CALL_ME_MAYBE_ENDPOINTS, Timings
@@ -151,7 +150,7 @@ class PathEngine:
         peer = PeerPath(key, disco_key, configured_endpoint=endpoint, configured_region=derp_region)
         self._peers[key] = peer
         self._by_disco.setdefault(disco_key, []).append(key)
-        peer.reported = self._summary(peer.status(0.0, self.home_region))
+        peer.reported = path_summary(peer.status(0.0, self.home_region))
 
     def has_peer(self, key: NodePublic) -> bool:
         return key in self._peers or self._plain.has_peer(key)
@@ -279,6 +278,11 @@ class PathEngine:
             return PeerPathStatus(s.path, s.endpoint, s.derp_region)
         return peer.status(now, self.home_region)
 
+    def status_if_added(self, endpoint: Endpoint | None, now: float) -> PeerPathStatus:
+        """Read only: what `status` shows for a plain peer once added at `endpoint`."""
+        s = self._plain.status_if_added(endpoint, now)
+        return PeerPathStatus(s.path, s.endpoint, s.derp_region)
+
     # -- DISCO in (disco_in.DiscoReceiver) -----------------------------------------------------
     def receive_disco(
         self,
@@ -382,15 +386,9 @@ class PathEngine:
         self._refresh(peer, now)
 
     # -- events ---------------------------------------------------------------------------------
-    @staticmethod
-    def _summary(status: PeerPathStatus) -> tuple[PathKind, Endpoint | None, int | None]:
-        if status.path == "direct":
-            return ("direct", status.endpoint, None)
-        return (status.path, None, status.derp_region)
-
     def _refresh(self, peer: PeerPath, now: float) -> None:
         status = peer.status(now, self.home_region)
-        summary = self._summary(status)
+        summary = path_summary(status)
         if summary != peer.reported:
             old = peer.reported[0]
             peer.reported = summary

@@ -1,11 +1,11 @@
 """The DERP relay core (`RelayCore`), sans-I/O, one module per concern.
 
-    core       lifecycle, receive loop and frame dispatch, per-connection deadlines
-    login      ClientInfo -> registration, mesh-key check
-    routing    clients by key, duplicate keys, delivery, PeerGone bookkeeping
-    mesh       keys other mesh nodes report; WatchConns, ForwardPacket, ClosePeer
-    ratelimit  per-connection receive token buckets, pausing reads
-    base       the tables and outputs they share; conn: one connection; events: what comes out
+core       lifecycle, receive loop and frame dispatch, per-connection deadlines
+login      ClientInfo -> registration, mesh-key check
+routing    clients by key, duplicate keys, delivery, PeerGone bookkeeping
+mesh       keys other mesh nodes report; WatchConns, ForwardPacket, ClosePeer
+ratelimit  per-connection receive token buckets, pausing reads
+base       the tables and outputs they share; conn: one connection; events: what comes out
 """
 
 from agent.proto.derp.server.conn import ConnState
