@@ -359,18 +359,22 @@ class Daemon:
         cfg, device, udp, transport = self.config.interface, self.device, self.udp, self.transport
         if not cfg.uapi or device is None or udp is None or transport is None:
             return
-        server = await uapi.try_serve_uapi(
-            uapi.uapi_path(cfg.name),
-            device,
-            listen_port=udp.port,
-            clock=asyncio.get_running_loop().time,
-            send=lambda data, ep: transport.send_to_endpoint([data], ep, None),
-            log=log,
-            fwmark=cfg.fwmark,
-        )
-        if server is not None:
-            self._servers.append(server)
-            self._uapi_served = True
+        path = uapi.uapi_path(cfg.name)
+        try:
+            server = await uapi.serve_uapi(
+                path,
+                device,
+                listen_port=udp.port,
+                clock=asyncio.get_running_loop().time,
+                send=lambda data, ep: transport.send_to_endpoint([data], ep, None),
+                log=log,
+                fwmark=cfg.fwmark,
+            )
+        except OSError as e:
+            log.warning("UAPI socket unavailable", path=path, error=str(e))
+            return
+        self._servers.append(server)
+        self._uapi_served = True
 
 
 def run_daemon(config: Config) -> int:

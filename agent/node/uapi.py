@@ -30,7 +30,6 @@ __all__ = [
     "format_get",
     "remove_uapi",
     "serve_uapi",
-    "try_serve_uapi",
     "uapi_path",
 ]
 
@@ -294,27 +293,6 @@ async def serve_uapi(
 def uapi_path(interface: str) -> str:
     """Where `wg` looks for the interface's UAPI socket."""
     return f"/var/run/wireguard/{interface}.sock"
-
-
-async def try_serve_uapi(
-    path: str,
-    device: Device,
-    *,
-    listen_port: int,
-    clock: Callable[[], float],
-    send: Callable[[bytes, Endpoint], object],
-    log: FilteringBoundLogger,
-    fwmark: int = 0,
-) -> asyncio.AbstractServer | None:
-    """`serve_uapi`, or None (logged: `wg` just cannot reach us) when the socket cannot be
-    made."""
-    try:
-        return await serve_uapi(
-            path, device, listen_port=listen_port, clock=clock, send=send, log=log, fwmark=fwmark
-        )
-    except OSError as e:
-        log.warning("UAPI socket unavailable", path=path, error=str(e))
-        return None
 
 
 def _remove_stale(path: str) -> None:

@@ -9,8 +9,6 @@ from ipaddress import ip_network
 
 import pytest
 
-from agent.engine.discokeys import static_disco_private, static_disco_public
-from agent.engine.engine import PathEngine
 from agent.engine.events import DiscoAuthenticated, EngineEvent
 from agent.engine.handshake_wake import wake_handshake
 from agent.engine.paths import derp_endpoint
@@ -20,29 +18,9 @@ from agent.proto.errors import DropReason, LocalProtocolError
 from agent.proto.wireguard.constants import MSG_INITIATION
 from agent.proto.wireguard.device import Device
 from agent.proto.wireguard.peer import RETRY_HANDSHAKE_MIN_INTERVAL
+from tests.engine.test_engine import A_EP, A_PRIV, B_EP, B_PRIV, NOW, REGION, A, B, pair
 
-A_PRIV = NodePrivate(bytes(range(1, 33)))
-B_PRIV = NodePrivate(bytes(range(33, 65)))
 M_PRIV = NodePrivate(bytes(range(65, 97)))
-A, B = A_PRIV.public(), B_PRIV.public()
-A_EP = ("198.51.100.1", 41641)
-B_EP = ("198.51.100.2", 41641)
-REGION = 7
-NOW = 1000.0
-
-
-def engine(priv: NodePrivate, seed: int) -> PathEngine:
-    rng = random.Random(seed)
-    return PathEngine(static_disco_private(priv), priv.public(), REGION, randbytes=rng.randbytes)
-
-
-def pair() -> tuple[PathEngine, PathEngine]:
-    a, b = engine(A_PRIV, 1), engine(B_PRIV, 2)
-    a.add_peer(B, derp_region=REGION, disco_key=static_disco_public(B))
-    b.add_peer(A, derp_region=REGION, disco_key=static_disco_public(A))
-    a.set_local_endpoints([A_EP])
-    b.set_local_endpoints([B_EP])
-    return a, b
 
 
 def authenticated(events: list[EngineEvent]) -> list[DiscoAuthenticated]:
