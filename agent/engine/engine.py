@@ -5,6 +5,8 @@ which packets are DISCO). A facade over small parts, each in its own module:
 
     peerpath.PeerPath      per peer: candidates, best path, trust window, DERP route
     candidates             per candidate: sources, last ping, pong history; better_path()
+    disco_in.DiscoReceiver what each received Ping, Pong and CallMeMaybe does
+    disco_out.DiscoSender  sealing our messages; pings, discovery rounds, CallMeMaybe pacing
     disco_tx.TxTable       pings awaiting a pong: TxID -> peer, destination, time, purpose
     schedule               per peer activity/heartbeat/CallMeMaybe pacing; the deadline heap
     paths.PathTable        plain WireGuard peers (no disco key): unchanged policy
@@ -40,7 +42,8 @@ Inputs: `add_peer`/`remove_peer`/`set_endpoint`/`set_netmap_endpoints` (configur
 `on_send` (we are about to send to a peer: activity), `on_receive` (an authenticated WireGuard
 packet arrived), `receive_disco` (a DISCO packet arrived over UDP or DERP),
 `set_local_endpoints`, `ping`, `on_timer`. Outputs: `targets`/`status` (per peer, now),
-`outgoing()` (DISCO datagrams to send), `events()` (PathChanged, PongReceived),
+`outgoing()` (DISCO datagrams to send), `events()` (PathChanged, PongReceived,
+DiscoAuthenticated: the daemon answers the last with `handshake_wake`),
 `next_deadline()`. Hostile input to `receive_disco` is counted in `stats.drops` and never
 raises.
 
@@ -54,51 +57,29 @@ CallMeMaybe rate limit of one per 5 s per peer; no path-MTU probing, no peer rel
 from __future__ import annotations
 
 import secrets
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Final
 
-from agent.engine.candidates import Candidate, CandidateSource
-from agent.engine.disco_tx import PingPurpose, SentPing, TxTable
-from agent.engine.events import (
-    EngineEvent,
-    Outgoing,
-    PathChanged,
-    PeerPathStatus,
-    PongReceived,
-)
+from agent.engine.candidates import CandidateSource
+from agent.engine.disco_in import DiscoReceiver
+from agent.engine.disco_out import DiscoSender
+from agent.engine.disco_tx import PingPurpose
+from agent.engine.events import EngineEvent, Outgoing, PathChanged, PeerPathStatus
 from agent.engine.paths import (
     Endpoint,
-    PathKind,
     PathTable,
     Targets,
     derp_endpoint,
     derp_region_of,
 )
-from agent.engine.peerpath import PeerPath, usable_endpoint
+from agent.engine.peerpath import PeerPath, path_summary, usable_endpoint
 from agent.engine.schedule import Deadlines
 from agent.engine.stats import EngineStats
 from agent.engine.timings import DEFAULT_TIMINGS, MAX_CALL_ME_MAYBE_ENDPOINTS, Timings
 from agent.keys import DiscoPrivate, DiscoPublic, NodePublic
-from agent.proto import disco
-from agent.proto.errors import (
-    DropReason,
-    LocalProtocolError,
-    MalformedPacket,
-    RemoteProtocolError,
-    UnknownPeer,
-)
+from agent.proto.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["PathEngine"]
-
-_DEDUP_SOURCES: Final = 1024  # sources whose last ping TxID we remember (duplicate detection)
-
-
-_KIND: Final[dict[type[disco.Message], str]] = {
-    disco.Ping: "ping",
-    disco.Pong: "pong",
-    disco.CallMeMaybe: "call_me_maybe",
-}
 
 
 class PathEngine:
@@ -118,18 +99,28 @@ class PathEngine:
     ) -> None:
         self.timings = timings
         self.stats = EngineStats()
-        self._disco_private = disco_private  # static after construction
-        self._node_key = node_key  # static: sent in every Ping
-        self._randbytes = randbytes
         self._plain = PathTable(home_region)
         self._peers: dict[NodePublic, PeerPath] = {}
         self._by_disco: dict[DiscoPublic, list[NodePublic]] = {}
-        self._tx = TxTable()
         self._deadlines: Deadlines[NodePublic] = Deadlines()
-        self._out: list[Outgoing] = []
         self._events: deque[EngineEvent] = deque()
-        self._local: tuple[Endpoint, ...] = ()
-        self._last_ping_rx: OrderedDict[Endpoint, bytes] = OrderedDict()
+        self._out = DiscoSender(
+            disco_private,
+            node_key,
+            stats=self.stats,
+            timings=timings,
+            home_region=lambda: self._plain.home_region,
+            randbytes=randbytes,
+        )
+        self._rx = DiscoReceiver(
+            disco_private,
+            peers=self._peers,
+            by_disco=self._by_disco,
+            out=self._out,
+            events=self._events,
+            stats=self.stats,
+            timings=timings,
+        )
 
     # -- configuration (PathTable's API) ---------------------------------------------------------
     @property
@@ -159,7 +150,7 @@ class PathEngine:
         peer = PeerPath(key, disco_key, configured_endpoint=endpoint, configured_region=derp_region)
         self._peers[key] = peer
         self._by_disco.setdefault(disco_key, []).append(key)
-        peer.reported = self._summary(peer.status(0.0, self.home_region))
+        peer.reported = path_summary(peer.status(0.0, self.home_region))
 
     def has_peer(self, key: NodePublic) -> bool:
         return key in self._peers or self._plain.has_peer(key)
@@ -179,7 +170,7 @@ class PathEngine:
         if not keys:
             self._by_disco.pop(peer.disco, None)
         self._deadlines.set(key, None)
-        self._tx.drop_peer(key)
+        self._out.tx.drop_peer(key)
 
     def set_endpoint(self, key: NodePublic, endpoint: Endpoint | None) -> None:
         """A direct endpoint given from outside (config, `wg set`): a candidate, not trusted."""
@@ -201,7 +192,7 @@ class PathEngine:
         eps = [(str(ep[0]), int(ep[1])) for ep in endpoints]
         peer.set_netmap_endpoints(eps[:MAX_CALL_ME_MAYBE_ENDPOINTS], now)
         if peer.schedule.active(now, self.timings) and not peer.trusted(now):
-            self._discover(peer, now, call_me_maybe=False)
+            self._out.discover(peer, now, call_me_maybe=False)
         self._rearm(peer, now)
 
     def set_local_endpoints(self, endpoints: Iterable[Endpoint], now: float | None = None) -> None:
@@ -214,18 +205,18 @@ class PathEngine:
             if usable_endpoint(ep) and ep not in fresh:
                 fresh.append(ep)
         new = tuple(fresh[:MAX_CALL_ME_MAYBE_ENDPOINTS])
-        if new == self._local:
+        if new == self._out.local:
             return
-        self._local = new
+        self._out.local = new
         if now is None:
             return
         for peer in self._peers.values():
             if peer.schedule.active(now, self.timings) and not peer.trusted(now):
-                self._call_me_maybe(peer, now, force=True)
+                self._out.call_me_maybe(peer, now, force=True)
 
     @property
     def local_endpoints(self) -> tuple[Endpoint, ...]:
-        return self._local
+        return self._out.local
 
     # -- data-path hooks -------------------------------------------------------------------------
     def on_send(self, key: NodePublic, now: float) -> None:
@@ -236,13 +227,13 @@ class PathEngine:
             return
         peer.schedule.note_send(now, self.timings)
         if not peer.trusted(now):
-            self._discover(peer, now, call_me_maybe=True)
+            self._out.discover(peer, now, call_me_maybe=True)
             self._rearm(peer, now)
             return
         if peer.note_direct_send(now, self.timings):
             assert peer.best is not None
             self.stats.silence_probes += 1
-            self._ping(peer, peer.best.endpoint, now, PingPurpose.HEARTBEAT)
+            self._out.ping(peer, peer.best.endpoint, now, PingPurpose.HEARTBEAT)
         if self._deadlines.get(key) is None:
             self._rearm(peer, now)
 
@@ -266,8 +257,8 @@ class PathEngine:
             assert peer.best is not None
             peer.lose_trust(peer.best.endpoint, now)
             self.stats.relayed_fallbacks += 1
-            self._ping(peer, peer.best.endpoint, now, PingPurpose.HEARTBEAT)
-            self._discover(peer, now, call_me_maybe=True)
+            self._out.ping(peer, peer.best.endpoint, now, PingPurpose.HEARTBEAT)
+            self._out.discover(peer, now, call_me_maybe=True)
             peer.derp_rx_region = region
             self._rearm(peer, now)
         elif region != peer.derp_rx_region:
@@ -287,7 +278,12 @@ class PathEngine:
             return PeerPathStatus(s.path, s.endpoint, s.derp_region)
         return peer.status(now, self.home_region)
 
-    # -- DISCO in -------------------------------------------------------------------------------
+    def status_if_added(self, endpoint: Endpoint | None, now: float) -> PeerPathStatus:
+        """Read only: what `status` shows for a plain peer once added at `endpoint`."""
+        s = self._plain.status_if_added(endpoint, now)
+        return PeerPathStatus(s.path, s.endpoint, s.derp_region)
+
+    # -- DISCO in (disco_in.DiscoReceiver) -----------------------------------------------------
     def receive_disco(
         self,
         packet: bytes,
@@ -298,112 +294,14 @@ class PathEngine:
     ) -> None:
         """A DISCO packet from `src`: a UDP source, or `derp_endpoint(region)` when it came
         through DERP, with `derp_src` the frame's source node key if the daemon has it (then
-        it must be the peer owning the sender disco key). Never raises for bad input: drops
-        are counted in `stats.drops`."""
+        it must be the peer owning the sender disco key). An authenticated one is announced as
+        DiscoAuthenticated. Never raises for bad input: drops are counted in `stats.drops`."""
         try:
-            self._receive_disco(bytes(packet), src, now, derp_src)
+            peer = self._rx.receive(bytes(packet), src, now, derp_src)
         except RemoteProtocolError as exc:
             self.stats.drops[exc.reason] += 1
-
-    def _receive_disco(
-        self, packet: bytes, src: Endpoint, now: float, derp_src: NodePublic | None
-    ) -> None:
-        sender = DiscoPublic(disco.sender_key(packet))  # MalformedPacket if not DISCO
-        keys = self._by_disco.get(sender)
-        if not keys:
-            raise UnknownPeer("disco key of no peer")  # not even worth opening (§8.2)
-        _, message = disco.open_packet(self._disco_private.raw, packet)
-        self.stats.received[_KIND[type(message)]] += 1
-        peer = self._sender_peer(keys, message, derp_src)
-        region = derp_region_of(src)
-        match message:
-            case disco.Ping():
-                self._on_ping(peer, message, src, region, now)
-            case disco.Pong():
-                self._on_pong(peer, message, src, now)
-            case disco.CallMeMaybe():
-                if region is None:
-                    raise MalformedPacket("CallMeMaybe is valid only through DERP")
-                self._on_call_me_maybe(peer, message, region, now)
+            return
         self._rearm(peer, now)
-
-    def _sender_peer(
-        self, keys: list[NodePublic], message: disco.Message, derp_src: NodePublic | None
-    ) -> PeerPath:
-        if derp_src is not None:
-            if derp_src not in keys:
-                raise UnknownPeer("DERP source is not the peer of this disco key")
-            return self._peers[derp_src]
-        if len(keys) == 1:
-            return self._peers[keys[0]]
-        if isinstance(message, disco.Ping) and message.node_key is not None:
-            claimed = NodePublic(message.node_key)
-            if claimed in keys:
-                return self._peers[claimed]
-        raise UnknownPeer("disco key shared by several peers")
-
-    def _on_ping(
-        self, peer: PeerPath, ping: disco.Ping, src: Endpoint, region: int | None, now: float
-    ) -> None:
-        if region is not None:
-            peer.derp_rx_region = region
-            self._send(peer, disco.Pong(ping.tx_id, derp_endpoint(region)), src)
-            return
-        if self._last_ping_rx.get(src) == ping.tx_id:
-            self.stats.duplicate_pings += 1
-            return
-        self._last_ping_rx[src] = ping.tx_id
-        self._last_ping_rx.move_to_end(src)
-        if len(self._last_ping_rx) > _DEDUP_SOURCES:
-            self._last_ping_rx.popitem(last=False)
-        cand = peer.add_candidate(src, CandidateSource.LEARNED, now)
-        self._send(peer, disco.Pong(ping.tx_id, src), src)
-        if cand is not None and self._wants_ping_back(peer, cand, now):
-            self._ping(peer, src, now, PingPurpose.DISCOVERY)
-
-    def _wants_ping_back(self, peer: PeerPath, cand: Candidate, now: float) -> bool:
-        """Ping the source of an unsolicited UDP ping back when we have no trusted path and
-        either talk to the peer or never had a pong from that source (one ping back for an
-        idle peer, not one per heartbeat it sends us); at most once per PING_BACK_INTERVAL."""
-        if peer.trusted(now):
-            return False
-        if not peer.schedule.active(now, self.timings) and cand.latest_latency is not None:
-            return False
-        return cand.last_ping is None or now - cand.last_ping >= self.timings.ping_back_interval
-
-    def _on_pong(self, peer: PeerPath, pong: disco.Pong, src: Endpoint, now: float) -> None:
-        sent = self._tx.match(pong.tx_id, src, peer.key)
-        if sent is None:
-            self.stats.unmatched_pongs += 1
-            return
-        latency = max(0.0, now - sent.sent_at)
-        arrived_via_derp = derp_region_of(src) is not None
-        if sent.via_derp:
-            if arrived_via_derp:
-                peer.derp_latency = latency
-        elif not arrived_via_derp:  # a DERP pong never changes the direct path (§8.6)
-            peer.on_pong(sent.dest, latency, pong.src, now, self.timings)
-        self._events.append(PongReceived(peer.key, sent.tx_id, pong.src, latency, sent.dest))
-
-    def _on_call_me_maybe(
-        self, peer: PeerPath, cmm: disco.CallMeMaybe, region: int, now: float
-    ) -> None:
-        peer.derp_rx_region = region
-        endpoints = [
-            ep for ep in cmm.endpoints[:MAX_CALL_ME_MAYBE_ENDPOINTS] if usable_endpoint(ep)
-        ]
-        peer.set_call_me_maybe(endpoints, now)
-        for ep in peer.due_pings(now, self.timings):
-            self._ping(peer, ep, now, PingPurpose.DISCOVERY)
-        # Answer with our endpoints so the peer punches towards us too. Inside the pacing
-        # interval as well while we have no trusted path (our last CallMeMaybe may have gone
-        # out before the peer joined the relay), but at most once per answer interval.
-        sched = peer.schedule
-        if sched.may_call_me_maybe(now, self.timings):
-            self._call_me_maybe(peer, now)
-        elif not peer.trusted(now) and sched.may_answer_call_me_maybe(now, self.timings):
-            self._call_me_maybe(peer, now, force=True)
-            sched.note_call_me_maybe_answer(now)
 
     # -- DISCO out ------------------------------------------------------------------------------
     def announce(self, key: NodePublic, now: float) -> None:
@@ -411,7 +309,7 @@ class PathEngine:
         counting it as activity, so no heartbeats start for peers we are not talking to."""
         peer = self._peers.get(key)
         if peer is not None:
-            self._call_me_maybe(peer, now)
+            self._out.call_me_maybe(peer, now)
             self._rearm(peer, now)
 
     def ping(self, key: NodePublic, now: float) -> bytes:
@@ -422,90 +320,41 @@ class PathEngine:
         if peer is None:
             raise LocalProtocolError("ping needs a peer that speaks DISCO")
         peer.schedule.note_send(now, self.timings)
-        tx_id = self._randbytes(disco.TX_ID_LEN)
+        tx_id = self._out.new_tx_id()
         if peer.trusted(now):
             assert peer.best is not None
-            self._ping(peer, peer.best.endpoint, now, PingPurpose.CLI, tx_id)
+            self._out.ping(peer, peer.best.endpoint, now, PingPurpose.CLI, tx_id)
         else:
             region = peer.region(self.home_region)
             if region is not None:
-                self._ping(peer, derp_endpoint(region), now, PingPurpose.CLI, tx_id)
+                self._out.ping(peer, derp_endpoint(region), now, PingPurpose.CLI, tx_id)
             peer.prune(now, self.timings)
             for ep in list(peer.candidates):
-                self._ping(peer, ep, now, PingPurpose.CLI, tx_id)
+                self._out.ping(peer, ep, now, PingPurpose.CLI, tx_id)
             peer.schedule.note_full_ping(now)
-            self._call_me_maybe(peer, now)
+            self._out.call_me_maybe(peer, now)
         self._rearm(peer, now)
         return tx_id
 
     def outgoing(self) -> list[Outgoing]:
         """Drain the DISCO datagrams to send (UDP, or DERP when `endpoint` is a DERP one)."""
-        out, self._out = self._out, []
-        return out
+        return self._out.drain()
 
     def events(self) -> list[EngineEvent]:
         out = list(self._events)
         self._events.clear()
         return out
 
-    def _send(self, peer: PeerPath, message: disco.Message, dest: Endpoint) -> None:
-        nonce = self._randbytes(disco.NONCE_LEN)
-        try:
-            packet = disco.seal(self._disco_private.raw, peer.disco.raw, message, nonce)
-        except LocalProtocolError:  # a low-order peer disco key: unusable, count it
-            self.stats.drops[DropReason.SEND_FAILED] += 1
-            return
-        self.stats.sent[_KIND[type(message)]] += 1
-        self._out.append(Outgoing(packet, dest, peer.key))
-
-    def _ping(
-        self,
-        peer: PeerPath,
-        dest: Endpoint,
-        now: float,
-        purpose: PingPurpose,
-        tx_id: bytes | None = None,
-    ) -> None:
-        t = self.timings
-        tx_id = tx_id if tx_id is not None else self._randbytes(disco.TX_ID_LEN)
-        late_at = None
-        if purpose is PingPurpose.HEARTBEAT and peer.trusted(now) and peer.best is not None:
-            late_at = now + t.heartbeat_late_after(peer.best.latency)
-        self._tx.add(SentPing(tx_id, peer.key, dest, now, purpose, now + t.ping_timeout, late_at))
-        if derp_region_of(dest) is None:
-            peer.note_ping(dest, now)
-        self._send(peer, disco.Ping(tx_id, node_key=self._node_key.raw), dest)
-
-    def _discover(self, peer: PeerPath, now: float, *, call_me_maybe: bool) -> None:
-        """A discovery round: ping each candidate not pinged for DISCO_PING_INTERVAL; then a
-        CallMeMaybe if a ping went out, or if the peer has no candidate at all (static mode:
-        it must learn ours to punch)."""
-        due = peer.due_pings(now, self.timings)
-        for ep in due:
-            self._ping(peer, ep, now, PingPurpose.DISCOVERY)
-        peer.schedule.note_full_ping(now)
-        if call_me_maybe and (due or not peer.candidates):
-            self._call_me_maybe(peer, now)
-
-    def _call_me_maybe(self, peer: PeerPath, now: float, *, force: bool = False) -> None:
-        region = peer.region(self.home_region)
-        if region is None:
-            return
-        if not force and not peer.schedule.may_call_me_maybe(now, self.timings):
-            return
-        self._send(peer, disco.CallMeMaybe(self._local), derp_endpoint(region))
-        peer.schedule.note_call_me_maybe(now)
-
     # -- timers ---------------------------------------------------------------------------------
     def on_timer(self, now: float) -> None:
         """Everything due at `now`, in order: late heartbeats, ping timeouts, per-peer
         deadlines (heartbeat, end of trust)."""
         touched: dict[NodePublic, PeerPath] = {}
-        late, expired = self._tx.due(now)
+        late, expired = self._out.tx.due(now)
         for sent in late:
             peer = self._peers.get(sent.key)
             if peer is not None and peer.lose_trust(sent.dest, now):
-                self._discover(peer, now, call_me_maybe=True)
+                self._out.discover(peer, now, call_me_maybe=True)
                 touched[peer.key] = peer
         for sent in expired:
             peer = self._peers.get(sent.key)
@@ -524,12 +373,12 @@ class PathEngine:
 
     def _heartbeat(self, peer: PeerPath, now: float) -> None:
         if peer.best is not None:
-            self._ping(peer, peer.best.endpoint, now, PingPurpose.HEARTBEAT)
+            self._out.ping(peer, peer.best.endpoint, now, PingPurpose.HEARTBEAT)
         if peer.want_full_ping(now, self.timings):
-            self._discover(peer, now, call_me_maybe=True)
+            self._out.discover(peer, now, call_me_maybe=True)
 
     def next_deadline(self) -> float | None:
-        times = [t for t in (self._deadlines.next(), self._tx.next_deadline()) if t is not None]
+        times = [t for t in (self._deadlines.next(), self._out.tx.next_deadline()) if t is not None]
         return min(times) if times else None
 
     def _rearm(self, peer: PeerPath, now: float) -> None:
@@ -537,15 +386,9 @@ class PathEngine:
         self._refresh(peer, now)
 
     # -- events ---------------------------------------------------------------------------------
-    @staticmethod
-    def _summary(status: PeerPathStatus) -> tuple[PathKind, Endpoint | None, int | None]:
-        if status.path == "direct":
-            return ("direct", status.endpoint, None)
-        return (status.path, None, status.derp_region)
-
     def _refresh(self, peer: PeerPath, now: float) -> None:
         status = peer.status(now, self.home_region)
-        summary = self._summary(status)
+        summary = path_summary(status)
         if summary != peer.reported:
             old = peer.reported[0]
             peer.reported = summary

@@ -5,6 +5,8 @@ Outgoing         a DISCO packet and where it goes: a UDP endpoint, or a DERP pse
                  what `PeerTransport.send_to_endpoint([payload], endpoint, key)` takes
 PathChanged      a peer's path kind (direct / derp / none) or direct endpoint changed
 PongReceived     a pong to one of our pings (`agent ping` prints these)
+DiscoAuthenticated  a DISCO message from a peer opened with its disco key: the peer is
+                 reachable now (see `handshake_wake` for what the WireGuard side does about it)
 PeerPathStatus   `PathStatus` plus the latency of the path in use
 """
 
@@ -15,7 +17,14 @@ from dataclasses import dataclass
 from agent.engine.paths import Endpoint, PathKind, PathStatus, derp_region_of
 from agent.keys import NodePublic
 
-__all__ = ["Outgoing", "PathChanged", "PongReceived", "PeerPathStatus", "EngineEvent"]
+__all__ = [
+    "DiscoAuthenticated",
+    "EngineEvent",
+    "Outgoing",
+    "PathChanged",
+    "PeerPathStatus",
+    "PongReceived",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,4 +79,15 @@ class PongReceived:
         return derp_region_of(self.via)
 
 
-EngineEvent = PathChanged | PongReceived
+@dataclass(frozen=True, slots=True)
+class DiscoAuthenticated:
+    """A DISCO message (`kind`: "ping", "pong" or "call_me_maybe") from the peer `key` opened
+    with that peer's disco key, so it came from the peer; `src` is where it arrived from (a UDP
+    endpoint or the DERP pseudo-endpoint of the region it came through)."""
+
+    key: NodePublic
+    kind: str
+    src: Endpoint
+
+
+EngineEvent = PathChanged | PongReceived | DiscoAuthenticated

@@ -142,6 +142,15 @@ class PathTable:
         p = self._peers.get(key)
         if p is None:
             return PathStatus("none", None, None)
+        return self._status(p, now)
+
+    def status_if_added(self, endpoint: Endpoint | None, now: float) -> PathStatus:
+        """Read only: the status of a peer added now at `endpoint` (a DERP pseudo-endpoint
+        counts as none), as one added at run time starts on its first use."""
+        direct = endpoint if derp_region_of(endpoint) is None else None
+        return self._status(_PeerPath(direct=direct, configured_region=None), now)
+
+    def _status(self, p: _PeerPath, now: float) -> PathStatus:
         region = self._region(p)
         if self._trusted(p, now):
             return PathStatus("direct", p.direct, region)

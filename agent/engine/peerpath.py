@@ -52,7 +52,15 @@ from agent.engine.schedule import PunchSchedule
 from agent.engine.timings import MAX_CANDIDATES, Timings
 from agent.keys import DiscoPublic, NodePublic
 
-__all__ = ["PeerPath", "usable_endpoint"]
+__all__ = ["PeerPath", "path_summary", "usable_endpoint"]
+
+
+def path_summary(status: PeerPathStatus) -> tuple[PathKind, Endpoint | None, int | None]:
+    """What a PathChanged event reports of a status: the kind, and the direct endpoint or the
+    DERP region that goes with it."""
+    if status.path == "direct":
+        return ("direct", status.endpoint, None)
+    return (status.path, None, status.derp_region)
 
 
 def usable_endpoint(ep: Endpoint) -> bool:

@@ -1,8 +1,9 @@
 """The control socket: what `agent status`, `agent ping` and `agent metrics` ask the daemon.
 
 One JSON line in, one JSON line out (agent/api.py), on a Unix socket only root can open (0600).
-`LocalApi` reads the daemon's state to answer; it changes nothing except by sending a DISCO
-ping through the daemon's path engine.
+`LocalApi` sees the running node through `DaemonView` (the parts it reads, never the daemon
+itself; `NodeParts` is the daemon's). A status or metrics query changes nothing; `ping` sends
+one DISCO ping through the path engine.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import asyncio
 import contextlib
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agent import api
@@ -23,15 +25,12 @@ from agent.engine.stun_probe import StunProber
 from agent.keys import NodePublic
 from agent.log import get_logger
 from agent.node import metrics
-from agent.node.dataplane import DataPlane
+from agent.node.dataplane import DataPlaneStats
 from agent.node.derp_client import DerpClients
-from agent.node.transport import PeerTransport
-from agent.node.tun import Tun
-from agent.node.udp import UdpSocket
 from agent.proto.endpoint import format_endpoint
 from agent.proto.wireguard.device import Device
 
-__all__ = ["DaemonView", "LocalApi", "serve_local_api"]
+__all__ = ["DaemonView", "LocalApi", "NodeParts", "serve_local_api"]
 
 log = get_logger("agent.daemon")
 
@@ -47,26 +46,26 @@ async def serve_local_api(path: str, handler: LocalApi) -> asyncio.AbstractServe
 
 
 class DaemonView(Protocol):
-    """What the local API reads of the running daemon (agent/node/main.py `Daemon`)."""
+    """What the local API reads of the running node."""
 
     @property
     def config(self) -> Config: ...
     @property
-    def device(self) -> Device | None: ...
-    @property
-    def tun(self) -> Tun | None: ...
-    @property
-    def udp(self) -> UdpSocket | None: ...
-    @property
-    def dataplane(self) -> DataPlane | None: ...
-    @property
-    def transport(self) -> PeerTransport | None: ...
-    @property
-    def derp(self) -> DerpClients | None: ...
+    def device(self) -> Device: ...
     @property
     def paths(self) -> PathEngine: ...
     @property
+    def derp(self) -> DerpClients | None: ...
+    @property
+    def dataplane_stats(self) -> DataPlaneStats: ...
+    @property
     def stun(self) -> StunProber: ...
+    @property
+    def listen_port(self) -> int: ...
+    @property
+    def offload(self) -> str: ...
+    @property
+    def udp_gso(self) -> bool: ...
     @property
     def names(self) -> Mapping[NodePublic, str]: ...
     @property
@@ -75,10 +74,32 @@ class DaemonView(Protocol):
     def path_switches(self) -> Mapping[NodePublic, int]: ...
 
     def now(self) -> float:
-        """The event loop's clock; the daemon is running."""
+        """The event loop's clock."""
         ...
 
-    async def ping(self, key: NodePublic, wait: float = 5.0) -> PongReceived | None: ...
+    def ping(self, key: NodePublic) -> Awaitable[PongReceived | None]:
+        """One DISCO ping to `key`: its pong, or None on timeout."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class NodeParts:
+    """The daemon's `DaemonView`: the parts of the running node, gathered once it runs."""
+
+    config: Config
+    device: Device
+    paths: PathEngine
+    derp: DerpClients | None
+    dataplane_stats: DataPlaneStats
+    stun: StunProber
+    listen_port: int
+    offload: str
+    udp_gso: bool
+    names: Mapping[NodePublic, str]
+    handshakes: Mapping[NodePublic, int]
+    path_switches: Mapping[NodePublic, int]
+    now: Callable[[], float]
+    ping: Callable[[NodePublic], Awaitable[PongReceived | None]]
 
 
 class LocalApi:
@@ -110,17 +131,15 @@ class LocalApi:
             writer.close()
 
     def status(self) -> api.Status:
-        device = self.d.device
-        assert device is not None
-        assert self.d.udp is not None
-        assert self.d.tun is not None
+        device, paths = self.d.device, self.d.paths
         now = self.d.now()
         cfg = self.d.config.interface
         peers = []
         for pk, peer in device.peers.items():
-            if self.d.transport is not None:
-                self.d.transport.has_path(peer, now)  # peers added by `wg set` get a path entry
-            path = self.d.paths.status(pk, now)
+            if paths.has_peer(pk):
+                path = paths.status(pk, now)
+            else:  # added by `wg set`, not used yet: the path its first use gives it
+                path = paths.status_if_added(peer.endpoint, now)
             ep = path.endpoint
             endpoint = None if ep is None else format_endpoint(ep)
             live = peer.keypairs.current is not None
@@ -140,7 +159,7 @@ class LocalApi:
                 )
             )
         drops: dict[str, int] = {str(k): v for k, v in device.drops.items() if v}
-        dp: dict[str, Any] = {"offload": self.d.tun.offload, "udp_gso": self.d.udp.gso}
+        dp: dict[str, Any] = {"offload": self.d.offload, "udp_gso": self.d.udp_gso}
         es = self.d.paths.stats
         dp["disco"] = {
             **{f"sent_{k}": v for k, v in es.sent.items()},
@@ -149,14 +168,12 @@ class LocalApi:
             "stun_sent": self.d.stun.sent,
             "stun_answered": self.d.stun.answered,
         }
-        if self.d.dataplane is not None:
-            stats = self.d.dataplane.stats.as_dict()
-            for k, v in stats.items():
-                if k == "drops" and isinstance(v, dict):
-                    for reason, n in v.items():
-                        drops[reason] = drops.get(reason, 0) + n
-                else:
-                    dp[k] = v
+        for k, v in self.d.dataplane_stats.as_dict().items():
+            if k == "drops" and isinstance(v, dict):
+                for reason, n in v.items():
+                    drops[reason] = drops.get(reason, 0) + n
+            else:
+                dp[k] = v
         derp = api.DerpStatus(
             home_region=self.d.paths.home_region,
             connected_regions=self.d.derp.connected_regions() if self.d.derp is not None else (),
@@ -166,7 +183,7 @@ class LocalApi:
             interface=cfg.name,
             derp=derp,
             public_key=device.public_key.to_b64(),
-            listen_port=self.d.udp.port,
+            listen_port=self.d.listen_port,
             addresses=tuple(str(a) for a in cfg.addresses),
             peers=tuple(peers),
             drops=drops,
@@ -176,8 +193,6 @@ class LocalApi:
     def find_peer(self, text: str) -> NodePublic | None:
         """A peer by name, public key (base64) or an overlay address inside its allowed IPs."""
         device = self.d.device
-        if device is None:
-            return None
         for key, name in self.d.names.items():
             if name == text and key in device.peers:
                 return key
@@ -205,8 +220,8 @@ class LocalApi:
             )
         pong = await self.d.ping(key)
         name = self.d.names.get(key, key.to_b64()[:8])
-        peer = self.d.device.peers.get(key) if self.d.device is not None else None
-        nets = self.d.device.allowed_ips.networks_of(peer) if self.d.device and peer else []
+        peer = self.d.device.peers.get(key)
+        nets = self.d.device.allowed_ips.networks_of(peer) if peer is not None else []
         who = {"peer": name, "address": str(nets[0].network_address) if nets else None}
         if pong is None:
             return api.Response.success({**who, "pong": False})

@@ -6,9 +6,11 @@ The decisions live in agent/engine/netcheck.py; this module does the I/O around 
     measure_https_latency(region)       TLS to the region's nodes in order; the time of one
                                         `GET /derp/latency-check` over it (status <= 299)
     NetcheckDriver(derp, send)          runs reports: STUN datagrams go out through `send`
-                                        (the daemon's WireGuard socket, or ours), answers come
-                                        back through `receive(data, src)`, regions STUN did not
-                                        measure are timed over HTTPS, in parallel
+                                        (the daemon's STUN sender, or our own sockets), answers
+                                        come back through `receive(data, src)`, regions STUN did
+                                        not measure are timed over HTTPS, in parallel
+    run_reports(driver, ...)            the daemon's loop: a report every 20-26 s, the home
+                                        region following the preferred one
     netcheck_once(derp)                 one full report from our own UDP sockets (IPv4, and IPv6
                                         where the host has it): needs no daemon
     format_report(report, derp)         the `tailscale netcheck`-like text
@@ -49,6 +51,7 @@ __all__ = [
     "measure_https_latency",
     "netcheck_once",
     "resolve_regions",
+    "run_reports",
 ]
 
 log = get_logger("agent.netcheck")
@@ -249,6 +252,31 @@ class NetcheckDriver:
             latency={r: round(d * 1000, 2) for r, d in report.region_latency.items()},
         )
         return report
+
+
+async def run_reports(
+    driver: NetcheckDriver,
+    *,
+    derp_heard: Callable[[], Mapping[int, float]],
+    home: Callable[[], int | None],
+    set_home: Callable[[int], None],
+) -> None:
+    """A report when the netchecker says one is due (every 20-26 s; the first one full), until
+    cancelled; `set_home(region)` when the preferred region is not `home()` (the engine keeps
+    the hysteresis, and a pinned home region always wins)."""
+    loop = asyncio.get_running_loop()
+    full = True
+    while True:
+        try:
+            report = await driver.run(full=full, derp_heard=derp_heard)
+        except (OSError, ValueError, RemoteProtocolError) as e:
+            log.warning("netcheck failed", error=str(e))
+        else:
+            full = False
+            preferred = report.preferred_region
+            if preferred is not None and preferred != home():
+                set_home(preferred)
+        await asyncio.sleep(max(0.0, driver.netchecker.next_run_at(loop.time()) - loop.time()))
 
 
 # -- the standalone command ------------------------------------------------------------------------

@@ -24,7 +24,14 @@ from agent.proto.endpoint import format_endpoint
 from agent.proto.wireguard.allowedips import Network
 from agent.proto.wireguard.device import Device
 
-__all__ = ["EINVAL", "apply_set", "format_get", "remove_uapi", "serve_uapi"]
+__all__ = [
+    "EINVAL",
+    "apply_set",
+    "format_get",
+    "remove_uapi",
+    "serve_uapi",
+    "uapi_path",
+]
 
 EINVAL = -22
 MAX_REQUEST_BYTES = 1 << 20
@@ -233,7 +240,7 @@ async def serve_uapi(
     *,
     listen_port: int,
     clock: Callable[[], float],
-    send: Callable[[bytes, Endpoint], None],
+    send: Callable[[bytes, Endpoint], object],
     log: FilteringBoundLogger,
     fwmark: int = 0,
 ) -> asyncio.AbstractServer:
@@ -281,6 +288,11 @@ async def serve_uapi(
     server = await asyncio.start_unix_server(handle, sock=sock, limit=MAX_REQUEST_BYTES)
     log.info("uapi listening", path=path)
     return server
+
+
+def uapi_path(interface: str) -> str:
+    """Where `wg` looks for the interface's UAPI socket."""
+    return f"/var/run/wireguard/{interface}.sock"
 
 
 def _remove_stale(path: str) -> None:

@@ -132,8 +132,8 @@ class Harness:
             eng.status(b, w.now)
         peer = eng._peers[b]
         check(len(peer.candidates) <= MAX_CANDIDATES + 2, f"{len(peer.candidates)} candidates")
-        check(len(eng._tx._pings) <= MAX_OUTSTANDING_PINGS, "pings in flight over the cap")
-        check(len(eng._last_ping_rx) <= 1024, "duplicate-ping memory over its cap")
+        check(len(eng._out.tx._pings) <= MAX_OUTSTANDING_PINGS, "pings in flight over the cap")
+        check(len(eng._rx._last_ping_rx) <= 1024, "duplicate-ping memory over its cap")
         return "".join(ops[:6])
 
     def seeds(self) -> list[bytes]:

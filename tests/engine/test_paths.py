@@ -81,3 +81,16 @@ def test_set_endpoint_resets_trust_and_remove_forgets() -> None:
     assert table.targets(KEY, 0.0) == Targets(udp=("198.18.9.9", 1), derp=900)
     table.remove_peer(KEY)
     assert table.targets(KEY, 0.0) == Targets()
+
+
+def test_status_if_added_is_what_adding_gives_and_adds_nothing() -> None:
+    """A peer `wg set` added and nothing used yet: `agent status` shows the path its first use
+    gives it, without creating the entry."""
+    for home in (None, 900):
+        table = PathTable(home)
+        for endpoint in (EP, None, derp_endpoint(7)):
+            shown = table.status_if_added(endpoint, 5.0)
+            assert not table.has_peer(KEY)
+            table.add_peer(KEY, endpoint=endpoint if derp_region_of(endpoint) is None else None)
+            assert table.status(KEY, 5.0) == shown
+            table.remove_peer(KEY)
