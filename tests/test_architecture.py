@@ -40,7 +40,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "agent.proto": ("agent.keys", "agent.policy"),  # the netmap carries compiled filter rules
     "agent.policy": (),  # access control: pure, like proto; the coordinator and the node use it
     "agent.api": ("agent.keys", "agent.log"),
-    "agent.config": ("agent.keys", "agent.log", "agent.proto"),
+    "agent.config": ("agent.keys", "agent.log", "agent.proto", "agent.policy"),
     "agent.engine": ("agent.keys", "agent.proto"),
     "agent.netio": ("agent.keys", "agent.log", "agent.proto"),
     "agent.node": (

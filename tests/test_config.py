@@ -358,6 +358,7 @@ def test_example_config_shows_every_key() -> None:
     for cls in (InterfaceConfig, PeerConfig, DerpConfig, DerpNode, ControlConfig):
         keys |= {f.name for f in dataclasses.fields(cls)}
     keys |= {"id", "code", "nodes"}
+    keys -= {"policy"}  # compiled from policy_file, not a key
     missing = sorted(k for k in keys if not re.search(rf"\b{k}\b", text))
     assert missing == []
 
@@ -387,3 +388,57 @@ def test_control_section_problems() -> None:
     problems = problems_of(text)
     assert "control.url: 'http://x' is not an https:// URL" in problems
     assert "control: give auth_key or auth_key_file, not both" in problems
+
+
+# -- [interface] policy_file ----------------------------------------------------------------------
+
+
+def _with_policy(tmp_path: Path, policy: str, extra: str = "") -> str:
+    (tmp_path / "policy.hujson").write_text(policy)
+    return f"""
+[interface]
+private_key = {q(PRIV_A.to_b64())}
+addresses = ["100.64.0.1/32"]
+policy_file = "policy.hujson"
+{extra}"""
+
+
+def test_policy_file_is_compiled_for_this_node(tmp_path: Path) -> None:
+    text = _with_policy(
+        tmp_path,
+        """{
+  // peers may reach ssh on this node, nothing else
+  "acls": [{"action": "accept", "src": ["100.64.0.0/10"], "dst": ["100.64.0.1:22"]}],
+}""",
+    )
+    cfg = parse_config(text, base_dir=tmp_path)
+    rules = cfg.interface.policy
+    assert rules is not None
+    assert len(rules) == 1
+    assert [str(s) for s in rules[0].sources] == ["100.64.0.0/10"]
+    assert [(d.ports.first, d.ports.last) for d in rules[0].destinations] == [(22, 22)]
+    assert (
+        parse_config(
+            text.replace('policy_file = "policy.hujson"', ""), base_dir=tmp_path
+        ).interface.policy
+        is None
+    )
+
+
+def test_a_bad_policy_file_names_the_key_and_the_place(tmp_path: Path) -> None:
+    text = _with_policy(tmp_path, '{\n  "acls": [\n    {"action": "accept" "src": ["*"]},\n  ],\n}')
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, base_dir=tmp_path)
+    assert any(p.startswith("interface.policy_file: ") and ":3:" in p for p in e.value.problems), (
+        e.value.problems
+    )
+    failing = _with_policy(
+        tmp_path,
+        '{"acls": [], "tests": [{"src": "100.64.0.2", "accept": ["100.64.0.1:22"]}]}',
+    )
+    with pytest.raises(ConfigError, match="policy test"):
+        parse_config(failing, base_dir=tmp_path)
+    ok = '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}'
+    with_control = _with_policy(tmp_path, ok, '\n[control]\nurl = "https://coord:8443"\n')
+    with pytest.raises(ConfigError, match="coordinator hands out"):
+        parse_config(with_control, base_dir=tmp_path)

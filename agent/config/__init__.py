@@ -20,6 +20,10 @@ from typing import Any
 
 from agent.config.checker import Checker, ConfigError, format_problems, read_config_text
 from agent.keys import NodePrivate, NodePublic, PresharedKey
+from agent.policy.checks import check_policy
+from agent.policy.compile import CompiledPolicy
+from agent.policy.errors import PolicyError
+from agent.policy.rules import FilterRule, Node
 from agent.proto.derpmap import DerpConfig, DerpNode, DerpRegion
 
 __all__ = [
@@ -49,7 +53,7 @@ DEFAULT_TXQUEUELEN = 2000
 
 _INTERFACE_KEYS = {
     "name", "private_key", "private_key_file", "addresses", "listen_port", "mtu",
-    "txqueuelen", "control_socket", "uapi", "fwmark", "metrics_listen",
+    "txqueuelen", "control_socket", "uapi", "fwmark", "metrics_listen", "policy_file",
 }  # fmt: skip
 _PEER_KEYS = {
     "name", "public_key", "allowed_ips", "endpoint", "derp_region", "preshared_key",
@@ -71,6 +75,9 @@ class InterfaceConfig:
     uapi: bool = True  # also serve the WireGuard UAPI at /var/run/wireguard/<name>.sock
     fwmark: int = 0  # 0 = no mark on underlay packets
     metrics_listen: tuple[str, int] | None = None  # loopback ip, port for Prometheus; None = off
+    policy_file: str | None = None  # a static node's access policy (Tailscale's syntax)
+    # ...compiled for this node: what peers may send it. None = no policy, everything passes.
+    policy: tuple[FilterRule, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.control_socket:
@@ -216,8 +223,10 @@ class NodeChecker(Checker):
         uapi = self.opt(p, t, "uapi", self.boolean, True)
         fwmark = self.opt(p, t, "fwmark", lambda q, v: self.integer(q, v, 0, 2**32 - 1), 0)
         metrics = self.opt(p, t, "metrics_listen", self.loopback_endpoint, None)
+        policy_file = self.opt(p, t, "policy_file", self.path, None)
         if len(self.problems) > before or priv is None:
             return None
+        policy = self.policy(f"{p}.policy_file", policy_file, name, addrs)
         return InterfaceConfig(
             name=name,
             private_key=priv,
@@ -229,7 +238,35 @@ class NodeChecker(Checker):
             uapi=uapi,
             fwmark=fwmark,
             metrics_listen=metrics,
+            policy_file=policy_file,
+            policy=policy,
         )
+
+    def policy(
+        self,
+        path: str,
+        file: str | None,
+        name: str,
+        addrs: list[IPv4Interface | IPv6Interface],
+    ) -> tuple[FilterRule, ...] | None:
+        """The rules of `file` whose destination is this node; its `tests` must pass."""
+        if file is None:
+            return None
+        if self.has_control:
+            self.bad(path, "the coordinator hands out this network's policy; drop one of the two")
+            return None
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            self.bad(path, f"cannot read {file!r}: {getattr(e, 'strerror', None) or e}")
+            return None
+        me = Node(0, name, None, frozenset(), tuple(a.ip for a in addrs))
+        try:
+            policy = check_policy(text, nodes=[me])
+        except PolicyError as e:  # "FILE:LINE:COLUMN: why" for syntax, "FILE: acls[2].dst[0]: why"
+            self.bad(path, f"{file}:{e}" if e.position and not e.path else f"{file}: {e}")
+            return None
+        return CompiledPolicy(policy, [me]).filter_for(me.id)
 
     def peer(self, p: str, v: object) -> PeerConfig | None:
         t = self.table(p, v)

@@ -62,6 +62,7 @@ from typing import Protocol
 from agent.engine.paths import derp_endpoint
 from agent.keys import NodePublic
 from agent.log import get_logger
+from agent.node.access import Access
 from agent.node.tun import OFFLOAD_TSO_USO, Tun
 from agent.node.udp import Endpoint, UdpSocket
 from agent.proto.errors import DropReason, MalformedPacket, RemoteProtocolError
@@ -261,9 +262,11 @@ class DataPlane:
         on_foreign: ForeignHandler | None = None,
         on_fatal: Callable[[OSError], None] = exit_on_tun_failure,
         on_local: LocalHandler | None = None,
+        access: Access | None = None,
     ) -> None:
         self.tun = tun
         self.on_local = on_local
+        self.access = access if access is not None else Access(clock)
         self.on_fatal = on_fatal
         self.udp = udp
         self.sender: PeerSender = sender if sender is not None else _UdpOnly(udp)
@@ -318,6 +321,7 @@ class DataPlane:
         drops = stats.drops
         stats.tun_reads += len(frames)
         route = self.device.route
+        access = self.access
         # A drained batch is mostly one flow: the last destination's peer and packet list are
         # reused without a lookup.
         last_dst: bytes | None = None
@@ -367,6 +371,8 @@ class DataPlane:
                 last_list.append(one)
             else:
                 last_list.extend(segments)
+            if access.filter is not None:  # its replies may come back through the filter
+                access.outbound(one if one is not None else segments[0])  # segments: one flow
         for peer, packets in per_peer.values():
             if packets:
                 self._send_to_peer(peer, packets, now)
@@ -460,7 +466,10 @@ class DataPlane:
             stats.drops[e.reason] += len(datagrams)
             return
         if result.packets:
-            plaintext.extend(result.packets)
+            if self.access.filter is None:
+                plaintext.extend(result.packets)
+            else:
+                plaintext.extend(self.access.inbound(result.packets, stats.drops))
         if result.foreign:
             if self.on_foreign is not None:
                 self.on_foreign(result.foreign, src, key, now)

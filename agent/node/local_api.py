@@ -68,6 +68,10 @@ class DaemonView(Protocol):
     def udp_gso(self) -> bool: ...
     @property
     def names(self) -> Mapping[NodePublic, str]: ...
+    def owners(self, key: NodePublic) -> tuple[str | None, tuple[str, ...]]:
+        """(user, tags) of a peer, as its coordinator said."""
+        ...
+
     @property
     def handshakes(self) -> Mapping[NodePublic, int]: ...
     @property
@@ -96,6 +100,7 @@ class NodeParts:
     offload: str
     udp_gso: bool
     names: Mapping[NodePublic, str]
+    owners: Callable[[NodePublic], tuple[str | None, tuple[str, ...]]]
     handshakes: Mapping[NodePublic, int]
     path_switches: Mapping[NodePublic, int]
     now: Callable[[], float]
@@ -143,6 +148,7 @@ class LocalApi:
             ep = path.endpoint
             endpoint = None if ep is None else format_endpoint(ep)
             live = peer.keypairs.current is not None
+            user, tags = self.d.owners(pk)
             peers.append(
                 api.PeerStatus(
                     name=self.d.names.get(pk, pk.to_b64()[:8]),
@@ -156,6 +162,8 @@ class LocalApi:
                     rx_bytes=peer.rx_bytes,
                     tx_bytes=peer.tx_bytes,
                     persistent_keepalive=peer.persistent_keepalive,
+                    user=user,
+                    tags=tags,
                 )
             )
         drops: dict[str, int] = {str(k): v for k, v in device.drops.items() if v}

@@ -33,6 +33,7 @@ from agent.keys import NodePublic
 from agent.log import get_logger
 from agent.netio.systemd import sd_notify
 from agent.node import coordinator_link, device_io, metrics, uapi
+from agent.node.access import Access
 from agent.node.coordinator_client import CoordinatorClient, CoordinatorError
 from agent.node.dataplane import DataPlane
 from agent.node.derp_client import DerpClients
@@ -63,8 +64,13 @@ class Daemon:
         self.coordinator = coordinator
         self.control: coordinator_link.CoordinatorLink | None = None
         self.names = {p.public_key: p.name for p in config.peers}
+        self.access = Access()  # the packet filter: the static policy_file, or the netmap's
+        self.access.set_rules(config.interface.policy, config.interface.addresses)
         self.netmap_peers = NetmapPeers(
-            config.interface.private_key.public(), {p.public_key for p in config.peers}, self.names
+            config.interface.private_key.public(),
+            {p.public_key for p in config.peers},
+            self.names,
+            self.access,
         )
         self.device: Device | None = None
         self.tun: Tun | None = None
@@ -139,8 +145,9 @@ class Daemon:
             self.paths.home_region = self.derp.home_region
         self.transport = PeerTransport(self.udp, self.derp, self.paths)
         self.dataplane = DataPlane(
-            self.tun, self.udp, device, loop.time, self.flush, sender=self.transport
-        )
+            self.tun, self.udp, device, loop.time, self.flush, sender=self.transport,
+            access=self.access,
+        )  # fmt: skip
         stun = StunSender(self.udp.send_batch, self.stun_prober)
         self.wire = wire = PathWire(
             self.paths,
@@ -166,6 +173,7 @@ class Daemon:
                 offload=self.tun.offload,
                 udp_gso=self.udp.gso,
                 names=self.names,
+                owners=self.netmap_peers.owner,
                 handshakes=self.handshakes,
                 path_switches=wire.path_switches,
                 now=loop.time,

@@ -3,8 +3,10 @@
 Each netmap is applied whole: a node new to us is added (its overlay addresses as allowed IPs,
 its disco key and home region to the path engine, its endpoints as DISCO candidates), a changed
 node is updated in place (no session is torn down for an endpoint or region change), a node that
-is gone is removed. Our own node and the config's static peers are never touched, whatever the
-netmap says about them. When the coordinator link stops for good, every coordinated peer goes.
+is gone is removed, and the netmap's packet filter (the policy's rules for this node) goes to
+the data plane's `Access`. Our own node and the config's static peers are never touched,
+whatever the netmap says about them. When the coordinator link stops for good, every
+coordinated peer goes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 from agent.engine.engine import PathEngine
 from agent.keys import NodePublic
+from agent.node.access import Access
 from agent.proto.coordinator_messages import NetMap, NodeInfo
 from agent.proto.wireguard.device import Device
 
@@ -31,11 +34,16 @@ class NetmapPeers:
     """Coordinated peers by node key. Owned by the daemon's event loop."""
 
     def __init__(
-        self, own: NodePublic, static: set[NodePublic], names: dict[NodePublic, str]
+        self,
+        own: NodePublic,
+        static: set[NodePublic],
+        names: dict[NodePublic, str],
+        access: Access | None = None,
     ) -> None:
         self.own = own
         self.static = static
         self.names = names  # shared with the daemon: display names of every peer
+        self.access = access  # the packet filter: the netmap's rules for this node
         self.nodes: dict[NodePublic, NodeInfo] = {}
 
     def apply(self, netmap: NetMap, device: Device, paths: PathEngine, now: float) -> NetmapChange:
@@ -70,7 +78,15 @@ class NetmapPeers:
         for key in removed:
             self._forget(key, device, paths)
         self.nodes = seen
+        if self.access is not None:
+            # Rules after peers: a peer the policy newly allows is there when its packets pass.
+            self.access.set_rules(netmap.packet_filter, netmap.addresses())
         return NetmapChange(len(seen), added, changed, len(removed))
+
+    def owner(self, key: NodePublic) -> tuple[str | None, tuple[str, ...]]:
+        """(user, tags) of a coordinated peer, as the coordinator said; (None, ()) otherwise."""
+        node = self.nodes.get(key)
+        return (None, ()) if node is None else (node.user, node.tags)
 
     def drop_all(self, device: Device | None, paths: PathEngine) -> int:
         """Out of the network: remove every coordinated peer; how many there were."""

@@ -62,6 +62,10 @@ class DropReason(StrEnum):
     SEND_FAILED = "send_failed"
     TUN_WRITE_FAILED = "tun_write_failed"
     NOT_PERMITTED = "not_permitted"
+    # The node's packet filter (access control policy)
+    FILTER_DENIED = "filter_denied"  # no rule of the policy accepts the flow
+    FILTER_NOT_LOCAL = "filter_not_local"  # from the tunnel, but not to this node's addresses
+    FILTER_MALFORMED = "filter_malformed"  # the filter could not read the IP header
     # DERP relay (tailscale derpserver's dropReason names)
     UNKNOWN_DEST = "unknown_dest"  # no local client with that key, none on a mesh node
     UNKNOWN_DEST_ON_FWD = "unknown_dest_on_fwd"  # a mesh node forwarded to a key not here
