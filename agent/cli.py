@@ -5,8 +5,14 @@
     agent genkey -o FILE [--if-missing]    write a new private key to FILE (0600)
     agent join URL --auth-key KEY          join a coordinator: config, then the service
     agent up -c FILE [--log-level L]       run the daemon in the foreground
-    agent status [-c FILE] [--json]        ask the running daemon over its control socket
+    agent status [-v] [--json]             the running daemon's interface and peers
+    agent ip [NAME] | whois ADDRESS        overlay addresses: ours, a peer's, who has one
+    agent ping PEER | metrics | netcheck   ask the running daemon; measure the network
+    agent derper | coordinator ...         the relay and the coordination server
+    agent completion bash                  shell completion, generated from these parsers
     agent demo                             a self-contained tour on one machine (root)
+
+The full list, with every flag: docs/reference.md.
 
 Expected failures (a missing file, a bad key, a bad config, no daemon) print one line and exit 1;
 never a traceback. Logging is configured here and nowhere else.
@@ -415,7 +421,12 @@ def _parser() -> argparse.ArgumentParser:
     conf_help = f"config file (default {DEFAULT_CONFIG_PATH})"
     p = sub.add_parser("up", help="run the daemon in the foreground")
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, help=conf_help)
-    p.add_argument("--log-level", default=os.environ.get("AGENT_LOG_LEVEL", "info"), choices=LEVELS)
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("AGENT_LOG_LEVEL", "info"),
+        choices=LEVELS,
+        help="least severe level logged (default info, or AGENT_LOG_LEVEL)",
+    )
     p.add_argument(
         "--log-format",
         default="auto",
@@ -500,7 +511,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("derper", help="run a DERP relay (TLS) and STUN server")
     p.add_argument("--addr", default=":443", help="HOST:PORT to listen on (default :443)")
     p.add_argument("--hostname", default="derp.local", help="TLS name of this relay")
-    p.add_argument("--cert-mode", choices=("manual", "self-signed"), default="self-signed")
+    p.add_argument(
+        "--cert-mode",
+        choices=("manual", "self-signed"),
+        default="self-signed",
+        help="self-signed: made once in --cert-dir; manual: HOSTNAME.crt/.key read from it",
+    )
     p.add_argument(
         "--cert-dir",
         default="/var/lib/agent/derper-certs",
@@ -533,7 +549,12 @@ def _parser() -> argparse.ArgumentParser:
         help='per-client receive limit, JSON {"PerClientRateLimitBytesPerSec": N, '
         '"PerClientRateBurstBytes": M} (N = 0: off); read again on SIGHUP',
     )
-    p.add_argument("--log-level", default=os.environ.get("AGENT_LOG_LEVEL", "info"))
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("AGENT_LOG_LEVEL", "info"),
+        choices=LEVELS,
+        help="least severe level logged (default info, or AGENT_LOG_LEVEL)",
+    )
     p.set_defaults(func=_cmd_derper)
 
     from agent.coordinator.admin import add_parser as add_coordinator_parser  # light: argparse
