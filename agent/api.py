@@ -241,6 +241,7 @@ class Status:
     peers: tuple[PeerStatus, ...] = ()
     drops: Mapping[str, int] = field(default_factory=dict)  # DropReason value -> count
     dataplane: Mapping[str, Any] = field(default_factory=dict)  # "offload" and free-form facts
+    dns: Mapping[str, Any] | None = None  # the name service (node/dns_service.py); None: none
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -252,6 +253,7 @@ class Status:
             "peers": [p.to_dict() for p in self.peers],
             "drops": dict(self.drops),
             "dataplane": dict(self.dataplane),
+            "dns": None if self.dns is None else dict(self.dns),
         }
 
     @classmethod
@@ -271,6 +273,7 @@ class Status:
             peers=tuple(PeerStatus.from_dict(p) for p in peers),
             drops=dict(drops),
             dataplane=dict(_field(d, "dataplane", dict, {})),
+            dns=_field(d, "dns", dict, None),
         )
 
     def to_json(self) -> str:

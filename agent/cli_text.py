@@ -18,6 +18,7 @@ from agent.api import PeerStatus, Status
 __all__ = [
     "ago",
     "completion_script",
+    "dns_lines",
     "flatten",
     "format_pong",
     "format_status",
@@ -106,9 +107,9 @@ def format_status(st: Status, now: float, *, verbose: bool = False) -> str:
     home = st.derp.home_region
     lines = [
         f"{st.interface}  {', '.join(_host(a) for a in st.addresses) or 'no address'}"
-        f"  port {st.listen_port}"
-        + (f"  home relay {home}" if home is not None else "  no relay")
+        f"  port {st.listen_port}" + (f"  home relay {home}" if home is not None else "  no relay")
     ]
+    lines += dns_lines(st.dns, verbose=verbose)
     if verbose:
         lines.append(f"  public key {st.public_key}")
         connected = ", ".join(str(r) for r in st.derp.connected_regions) or "none"
@@ -143,6 +144,33 @@ def format_status(st: Status, now: float, *, verbose: bool = False) -> str:
         if p.persistent_keepalive:
             lines.append(f"    keepalive every {plural(p.persistent_keepalive, 'second')}")
     return "\n".join(lines)
+
+
+def dns_lines(dns: Mapping[str, Any] | None, *, verbose: bool = False) -> list[str]:
+    """The name service under the interface line: where it answers, whether the system
+    resolver knows (or how to point one at it); its counters with `verbose`."""
+    if dns is None:
+        return []
+    if not dns.get("enabled"):
+        return ["  dns off"]
+    service = ", ".join(dns.get("service", [])[:1]) or "-"
+    head = f"  dns {dns.get('domain')} at {service}, {plural(int(dns.get('names', 0)), 'name')}"
+    state = dns.get("resolved")
+    if state == "applied":
+        lines = [f"{head}, used by systemd-resolved for ~{dns.get('domain')}"]
+    else:
+        lines = [f"{head}, not used by the system resolver"]
+        if dns.get("hint"):
+            lines.append(f"    {dns['hint']}")
+    if verbose:
+        upstreams = ", ".join(dns.get("upstreams", [])) or "none"
+        dropped = ", ".join(f"{k} {v}" for k, v in flatten(dns.get("dropped", {}))) or "none"
+        lines.append(f"    upstreams {upstreams}")
+        lines.append(
+            f"    answered {dns.get('answered', 0)}, forwarded {dns.get('forwarded', 0)}, "
+            f"dropped: {dropped}"
+        )
+    return lines
 
 
 def format_pong(result: Mapping[str, Any]) -> str:
@@ -200,7 +228,7 @@ def completion_script(parser: argparse.ArgumentParser, prog: str = "agent") -> s
         '        [[ "$w" == -* ]] && continue',
         '        next="${path:+$path }$w"',
         '        case "$next" in',
-        f"            {'|'.join(shlex.quote(k) for k in known)}) path=\"$next\" ;;",
+        f'            {"|".join(shlex.quote(k) for k in known)}) path="$next" ;;',
         "        esac",
         "    done",
         '    case "$prev" in',

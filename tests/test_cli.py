@@ -394,6 +394,43 @@ def test_format_status_units() -> None:
     )
 
 
+DNS = {
+    "enabled": True,
+    "domain": "mesh.internal",
+    "names": 3,
+    "service": ["100.100.100.100", "fd7a:115c:a1e0::53"],
+    "upstreams": ["192.0.2.53:53"],
+    "resolved": "unavailable",
+    "hint": "systemd-resolved is not running: send mesh.internal to 100.100.100.100",
+    "answered": 7,
+    "forwarded": 2,
+    "dropped": {"queue_full": 5},
+}
+
+
+def test_format_status_dns_says_where_names_are_and_how_to_use_them() -> None:
+    st = Status(interface="i", public_key="k", listen_port=1, dns=DNS)
+    lines = format_status(st, 0).splitlines()
+    assert lines[1] == (
+        "  dns mesh.internal at 100.100.100.100, 3 names, not used by the system resolver"
+    )
+    assert lines[2] == "    systemd-resolved is not running: send mesh.internal to 100.100.100.100"
+    verbose = format_status(st, 0, verbose=True)
+    assert "    answered 7, forwarded 2, dropped: queue_full 5" in verbose
+    assert "    upstreams 192.0.2.53:53" in verbose
+    applied = Status(
+        interface="i", public_key="k", listen_port=1, dns={**DNS, "resolved": "applied"}
+    )
+    assert (
+        format_status(applied, 0)
+        .splitlines()[1]
+        .endswith(", used by systemd-resolved for ~mesh.internal")
+    )
+    off = Status(interface="i", public_key="k", listen_port=1, dns={"enabled": False})
+    assert format_status(off, 0).splitlines()[1] == "  dns off"
+    assert Status.from_json(st.to_json()).dns == DNS
+
+
 # -- logging (configured only by cli.main) --------------------------------------------------------
 
 
@@ -451,9 +488,7 @@ def test_format_pong_lines_like_tailscale_ping() -> None:
     direct = {**who, "via": "direct", "endpoint": "198.18.0.2:41641", "latency_ms": 0.4}
     assert format_pong(relayed) == "pong from b (100.64.0.2) via DERP(lab) in 3.1ms"
     assert format_pong(direct) == "pong from b (100.64.0.2) via 198.18.0.2:41641 in 0.4ms"
-    assert format_pong({**who, "pong": False}) == (
-        "timeout waiting for pong from b (100.64.0.2)"
-    )
+    assert format_pong({**who, "pong": False}) == ("timeout waiting for pong from b (100.64.0.2)")
 
 
 def test_ping_rejects_a_bad_count(capsys: pytest.CaptureFixture[str]) -> None:

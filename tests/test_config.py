@@ -16,6 +16,7 @@ from agent.config import (
     ControlConfig,
     DerpConfig,
     DerpNode,
+    DnsConfig,
     InterfaceConfig,
     PeerConfig,
     control_socket_path,
@@ -355,7 +356,7 @@ def test_example_config_parses_with_inline_keys() -> None:
 def test_example_config_shows_every_key() -> None:
     text = (REPO / "agent.conf.example").read_text()
     keys = {"private_key_file", "preshared_key_file", "auth_key_file"}
-    for cls in (InterfaceConfig, PeerConfig, DerpConfig, DerpNode, ControlConfig):
+    for cls in (InterfaceConfig, PeerConfig, DerpConfig, DerpNode, ControlConfig, DnsConfig):
         keys |= {f.name for f in dataclasses.fields(cls)}
     keys |= {"id", "code", "nodes"}
     keys -= {"policy"}  # compiled from policy_file, not a key
@@ -442,3 +443,54 @@ def test_a_bad_policy_file_names_the_key_and_the_place(tmp_path: Path) -> None:
     with_control = _with_policy(tmp_path, ok, '\n[control]\nurl = "https://coord:8443"\n')
     with pytest.raises(ConfigError, match="coordinator hands out"):
         parse_config(with_control, base_dir=tmp_path)
+
+
+# -- [dns] ----------------------------------------------------------------------------------------
+
+
+def test_dns_defaults_to_on_with_the_system_resolvers() -> None:
+    assert parse_config(IFACE).dns == DnsConfig(enable=True, upstreams=None)
+
+
+def test_dns_upstreams_take_an_address_with_or_without_a_port() -> None:
+    text = (
+        IFACE
+        + "[dns]\nenable = false\n"
+        + 'upstreams = ["192.0.2.1", "192.0.2.2:5353", "[2001:db8::1]:53", "2001:db8::2"]\n'
+    )
+    cfg = parse_config(text)
+    assert cfg.dns == DnsConfig(
+        enable=False,
+        upstreams=(
+            ("192.0.2.1", 53),
+            ("192.0.2.2", 5353),
+            ("2001:db8::1", 53),
+            ("2001:db8::2", 53),
+        ),
+    )
+    assert parse_config(IFACE + "[dns]\nupstreams = []\n").dns.upstreams == ()
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ('[dns]\nenable = "yes"\n', "dns.enable: expected true or false, got a string ('yes')"),
+        ("[dns]\nupstream = []\n", "dns.upstream: unknown key (did you mean 'upstreams'?)"),
+        (
+            '[dns]\nupstreams = ["dns.example:53"]\n',
+            "dns.upstreams[0]: 'dns.example' is not a literal IP address (names are not resolved); "
+            "expected IP, IP:PORT or [V6]:PORT",
+        ),
+        (
+            '[dns]\nupstreams = ["192.0.2.1:0"]\n',
+            "dns.upstreams[0]: '192.0.2.1:0': port '0' is not 1..65535; "
+            "expected IP, IP:PORT or [V6]:PORT",
+        ),
+        (
+            '[dns]\nupstreams = "192.0.2.1"\n',
+            "dns.upstreams: expected an array, got a string ('192.0.2.1')",
+        ),
+    ],
+)
+def test_dns_problems(extra: str, problem: str) -> None:
+    assert problems_of(IFACE + extra) == [problem]

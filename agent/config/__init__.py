@@ -14,7 +14,7 @@ Nothing is resolved through DNS: peer endpoints are literal IP addresses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from agent.policy.compile import CompiledPolicy
 from agent.policy.errors import PolicyError
 from agent.policy.rules import FilterRule, Node
 from agent.proto.derpmap import DerpConfig, DerpNode, DerpRegion
+from agent.proto.endpoint import parse_endpoint
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -32,6 +33,7 @@ __all__ = [
     "InterfaceConfig",
     "PeerConfig",
     "ControlConfig",
+    "DnsConfig",
     "DerpConfig",
     "DerpRegion",
     "DerpNode",
@@ -109,11 +111,21 @@ class ControlConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DnsConfig:
+    """The name service at 100.100.100.100 (node/dns_service.py)."""
+
+    enable: bool = True
+    # (ip, port) to forward other names to; None = the resolvers the system had before us
+    upstreams: tuple[tuple[str, int], ...] | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     interface: InterfaceConfig
     derp: DerpConfig = DerpConfig()
     peers: tuple[PeerConfig, ...] = ()
     control: ControlConfig | None = None
+    dns: DnsConfig = DnsConfig()
 
 
 # -- entry points ---------------------------------------------------------------------------------
@@ -129,18 +141,19 @@ def parse_config(text: str, *, base_dir: Path | None = None) -> Config:
     """Validate TOML `text`; raise ConfigError listing every problem found."""
     c = NodeChecker(base_dir)
     doc = c.toml(text)
-    c.known("", doc, {"interface", "derp", "peers", "control"})
+    c.known("", doc, {"interface", "derp", "peers", "control", "dns"})
     c.has_control = "control" in doc
     iface_t = c.table("interface", doc.get("interface"), required=True)
     iface = c.interface(iface_t) if iface_t is not None else None
     derp = c.derp(doc.get("derp"))
     peers = tuple(c.items("", doc, "peers", c.peer))
     control = c.control(doc["control"]) if c.has_control else None
+    dns = c.dns(doc.get("dns"))
     if c.problems:
         raise ConfigError(c.problems)
     assert iface is not None
     assert derp is not None
-    return Config(interface=iface, derp=derp, peers=peers, control=control)
+    return Config(interface=iface, derp=derp, peers=peers, control=control, dns=dns)
 
 
 def control_socket_path(path: str | Path) -> str:
@@ -197,6 +210,31 @@ class NodeChecker(Checker):
         if url is None or not url.startswith("https://"):
             return None
         return ControlConfig(url=url, auth_key=auth_key, ca_file=ca_file, hostname=hostname)
+
+    def dns(self, v: object) -> DnsConfig:
+        p = "dns"
+        t = self.table(p, v) or {}
+        self.known(p, t, {"enable", "upstreams"})
+        enable = self.opt(p, t, "enable", self.boolean, True)
+        upstreams = None
+        if "upstreams" in t:
+            upstreams = tuple(self.items(p, t, "upstreams", self.upstream))
+        return DnsConfig(enable=enable, upstreams=upstreams)
+
+    def upstream(self, path: str, v: object) -> tuple[str, int] | None:
+        """A resolver: `IP` (port 53), `IP:PORT` or `[V6]:PORT`."""
+        s = self.string(path, v)
+        if s is None:
+            return None
+        try:
+            return str(ip_address(s)), 53
+        except ValueError:
+            pass
+        try:
+            return parse_endpoint(s)
+        except ValueError as e:
+            self.bad(path, f"{e}; expected IP, IP:PORT or [V6]:PORT")
+            return None
 
     def interface(self, t: dict[str, Any]) -> InterfaceConfig | None:
         p = "interface"

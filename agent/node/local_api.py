@@ -85,6 +85,10 @@ class DaemonView(Protocol):
         """One DISCO ping to `key`: its pong, or None on timeout."""
         ...
 
+    def dns(self) -> Mapping[str, Any] | None:
+        """The name service's state and counters (node/dns_service.py); None without one."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class NodeParts:
@@ -105,6 +109,7 @@ class NodeParts:
     path_switches: Mapping[NodePublic, int]
     now: Callable[[], float]
     ping: Callable[[NodePublic], Awaitable[PongReceived | None]]
+    dns: Callable[[], Mapping[str, Any] | None] = lambda: None
 
 
 class LocalApi:
@@ -196,6 +201,7 @@ class LocalApi:
             peers=tuple(peers),
             drops=drops,
             dataplane=dp,
+            dns=self.d.dns(),
         )
 
     def find_peer(self, text: str) -> NodePublic | None:
@@ -274,5 +280,6 @@ class LocalApi:
                 ),
                 derp=dict(st.derp.stats),
                 disco=self.d.paths.stats.counters(),
+                dns=st.dns or {},
             )
         )

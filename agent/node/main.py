@@ -10,7 +10,7 @@ run_daemon(config)
   PathWire: the path engine's DISCO and STUN I/O and events (node/pathwire.py), its STUN going
     out through the one StunSender that netcheck reports use too (node/stun_sender.py)
   one timer: re-armed after every batch to the core's next deadline (flush)
-  control socket (agent status) and WireGuard UAPI socket (wg show / wg set)
+  control socket (agent status), UAPI socket (wg show), names at 100.100.100.100 (dns_service)
   SIGTERM/SIGINT -> remove the interface and sockets, exit 0
 """
 
@@ -37,6 +37,7 @@ from agent.node.access import Access
 from agent.node.coordinator_client import CoordinatorClient, CoordinatorError
 from agent.node.dataplane import DataPlane
 from agent.node.derp_client import DerpClients
+from agent.node.dns_service import DnsService
 from agent.node.local_api import LocalApi, NodeParts, serve_local_api
 from agent.node.netcheck_cmd import NetcheckDriver, run_reports
 from agent.node.netinfo import local_addresses
@@ -94,6 +95,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._uapi_served = False
         self.api: LocalApi | None = None
+        self.dns = DnsService(config)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open_interface(self) -> None:
@@ -101,7 +103,7 @@ class Daemon:
         pyroute2's synchronous API cannot be used inside a running loop)."""
         cfg = self.config.interface
         self.tun = open_tun(cfg.name)
-        routes = [net for p in self.config.peers for net in p.allowed_ips]
+        routes = [net for p in self.config.peers for net in p.allowed_ips] + self.dns.routes()
         self.tun.configure(list(cfg.addresses), cfg.mtu, routes, txqueuelen=cfg.txqueuelen)
         self.udp = open_udp(cfg.listen_port)
         if cfg.fwmark:
@@ -178,6 +180,7 @@ class Daemon:
                 path_switches=wire.path_switches,
                 now=loop.time,
                 ping=self.ping,
+                dns=self.dns.status,
             )
         )
         self.dataplane.attach(loop)
@@ -186,6 +189,7 @@ class Daemon:
         try:
             self._servers.append(await serve_local_api(cfg.control_socket, self.api))
             await self._start_uapi()
+            await self.dns.start(self.dataplane, self.tun)
             if cfg.metrics_listen is not None:
                 host, port = cfg.metrics_listen
                 self._servers.append(await metrics.serve_metrics(host, port, self.api.metrics_text))
@@ -242,6 +246,7 @@ class Daemon:
                     await task
             if self.derp is not None:
                 await self.derp.close()
+            await self.dns.close()
         return 0
 
     def stop(self) -> None:
@@ -255,10 +260,9 @@ class Daemon:
 
     def close(self) -> None:
         """Remove the interface and close the socket (after the event loop ended)."""
-        if self.udp is not None:
-            self.udp.close()
-        if self.tun is not None:
-            self.tun.close()
+        for part in (self.udp, self.tun):
+            if part is not None:
+                part.close()
 
     async def _close_servers(self) -> None:
         for server in self._servers:
@@ -304,6 +308,7 @@ class Daemon:
         """Out of the network: drop every peer the coordinator gave us (static ones stay)."""
         log.error("coordinator link stopped", reason=why)
         self.netmap_peers.drop_all(self.device, self.paths)
+        self.dns.on_netmap(None)
         sd_notify(f"STATUS=up: {self.config.interface.name}, removed from the coordinator")
 
     def _apply_netmap(self, netmap: NetMap) -> None:
@@ -312,6 +317,7 @@ class Daemon:
         if device is None or loop is None:
             return
         change = self.netmap_peers.apply(netmap, device, self.paths, loop.time())
+        self.dns.on_netmap(netmap)
         log.info(
             "netmap",
             version=netmap.version,
@@ -367,22 +373,16 @@ class Daemon:
         cfg, device, udp, transport = self.config.interface, self.device, self.udp, self.transport
         if not cfg.uapi or device is None or udp is None or transport is None:
             return
-        path = uapi.uapi_path(cfg.name)
-        try:
-            server = await uapi.serve_uapi(
-                path,
-                device,
-                listen_port=udp.port,
-                clock=asyncio.get_running_loop().time,
-                send=lambda data, ep: transport.send_to_endpoint([data], ep, None),
-                log=log,
-                fwmark=cfg.fwmark,
-            )
-        except OSError as e:
-            log.warning("UAPI socket unavailable", path=path, error=str(e))
-            return
-        self._servers.append(server)
-        self._uapi_served = True
+        server = await uapi.serve_interface_uapi(
+            cfg,
+            device,
+            listen_port=udp.port,
+            send=lambda data, ep: transport.send_to_endpoint([data], ep, None),
+            log=log,
+        )
+        if server is not None:
+            self._servers.append(server)
+            self._uapi_served = True
 
 
 def run_daemon(config: Config) -> int:

@@ -15,6 +15,9 @@
     agent_disco_<name>_total                   counter  path engine: DISCO messages sent and
                                                         received by kind, drops by reason,
                                                         silence probes, relayed fallbacks
+    agent_dns_answered_total                   counter  queries the name service answered itself
+    agent_dns_forwarded_total                  counter  queries sent to an upstream resolver
+    agent_dns_dropped_total{reason}            counter  queries and packets dropped, by reason
 
 The server answers `GET /metrics` only; it listens on a loopback address (config enforces it).
 """
@@ -25,6 +28,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.log import get_logger
 from agent.netio.prometheus import CONTENT_TYPE, Exposition
@@ -59,6 +63,7 @@ class Snapshot:
     derp_connected: Mapping[int, bool] = field(default_factory=dict)
     derp: Mapping[str, int] = field(default_factory=dict)
     disco: Mapping[str, int] = field(default_factory=dict)
+    dns: Mapping[str, Any] = field(default_factory=dict)  # DnsService.status(); {} = no service
 
 
 def render(snap: Snapshot) -> str:
@@ -113,6 +118,12 @@ def render(snap: Snapshot) -> str:
         out.add(f"agent_derp_{name}_total", "counter", f"DERP links {name}.", n)
     for name, n in sorted(snap.disco.items()):
         out.add(f"agent_disco_{name}_total", "counter", f"Path engine {name}.", n)
+    if snap.dns.get("enabled"):
+        dns = snap.dns
+        out.add("agent_dns_answered_total", "counter", "DNS queries answered.", dns["answered"])
+        out.add("agent_dns_forwarded_total", "counter", "DNS queries forwarded.", dns["forwarded"])
+        for reason, n in sorted(dns.get("dropped", {}).items()):
+            out.add("agent_dns_dropped_total", "counter", "DNS drops.", n, {"reason": reason})
     return out.text()
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from structlog.typing import FilteringBoundLogger
 
+from agent.config import InterfaceConfig
 from agent.keys import KeyError_, NodePrivate, NodePublic, PresharedKey
 from agent.proto.endpoint import format_endpoint
 from agent.proto.wireguard.allowedips import Network
@@ -30,6 +31,7 @@ __all__ = [
     "format_get",
     "remove_uapi",
     "serve_uapi",
+    "serve_interface_uapi",
     "uapi_path",
 ]
 
@@ -288,6 +290,33 @@ async def serve_uapi(
     server = await asyncio.start_unix_server(handle, sock=sock, limit=MAX_REQUEST_BYTES)
     log.info("uapi listening", path=path)
     return server
+
+
+async def serve_interface_uapi(
+    cfg: InterfaceConfig,
+    device: Device,
+    *,
+    listen_port: int,
+    send: Callable[[bytes, Endpoint], object],
+    log: FilteringBoundLogger,
+) -> asyncio.AbstractServer | None:
+    """`serve_uapi` for the node's interface, at its `uapi_path`, on the running loop's clock;
+    None (and a warning) when it cannot listen."""
+    path = uapi_path(cfg.name)
+    clock = asyncio.get_running_loop().time
+    try:
+        return await serve_uapi(
+            path,
+            device,
+            listen_port=listen_port,
+            clock=clock,
+            send=send,
+            log=log,
+            fwmark=cfg.fwmark,
+        )
+    except OSError as e:
+        log.warning("UAPI socket unavailable", path=path, error=str(e))
+        return None
 
 
 def uapi_path(interface: str) -> str:
