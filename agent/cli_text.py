@@ -157,7 +157,7 @@ def dns_lines(dns: Mapping[str, Any] | None, *, verbose: bool = False) -> list[s
     head = f"  dns {dns.get('domain')} at {service}, {plural(int(dns.get('names', 0)), 'name')}"
     state = dns.get("resolved")
     if state == "applied":
-        lines = [f"{head}, used by systemd-resolved for ~{dns.get('domain')}"]
+        lines = [f"{head}, used by systemd-resolved for {dns.get('domain')} (search domain)"]
     else:
         lines = [f"{head}, not used by the system resolver"]
         if dns.get("hint"):

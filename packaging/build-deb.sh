@@ -7,6 +7,7 @@
 #   /lib/systemd/system/*.service     agent, agent@, agent-derper, agent-coordinator
 #   /usr/lib/sysusers.d/agent.conf    system users agent, agent-derper, agent-coordinator
 #   /usr/lib/tmpfiles.d/agent.conf    /run/wireguard (shared with wireguard-go), made at boot
+#   /usr/share/polkit-1/rules.d/50-agent.rules  user agent may set DNS on its link (resolved)
 #   /etc/agent/agent.conf             conffile: agent.conf.example with only [interface] active
 #   /etc/agent/coordinator.conf       conffile: coordinator.conf.example (root only: the unit
 #                                     hands it to the coordinator as a credential)
@@ -90,6 +91,7 @@ for unit in systemd/*.service; do
 done
 install -D -m 0644 packaging/sysusers.conf "$ROOT/usr/lib/sysusers.d/agent.conf"
 install -D -m 0644 packaging/tmpfiles.conf "$ROOT/usr/lib/tmpfiles.d/agent.conf"
+install -D -m 0644 packaging/polkit-resolved.rules "$ROOT/usr/share/polkit-1/rules.d/50-agent.rules"
 install -d -m 0750 "$ROOT/etc/agent"
 # The default config: the documented example with everything after [interface] commented out,
 # so the service starts as installed (an interface, no peers) and every key stays documented.

@@ -424,7 +424,7 @@ def test_format_status_dns_says_where_names_are_and_how_to_use_them() -> None:
     assert (
         format_status(applied, 0)
         .splitlines()[1]
-        .endswith(", used by systemd-resolved for ~mesh.internal")
+        .endswith(", used by systemd-resolved for mesh.internal (search domain)")
     )
     off = Status(interface="i", public_key="k", listen_port=1, dns={"enabled": False})
     assert format_status(off, 0).splitlines()[1] == "  dns off"

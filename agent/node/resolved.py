@@ -4,12 +4,13 @@
                    │ no bus / no resolved: ResolvedUnavailable(hint) — nothing is changed
                  .apply(ifindex, domain)  ──► SetLinkDNS(ifindex, [(AF_INET, 100.100.100.100),
                                                                   (AF_INET6, fd7a:115c:a1e0::53)])
-                                              SetLinkDomains(ifindex, [(domain, True)])  "~domain"
+                                              SetLinkDomains(ifindex, [(domain, False)])
                                               SetLinkDefaultRoute(ifindex, False)
     agent down ──► .revert()              ──► RevertLink(ifindex)
 
 Only the agent's own interface is touched, so the machine's other resolvers keep every name
-outside our domain (routing-only domain, no default route). resolved forgets a link's settings
+outside our domain (no default route). The domain is a search domain, as Tailscale's MagicDNS
+makes it: names in it go to our link, and a bare `ping laptop` becomes laptop.<domain>. resolved forgets a link's settings
 when the link goes away, so a crash leaves nothing behind once the TUN is gone; `revert` is
 still called on a clean exit.
 
@@ -197,7 +198,7 @@ class ResolvedLink:
         domain = normalize_domain(domain)
         self.ifindex = ifindex
         await self._call("SetLinkDNS", set_link_dns(ifindex, servers))
-        await self._call("SetLinkDomains", set_link_domains(ifindex, [(domain, True)]))
+        await self._call("SetLinkDomains", set_link_domains(ifindex, [(domain, False)]))
         await self._call("SetLinkDefaultRoute", set_link_default_route(ifindex, False))
 
     async def flush(self) -> None:

@@ -236,9 +236,9 @@ def test_resolved_messages() -> None:
         7,
         [(socket.AF_INET, bytes([100, 100, 100, 100])), (socket.AF_INET6, SERVICE_V6.packed)],
     )
-    domains = resolved.set_link_domains(7, [("mesh.internal", True)])
+    domains = resolved.set_link_domains(7, [("mesh.internal", False)])
     assert domains.header.fields[HeaderFields.signature] == "ia(sb)"
-    assert domains.body == (7, [("mesh.internal", True)])
+    assert domains.body == (7, [("mesh.internal", False)])
     route = resolved.set_link_default_route(7, False)
     assert (route.header.fields[HeaderFields.member], route.body) == (
         "SetLinkDefaultRoute",

@@ -50,6 +50,8 @@ PACKAGES: Final = (
     "iproute2",
     "python3",
     "iputils-ping",
+    "systemd-resolved",  # split DNS for the overlay's names (the agent's link)
+    "polkitd",  # resolved asks polkit whether the agent's user may set DNS
 )
 TUN_RULE: Final = "z /dev/net/tun 0666 root root -\n"
 LAB_PREFIX: Final = 15  # 198.18.0.0/15

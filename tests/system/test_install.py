@@ -204,6 +204,29 @@ def test_journal_holds_json_lines(cluster: Cluster) -> None:
     assert any(json.loads(line)["event"] == "joined" for line in lines)
 
 
+def test_names_resolve_through_systemd_resolved(cluster: Cluster) -> None:
+    """The agent (user `agent`, allowed by the package's polkit rule) gives resolved the
+    overlay's domain on its link; names resolve and bare names work; stopping the agent
+    takes the domain away again."""
+    a = cluster["a"]
+    out = a.run("resolvectl", "query", "b.mesh.internal").stdout
+    assert B_V4 in out, out
+    assert B_V6 in out, out
+    assert "b.mesh.internal" in a.run("getent", "ahosts", "b").stdout  # the search domain
+    _ping_until(a, "b")
+    status = a.run("resolvectl", "status", "agent0").stdout
+    assert "mesh.internal" in status
+    assert "100.100.100.100" in status
+    dns = _status(a)["dns"]
+    assert isinstance(dns, dict)
+    assert dns["resolved"] == "applied", dns
+    a.run("systemctl", "stop", "agent")
+    assert "mesh.internal" not in a.run("resolvectl", "status", check=False).stdout
+    assert a.run("resolvectl", "query", "b.mesh.internal", check=False).returncode != 0
+    a.run("systemctl", "start", "agent")
+    _ping_until(a, B_V4)
+
+
 def test_restart_keeps_addresses(cluster: Cluster) -> None:
     a, b = cluster["a"], cluster["b"]
     before = _addresses(b)
