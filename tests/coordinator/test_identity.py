@@ -139,7 +139,7 @@ def test_a_newer_schema_is_refused(tmp_path: Any) -> None:
     with conn:
         conn.execute(f"UPDATE meta SET value = '{SCHEMA_VERSION + 1}' WHERE name = 'schema'")
     conn.close()
-    with pytest.raises(StoreError, match="newer|knows up to"):
+    with pytest.raises(StoreError, match=r"knows up to"):
         Store.open(path)
 
 
@@ -179,7 +179,9 @@ def test_tag_owners_are_checked_when_a_policy_is_set(store: Store) -> None:
     with pytest.raises(TagsNotAllowed, match=r"'bob' may not assign tag:ops"):
         store.create_auth_key(reusable=False, expires=None, now=NOW, user="bob", tags=("tag:ops",))
     with pytest.raises(TagsNotAllowed, match="tag:nope"):
-        store.create_auth_key(reusable=False, expires=None, now=NOW, user="alice", tags=("tag:nope",))
+        store.create_auth_key(
+            reusable=False, expires=None, now=NOW, user="alice", tags=("tag:nope",)
+        )
     # a key made before the policy is checked again when a node joins with it
     with pytest.raises(AuthKeyRejected) as refused:
         _register(store, early, "ops")
@@ -197,7 +199,7 @@ def test_user_and_tag_syntax() -> None:
     assert parse_tags("tag:web, tag:db,tag:web,") == ("tag:db", "tag:web")
     assert parse_tags("") == ()
     for bad in ("web", "tag:", "group:dev", "tag:a b"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="tag"):
             parse_tags(bad)
 
 
