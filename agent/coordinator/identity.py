@@ -20,6 +20,7 @@ from typing import Final
 
 from agent.coordinator.records import NodeRecord
 from agent.policy.aliases import Tag, parse_target
+from agent.policy.errors import PolicyError
 from agent.policy.model import Policy, parse_policy
 from agent.policy.rules import Node
 
@@ -61,8 +62,13 @@ def parse_tags(text: str) -> tuple[str, ...]:
     return tuple(sorted(tags))
 
 
-def tags_not_owned(policy: Policy | None, user: str, tags: Iterable[str]) -> list[str]:
-    """The tags `user` may not hand out under `policy`'s tagOwners (none without a policy)."""
+def tags_not_owned(policy_text: str | None, user: str, tags: Iterable[str]) -> list[str]:
+    """The tags `user` may not hand out under the stored policy's tagOwners (none without a
+    policy; all of them when the stored policy does not parse: it vouches for nothing)."""
+    try:
+        policy = load_policy(policy_text)
+    except PolicyError:
+        return list(tags)
     if policy is None:
         return []
     return [t for t in tags if not policy.may_assign_tag(user, t)]

@@ -19,7 +19,7 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import Final
 
 from agent.coordinator.database import Database, DatabaseError
-from agent.coordinator.identity import describe_refusal, load_policy, tags_not_owned
+from agent.coordinator.identity import describe_refusal, tags_not_owned
 from agent.coordinator.records import (
     AUTH_KEY_COLUMNS,
     NODE_COLUMNS,
@@ -157,7 +157,7 @@ class Store:
         secret = AUTH_KEY_PREFIX + self._randbytes(24).hex()
         prefix = secret[:_PREFIX_SHOWN]
         with self._db.write():
-            refused = tags_not_owned(load_policy(self.policy()), user, tags)
+            refused = tags_not_owned(self.policy(), user, tags)
             if refused:
                 raise TagsNotAllowed(describe_refusal(user, refused))
             row = self._db.execute(

@@ -226,3 +226,13 @@ def test_names_are_unique_with_suffixes_and_kept_on_reregistration(store: Store)
     assert sorted(n.name for n in store.list_nodes()) == [
         "bob-s-macbook-pro", "desk", "laptop", "laptop-1"
     ]  # fmt: skip
+
+
+def test_a_stored_policy_that_no_longer_parses_vouches_for_no_tag(store: Store) -> None:
+    store.set_policy("{ not a policy")  # as if the database were edited by hand
+    with pytest.raises(TagsNotAllowed, match="tag:web"):
+        store.create_auth_key(
+            reusable=False, expires=None, now=NOW, user="alice", tags=("tag:web",)
+        )
+    key, _ = store.create_auth_key(reusable=False, expires=None, now=NOW, user="alice")
+    assert _register(store, key, "laptop").user == "alice"  # untagged keys still work
