@@ -211,6 +211,7 @@ COORDINATOR_CONF = f"""
 [coordinator]
 [tls]
 [addresses]
+[dns]
 {_REGION}
 """
 

@@ -14,9 +14,16 @@ Tailscale's control protocol):
                   {"node": NODE, "token", "ipv4_range", "ipv6_range", "derp"}
     POST /api/v1/update                 {"disco_key", "endpoints", "home_region"} -> {"changed"}
     GET  /api/v1/netmap[?since=V]       -> {"version", "self": NODE, "peers": [NODE...],
+                                            "packet_filter", "dns_domain",
                                             "ipv4_range", "ipv6_range", "derp"}
     NODE = {"id", "name", "node_key", "disco_key", "addresses": [V4, V6], "endpoints":
-            ["IP:PORT"...], "home_region", "key_expiry"}
+            ["IP:PORT"...], "home_region", "key_expiry", "user", "tags"}
+
+Access control (`agent coordinator policy set`, Tailscale's policy syntax): `peers` holds only
+the nodes this node may exchange traffic with in either direction, and `packet_filter` the
+compiled rules whose destination is this node; without a policy every other node is a peer and
+`packet_filter` is null (allow all). A node belongs to its auth key's user, or is tagged
+(identity.py); `user` is null for a tagged node.
 
 Authentication. Register proves possession of the node key: only its holder can seal the box
 the coordinator opens with its own private key (kept in the database, so every instance and every
@@ -44,10 +51,11 @@ Errors are `{"error": CODE, "message": TEXT}`:
     403 node_expired                      404 not_found    405 method_not_allowed   409 replayed
     413 too_large                         503 unavailable, addresses_exhausted
 
-Modules: store (auth keys, nodes, snapshots) on registration (who joins, names, addresses),
-records (what the store hands out) and database (SQLite/PostgreSQL, schema, transactions);
-service (request handling), server (asyncio HTTPS shell, h11), config (coordinator.conf), admin
-(CLI). The wire messages are agent/proto/
+Modules: store (auth keys, nodes, policy, snapshots) on registration (who joins, names,
+addresses), records (what the store hands out), identity (users, tags, tagOwners), schema (tables,
+migrations) and database (SQLite/PostgreSQL, transactions); service (request handling), netmaps
+(per-node netmaps of a snapshot), server (asyncio HTTPS shell, h11), config (coordinator.conf),
+admin and policy_admin (CLI). The wire messages are agent/proto/
 coordinator_messages.py and the agent's side is agent/node/coordinator_client.py: the coordinator
 never imports the node, nor the node the coordinator.
 """

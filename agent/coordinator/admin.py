@@ -2,13 +2,15 @@
 
     agent coordinator [-c FILE]                       serve (what the systemd unit runs)
     agent coordinator serve [-c FILE]                 the same
-    agent coordinator keys create [--reusable] [--expiry 24h]   print a new auth key (once)
+    agent coordinator keys create [--user NAME] [--tags tag:a,tag:b] [--reusable] [--expiry 24h]
+                                                      print a new auth key (once)
     agent coordinator keys list [--json]
     agent coordinator keys revoke ID
-    agent coordinator nodes [--json]                  list nodes
+    agent coordinator nodes [--json]                  list nodes (with their user or tags)
     agent coordinator nodes remove NAME|ID            delete: its token stops working at once
     agent coordinator nodes expire NAME|ID            end its key validity now (it may come
                                                       back with a new auth key, same addresses)
+    agent coordinator policy set FILE | get | check FILE   the access policy (policy_admin.py)
 
 Every command reads the database named in the config (`-c`, default
 /etc/agent/coordinator.conf), so it works beside a running coordinator, which sees each change
@@ -42,7 +44,7 @@ def add_parser(sub: Any) -> None:
     """Add the `coordinator` command to `agent`'s subparsers (argparse's _SubParsersAction)."""
     p: argparse.ArgumentParser = sub.add_parser(
         "coordinator",
-        help="run the coordination server, or manage its auth keys and nodes",
+        help="run the coordination server, or manage its auth keys, nodes and policy",
         description="Without a subcommand: serve (as `serve`).",
     )
     _common(p, _DEFAULT_CONFIG)
@@ -59,6 +61,12 @@ def add_parser(sub: Any) -> None:
     kc = keys.add_subparsers(dest="keys_command", metavar="ACTION")
     k = kc.add_parser("create", help="print a new auth key (shown only now)")
     _common(k)
+    k.add_argument(
+        "--user", default=None, help="the user nodes joining with it belong to (default: default)"
+    )
+    k.add_argument(
+        "--tags", default="", help="tag:a,tag:b: nodes joining with it are tagged (no user)"
+    )
     k.add_argument("--reusable", action="store_true", help="any number of nodes may use it")
     k.add_argument(
         "--expiry", default="24h", help="how long it can be used: 90m, 24h, 7d, 0 = never"
@@ -90,6 +98,10 @@ def add_parser(sub: Any) -> None:
     _common(n)
     n.add_argument("node", metavar="NAME|ID")
     n.set_defaults(func=_cmd_nodes_expire)
+
+    from agent.coordinator.policy_admin import add_policy_parser
+
+    add_policy_parser(cmds, _common, _with_store)
 
 
 def _common(p: argparse.ArgumentParser, default: str = argparse.SUPPRESS) -> None:
@@ -208,16 +220,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _cmd_keys_create(args: argparse.Namespace) -> int:
     from agent.coordinator.config import parse_duration
+    from agent.coordinator.identity import check_user, parse_tags
+    from agent.coordinator.store import DEFAULT_USER
 
     try:
         lifetime = parse_duration(args.expiry)
     except ValueError as e:
         return _err(f"--expiry: {e}")
+    try:
+        user = check_user(args.user or DEFAULT_USER)
+    except ValueError as e:
+        return _err(f"--user: {e}")
+    try:
+        tags = parse_tags(args.tags)
+    except ValueError as e:
+        return _err(f"--tags: {e}")
 
     def create(store: Store) -> int:
         now = time.time()
         secret, _ = store.create_auth_key(
-            reusable=args.reusable, expires=now + lifetime if lifetime else None, now=now
+            reusable=args.reusable,
+            expires=now + lifetime if lifetime else None,
+            now=now,
+            user=user,
+            tags=tags,
         )
         sys.stdout.write(secret + "\n")
         return 0
@@ -229,6 +255,8 @@ def _key_json(k: AuthKey, now: float) -> dict[str, Any]:
     return {
         "id": k.id,
         "prefix": k.prefix,
+        "user": k.user,
+        "tags": list(k.tags),
         "reusable": k.reusable,
         "uses": k.uses,
         "created": _when(k.created),
@@ -244,11 +272,13 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
         if args.json:
             sys.stdout.write(json.dumps(keys, indent=2) + "\n")
             return 0
-        rows = [["ID", "KEY", "REUSABLE", "USES", "EXPIRES", "STATE"]]
+        rows = [["ID", "KEY", "USER", "TAGS", "REUSABLE", "USES", "EXPIRES", "STATE"]]
         rows += [
             [
                 str(k["id"]),
                 f"{k['prefix']}...",
+                k["user"],
+                ",".join(k["tags"]) or "-",
                 "yes" if k["reusable"] else "no",
                 str(k["uses"]),
                 k["expires"],
@@ -277,6 +307,8 @@ def _node_json(n: NodeRecord, now: float) -> dict[str, Any]:
     return {
         "id": n.id,
         "name": n.name,
+        "user": n.user,
+        "tags": list(n.tags),
         "node_key": n.node_key.to_b64(),
         "disco_key": n.disco_key.to_b64(),
         "addresses": [str(n.ipv4), str(n.ipv6)],
@@ -296,11 +328,14 @@ def _cmd_nodes_list(args: argparse.Namespace) -> int:
         if args.json:
             sys.stdout.write(json.dumps(nodes, indent=2) + "\n")
             return 0
-        rows = [["ID", "NAME", "ADDRESSES", "NODE KEY", "HOME", "KEY EXPIRY", "ENDPOINTS"]]
+        head = "ID NAME USER TAGS ADDRESSES NODE_KEY HOME KEY_EXPIRY ENDPOINTS"
+        rows = [[h.replace("_", " ") for h in head.split()]]
         rows += [
             [
                 str(n["id"]),
                 n["name"],
+                n["user"] or "-",
+                ",".join(n["tags"]) or "-",
                 " ".join(n["addresses"]),
                 n["node_key"][:10] + "...",
                 str(n["home_region"] or "-"),

@@ -16,6 +16,9 @@
     ipv4 = "100.64.0.0/10"            # overlay addresses handed out (the lowest free first)
     ipv6 = "fd7a:115c:a1e0::/48"      # the same host offset in this ULA prefix
 
+    [dns]
+    domain = "mesh.internal"          # nodes are <name>.<domain> (`.internal` is for private use)
+
     [[derp.regions]]                  # the DERP map handed to every node, in the agent's format
     id = 900
     code = "lab"
@@ -36,7 +39,9 @@ from pathlib import Path
 from typing import Final
 
 from agent.config import Checker, ConfigError, DerpConfig, read_config_text
+from agent.proto.dns.names import DEFAULT_DOMAIN, normalize_domain
 from agent.proto.endpoint import parse_listen_address
+from agent.proto.errors import LocalProtocolError
 
 __all__ = [
     "DEFAULT_COORDINATOR_CONFIG",
@@ -89,6 +94,7 @@ class CoordinatorConfig:
     ipv4_range: IPv4Network = _IPV4_RANGE
     ipv6_range: IPv6Network = _IPV6_RANGE
     derp: DerpConfig = _NO_DERP
+    dns_domain: str = DEFAULT_DOMAIN  # lower case, no trailing dot
 
 
 def load_coordinator_config(path: str | Path) -> CoordinatorConfig:
@@ -100,7 +106,7 @@ def parse_coordinator_config(text: str, *, base_dir: Path | None = None) -> Coor
     """Validate TOML `text`; ConfigError lists every problem."""
     c = Checker(base_dir)
     doc = c.toml(text)
-    c.known("", doc, {"coordinator", "tls", "addresses", "derp"})
+    c.known("", doc, {"coordinator", "tls", "addresses", "dns", "derp"})
     d = CoordinatorConfig()
     t = c.table("coordinator", doc.get("coordinator")) or {}
     c.known("coordinator", t, {"listen", "hostname", "database", "node_key_expiry"})
@@ -120,6 +126,9 @@ def parse_coordinator_config(text: str, *, base_dir: Path | None = None) -> Coor
         c.bad("addresses.ipv4", f"{v4} is too small (at least a /30)")
     if v6.num_addresses < v4.num_addresses:
         c.bad("addresses.ipv6", f"{v6} has fewer addresses than addresses.ipv4 ({v4})")
+    dns = c.table("dns", doc.get("dns")) or {}
+    c.known("dns", dns, {"domain"})
+    domain = c.opt("dns", dns, "domain", lambda p, v: _domain(c, p, v), d.dns_domain)
     derp_t = doc.get("derp")
     if isinstance(derp_t, dict) and "home_region" in derp_t:
         c.bad("derp.home_region", "not used here: each node chooses its home region")
@@ -138,7 +147,19 @@ def parse_coordinator_config(text: str, *, base_dir: Path | None = None) -> Coor
         ipv4_range=v4,
         ipv6_range=v6,
         derp=derp,
+        dns_domain=domain,
     )
+
+
+def _domain(c: Checker, path: str, v: object) -> str | None:
+    s = c.string(path, v)
+    if s is None:
+        return None
+    try:
+        return normalize_domain(s)
+    except LocalProtocolError:
+        c.bad(path, f"{s!r} is not a DNS name (labels of a-z, 0-9 and '-', dot-separated)")
+        return None
 
 
 def _listen(c: Checker, path: str, v: object) -> tuple[str, int] | None:

@@ -1,14 +1,8 @@
 """The coordinator's database backend: SQLite (a file path) or PostgreSQL (a URL, psycopg 3).
 
 One schema and one set of queries serve both; only the id column type, the placeholder (`?` is
-rewritten to `%s` for psycopg) and how a write transaction starts differ:
-
-    version    (id = 1, value)          bumped by every change a netmap can show; servers poll it
-    meta       (name, value)            'schema' = 1, 'server_key' = the coordinator's X25519
-                                        private key (hex), shared by every coordinator instance
-    auth_keys  (id, key_hash, prefix, reusable, created, expires, uses, revoked)
-    nodes      (id, name, node_key, disco_key, ipv4, ipv6, endpoints (JSON list of IP:PORT),
-                home_region, token_hash, register_ts, auth_key_id, created, updated, key_expiry)
+rewritten to `%s` for psycopg) and how a write transaction starts differ. The tables and their
+migrations are schema.py; `open()` creates or migrates them.
 
 Names, node keys, token hashes and both overlay addresses are UNIQUE, so two coordinator
 instances on one PostgreSQL database cannot hand out the same address twice: the loser of such a
@@ -29,9 +23,10 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeVar
 
+from agent.coordinator.schema import SCHEMA_VERSION, SchemaTooNew, upgrade
+
 __all__ = ["SCHEMA_VERSION", "WRITE_RETRIES", "Cursor", "Database", "DatabaseError"]
 
-SCHEMA_VERSION: Final = 1
 WRITE_RETRIES: Final = 5  # a UNIQUE clash between instances is retried with fresh reads
 
 _R = TypeVar("_R")
@@ -49,40 +44,6 @@ class Cursor(Protocol):
 class _Conn(Protocol):
     def execute(self, sql: str, params: Any = ..., /) -> Any: ...
     def close(self) -> None: ...
-
-
-def _schema(id_type: str, real: str) -> list[str]:
-    return [
-        "CREATE TABLE IF NOT EXISTS version (id INTEGER PRIMARY KEY, value BIGINT NOT NULL)",
-        "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        f"""CREATE TABLE IF NOT EXISTS auth_keys (
-            id {id_type},
-            key_hash TEXT NOT NULL UNIQUE,
-            prefix TEXT NOT NULL,
-            reusable INTEGER NOT NULL,
-            created {real} NOT NULL,
-            expires {real},
-            uses BIGINT NOT NULL DEFAULT 0,
-            revoked INTEGER NOT NULL DEFAULT 0)""",
-        f"""CREATE TABLE IF NOT EXISTS nodes (
-            id {id_type},
-            name TEXT NOT NULL UNIQUE,
-            node_key TEXT NOT NULL UNIQUE,
-            disco_key TEXT NOT NULL,
-            ipv4 TEXT NOT NULL UNIQUE,
-            ipv6 TEXT NOT NULL UNIQUE,
-            endpoints TEXT NOT NULL,
-            home_region BIGINT,
-            token_hash TEXT NOT NULL UNIQUE,
-            register_ts {real} NOT NULL,
-            auth_key_id BIGINT,
-            created {real} NOT NULL,
-            updated {real} NOT NULL,
-            key_expiry {real})""",
-        "INSERT INTO version (id, value) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
-        f"INSERT INTO meta (name, value) VALUES ('schema', '{SCHEMA_VERSION}') "
-        "ON CONFLICT (name) DO NOTHING",
-    ]
 
 
 class Database:
@@ -117,10 +78,13 @@ class Database:
             db = cls._open_postgres(database)
         else:
             db = cls._open_sqlite(Path(database))
+        id_type, real = db._types()
         try:
             with db.write():
-                for stmt in _schema(*db._types()):
-                    db.execute(stmt)
+                upgrade(db.execute, id_type=id_type, real=real, postgres=db.postgres)
+        except SchemaTooNew as e:
+            db.close()
+            raise DatabaseError(f"{db.description}: {e}") from e
         except db.db_errors as e:
             db.close()
             raise DatabaseError(f"{db.description}: {e}") from e

@@ -19,12 +19,14 @@ from agent.proto.endpoint import format_endpoint, parse_endpoint
 
 __all__ = [
     "NODE_COLUMNS",
+    "AUTH_KEY_COLUMNS",
     "StoreError",
     "AuthKeyRejected",
     "NodeExpired",
     "ReplayedRegistration",
     "NotFound",
     "AddressesExhausted",
+    "TagsNotAllowed",
     "AuthKey",
     "NodeRecord",
     "Snapshot",
@@ -32,6 +34,8 @@ __all__ = [
     "endpoints_json",
     "hash_secret",
     "node_from_row",
+    "tags_json",
+    "tags_from_json",
 ]
 
 
@@ -65,6 +69,12 @@ class AddressesExhausted(StoreError):
     code = "addresses_exhausted"
 
 
+class TagsNotAllowed(StoreError):
+    """The policy's tagOwners do not let the key's user assign its tags."""
+
+    code = "tags_not_allowed"
+
+
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -80,6 +90,8 @@ class AuthKey:
     expires: float | None
     uses: int
     revoked: bool
+    user: str  # who nodes joining with it belong to (and who vouches for its tags)
+    tags: tuple[str, ...] = ()  # non-empty: nodes joining with it are tagged, owned by no user
 
     def state(self, now: float) -> str:
         """valid, used, expired or revoked."""
@@ -105,6 +117,8 @@ class NodeRecord:
     created: float
     updated: float
     key_expiry: float | None
+    user: str | None = None  # None for a tagged node: tags replace the user
+    tags: tuple[str, ...] = ()
 
     def expired(self, now: float) -> bool:
         return self.key_expiry is not None and now >= self.key_expiry
@@ -120,25 +134,32 @@ class NodeRecord:
             endpoints=self.endpoints,
             home_region=self.home_region,
             key_expiry=self.key_expiry,
+            user=self.user,
+            tags=self.tags,
         )
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Every node (expired ones too) at `version`."""
+    """Every node (expired ones too) and the policy's text (None: no policy) at `version`."""
 
     version: int
     nodes: tuple[NodeRecord, ...]
+    policy: str | None = None
 
 
 NODE_COLUMNS: Final = (
     "id, name, node_key, disco_key, ipv4, ipv6, endpoints, home_region, created, updated, "
-    "key_expiry"
+    "key_expiry, user_name, tags"
 )
+AUTH_KEY_COLUMNS: Final = "id, prefix, reusable, created, expires, uses, revoked, user_name, tags"
 
 
 def node_from_row(row: Any) -> NodeRecord:
-    (nid, name, node_key, disco_key, ipv4, ipv6, endpoints, home, created, updated, expiry) = row
+    (nid, name, node_key, disco_key, ipv4, ipv6, endpoints, home, created, updated, expiry) = row[
+        :11
+    ]
+    user, tags = row[11:13]
     return NodeRecord(
         id=int(nid),
         name=str(name),
@@ -151,11 +172,13 @@ def node_from_row(row: Any) -> NodeRecord:
         created=float(created),
         updated=float(updated),
         key_expiry=None if expiry is None else float(expiry),
+        user=None if user is None else str(user),
+        tags=tags_from_json(tags),
     )
 
 
 def auth_key_from_row(row: Any) -> AuthKey:
-    kid, prefix, reusable, created, expires, uses, revoked = row
+    kid, prefix, reusable, created, expires, uses, revoked, user, tags = row
     return AuthKey(
         id=int(kid),
         prefix=str(prefix),
@@ -164,8 +187,18 @@ def auth_key_from_row(row: Any) -> AuthKey:
         expires=None if expires is None else float(expires),
         uses=int(uses),
         revoked=bool(revoked),
+        user=str(user),
+        tags=tags_from_json(tags),
     )
 
 
 def endpoints_json(endpoints: tuple[Endpoint, ...]) -> str:
     return json.dumps([format_endpoint(e) for e in endpoints])
+
+
+def tags_json(tags: tuple[str, ...]) -> str:
+    return json.dumps(list(tags))
+
+
+def tags_from_json(text: str) -> tuple[str, ...]:
+    return tuple(str(t) for t in json.loads(text))

@@ -6,8 +6,14 @@
     an existing node                         keeps its id and both addresses
     a new node                               the lowest free IPv4 offset in the range; the IPv6
                                              address has the same offset in the ULA range
-    the name                                 a DNS label from the host name, made unique with
-                                             -2, -3, ... against other nodes
+    identity                                 set from the auth key whenever one is used: its
+                                             user, or its tags (then no user); a tagged key is
+                                             refused when the policy's tagOwners no longer let
+                                             its user assign the tags (identity.py)
+    the name                                 the host name as a DNS label (MagicDNS rules,
+                                             agent/proto/dns/names.py), unique per network: a
+                                             clash gets -1, -2, ...; a node keeps its name while
+                                             its host name still maps to it
     `timestamp`                              must be newer than the node's last registration
 
 Everything runs inside one write transaction of the caller's Database (store.py retries it on a
@@ -20,9 +26,12 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from agent.coordinator.database import Database
+from agent.coordinator.identity import describe_refusal, tags_not_owned
 from agent.coordinator.records import (
+    AUTH_KEY_COLUMNS,
     NODE_COLUMNS,
     AddressesExhausted,
+    AuthKey,
     AuthKeyRejected,
     NodeExpired,
     NodeRecord,
@@ -31,9 +40,11 @@ from agent.coordinator.records import (
     endpoints_json,
     hash_secret,
     node_from_row,
+    tags_json,
 )
 from agent.keys import DiscoPublic, NodePublic
 from agent.proto.coordinator_messages import Endpoint
+from agent.proto.dns.names import assign_name, assign_names, sanitize_label
 
 __all__ = ["Registration", "register", "use_auth_key"]
 
@@ -51,12 +62,10 @@ class Registration:
     timestamp: float
 
 
-def use_auth_key(db: Database, secret: str, now: float) -> int:
-    """Check and count one use of an auth key inside the caller's transaction; its id."""
+def use_auth_key(db: Database, secret: str, now: float) -> AuthKey:
+    """Check and count one use of an auth key inside the caller's transaction; the key."""
     row = db.execute(
-        "SELECT id, prefix, reusable, created, expires, uses, revoked FROM auth_keys "
-        "WHERE key_hash = ?",
-        (hash_secret(secret),),
+        f"SELECT {AUTH_KEY_COLUMNS} FROM auth_keys WHERE key_hash = ?", (hash_secret(secret),)
     ).fetchone()
     if row is None:
         raise AuthKeyRejected("invalid_auth_key", "unknown auth key")
@@ -64,8 +73,20 @@ def use_auth_key(db: Database, secret: str, now: float) -> int:
     state = key.state(now)
     if state != "valid":
         raise AuthKeyRejected(f"auth_key_{state}", f"auth key {key.prefix}... is {state}")
+    if key.tags:
+        _check_tag_owners(db, key)
     db.execute("UPDATE auth_keys SET uses = uses + 1 WHERE id = ?", (key.id,))
-    return key.id
+    return key
+
+
+def _check_tag_owners(db: Database, key: AuthKey) -> None:
+    row = db.execute("SELECT value FROM meta WHERE name = 'policy'").fetchone()
+    refused = tags_not_owned(None if row is None else str(row[0]), key.user, key.tags)
+    if refused:
+        raise AuthKeyRejected(
+            "auth_key_tags_not_allowed",
+            f"auth key {key.prefix}...: {describe_refusal(key.user, refused)}",
+        )
 
 
 def register(
@@ -88,7 +109,7 @@ def register(
     if existing is not None and reg.timestamp <= float(row[-1]):
         raise ReplayedRegistration("registration timestamp not newer than the last one")
     expiry = existing.key_expiry if existing is not None else None
-    key_id: int | None = None
+    key: AuthKey | None = None
     if existing is None or existing.expired(now):
         if not reg.auth_key:
             if existing is not None:
@@ -96,15 +117,17 @@ def register(
                     f"the key of node {existing.name!r} expired: register with a new auth key"
                 )
             raise AuthKeyRejected("invalid_auth_key", "an auth key is required to join")
-        key_id = use_auth_key(db, reg.auth_key, now)
+        key = use_auth_key(db, reg.auth_key, now)
         expiry = None if key_lifetime is None else now + key_lifetime
-    name = _free_name(db, _clean_name(reg.hostname), None if existing is None else existing.id)
+    name = _name(db, reg.hostname, existing)
     if existing is None:
+        assert key is not None  # a new node always presents one
         ipv4, ipv6 = _allocate(db, ipv4_range, ipv6_range)
         row = db.execute(
             "INSERT INTO nodes (name, node_key, disco_key, ipv4, ipv6, endpoints, "
             "home_region, token_hash, register_ts, auth_key_id, created, updated, "
-            "key_expiry) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "key_expiry, user_name, tags, hostname) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 name,
                 reg.node_key.to_b64(),
@@ -115,21 +138,30 @@ def register(
                 reg.home_region,
                 hash_secret(token),
                 reg.timestamp,
-                key_id,
+                key.id,
                 now,
                 now,
                 expiry,
+                None if key.tags else key.user,
+                tags_json(key.tags),
+                reg.hostname,
             ),
         ).fetchone()
         node_id = int(row[0])
     else:
         node_id = existing.id
+        if key is not None:  # a new auth key: the node takes its identity
+            db.execute(
+                "UPDATE nodes SET user_name = ?, tags = ?, auth_key_id = ? WHERE id = ?",
+                (None if key.tags else key.user, tags_json(key.tags), key.id, node_id),
+            )
         db.execute(
-            "UPDATE nodes SET name = ?, disco_key = ?, endpoints = ?, home_region = ?, "
-            "token_hash = ?, register_ts = ?, updated = ?, key_expiry = ?, "
-            "auth_key_id = COALESCE(?, auth_key_id) WHERE id = ?",
+            "UPDATE nodes SET name = ?, hostname = ?, disco_key = ?, endpoints = ?, "
+            "home_region = ?, token_hash = ?, register_ts = ?, updated = ?, key_expiry = ? "
+            "WHERE id = ?",
             (
                 name,
+                reg.hostname,
                 reg.disco_key.to_b64(),
                 endpoints_json(reg.endpoints),
                 reg.home_region,
@@ -137,7 +169,6 @@ def register(
                 reg.timestamp,
                 now,
                 expiry,
-                key_id,
                 node_id,
             ),
         )
@@ -145,25 +176,20 @@ def register(
     return node_from_row(row)
 
 
-def _clean_name(hostname: str) -> str:
-    """A DNS label from whatever the node calls itself: lower case, [a-z0-9-], 1..63."""
-    label = hostname.split(".", 1)[0].lower()
-    out = "".join(c if c.isascii() and (c.isalnum() or c == "-") else "-" for c in label)
-    return out.strip("-")[:63].strip("-") or "node"
-
-
-def _free_name(db: Database, base: str, own_id: int | None) -> str:
-    """`base`, or `base-2`, `base-3`... : the first not held by another node."""
-    rows = db.execute(
-        "SELECT id, name FROM nodes WHERE name = ? OR name LIKE ?", (base, base + "-%")
-    ).fetchall()
-    taken = {str(name) for nid, name in rows if own_id is None or int(nid) != own_id}
-    if base not in taken:
-        return base
-    n = 2
-    while f"{base}-{n}"[:63] in taken:
-        n += 1
-    return f"{base[: 62 - len(str(n))]}-{n}"
+def _name(db: Database, hostname: str, existing: NodeRecord | None) -> str:
+    """The node's name: its current one while `hostname` still maps to it, else the host
+    name's label, or with the first free suffix (-1, -2, ...) when another node has it."""
+    own_id = None if existing is None else existing.id
+    taken = {
+        str(name)
+        for nid, name in db.execute("SELECT id, name FROM nodes").fetchall()
+        if int(nid) != own_id
+    }
+    if existing is not None and existing.name not in taken:
+        kept = assign_names({own_id: hostname}, {own_id: existing.name})[own_id]
+        if kept == existing.name:
+            return kept
+    return assign_name(sanitize_label(hostname), taken)
 
 
 def _allocate(db: Database, v4: IPv4Network, v6: IPv6Network) -> tuple[IPv4Address, IPv6Address]:

@@ -4,7 +4,9 @@
 unix seconds) and talks to the Store (blocking: the server runs it on its database thread). A
 netmap request is authenticated here and answered with `WaitForNetmap`; the server then waits for
 the network version to pass `since` and calls `Service.netmap_reply()`, which only reads a
-`Snapshot` (no database), so a thousand waiting nodes cost one database read per change.
+`Snapshot` (no database), so a thousand waiting nodes cost one database read per change. Each
+node gets only the peers the access policy lets it exchange traffic with, and its own packet
+filter (netmaps.py).
 
 Errors are `ServiceError(status, code, message)` and become `{"error": code, "message": ...}`
 bodies; the codes are listed in the package docstring.
@@ -22,6 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 from nacl.exceptions import CryptoError
 
 from agent.coordinator.config import CoordinatorConfig
+from agent.coordinator.netmaps import SnapshotNetmaps
 from agent.coordinator.store import (
     AuthKeyRejected,
     NodeExpired,
@@ -105,7 +108,7 @@ class Service:
         self.config = config
         self.server_key = store.server_key()
         self._randbytes = randbytes
-        self._frag_cache: tuple[Snapshot, dict[int, tuple[NodeRecord, bytes]]] | None = None
+        self._netmaps: SnapshotNetmaps | None = None  # of the last snapshot asked for
         rest = json.dumps(
             {
                 "ipv4_range": str(config.ipv4_range),
@@ -247,39 +250,20 @@ class Service:
     def netmap_reply(self, node_id: int, snapshot: Snapshot, now: float) -> Reply:
         """The netmap of `node_id` from `snapshot`: 401 when the node is gone, 403 expired.
 
-        Each node's JSON is encoded once per snapshot (`_fragments`); a netmap is then a join
-        of byte strings, so answering every waiting node after a change costs O(nodes) each in
-        memcpy, not in JSON encoding. The layout is NetMap.encode()'s."""
-        frags = self._fragments(snapshot)
-        me = frags.get(node_id)
+        Everything a netmap holds is computed once per snapshot (netmaps.py: each node's JSON,
+        the compiled policy, each node's peers and filter), so answering every waiting node
+        after a change costs a join of byte strings each, not JSON encoding or compiling."""
+        netmaps = self._netmaps
+        if netmaps is None or netmaps.snapshot is not snapshot:
+            netmaps = SnapshotNetmaps(
+                snapshot, tail=self._tail, dns_domain=self.config.dns_domain, now=now
+            )
+            self._netmaps = netmaps
+        me = netmaps.fragments.get(node_id)
         if me is None:
             return _unauthorized().reply()
         if me[0].expired(now):
             return ServiceError(
                 403, "node_expired", f"the key of node {me[0].name!r} expired"
             ).reply()
-        peers = b",".join(
-            f for nid, (n, f) in frags.items() if nid != node_id and not n.expired(now)
-        )
-        body = b"".join(
-            (
-                b'{"version":%d,"self":' % snapshot.version,
-                me[1],
-                b',"peers":[',
-                peers,
-                b"],",
-                self._tail,
-            )
-        )
-        return Reply(200, body)
-
-    def _fragments(self, snapshot: Snapshot) -> dict[int, tuple[NodeRecord, bytes]]:
-        cached = self._frag_cache
-        if cached is not None and cached[0] is snapshot:
-            return cached[1]
-        frags = {
-            n.id: (n, json.dumps(n.info().to_json(), separators=(",", ":")).encode())
-            for n in snapshot.nodes
-        }
-        self._frag_cache = (snapshot, frags)
-        return frags
+        return Reply(200, netmaps.body(node_id, now))

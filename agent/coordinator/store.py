@@ -18,8 +18,10 @@ from dataclasses import replace
 from ipaddress import IPv4Network, IPv6Network
 from typing import Final
 
-from agent.coordinator.database import SCHEMA_VERSION, Database, DatabaseError
+from agent.coordinator.database import Database, DatabaseError
+from agent.coordinator.identity import describe_refusal, tags_not_owned
 from agent.coordinator.records import (
+    AUTH_KEY_COLUMNS,
     NODE_COLUMNS,
     AddressesExhausted,
     AuthKey,
@@ -30,17 +32,21 @@ from agent.coordinator.records import (
     ReplayedRegistration,
     Snapshot,
     StoreError,
+    TagsNotAllowed,
     auth_key_from_row,
     endpoints_json,
     hash_secret,
     node_from_row,
+    tags_json,
 )
 from agent.coordinator.registration import Registration, register
+from agent.coordinator.schema import DEFAULT_USER, SCHEMA_VERSION
 from agent.keys import DiscoPublic, NodePrivate, NodePublic, clamp
 from agent.proto.coordinator_messages import Endpoint
 
 __all__ = [
     "SCHEMA_VERSION",
+    "DEFAULT_USER",
     "AUTH_KEY_PREFIX",
     "StoreError",
     "AuthKeyRejected",
@@ -48,6 +54,7 @@ __all__ = [
     "ReplayedRegistration",
     "NotFound",
     "AddressesExhausted",
+    "TagsNotAllowed",
     "AuthKey",
     "NodeRecord",
     "Snapshot",
@@ -107,7 +114,8 @@ class Store:
         with self._db.read():
             version = int(self._db.execute("SELECT value FROM version WHERE id = 1").fetchone()[0])
             rows = self._db.execute(f"SELECT {NODE_COLUMNS} FROM nodes ORDER BY id").fetchall()
-        return Snapshot(version=version, nodes=tuple(node_from_row(r) for r in rows))
+            policy = self.policy()
+        return Snapshot(version=version, nodes=tuple(node_from_row(r) for r in rows), policy=policy)
 
     def next_expiry(self, after: float) -> float | None:
         """The earliest node key expiry later than `after`, if any."""
@@ -135,16 +143,27 @@ class Store:
     # -- auth keys ---------------------------------------------------------------------------------
 
     def create_auth_key(
-        self, *, reusable: bool, expires: float | None, now: float
+        self,
+        *,
+        reusable: bool,
+        expires: float | None,
+        now: float,
+        user: str = DEFAULT_USER,
+        tags: tuple[str, ...] = (),
     ) -> tuple[str, AuthKey]:
-        """A new auth key: (the secret, shown once, its record)."""
+        """A new auth key: (the secret, shown once, its record). Nodes joining with it belong to
+        `user`, or with `tags` are tagged nodes; TagsNotAllowed when a policy is set and its
+        tagOwners do not let `user` assign them. `user` and `tags` are checked by identity.py."""
         secret = AUTH_KEY_PREFIX + self._randbytes(24).hex()
         prefix = secret[:_PREFIX_SHOWN]
         with self._db.write():
+            refused = tags_not_owned(self.policy(), user, tags)
+            if refused:
+                raise TagsNotAllowed(describe_refusal(user, refused))
             row = self._db.execute(
-                "INSERT INTO auth_keys (key_hash, prefix, reusable, created, expires) "
-                "VALUES (?, ?, ?, ?, ?) RETURNING id",
-                (hash_secret(secret), prefix, int(reusable), now, expires),
+                "INSERT INTO auth_keys (key_hash, prefix, reusable, created, expires, "
+                "user_name, tags) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (hash_secret(secret), prefix, int(reusable), now, expires, user, tags_json(tags)),
             ).fetchone()
         key = AuthKey(
             id=int(row[0]),
@@ -154,15 +173,40 @@ class Store:
             expires=expires,
             uses=0,
             revoked=False,
+            user=user,
+            tags=tags,
         )
         return secret, key
 
     def list_auth_keys(self) -> list[AuthKey]:
-        rows = self._db.execute(
-            "SELECT id, prefix, reusable, created, expires, uses, revoked FROM auth_keys "
-            "ORDER BY id"
-        ).fetchall()
+        rows = self._db.execute(f"SELECT {AUTH_KEY_COLUMNS} FROM auth_keys ORDER BY id").fetchall()
         return [auth_key_from_row(r) for r in rows]
+
+    def known_users(self) -> set[str]:
+        """Every user an auth key or a node names (what a policy's bare user names may be)."""
+        rows = self._db.execute(
+            "SELECT user_name FROM auth_keys UNION "
+            "SELECT user_name FROM nodes WHERE user_name IS NOT NULL"
+        ).fetchall()
+        return {str(r[0]) for r in rows}
+
+    # -- the access policy -------------------------------------------------------------------------
+
+    def policy(self) -> str | None:
+        """The policy's text as set (None: no policy, everyone reaches everyone)."""
+        row = self._db.execute("SELECT value FROM meta WHERE name = 'policy'").fetchone()
+        return None if row is None else str(row[0])
+
+    def set_policy(self, text: str) -> int:
+        """Store a policy (the caller has checked it); the new version, so that every server
+        sends new netmaps."""
+        with self._db.write():
+            self._db.execute(
+                "INSERT INTO meta (name, value) VALUES ('policy', ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (text,),
+            )
+            return self._bump()
 
     def revoke_auth_key(self, key_id: int) -> None:
         with self._db.write():
