@@ -10,9 +10,9 @@
 
 Only the agent's own interface is touched, so the machine's other resolvers keep every name
 outside our domain (no default route). The domain is a search domain, as Tailscale's MagicDNS
-makes it: names in it go to our link, and a bare `ping laptop` becomes laptop.<domain>. resolved forgets a link's settings
-when the link goes away, so a crash leaves nothing behind once the TUN is gone; `revert` is
-still called on a clean exit.
+makes it: names in it go to our link, and a bare `ping laptop` becomes laptop.<domain>.
+resolved forgets a link's settings when the link goes away, so a crash leaves nothing behind
+once the TUN is gone; `revert` is still called on a clean exit.
 
 resolved authorises these calls with polkit (actions org.freedesktop.resolve1.set-dns-servers,
 .set-domains, .set-default-route, .revert); root always passes, another user needs a rule.

@@ -27,16 +27,16 @@ pytestmark = pytest.mark.netns
 
 POLICY = """{
   // who is who
-  "groups": {"group:dev": ["alice"]},
-  "tagOwners": {"tag:web": ["alice"], "tag:db": ["alice"]},
+  "groups": {"group:dev": ["alice@"]},
+  "tagOwners": {"tag:web": ["alice@"], "tag:db": ["alice@"]},
   "acls": [
     {"action": "accept", "src": ["group:dev"], "dst": ["tag:web:80,443"]},
     {"action": "accept", "src": ["tag:web"], "dst": ["tag:db:5432"]},
     {"action": "accept", "src": ["autogroup:member"], "dst": ["autogroup:self:*"]},
   ],
   "tests": [
-    {"src": "alice", "accept": ["tag:web:80", "tag:web:443"], "deny": ["tag:db:5432"]},
-    {"src": "bob", "deny": ["tag:web:80"]},
+    {"src": "alice@", "accept": ["tag:web:80", "tag:web:443"], "deny": ["tag:db:5432"]},
+    {"src": "bob@", "deny": ["tag:web:80"]},
   ],
 }
 """
