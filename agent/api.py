@@ -241,6 +241,7 @@ class Status:
     peers: tuple[PeerStatus, ...] = ()
     drops: Mapping[str, int] = field(default_factory=dict)  # DropReason value -> count
     dataplane: Mapping[str, Any] = field(default_factory=dict)  # "offload" and free-form facts
+    portmap: Mapping[str, Any] | None = None  # the router's mapping: protocol, external, lifetime
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -252,6 +253,7 @@ class Status:
             "peers": [p.to_dict() for p in self.peers],
             "drops": dict(self.drops),
             "dataplane": dict(self.dataplane),
+            "portmap": None if self.portmap is None else dict(self.portmap),
         }
 
     @classmethod
@@ -271,6 +273,7 @@ class Status:
             peers=tuple(PeerStatus.from_dict(p) for p in peers),
             drops=dict(drops),
             dataplane=dict(_field(d, "dataplane", dict, {})),
+            portmap=_field(d, "portmap", dict, None),
         )
 
     def to_json(self) -> str:

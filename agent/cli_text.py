@@ -106,9 +106,14 @@ def format_status(st: Status, now: float, *, verbose: bool = False) -> str:
     home = st.derp.home_region
     lines = [
         f"{st.interface}  {', '.join(_host(a) for a in st.addresses) or 'no address'}"
-        f"  port {st.listen_port}"
-        + (f"  home relay {home}" if home is not None else "  no relay")
+        f"  port {st.listen_port}" + (f"  home relay {home}" if home is not None else "  no relay")
     ]
+    if st.portmap:
+        pm = st.portmap
+        lines.append(
+            f"  port mapped: {pm.get('external')} ({pm.get('protocol')}, "
+            f"lifetime {pm.get('lifetime')} s)"
+        )
     if verbose:
         lines.append(f"  public key {st.public_key}")
         connected = ", ".join(str(r) for r in st.derp.connected_regions) or "none"
@@ -200,7 +205,7 @@ def completion_script(parser: argparse.ArgumentParser, prog: str = "agent") -> s
         '        [[ "$w" == -* ]] && continue',
         '        next="${path:+$path }$w"',
         '        case "$next" in',
-        f"            {'|'.join(shlex.quote(k) for k in known)}) path=\"$next\" ;;",
+        f'            {"|".join(shlex.quote(k) for k in known)}) path="$next" ;;',
         "        esac",
         "    done",
         '    case "$prev" in',

@@ -394,6 +394,19 @@ def test_format_status_units() -> None:
     )
 
 
+def test_format_status_port_mapping() -> None:
+    pm = {"protocol": "upnp", "external": "198.18.1.1:41641", "lifetime": 7200}
+    st = Status(interface="i", public_key="k", listen_port=1, portmap=pm)
+    assert "\n  port mapped: 198.18.1.1:41641 (upnp, lifetime 7200 s)\n" in format_status(st, 0)
+    assert Status.from_json(st.to_json()).portmap == pm
+    assert Status.from_json(Status(interface="i", public_key="k", listen_port=1).to_json()) == (
+        Status(interface="i", public_key="k", listen_port=1)
+    )
+    assert "port mapped" not in format_status(
+        Status(interface="i", public_key="k", listen_port=1), 0
+    )
+
+
 # -- logging (configured only by cli.main) --------------------------------------------------------
 
 
@@ -451,9 +464,7 @@ def test_format_pong_lines_like_tailscale_ping() -> None:
     direct = {**who, "via": "direct", "endpoint": "198.18.0.2:41641", "latency_ms": 0.4}
     assert format_pong(relayed) == "pong from b (100.64.0.2) via DERP(lab) in 3.1ms"
     assert format_pong(direct) == "pong from b (100.64.0.2) via 198.18.0.2:41641 in 0.4ms"
-    assert format_pong({**who, "pong": False}) == (
-        "timeout waiting for pong from b (100.64.0.2)"
-    )
+    assert format_pong({**who, "pong": False}) == ("timeout waiting for pong from b (100.64.0.2)")
 
 
 def test_ping_rejects_a_bad_count(capsys: pytest.CaptureFixture[str]) -> None:

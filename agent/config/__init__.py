@@ -49,7 +49,7 @@ DEFAULT_TXQUEUELEN = 2000
 
 _INTERFACE_KEYS = {
     "name", "private_key", "private_key_file", "addresses", "listen_port", "mtu",
-    "txqueuelen", "control_socket", "uapi", "fwmark", "metrics_listen",
+    "txqueuelen", "control_socket", "uapi", "fwmark", "metrics_listen", "portmap",
 }  # fmt: skip
 _PEER_KEYS = {
     "name", "public_key", "allowed_ips", "endpoint", "derp_region", "preshared_key",
@@ -71,6 +71,7 @@ class InterfaceConfig:
     uapi: bool = True  # also serve the WireGuard UAPI at /var/run/wireguard/<name>.sock
     fwmark: int = 0  # 0 = no mark on underlay packets
     metrics_listen: tuple[str, int] | None = None  # loopback ip, port for Prometheus; None = off
+    portmap: bool = True  # ask the router (UPnP IGD, NAT-PMP, PCP) to map listen_port
 
     def __post_init__(self) -> None:
         if not self.control_socket:
@@ -216,6 +217,7 @@ class NodeChecker(Checker):
         uapi = self.opt(p, t, "uapi", self.boolean, True)
         fwmark = self.opt(p, t, "fwmark", lambda q, v: self.integer(q, v, 0, 2**32 - 1), 0)
         metrics = self.opt(p, t, "metrics_listen", self.loopback_endpoint, None)
+        portmap = self.opt(p, t, "portmap", self.boolean, True)
         if len(self.problems) > before or priv is None:
             return None
         return InterfaceConfig(
@@ -229,6 +231,7 @@ class NodeChecker(Checker):
             uapi=uapi,
             fwmark=fwmark,
             metrics_listen=metrics,
+            portmap=portmap,
         )
 
     def peer(self, p: str, v: object) -> PeerConfig | None:

@@ -81,6 +81,10 @@ class DaemonView(Protocol):
         """One DISCO ping to `key`: its pong, or None on timeout."""
         ...
 
+    def portmap(self) -> dict[str, Any] | None:
+        """The router's mapping of our port (node/portmapping), or None."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class NodeParts:
@@ -100,6 +104,7 @@ class NodeParts:
     path_switches: Mapping[NodePublic, int]
     now: Callable[[], float]
     ping: Callable[[NodePublic], Awaitable[PongReceived | None]]
+    portmap: Callable[[], dict[str, Any] | None] = lambda: None
 
 
 class LocalApi:
@@ -188,6 +193,7 @@ class LocalApi:
             peers=tuple(peers),
             drops=drops,
             dataplane=dp,
+            portmap=self.d.portmap(),
         )
 
     def find_peer(self, text: str) -> NodePublic | None:

@@ -10,6 +10,7 @@ run_daemon(config)
   PathWire: the path engine's DISCO and STUN I/O and events (node/pathwire.py), its STUN going
     out through the one StunSender that netcheck reports use too (node/stun_sender.py)
   one timer: re-armed after every batch to the core's next deadline (flush)
+  PortmapLink: our port mapped on the home router, a candidate of its own (node/portmapping.py)
   control socket (agent status) and WireGuard UAPI socket (wg show / wg set)
   SIGTERM/SIGINT -> remove the interface and sockets, exit 0
 """
@@ -32,7 +33,7 @@ from agent.engine.stun_probe import StunProber
 from agent.keys import NodePublic
 from agent.log import get_logger
 from agent.netio.systemd import sd_notify
-from agent.node import coordinator_link, device_io, metrics, uapi
+from agent.node import coordinator_link, device_io, metrics, portmapping, uapi
 from agent.node.coordinator_client import CoordinatorClient, CoordinatorError
 from agent.node.dataplane import DataPlane
 from agent.node.derp_client import DerpClients
@@ -76,6 +77,7 @@ class Daemon:
         self.derp: DerpClients | None = None
         self.transport: PeerTransport | None = None
         self.wire: PathWire | None = None
+        self.portmap: portmapping.PortmapLink | None = None
         self.handshakes: dict[NodePublic, int] = {}
         self.local_ips: list[str] = []
         self._regions_up: set[int] = set()
@@ -154,6 +156,9 @@ class Daemon:
             on_endpoints=self._report_control,
         )
         self.dataplane.on_foreign = wire.on_foreign
+        if cfg.portmap and self.derp is not None:  # DISCO peers learn the mapped endpoint
+            self.portmap = portmapping.PortmapLink(self.udp.port, wire, self.flush)
+            self._tasks.append(self.portmap.start())  # cancelled: deletes the mapping
         self.api = LocalApi(
             NodeParts(
                 config=self.config,
@@ -170,6 +175,7 @@ class Daemon:
                 path_switches=wire.path_switches,
                 now=loop.time,
                 ping=self.ping,
+                portmap=self.portmap.status if self.portmap else lambda: None,
             )
         )
         self.dataplane.attach(loop)
@@ -359,22 +365,17 @@ class Daemon:
         cfg, device, udp, transport = self.config.interface, self.device, self.udp, self.transport
         if not cfg.uapi or device is None or udp is None or transport is None:
             return
-        path = uapi.uapi_path(cfg.name)
-        try:
-            server = await uapi.serve_uapi(
-                path,
-                device,
-                listen_port=udp.port,
-                clock=asyncio.get_running_loop().time,
-                send=lambda data, ep: transport.send_to_endpoint([data], ep, None),
-                log=log,
-                fwmark=cfg.fwmark,
-            )
-        except OSError as e:
-            log.warning("UAPI socket unavailable", path=path, error=str(e))
-            return
-        self._servers.append(server)
-        self._uapi_served = True
+        server = await uapi.start_uapi(
+            cfg.name,
+            device,
+            listen_port=udp.port,
+            send=lambda data, ep: transport.send_to_endpoint([data], ep, None),
+            log=log,
+            fwmark=cfg.fwmark,
+        )
+        if server is not None:
+            self._servers.append(server)
+            self._uapi_served = True
 
 
 def run_daemon(config: Config) -> int:

@@ -30,6 +30,7 @@ __all__ = [
     "format_get",
     "remove_uapi",
     "serve_uapi",
+    "start_uapi",
     "uapi_path",
 ]
 
@@ -288,6 +289,32 @@ async def serve_uapi(
     server = await asyncio.start_unix_server(handle, sock=sock, limit=MAX_REQUEST_BYTES)
     log.info("uapi listening", path=path)
     return server
+
+
+async def start_uapi(
+    interface: str,
+    device: Device,
+    *,
+    listen_port: int,
+    send: Callable[[bytes, Endpoint], object],
+    log: FilteringBoundLogger,
+    fwmark: int = 0,
+) -> asyncio.AbstractServer | None:
+    """`serve_uapi` on the interface's usual path; None (one warning) when it cannot listen."""
+    path = uapi_path(interface)
+    try:
+        return await serve_uapi(
+            path,
+            device,
+            listen_port=listen_port,
+            clock=asyncio.get_running_loop().time,
+            send=send,
+            log=log,
+            fwmark=fwmark,
+        )
+    except OSError as e:
+        log.warning("UAPI socket unavailable", path=path, error=str(e))
+        return None
 
 
 def uapi_path(interface: str) -> str:

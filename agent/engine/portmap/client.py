@@ -19,6 +19,7 @@ most `stop_timeout` for the answer.
     phase       input                                   next
     IDLE        set_network                             PROBING
     PROBING     all answered / probe deadline           MAPPING (something answered) | BACKOFF
+    PROBING     the same, with config.probe_only        STOPPED (after ProbeDone)
     MAPPING     granted                                 MAPPED
     MAPPING     refused / no answer                     MAPPING (next protocol) | BACKOFF
     MAPPED      renew deadline, router lost its state   MAPPING

@@ -151,6 +151,9 @@ class MappingCore:
             avail.discard(Protocol.UPNP)
         self.available = frozenset(avail)
         self._events.append(ProbeDone(self.available, str(self.gateway)))
+        if self.config.probe_only:
+            self._reset(Phase.STOPPED)
+            return
         self._tried = []
         self._next_protocol(now)
 

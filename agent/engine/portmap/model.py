@@ -66,6 +66,7 @@ class PortmapConfig:
     protocols: tuple[Protocol, ...] = (Protocol.PCP, Protocol.PMP, Protocol.UPNP)  # preference
     description: str = "agent wireguard"
     timings: PortmapTimings = PortmapTimings()
+    probe_only: bool = False  # `agent netcheck`: report what answers, map nothing, then stop
 
     def __post_init__(self) -> None:
         if not 1 <= self.internal_port <= 65535:
