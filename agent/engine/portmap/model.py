@@ -54,7 +54,9 @@ class PortmapTimings:
     request_timeout: float = 3.0  # a mapping request (UDP or one HTTP exchange) gives up
     lifetime: int = 7200  # seconds asked for (RFC 6886 §3.3 recommends two hours)
     permanent_renew: float = 1200.0  # how often a "permanent" (lease 0) UPnP entry is re-added
-    check_interval: float = 60.0  # between renewals: is the router's state still there?
+    # Between renewals: is the router's state still there? A rebooted router is noticed (and
+    # the mapping made again) within this; one small request, or one HTTP exchange for UPnP.
+    check_interval: float = 20.0
     backoff_min: float = 10.0
     backoff_max: float = 600.0
     stop_timeout: float = 1.0  # how long stop() waits for the delete's answer
