@@ -373,9 +373,8 @@ class Daemon:
             log=log,
             fwmark=cfg.fwmark,
         )
-        if server is not None:
-            self._servers.append(server)
-            self._uapi_served = True
+        self._servers += [server] if server is not None else []
+        self._uapi_served = server is not None
 
 
 def run_daemon(config: Config) -> int:
