@@ -242,6 +242,7 @@ class Status:
     drops: Mapping[str, int] = field(default_factory=dict)  # DropReason value -> count
     dataplane: Mapping[str, Any] = field(default_factory=dict)  # "offload" and free-form facts
     dns: Mapping[str, Any] | None = None  # the name service (node/dns_service.py); None: none
+    portmap: Mapping[str, Any] | None = None  # the router's mapping: protocol, external, lifetime
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -254,6 +255,7 @@ class Status:
             "drops": dict(self.drops),
             "dataplane": dict(self.dataplane),
             "dns": None if self.dns is None else dict(self.dns),
+            "portmap": None if self.portmap is None else dict(self.portmap),
         }
 
     @classmethod
@@ -274,6 +276,7 @@ class Status:
             drops=dict(drops),
             dataplane=dict(_field(d, "dataplane", dict, {})),
             dns=_field(d, "dns", dict, None),
+            portmap=_field(d, "portmap", dict, None),
         )
 
     def to_json(self) -> str:

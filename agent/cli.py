@@ -382,6 +382,7 @@ def _cmd_netcheck(args: argparse.Namespace) -> int:
     import asyncio
 
     from agent.node.netcheck_cmd import format_report, netcheck_once
+    from agent.node.portmapping import netcheck_with_portmap
 
     try:
         config = load_config(args.config)
@@ -390,7 +391,8 @@ def _cmd_netcheck(args: argparse.Namespace) -> int:
     if not config.derp.regions:
         return _err(f"netcheck: {args.config} has no [[derp.regions]] to measure")
     configure_logging("warning")  # failed probes are part of the report, not warnings
-    report = asyncio.run(netcheck_once(config.derp))
+    probe = config.interface.portmap
+    report = asyncio.run(netcheck_with_portmap(netcheck_once(config.derp), probe=probe))
     if args.json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
     else:

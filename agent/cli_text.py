@@ -110,6 +110,12 @@ def format_status(st: Status, now: float, *, verbose: bool = False) -> str:
         f"  port {st.listen_port}" + (f"  home relay {home}" if home is not None else "  no relay")
     ]
     lines += dns_lines(st.dns, verbose=verbose)
+    if st.portmap:
+        pm = st.portmap
+        lines.append(
+            f"  port mapped: {pm.get('external')} ({pm.get('protocol')}, "
+            f"lifetime {pm.get('lifetime')} s)"
+        )
     if verbose:
         lines.append(f"  public key {st.public_key}")
         connected = ", ".join(str(r) for r in st.derp.connected_regions) or "none"

@@ -429,6 +429,17 @@ def test_format_status_dns_says_where_names_are_and_how_to_use_them() -> None:
     off = Status(interface="i", public_key="k", listen_port=1, dns={"enabled": False})
     assert format_status(off, 0).splitlines()[1] == "  dns off"
     assert Status.from_json(st.to_json()).dns == DNS
+def test_format_status_port_mapping() -> None:
+    pm = {"protocol": "upnp", "external": "198.18.1.1:41641", "lifetime": 7200}
+    st = Status(interface="i", public_key="k", listen_port=1, portmap=pm)
+    assert "\n  port mapped: 198.18.1.1:41641 (upnp, lifetime 7200 s)\n" in format_status(st, 0)
+    assert Status.from_json(st.to_json()).portmap == pm
+    assert Status.from_json(Status(interface="i", public_key="k", listen_port=1).to_json()) == (
+        Status(interface="i", public_key="k", listen_port=1)
+    )
+    assert "port mapped" not in format_status(
+        Status(interface="i", public_key="k", listen_port=1), 0
+    )
 
 
 # -- logging (configured only by cli.main) --------------------------------------------------------

@@ -55,7 +55,7 @@ DEFAULT_TXQUEUELEN = 2000
 
 _INTERFACE_KEYS = {
     "name", "private_key", "private_key_file", "addresses", "listen_port", "mtu",
-    "txqueuelen", "control_socket", "uapi", "fwmark", "metrics_listen", "policy_file",
+    "txqueuelen", "control_socket", "uapi", "fwmark", "metrics_listen", "policy_file", "portmap",
 }  # fmt: skip
 _PEER_KEYS = {
     "name", "public_key", "allowed_ips", "endpoint", "derp_region", "preshared_key",
@@ -80,6 +80,7 @@ class InterfaceConfig:
     policy_file: str | None = None  # a static node's access policy (Tailscale's syntax)
     # ...compiled for this node: what peers may send it. None = no policy, everything passes.
     policy: tuple[FilterRule, ...] | None = None
+    portmap: bool = True  # ask the router (UPnP IGD, NAT-PMP, PCP) to map listen_port
 
     def __post_init__(self) -> None:
         if not self.control_socket:
@@ -262,6 +263,7 @@ class NodeChecker(Checker):
         fwmark = self.opt(p, t, "fwmark", lambda q, v: self.integer(q, v, 0, 2**32 - 1), 0)
         metrics = self.opt(p, t, "metrics_listen", self.loopback_endpoint, None)
         policy_file = self.opt(p, t, "policy_file", self.path, None)
+        portmap = self.opt(p, t, "portmap", self.boolean, True)
         if len(self.problems) > before or priv is None:
             return None
         policy = self.policy(f"{p}.policy_file", policy_file, name, addrs)
@@ -278,6 +280,7 @@ class NodeChecker(Checker):
             metrics_listen=metrics,
             policy_file=policy_file,
             policy=policy,
+            portmap=portmap,
         )
 
     def policy(

@@ -89,6 +89,10 @@ class DaemonView(Protocol):
         """The name service's state and counters (node/dns_service.py); None without one."""
         ...
 
+    def portmap(self) -> dict[str, Any] | None:
+        """The router's mapping of our port (node/portmapping), or None."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class NodeParts:
@@ -110,6 +114,7 @@ class NodeParts:
     now: Callable[[], float]
     ping: Callable[[NodePublic], Awaitable[PongReceived | None]]
     dns: Callable[[], Mapping[str, Any] | None] = lambda: None
+    portmap: Callable[[], dict[str, Any] | None] = lambda: None
 
 
 class LocalApi:
@@ -202,6 +207,7 @@ class LocalApi:
             drops=drops,
             dataplane=dp,
             dns=self.d.dns(),
+            portmap=self.d.portmap(),
         )
 
     def find_peer(self, text: str) -> NodePublic | None:

@@ -10,6 +10,7 @@ run_daemon(config)
   PathWire: the path engine's DISCO and STUN I/O and events (node/pathwire.py), its STUN going
     out through the one StunSender that netcheck reports use too (node/stun_sender.py)
   one timer: re-armed after every batch to the core's next deadline (flush)
+  PortmapLink: our port mapped on the home router, a candidate of its own (node/portmapping.py)
   control socket (agent status), UAPI socket (wg show), names at 100.100.100.100 (dns_service)
   SIGTERM/SIGINT -> remove the interface and sockets, exit 0
 """
@@ -32,7 +33,7 @@ from agent.engine.stun_probe import StunProber
 from agent.keys import NodePublic
 from agent.log import get_logger
 from agent.netio.systemd import sd_notify
-from agent.node import coordinator_link, device_io, metrics, uapi
+from agent.node import coordinator_link, device_io, metrics, portmapping, uapi
 from agent.node.access import Access
 from agent.node.coordinator_client import CoordinatorClient, CoordinatorError
 from agent.node.dataplane import DataPlane
@@ -83,6 +84,7 @@ class Daemon:
         self.derp: DerpClients | None = None
         self.transport: PeerTransport | None = None
         self.wire: PathWire | None = None
+        self.portmap: portmapping.PortmapLink | None = None
         self.handshakes: dict[NodePublic, int] = {}
         self.local_ips: list[str] = []
         self._regions_up: set[int] = set()
@@ -163,6 +165,9 @@ class Daemon:
             on_endpoints=self._report_control,
         )
         self.dataplane.on_foreign = wire.on_foreign
+        if cfg.portmap and self.derp is not None:  # DISCO peers learn the mapped endpoint
+            self.portmap = portmapping.PortmapLink(self.udp.port, wire, self.flush)
+            self._tasks.append(self.portmap.start())  # cancelled: deletes the mapping
         self.api = LocalApi(
             NodeParts(
                 config=self.config,
@@ -181,6 +186,7 @@ class Daemon:
                 now=loop.time,
                 ping=self.ping,
                 dns=self.dns.status,
+                portmap=self.portmap.status if self.portmap else lambda: None,
             )
         )
         self.dataplane.attach(loop)

@@ -372,6 +372,7 @@ def format_report(report: Report, derp: DerpConfig, *, wall: float | None = None
     else:
         ipv6 = "no, but OS has support" if report.ipv6_os else "no, unavailable in OS"
     varies = report.mapping_varies_by_dest_ip
+    pm = report.port_mapping  # None: not probed
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if wall is None else wall))
     lines = [
         "Report:",
@@ -380,6 +381,7 @@ def format_report(report: Report, derp: DerpConfig, *, wall: float | None = None
         f"\t* IPv4: {ipv4}",
         f"\t* IPv6: {ipv6}",
         f"\t* MappingVariesByDestIP: {'' if varies is None else str(varies).lower()}",
+        *([] if pm is None else [f"\t* port mapping: {', '.join(pm) or 'none'}"]),
         f"\t* Nearest DERP: {name(report.nearest_region)}",
     ]
     if report.pinned or report.preferred_region != report.nearest_region:

@@ -10,9 +10,12 @@
                                            DiscoAuthenticated to engine/handshake_wake, whose
                                            datagrams go to the peer)
     on_timer(now) / next_deadline()        the engine's and the STUN prober's timers
-    update_local_endpoints(now)            STUN-learned endpoints, then local addresses with the
-                                           WireGuard port, to the engine (for CallMeMaybe) and to
-                                           `on_endpoints` (the coordinator report)
+    update_local_endpoints(now)            the port-mapped endpoint, STUN-learned endpoints, then
+                                           local addresses with the WireGuard port
+                                           (engine/local_endpoints), to the engine (for
+                                           CallMeMaybe) and to `on_endpoints` (the coordinator
+                                           report)
+    set_mapped(endpoint, now)              the router mapped our port (or the mapping is gone)
     announce(now)                          just joined a DERP region: a paced CallMeMaybe to
                                            every DISCO peer
     ping(key)                              `agent ping`: one DISCO ping, its pong or None
@@ -29,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from agent.engine.engine import PathEngine
 from agent.engine.events import DiscoAuthenticated, PathChanged, PongReceived
 from agent.engine.handshake_wake import wake_handshake
+from agent.engine.local_endpoints import EndpointSource, gather
 from agent.keys import NodePublic
 from agent.log import get_logger
 from agent.node.stun_sender import StunSender
@@ -73,6 +77,7 @@ class PathWire:
         self.drops = drops  # the data plane's drop counters
         self.on_endpoints = on_endpoints
         # Owned by the event loop.
+        self.mapped: Endpoint | None = None  # the router's mapping of our port (portmap)
         self.path_switches: dict[NodePublic, int] = {}
         self._pong_waiters: dict[bytes, asyncio.Future[PongReceived]] = {}
 
@@ -92,12 +97,23 @@ class PathWire:
             self.update_local_endpoints(now)
 
     def update_local_endpoints(self, now: float) -> None:
-        port = self.listen_port
-        endpoints = [*self.stun.prober.public_endpoints()]
-        endpoints += [(ip, port) for ip in self.local_ips if (ip, port) not in endpoints]
-        self.paths.set_local_endpoints(endpoints, now)
-        log.info("endpoints", endpoints=[format_endpoint(ep) for ep in endpoints])
+        found = gather(
+            {
+                EndpointSource.PORTMAP: [self.mapped] if self.mapped else [],
+                EndpointSource.STUN: self.stun.prober.public_endpoints(),
+                EndpointSource.LOCAL: [(ip, self.listen_port) for ip in self.local_ips],
+            }
+        )
+        self.paths.set_local_endpoints([ep for ep, _ in found], now)
+        log.info("endpoints", endpoints=[f"{format_endpoint(ep)} ({src})" for ep, src in found])
         self.on_endpoints()
+
+    def set_mapped(self, endpoint: Endpoint | None, now: float) -> None:
+        """The router mapped our WireGuard port to `endpoint` (None: the mapping is gone): a
+        candidate of its own, sent to peers in CallMeMaybe and to the coordinator."""
+        if endpoint != self.mapped:
+            self.mapped = endpoint
+            self.update_local_endpoints(now)
 
     def announce(self, now: float) -> None:
         """Just joined a DERP region: tell the DISCO peers we are here (a CallMeMaybe each), so a

@@ -284,3 +284,17 @@ def test_network_change_loses_and_reprobes(fake_clock: object) -> None:
     assert any(isinstance(e, MappingLost) and e.reason == "network changed" for e in net.events)
     assert len(_mapped(net)) == 2  # probed again from the new address and mapped again
     assert net.router.table[50000] == ("10.7.0.3", PORT)
+
+
+def test_probe_only_reports_and_maps_nothing(fake_clock: object) -> None:
+    cfg = PortmapConfig(PORT, timings=TIMINGS, probe_only=True)
+    client = PortmapClient(cfg, randbytes=random.Random(1).randbytes)
+    net = Net(client, Router(set(Protocol)), fake_clock)  # type: ignore[arg-type]
+    client.set_network(GW, ME, fake_clock())  # type: ignore[operator]
+    net.pump()
+    net.advance(fake_clock, 3.0)
+    assert ProbeDone(frozenset(Protocol), GW) in net.events
+    assert client.stopped
+    assert client.mapping is None
+    assert not net.router.table
+    assert client.next_deadline() is None

@@ -515,8 +515,10 @@ class Agent:
         mtu: int | None = None,
         derp_toml: str = "",
         control_toml: str = "",
+        portmap: bool = True,
     ) -> None:
         self.lab = lab
+        self.portmap = portmap  # [interface] portmap
         self.derp_toml = derp_toml  # a [derp] section with its [[derp.regions]], verbatim
         # a [control] section, verbatim: the coordinator hands out the addresses, so
         # `addresses` are then only what start() waits for, not written to the config
@@ -549,6 +551,8 @@ class Agent:
             lines.append(f"addresses = {_toml_list(self.addresses)}")
         if self.mtu is not None:
             lines.append(f"mtu = {self.mtu}")
+        if not self.portmap:
+            lines.append("portmap = false")
         if self.control_toml:
             lines += ["", self.control_toml.strip()]
         if self.derp_toml:

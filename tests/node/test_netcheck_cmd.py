@@ -9,7 +9,7 @@ import secrets
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -283,6 +283,22 @@ def test_format_report_like_tailscale_netcheck() -> None:
             "\t\t- sfo: unreachable  (region 3)",
         ]
     )
+
+
+def test_format_report_port_mapping_line() -> None:
+    derp = _derp((1, "fra", DerpNode(host="a")))
+    base = Report(
+        udp=True, ipv4=True, ipv6=False, ipv6_os=False, global_v4=("203.0.113.7", 41641),
+        global_v6=None, endpoints=(), mapping_varies_by_dest_ip=True, region_latency={1: 0.01},
+        region_v4_latency={1: 0.01}, region_v6_latency={}, https_regions=frozenset(), full=True,
+        started=0.0, duration=0.1,
+    )  # fmt: skip
+    assert "port mapping" not in format_report(base, derp, wall=0)  # not probed
+    lines = format_report(replace(base, port_mapping=("upnp", "pmp", "pcp")), derp, wall=0)
+    assert "\t* MappingVariesByDestIP: true\n\t* port mapping: upnp, pmp, pcp\n" in lines
+    assert "\t* port mapping: none\n" in format_report(replace(base, port_mapping=()), derp)
+    assert replace(base, port_mapping=("pmp",)).to_dict()["port_mapping"] == ["pmp"]
+    assert base.to_dict()["port_mapping"] is None
 
 
 # -- the CLI ---------------------------------------------------------------------------------------

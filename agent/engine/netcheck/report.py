@@ -109,6 +109,7 @@ class Report:
     duration: float
     preferred_region: int | None = None  # the home after this report (Netchecker.finish)
     pinned: bool = False  # preferred_region is the config's pin
+    port_mapping: tuple[str, ...] | None = None  # what the gateway answered (upnp, pmp, pcp)
 
     @property
     def nearest_region(self) -> int | None:
@@ -141,6 +142,7 @@ class Report:
             "https_regions": sorted(self.https_regions),
             "full": self.full,
             "duration": round(self.duration, 6),
+            "port_mapping": None if self.port_mapping is None else list(self.port_mapping),
         }
 
 

@@ -3,5 +3,5 @@ UPnP IGD discovery (`ssdp`), description and SOAP (`igd`) over one bounded HTTP 
 
 Layer rule: pure computation (struct, ipaddress, h11, defusedxml); no sockets, clocks or OS. Every
 parser raises only RemoteProtocolError subclasses (`errors`). The client state machine using them
-is agent.engine.portmap; the sockets are agent.node.portmap_io.
+is agent.engine.portmap (a package); the sockets are agent.node.portmap_io.
 """

@@ -1,0 +1,174 @@
+"""Port mapping turns a hard NAT into an easy one: a behind a symmetric NAT whose router runs
+miniupnpd, b behind a cone NAT (root only).
+
+    ns a         ns na (router)                 ns r (internet)               ns nb (NAT)   ns b
+    agent        lan           wan              wana         wanb             wan   lan     agent
+    10.0.1.2 --- 10.0.1.1      198.18.1.1 ----- 198.18.1.2   198.18.2.2 ----- 198.18.2.1 -- 10.0.2.2
+                 miniupnpd (UPnP IGD, NAT-PMP,  lo 198.18.0.10: agent derper  masquerade (cone)
+                 PCP); masquerade fully-random  lo 198.18.0.20/.21: stun5780
+                 for LAN sources only
+
+Without mapping, symmetric/cone stays on DERP (b's probes reach a's NAT on a port that
+is not the one a's packets to b use). With it, a's CallMeMaybe and endpoint list carry
+198.18.1.1:<mapped> (source `portmap`), b's pings to it are forwarded to a, and the path
+goes direct. The router's own STUN check (miniupnpd refuses a reserved WAN address
+otherwise, tests/integration/PORTMAP_LAB.md) needs the RFC 5780 responder in the internet
+namespace and its answers let through the router's input filter.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from .lab import Agent, Lab, _wait_for, ping
+from .natlab import B4, REGION, NatNet, build
+
+pytestmark = pytest.mark.netns
+
+STUN_IP, STUN_ALT_IP = "198.18.0.20", "198.18.0.21"
+
+ROUTER_NFT = f"""
+table inet filter {{
+  chain forward {{ type filter hook forward priority 0; policy accept; jump miniupnpd; }}
+  chain miniupnpd {{ }}
+  chain prerouting {{ type nat hook prerouting priority -100; policy accept;
+                     jump prerouting_miniupnpd; }}
+  chain postrouting {{ type nat hook postrouting priority 100; policy accept;
+                      jump postrouting_miniupnpd;
+                      ip saddr 10.0.1.0/24 oifname "wan" masquerade fully-random; }}
+  chain prerouting_miniupnpd {{ }}
+  chain postrouting_miniupnpd {{ }}
+  chain input {{ type filter hook input priority 0; policy accept;
+                iifname "wan" ct state new ip saddr != {{ {STUN_IP}, {STUN_ALT_IP} }} drop; }}
+}}
+"""
+
+MINIUPNPD_CONF = f"""\
+ext_ifname=wan
+listening_ip=lan
+http_port=5000
+enable_upnp=yes
+enable_natpmp=yes
+ext_perform_stun=yes
+ext_stun_host={STUN_IP}
+ext_stun_port=3478
+secure_mode=yes
+system_uptime=no
+min_lifetime=120
+max_lifetime=86400
+clean_ruleset_interval=2
+uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07c
+allow 1024-65535 10.0.1.0/24 1024-65535
+deny 0-65535 0.0.0.0/0 0-65535
+"""
+
+
+class UpnpRouter:
+    """miniupnpd in a's NAT router, replacing natlab's plain masquerade."""
+
+    def __init__(self, net: NatNet) -> None:
+        self.lab, self.ns = net.lab, net.ns_na
+        self.lab.run(self.ns, "nft", "delete", "table", "ip", "agtnat")
+        self.lab.run(self.ns, "nft", ROUTER_NFT)
+        for ip in (STUN_IP, STUN_ALT_IP):
+            self.lab.run(None, "ip", "-n", net.ns_r, "addr", "add", f"{ip}/32", "dev", "lo")
+        self.lab.spawn(net.ns_r, sys.executable, "-m", "tests.integration.stun5780", STUN_IP,
+                       STUN_ALT_IP, tag="stun5780")  # fmt: skip
+        self.conf = self.lab.path("miniupnpd-na.conf")
+        self.conf.write_text(MINIUPNPD_CONF)
+        self.start()
+
+    def start(self) -> None:
+        self.daemon = self.lab.spawn(
+            self.ns, "miniupnpd", "-d", "-f", str(self.conf), "-P",
+            str(self.lab.path("mu-na.pid")), tag="miniupnpd",
+        )  # fmt: skip
+
+        def log() -> str:
+            return self.daemon.stderr_text() + self.daemon.stdout_text()
+
+        assert _wait_for(lambda: "Listening for NAT-PMP/PCP" in log(), 15, interval=0.1), log()
+
+    def restart_empty(self) -> None:
+        """A router reboot: the daemon and its table go, it comes back empty."""
+        self.daemon.stop()
+        for chain in ("miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd"):
+            self.lab.run(self.ns, "nft", "flush", "chain", "inet", "filter", chain)
+        self.start()
+
+
+def _build(lab: Lab, *, portmap: bool) -> tuple[NatNet, UpnpRouter]:
+    net = build(lab, "symmetric", "cone")
+    router = UpnpRouter(net)
+    net.a.portmap = portmap
+    return net, router
+
+
+def _path(agent: Agent, peer_key: str) -> str:
+    return str(agent.peer_status(peer_key)["path"])
+
+
+def _time_to_direct(net: NatNet, within: float) -> float | None:
+    """Seconds from the first ping until a's path to b is direct (pings drive it), or None."""
+    start = time.monotonic()
+
+    def direct() -> bool:
+        ping(net.ns_a, B4, count=1, timeout=1)
+        return _path(net.a, net.b.public_key) == "direct"
+
+    return time.monotonic() - start if _wait_for(direct, within, interval=0.2) else None
+
+
+def test_symmetric_nat_with_a_mapping_router_goes_direct(lab: Lab) -> None:
+    net, _router = _build(lab, portmap=True)
+    net.a.start()
+    mapped = _wait_for(lambda: net.a.status().get("portmap") is not None, 15, interval=0.2)
+    assert mapped, net.a.proc.describe() if net.a.proc else "no agent"
+    pm = net.a.status()["portmap"]
+    assert pm["external"].startswith("198.18.1.1:"), pm
+    assert pm["protocol"] in ("pcp", "pmp", "upnp"), pm
+    net.b.start()
+    took = _time_to_direct(net, 20)
+    print(f"\ntime to direct with port mapping: {took}")
+    assert took is not None, net.a.status()
+    st = net.b.peer_status(net.a.public_key)
+    assert st["endpoint"] == pm["external"], (st, pm)  # b reaches a through the mapping
+    assert ping(net.ns_a, B4, count=5, timeout=10)
+    assert _path(net.a, net.b.public_key) == "direct"
+
+
+def test_symmetric_nat_without_port_mapping_stays_on_derp(lab: Lab) -> None:
+    net, _router = _build(lab, portmap=False)
+    net.a.start()
+    net.b.start()
+    assert ping(net.ns_a, B4, count=3, timeout=15), "no ping through the relay"
+    assert ping(net.ns_a, B4, count=20, timeout=12)  # discovery rounds run meanwhile
+    st = net.a.peer_status(net.b.public_key)
+    assert (st["path"], st["derp_region"]) == ("derp", REGION)
+    assert net.a.status().get("portmap") is None
+
+
+def test_router_restart_the_path_stays_or_returns_direct(lab: Lab) -> None:
+    net, router = _build(lab, portmap=True)
+    net.a.start()
+    assert _wait_for(lambda: net.a.status().get("portmap") is not None, 15, interval=0.2)
+    net.b.start()
+    assert _time_to_direct(net, 20) is not None, net.a.status()
+    assert net.a.proc is not None
+    mapped_before = net.a.proc.stderr_text().count("portmap.mapped")
+    router.restart_empty()
+    restarted = time.monotonic()
+
+    def remapped() -> bool:
+        ping(net.ns_a, B4, count=1, timeout=1)
+        assert net.a.proc is not None
+        return net.a.proc.stderr_text().count("portmap.mapped") > mapped_before
+
+    assert _wait_for(remapped, 30, interval=0.5), net.a.proc.describe()
+    back = _time_to_direct(net, max(1.0, 30 - (time.monotonic() - restarted)))
+    print(f"\nre-mapped and direct {time.monotonic() - restarted:.1f} s after the restart")
+    assert back is not None, net.a.status()
+    assert ping(net.ns_a, B4, count=3, timeout=6)
