@@ -94,31 +94,15 @@ def start_relay(lab: Lab, ns_r: str, cert_dir: Path) -> Proc:
     return start_derper(lab, ns_r, RELAY_IP, 443, cert_dir)
 
 
-def build(lab: Lab, nat_a: NatKind, nat_b: NatKind) -> NatNet:
-    ns_a, ns_na, ns_r = lab.add_ns("a"), lab.add_ns("na"), lab.add_ns("r")
-    ns_nb, ns_b = lab.add_ns("nb"), lab.add_ns("b")
-    _veth(lab, ns_a, "lan", "10.0.1.2/24", ns_na, "lan", "10.0.1.1/24")
-    _veth(lab, ns_na, "wan", "198.18.1.1/24", ns_r, "wana", "198.18.1.2/24")
-    _veth(lab, ns_nb, "wan", "198.18.2.1/24", ns_r, "wanb", "198.18.2.2/24")
-    _veth(lab, ns_b, "lan", "10.0.2.2/24", ns_nb, "lan", "10.0.2.1/24")
-    lab.run(None, "ip", "-n", ns_a, "route", "add", "default", "via", "10.0.1.1")
-    lab.run(None, "ip", "-n", ns_b, "route", "add", "default", "via", "10.0.2.1")
-    lab.run(None, "ip", "-n", ns_na, "route", "add", "default", "via", "198.18.1.2")
-    lab.run(None, "ip", "-n", ns_nb, "route", "add", "default", "via", "198.18.2.2")
-    lab.run(None, "ip", "-n", ns_r, "addr", "add", f"{RELAY_IP}/32", "dev", "lo")
-    for ns in (ns_na, ns_nb, ns_r):
-        lab.run(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    _nat(lab, ns_na, nat_a)
-    _nat(lab, ns_nb, nat_b)
-    cert_dir = lab.path("derper-certs")
-    relay = start_relay(lab, ns_r, cert_dir)
+def agent_pair(lab: Lab, ns_a: str, ns_b: str, cert_dir: Path) -> tuple[Agent, Agent]:
+    """Agents a (A4) and b (B4) that know each other only by key and home region 900 (the lab
+    relay whose certificate is in `cert_dir`): no endpoints, DISCO finds the path."""
     derp = (
         f'[derp]\nhome_region = {REGION}\n\n[[derp.regions]]\nid = {REGION}\ncode = "lab"\n'
         f'nodes = [{{ host = "{RELAY_IP}", port = 443, stun_port = 3478, '
         f'ca_file = "{cert_dir}/{RELAY_IP}.crt" }}]\n'
     )
     (priv_a, pub_a), (priv_b, pub_b) = keypair(), keypair()
-    # No endpoints: behind NAT, neither side knows where the other is reachable.
     a = Agent(
         lab,
         ns_a,
@@ -137,4 +121,27 @@ def build(lab: Lab, nat_a: NatKind, nat_b: NatKind) -> NatNet:
         peers=[Peer("a", pub_a, (f"{A4}/32",), derp_region=REGION)],
         derp_toml=derp,
     )
+    return a, b
+
+
+def build(lab: Lab, nat_a: NatKind, nat_b: NatKind) -> NatNet:
+    ns_a, ns_na, ns_r = lab.add_ns("a"), lab.add_ns("na"), lab.add_ns("r")
+    ns_nb, ns_b = lab.add_ns("nb"), lab.add_ns("b")
+    _veth(lab, ns_a, "lan", "10.0.1.2/24", ns_na, "lan", "10.0.1.1/24")
+    _veth(lab, ns_na, "wan", "198.18.1.1/24", ns_r, "wana", "198.18.1.2/24")
+    _veth(lab, ns_nb, "wan", "198.18.2.1/24", ns_r, "wanb", "198.18.2.2/24")
+    _veth(lab, ns_b, "lan", "10.0.2.2/24", ns_nb, "lan", "10.0.2.1/24")
+    lab.run(None, "ip", "-n", ns_a, "route", "add", "default", "via", "10.0.1.1")
+    lab.run(None, "ip", "-n", ns_b, "route", "add", "default", "via", "10.0.2.1")
+    lab.run(None, "ip", "-n", ns_na, "route", "add", "default", "via", "198.18.1.2")
+    lab.run(None, "ip", "-n", ns_nb, "route", "add", "default", "via", "198.18.2.2")
+    lab.run(None, "ip", "-n", ns_r, "addr", "add", f"{RELAY_IP}/32", "dev", "lo")
+    for ns in (ns_na, ns_nb, ns_r):
+        lab.run(ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    _nat(lab, ns_na, nat_a)
+    _nat(lab, ns_nb, nat_b)
+    cert_dir = lab.path("derper-certs")
+    relay = start_relay(lab, ns_r, cert_dir)
+    # No endpoints: behind NAT, neither side knows where the other is reachable.
+    a, b = agent_pair(lab, ns_a, ns_b, cert_dir)
     return NatNet(lab, ns_a, ns_b, ns_na, ns_nb, ns_r, a, b, relay, cert_dir)

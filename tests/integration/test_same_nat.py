@@ -17,8 +17,8 @@ import re
 
 import pytest
 
-from .lab import Agent, Lab, Peer, _wait_for, keypair, ping, start_derper
-from .natlab import A4, B4, PORT_A, PORT_B, REGION, RELAY_IP, _veth
+from .lab import Agent, Lab, _wait_for, ping, start_derper
+from .natlab import B4, PORT_A, PORT_B, RELAY_IP, _veth, agent_pair
 
 pytestmark = pytest.mark.netns
 
@@ -54,30 +54,7 @@ def _build(lab: Lab) -> tuple[Agent, Agent, str, str]:
     lab.run(ns_n, "nft", NFT)
     cert_dir = lab.path("derper-certs")
     start_derper(lab, ns_r, RELAY_IP, 443, cert_dir)
-    derp = (
-        f'[derp]\nhome_region = {REGION}\n\n[[derp.regions]]\nid = {REGION}\ncode = "lab"\n'
-        f'nodes = [{{ host = "{RELAY_IP}", port = 443, stun_port = 3478, '
-        f'ca_file = "{cert_dir}/{RELAY_IP}.crt" }}]\n'
-    )
-    (priv_a, pub_a), (priv_b, pub_b) = keypair(), keypair()
-    a = Agent(
-        lab,
-        ns_a,
-        private_key=priv_a,
-        addresses=[f"{A4}/32"],
-        listen_port=PORT_A,
-        peers=[Peer("b", pub_b, (f"{B4}/32",), derp_region=REGION)],
-        derp_toml=derp,
-    )
-    b = Agent(
-        lab,
-        ns_b,
-        private_key=priv_b,
-        addresses=[f"{B4}/32"],
-        listen_port=PORT_B,
-        peers=[Peer("a", pub_a, (f"{A4}/32",), derp_region=REGION)],
-        derp_toml=derp,
-    )
+    a, b = agent_pair(lab, ns_a, ns_b, cert_dir)
     return a, b, ns_a, ns_n
 
 
