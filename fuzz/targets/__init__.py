@@ -18,4 +18,7 @@ TARGETS: tuple[str, ...] = (
     "coordinator_messages",
     "coordinator_service",
     "control_api",
+    "policy",
+    "packet_filter",
+    "dns_responder",
 )
