@@ -243,10 +243,12 @@ class Status:
     dataplane: Mapping[str, Any] = field(default_factory=dict)  # "offload" and free-form facts
     dns: Mapping[str, Any] | None = None  # the name service (node/dns_service.py); None: none
     portmap: Mapping[str, Any] | None = None  # the router's mapping: protocol, external, lifetime
+    name: str | None = None  # this node's name on its coordinator; None without one
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "interface": self.interface,
+            "name": self.name,
             "public_key": self.public_key,
             "listen_port": self.listen_port,
             "addresses": list(self.addresses),
@@ -277,6 +279,7 @@ class Status:
             dataplane=dict(_field(d, "dataplane", dict, {})),
             dns=_field(d, "dns", dict, None),
             portmap=_field(d, "portmap", dict, None),
+            name=_field(d, "name", str, None),
         )
 
     def to_json(self) -> str:

@@ -153,8 +153,12 @@ def _cmd_join(args: argparse.Namespace) -> int:
 
     from agent.join import JoinError, run_join, wait_for_addresses
 
+    joined: dict[str, str | None] = {"name": None}
+
     def ask(path: str) -> list[str]:
-        return list(Status.from_dict(request(path, "status")).addresses)
+        st = Status.from_dict(request(path, "status"))
+        joined["name"] = st.name
+        return [a.partition("/")[0] for a in st.addresses]
 
     def addresses(config: Path, wait: float) -> list[str]:
         try:
@@ -175,10 +179,12 @@ def _cmd_join(args: argparse.Namespace) -> int:
         )
     except JoinError as e:
         return _err(f"join: {e}")
+    name = joined["name"]
     if args.json:
-        sys.stdout.write(json.dumps({"config": args.config, "addresses": got}) + "\n")
-    elif got:
-        sys.stdout.write(f"joined: {', '.join(got)}\n")
+        doc = {"config": args.config, "name": name, "addresses": got}
+        sys.stdout.write(json.dumps(doc) + "\n")
+    elif got:  # "joined as a, 100.64.0.1, fd7a:115c:a1e0::1"
+        sys.stdout.write(f"joined{f' as {name}' if name else ''}, {', '.join(got)}\n")
     return 0
 
 

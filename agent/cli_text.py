@@ -105,8 +105,9 @@ def format_status(st: Status, now: float, *, verbose: bool = False) -> str:
     `verbose` adds the interface's counters and, per peer, its key, every allowed IP,
     latency and keepalive."""
     home = st.derp.home_region
+    named = f"{st.interface} ({st.name})" if st.name else st.interface
     lines = [
-        f"{st.interface}  {', '.join(_host(a) for a in st.addresses) or 'no address'}"
+        f"{named}  {', '.join(_host(a) for a in st.addresses) or 'no address'}"
         f"  port {st.listen_port}" + (f"  home relay {home}" if home is not None else "  no relay")
     ]
     lines += dns_lines(st.dns, verbose=verbose)

@@ -392,6 +392,8 @@ def test_format_status_units() -> None:
     assert format_status(Status(interface="i", public_key="k", listen_port=1), 0).endswith(
         "\nno peers"
     )
+    named = Status(interface="agent0", public_key="k", listen_port=1, name="laptop")
+    assert format_status(named, 0).startswith("agent0 (laptop)  no address")
 
 
 DNS = {

@@ -72,6 +72,10 @@ class DaemonView(Protocol):
         """(user, tags) of a peer, as its coordinator said."""
         ...
 
+    def own_name(self) -> str | None:
+        """This node's name on its coordinator."""
+        ...
+
     @property
     def handshakes(self) -> Mapping[NodePublic, int]: ...
     @property
@@ -109,6 +113,7 @@ class NodeParts:
     udp_gso: bool
     names: Mapping[NodePublic, str]
     owners: Callable[[NodePublic], tuple[str | None, tuple[str, ...]]]
+    own_name: Callable[[], str | None]
     handshakes: Mapping[NodePublic, int]
     path_switches: Mapping[NodePublic, int]
     now: Callable[[], float]
@@ -208,6 +213,7 @@ class LocalApi:
             dataplane=dp,
             dns=self.d.dns(),
             portmap=self.d.portmap(),
+            name=self.d.own_name(),
         )
 
     def find_peer(self, text: str) -> NodePublic | None:

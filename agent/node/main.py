@@ -181,6 +181,7 @@ class Daemon:
                 udp_gso=self.udp.gso,
                 names=self.names,
                 owners=self.netmap_peers.owner,
+                own_name=self.netmap_peers.own_name,
                 handshakes=self.handshakes,
                 path_switches=wire.path_switches,
                 now=loop.time,

@@ -45,8 +45,10 @@ class NetmapPeers:
         self.names = names  # shared with the daemon: display names of every peer
         self.access = access  # the packet filter: the netmap's rules for this node
         self.nodes: dict[NodePublic, NodeInfo] = {}
+        self.self_name: str | None = None  # ours, as the coordinator names us
 
     def apply(self, netmap: NetMap, device: Device, paths: PathEngine, now: float) -> NetmapChange:
+        self.self_name = netmap.self_node.name
         seen: dict[NodePublic, NodeInfo] = {}
         added = changed = 0
         for node in netmap.peers:
@@ -87,6 +89,9 @@ class NetmapPeers:
         """(user, tags) of a coordinated peer, as the coordinator said; (None, ()) otherwise."""
         node = self.nodes.get(key)
         return (None, ()) if node is None else (node.user, node.tags)
+
+    def own_name(self) -> str | None:
+        return self.self_name
 
     def drop_all(self, device: Device | None, paths: PathEngine) -> int:
         """Out of the network: remove every coordinated peer; how many there were."""

@@ -156,6 +156,21 @@ def _ping_until(m: Machine, address: str, timeout: float = 30) -> None:
 def test_walkthrough_joins_both_nodes(cluster: Cluster) -> None:
     assert _addresses(cluster["a"]) == ["100.64.0.1", "fd7a:115c:a1e0::1"]
     assert _addresses(cluster["b"]) == [B_V4, B_V6]
+    assert _status(cluster["a"])["name"] == "a"
+    out = (
+        cluster["a"]
+        .run(
+            "agent",
+            "join",
+            "https://198.18.0.10:8443",
+            "--auth-key",
+            "file:/root/auth.key",
+            "--ca-file",
+            "/etc/agent/lab-ca.pem",
+        )
+        .stdout
+    )
+    assert out == "joined as a, 100.64.0.1, fd7a:115c:a1e0::1\n", out  # joining again: same
     nodes = cluster["r"].run("agent", "coordinator", "nodes", "--json").stdout
     assert sorted(n["name"] for n in json.loads(nodes)) == ["a", "b"]
 
@@ -189,9 +204,11 @@ def test_services_run_as_their_users(cluster: Cluster) -> None:
 
 
 def test_journal_holds_json_lines(cluster: Cluster) -> None:
-    out = cluster["a"].run(
-        "journalctl", "-b", "_SYSTEMD_UNIT=agent.service", "-o", "json", "--no-pager"
-    ).stdout
+    out = (
+        cluster["a"]
+        .run("journalctl", "-b", "_SYSTEMD_UNIT=agent.service", "-o", "json", "--no-pager")
+        .stdout
+    )
     lines = [
         json.loads(e)["MESSAGE"]
         for e in out.splitlines()
