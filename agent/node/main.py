@@ -395,14 +395,17 @@ class Daemon:
 def run_daemon(config: Config) -> int:
     """Run `agent up` in the foreground until SIGTERM/SIGINT; returns the exit code."""
     client: CoordinatorClient | None = None
+    name: str | None = None
     if config.control is not None:
         url = config.control.url
         try:
-            config, client, _reg = asyncio.run(coordinator_link.join(config))
+            config, client, reg = asyncio.run(coordinator_link.join(config))
         except (CoordinatorError, ValueError) as e:
             log.error("cannot join the coordinator", url=url, error=str(e))
             return 1
+        name = reg.node.name
     daemon = Daemon(config, coordinator=client)
+    daemon.netmap_peers.self_name = name  # known before the first netmap arrives
     try:
         try:
             daemon.open_interface()
