@@ -56,7 +56,7 @@ class Access:
         addresses: Iterable[IPv4Interface | IPv6Interface],
     ) -> None:
         """New rules (None: no policy, everything passes). Open flows survive a change."""
-        if rules == self.rules and (rules is None or self.filter is not None):
+        if rules == self.rules:
             return
         local = [a.ip for a in addresses]
         if rules is None:

@@ -30,7 +30,8 @@ from typing import Any
 
 import pytest
 
-from .lab import Lab, Proc
+from . import miniupnpd
+from .lab import Lab, _wait_for
 from .natlab import _veth
 
 pytestmark = pytest.mark.netns
@@ -55,24 +56,6 @@ table inet filter {
 }
 """
 
-MINIUPNPD_CONF = f"""\
-ext_ifname=wan
-listening_ip=lan
-http_port=5000
-enable_upnp=yes
-enable_natpmp=yes
-ext_perform_stun=yes
-ext_stun_host={STUN_IP}
-ext_stun_port=3478
-secure_mode=yes
-system_uptime=no
-min_lifetime={LIFETIME // 2}
-max_lifetime=86400
-clean_ruleset_interval=2
-uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b
-allow 1024-65535 10.7.0.0/24 1024-65535
-deny 0-65535 0.0.0.0/0 0-65535
-"""
 
 
 class Router:
@@ -87,29 +70,11 @@ class Router:
         lab.run(self.gw, "nft", ROUTER_NFT)
         lab.spawn(self.inet, sys.executable, "-m", "tests.integration.stun5780", STUN_IP,
                   STUN_ALT_IP, tag="stun5780")  # fmt: skip
-        self.conf = lab.path("miniupnpd.conf")
-        self.conf.write_text(MINIUPNPD_CONF)
-        self.daemon: Proc | None = None
-
-    def start(self) -> None:
-        self.daemon = self.lab.spawn(
-            self.gw, "miniupnpd", "-d", "-f", str(self.conf), "-P", str(self.lab.path("mu.pid")),
-            tag="miniupnpd",
-        )  # fmt: skip
-        ok = _wait(lambda: "Listening for NAT-PMP/PCP" in self._log(), 15.0)
-        assert ok, f"miniupnpd did not start:\n{self._log()[-3000:]}"
-
-    def _log(self) -> str:
-        assert self.daemon is not None
-        return self.daemon.stderr_text() + self.daemon.stdout_text()
-
-    def restart_empty(self) -> None:
-        """A router reboot: the daemon goes, its table with it, and it comes back empty."""
-        assert self.daemon is not None
-        self.daemon.stop()
-        for chain in ("miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd"):
-            self.lab.run(self.gw, "nft", "flush", "chain", "inet", "filter", chain)
-        self.start()
+        text = miniupnpd.conf(stun_ip=STUN_IP, lan="10.7.0.0/24", min_lifetime=LIFETIME // 2,
+                              uuid="3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b")  # fmt: skip
+        self.upnpd = miniupnpd.Miniupnpd(lab, self.gw, text)
+        self.start = self.upnpd.start
+        self.restart_empty = self.upnpd.restart_empty
 
     def dnat_rules(self) -> str:
         out = self.lab.run(self.gw, "nft", "list", "chain", "inet", "filter",
@@ -123,15 +88,6 @@ class Router:
             f"s.sendto({payload.encode()!r}, ({host!r}, {int(port)}))"
         )
         self.lab.run(self.inet, sys.executable, "-c", code)
-
-
-def _wait(cond: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return cond()
 
 
 class Client:
@@ -157,7 +113,7 @@ class Client:
             found[:] = [x for x in self.lines()[after:] if pred(x)]
             return bool(found) or not self.proc.alive()
 
-        _wait(seen, timeout)
+        _wait_for(seen, timeout)
         assert found, f"not seen within {timeout}s; client said:\n{self.proc.describe()}"
         return found[0]
 
@@ -169,7 +125,7 @@ class Client:
 
         for _ in range(20):
             router.send_from_internet(external, payload)
-            if _wait(arrived, 0.5):
+            if _wait_for(arrived, 0.5):
                 return
         pytest.fail(f"{payload!r} to {external} never reached the client:\n{self.proc.describe()}")
 
@@ -209,7 +165,7 @@ def test_mapping_lifecycle_against_miniupnpd(lab: Lab, protocol: str) -> None:
     client.proc.stop(timeout=10.0)
     closed = client.wait_for(lambda x: x.get("event") == "closed", 1.0)
     assert closed["mapping"] is None
-    assert _wait(lambda: not router.dnat_rules(), 5.0), router.dnat_rules()
+    assert _wait_for(lambda: not router.dnat_rules(), 5.0), router.dnat_rules()
 
 
 def test_stun5780_answers_from_the_requested_address() -> None:

@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+from . import miniupnpd
 from .lab import Agent, Lab, _wait_for, ping
 from .natlab import B4, REGION, NatNet, build
 
@@ -46,24 +47,6 @@ table inet filter {{
 }}
 """
 
-MINIUPNPD_CONF = f"""\
-ext_ifname=wan
-listening_ip=lan
-http_port=5000
-enable_upnp=yes
-enable_natpmp=yes
-ext_perform_stun=yes
-ext_stun_host={STUN_IP}
-ext_stun_port=3478
-secure_mode=yes
-system_uptime=no
-min_lifetime=120
-max_lifetime=86400
-clean_ruleset_interval=2
-uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07c
-allow 1024-65535 10.0.1.0/24 1024-65535
-deny 0-65535 0.0.0.0/0 0-65535
-"""
 
 
 class UpnpRouter:
@@ -77,27 +60,11 @@ class UpnpRouter:
             self.lab.run(None, "ip", "-n", net.ns_r, "addr", "add", f"{ip}/32", "dev", "lo")
         self.lab.spawn(net.ns_r, sys.executable, "-m", "tests.integration.stun5780", STUN_IP,
                        STUN_ALT_IP, tag="stun5780")  # fmt: skip
-        self.conf = self.lab.path("miniupnpd-na.conf")
-        self.conf.write_text(MINIUPNPD_CONF)
-        self.start()
-
-    def start(self) -> None:
-        self.daemon = self.lab.spawn(
-            self.ns, "miniupnpd", "-d", "-f", str(self.conf), "-P",
-            str(self.lab.path("mu-na.pid")), tag="miniupnpd",
-        )  # fmt: skip
-
-        def log() -> str:
-            return self.daemon.stderr_text() + self.daemon.stdout_text()
-
-        assert _wait_for(lambda: "Listening for NAT-PMP/PCP" in log(), 15, interval=0.1), log()
-
-    def restart_empty(self) -> None:
-        """A router reboot: the daemon and its table go, it comes back empty."""
-        self.daemon.stop()
-        for chain in ("miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd"):
-            self.lab.run(self.ns, "nft", "flush", "chain", "inet", "filter", chain)
-        self.start()
+        text = miniupnpd.conf(stun_ip=STUN_IP, lan="10.0.1.0/24", min_lifetime=120,
+                              uuid="3d3cec3a-8cf0-11e0-98ee-001a6bd2d07c")  # fmt: skip
+        self.upnpd = miniupnpd.Miniupnpd(self.lab, self.ns, text, name="miniupnpd-na")
+        self.upnpd.start()
+        self.restart_empty = self.upnpd.restart_empty
 
 
 def _build(lab: Lab, *, portmap: bool) -> tuple[NatNet, UpnpRouter]:
