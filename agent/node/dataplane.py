@@ -321,7 +321,8 @@ class DataPlane:
         drops = stats.drops
         stats.tun_reads += len(frames)
         route = self.device.route
-        access = self.access
+        # With a policy, what we send opens flows whose replies its filter lets back in.
+        note = self.access.outbound if self.access.filter is not None else None
         # A drained batch is mostly one flow: the last destination's peer and packet list are
         # reused without a lookup.
         last_dst: bytes | None = None
@@ -371,8 +372,8 @@ class DataPlane:
                 last_list.append(one)
             else:
                 last_list.extend(segments)
-            if access.filter is not None:  # its replies may come back through the filter
-                access.outbound(one if one is not None else segments[0])  # segments: one flow
+            if note is not None:
+                note(one if one is not None else segments[0])  # segments are one flow
         for peer, packets in per_peer.values():
             if packets:
                 self._send_to_peer(peer, packets, now)
