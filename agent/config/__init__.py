@@ -56,6 +56,7 @@ DEFAULT_TXQUEUELEN = 2000
 _INTERFACE_KEYS = {
     "name", "private_key", "private_key_file", "addresses", "listen_port", "mtu",
     "txqueuelen", "control_socket", "uapi", "fwmark", "metrics_listen", "policy_file", "portmap",
+    "dataplane",
 }  # fmt: skip
 _PEER_KEYS = {
     "name", "public_key", "allowed_ips", "endpoint", "derp_region", "preshared_key",
@@ -81,6 +82,9 @@ class InterfaceConfig:
     # ...compiled for this node: what peers may send it. None = no policy, everything passes.
     policy: tuple[FilterRule, ...] | None = None
     portmap: bool = True  # ask the router (UPnP IGD, NAT-PMP, PCP) to map listen_port
+    # the per-packet loop: "native" (compiled), "python" (the reference twin), "auto" (native
+    # where it loads)
+    dataplane: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.control_socket:
@@ -264,6 +268,7 @@ class NodeChecker(Checker):
         metrics = self.opt(p, t, "metrics_listen", self.loopback_endpoint, None)
         policy_file = self.opt(p, t, "policy_file", self.path, None)
         portmap = self.opt(p, t, "portmap", self.boolean, True)
+        dataplane = self.opt(p, t, "dataplane", self.dataplane, "auto")
         if len(self.problems) > before or priv is None:
             return None
         policy = self.policy(f"{p}.policy_file", policy_file, name, addrs)
@@ -281,6 +286,7 @@ class NodeChecker(Checker):
             policy_file=policy_file,
             policy=policy,
             portmap=portmap,
+            dataplane=dataplane,
         )
 
     def policy(

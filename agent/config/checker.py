@@ -240,6 +240,13 @@ class Checker:
             return None
         return s
 
+    def dataplane(self, path: str, v: object) -> str | None:
+        s = self.string(path, v)
+        if s is not None and s not in ("auto", "native", "python"):
+            self.bad(path, f"{s!r} is not one of 'auto', 'native', 'python'")
+            return None
+        return s
+
     def key(self, path: str, v: object, cls: type[_K]) -> _K | None:
         s = self.string(path, v)
         if s is None:
