@@ -110,6 +110,10 @@ def format_status(st: Status, now: float, *, verbose: bool = False) -> str:
         f"{named}  {', '.join(_host(a) for a in st.addresses) or 'no address'}"
         f"  port {st.listen_port}" + (f"  home relay {home}" if home is not None else "  no relay")
     ]
+    impl = st.dataplane.get("impl")
+    if impl:
+        why = st.dataplane.get("impl_reason")
+        lines.append(f"  data plane: {impl}" + (f" ({why})" if why else ""))
     lines += dns_lines(st.dns, verbose=verbose)
     if st.portmap:
         pm = st.portmap
@@ -122,7 +126,7 @@ def format_status(st: Status, now: float, *, verbose: bool = False) -> str:
         connected = ", ".join(str(r) for r in st.derp.connected_regions) or "none"
         lines.append(f"  relays connected: {connected}")
         for title, values in (
-            ("data plane", st.dataplane),
+            ("data plane", {k: v for k, v in st.dataplane.items() if k != "impl_reason"}),
             ("drops", {k: v for k, v in st.drops.items() if v}),
             ("relay links", st.derp.stats),
         ):

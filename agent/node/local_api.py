@@ -27,6 +27,7 @@ from agent.log import get_logger
 from agent.node import metrics
 from agent.node.dataplane import DataPlaneStats
 from agent.node.derp_client import DerpClients
+from agent.node.fastpath import DataPlaneImpl
 from agent.proto.endpoint import format_endpoint
 from agent.proto.wireguard.device import Device
 
@@ -66,6 +67,8 @@ class DaemonView(Protocol):
     def offload(self) -> str: ...
     @property
     def udp_gso(self) -> bool: ...
+    @property
+    def impl(self) -> DataPlaneImpl: ...
     @property
     def names(self) -> Mapping[NodePublic, str]: ...
     def owners(self, key: NodePublic) -> tuple[str | None, tuple[str, ...]]:
@@ -111,6 +114,7 @@ class NodeParts:
     listen_port: int
     offload: str
     udp_gso: bool
+    impl: DataPlaneImpl
     names: Mapping[NodePublic, str]
     owners: Callable[[NodePublic], tuple[str | None, tuple[str, ...]]]
     own_name: Callable[[], str | None]
@@ -182,7 +186,13 @@ class LocalApi:
                 )
             )
         drops: dict[str, int] = {str(k): v for k, v in device.drops.items() if v}
-        dp: dict[str, Any] = {"offload": self.d.offload, "udp_gso": self.d.udp_gso}
+        impl = self.d.impl
+        dp: dict[str, Any] = {
+            "impl": impl.name,
+            "impl_reason": impl.reason,
+            "offload": self.d.offload,
+            "udp_gso": self.d.udp_gso,
+        }
         es = self.d.paths.stats
         dp["disco"] = {
             **{f"sent_{k}": v for k, v in es.sent.items()},
@@ -293,5 +303,7 @@ class LocalApi:
                 derp=dict(st.derp.stats),
                 disco=self.d.paths.stats.counters(),
                 dns=st.dns or {},
+                impl=self.d.impl.name,
+                impl_reason=self.d.impl.reason,
             )
         )

@@ -33,7 +33,7 @@ from agent.engine.stun_probe import StunProber
 from agent.keys import NodePublic
 from agent.log import get_logger
 from agent.netio.systemd import sd_notify
-from agent.node import coordinator_link, device_io, metrics, portmapping, uapi
+from agent.node import coordinator_link, device_io, fastpath, metrics, portmapping, uapi
 from agent.node.access import Access
 from agent.node.coordinator_client import CoordinatorClient, CoordinatorError
 from agent.node.dataplane import DataPlane
@@ -51,6 +51,7 @@ from agent.node.tun import Tun, open_tun
 from agent.node.udp import UdpSocket, open_udp
 from agent.proto.coordinator_messages import NetMap
 from agent.proto.wireguard.device import Device
+from agent.proto.wireguard.transport import PYTHON as PYTHON_TRANSPORT
 
 __all__ = ["run_daemon", "Daemon"]
 
@@ -78,6 +79,7 @@ class Daemon:
         self.tun: Tun | None = None
         self.udp: UdpSocket | None = None
         self.dataplane: DataPlane | None = None
+        self.impl = fastpath.DataPlaneImpl("python", PYTHON_TRANSPORT, "")  # set by open_interface
         key = config.interface.private_key
         self.paths = PathEngine(static_disco_private(key), key.public(), config.derp.home_region)
         self.stun_prober = StunProber(stun_servers(config.derp))
@@ -104,6 +106,7 @@ class Daemon:
         """Create and configure the TUN and the UDP socket (before the event loop runs:
         pyroute2's synchronous API cannot be used inside a running loop)."""
         cfg = self.config.interface
+        self.impl = fastpath.select(cfg.dataplane)  # "native" and no module: refuse, touch nothing
         self.tun = open_tun(cfg.name)
         routes = [net for p in self.config.peers for net in p.allowed_ips] + self.dns.routes()
         self.tun.configure(list(cfg.addresses), cfg.mtu, routes, txqueuelen=cfg.txqueuelen)
@@ -121,7 +124,10 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._loop = loop
         device = Device(
-            cfg.private_key, wall_offset=time.time() - loop.time(), randbytes=RandomPool()
+            cfg.private_key,
+            wall_offset=time.time() - loop.time(),
+            randbytes=RandomPool(),
+            transport=self.impl.transport,
         )
         self.device = device
         for p in self.config.peers:
@@ -179,6 +185,7 @@ class Daemon:
                 listen_port=self.udp.port,
                 offload=self.tun.offload,
                 udp_gso=self.udp.gso,
+                impl=self.impl,
                 names=self.names,
                 owners=self.netmap_peers.owner,
                 own_name=self.netmap_peers.own_name,
@@ -233,6 +240,7 @@ class Daemon:
                 listen_port=self.udp.port,
                 peers=len(device.peers),
                 offload=self.tun.offload,
+                dataplane=self.impl.describe(),
                 udp_gso=self.udp.gso,
                 udp_gro=self.udp.gro,
                 derp_home=self.paths.home_region,

@@ -9,6 +9,7 @@
     agent_peer_path{...,path}                  gauge    1 for the path in use (direct/derp/none)
     agent_peer_path_switches_total{...}        counter  changes between direct and relayed
     agent_drops_total{reason}                  counter  dropped packets by reason
+    agent_dataplane_info{impl,reason}          gauge    1: which data plane runs, and why Python
     agent_dataplane_<name>_total               counter  data plane counters (packets, bytes, ...)
     agent_derp_connected{region}               gauge    1 while the region's link is up
     agent_derp_<name>_total                    counter  DERP link counters, all regions summed
@@ -64,6 +65,8 @@ class Snapshot:
     derp: Mapping[str, int] = field(default_factory=dict)
     disco: Mapping[str, int] = field(default_factory=dict)
     dns: Mapping[str, Any] = field(default_factory=dict)  # DnsService.status(); {} = no service
+    impl: str = "python"  # which data plane runs (node/fastpath.py)
+    impl_reason: str = ""  # why Python runs when "auto" asked for native; "" otherwise
 
 
 def render(snap: Snapshot) -> str:
@@ -104,6 +107,13 @@ def render(snap: Snapshot) -> str:
         )
     for reason, n in sorted(snap.drops.items()):
         out.add("agent_drops_total", "counter", "Dropped packets by reason.", n, {"reason": reason})
+    out.add(
+        "agent_dataplane_info",
+        "gauge",
+        "1, labelled with the data plane that runs (native or python) and why, if not native.",
+        1,
+        {"impl": snap.impl, "reason": snap.impl_reason},
+    )
     for name, n in sorted(snap.dataplane.items()):
         out.add(f"agent_dataplane_{name}_total", "counter", f"Data plane {name}.", n)
     for region, up in sorted(snap.derp_connected.items()):

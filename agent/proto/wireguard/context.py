@@ -17,6 +17,7 @@ from agent.proto.errors import DropReason
 from agent.proto.wireguard.events import Event
 from agent.proto.wireguard.handshake import LocalIdentity
 from agent.proto.wireguard.session import Keypair
+from agent.proto.wireguard.transport import PYTHON, Transport
 
 __all__ = [
     "IndexTable",
@@ -63,6 +64,7 @@ class DeviceContext(Generic[P]):
     events: deque[Event] = field(default_factory=deque)
     drops: dict[DropReason, int] = field(default_factory=dict)
     deadlines: Deadlines[P] = field(default_factory=Deadlines)  # each peer's earliest timer
+    transport: Transport = PYTHON  # who seals and opens transport messages (Python or native)
 
     def drop(self, reason: DropReason, n: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + n

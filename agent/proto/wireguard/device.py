@@ -24,8 +24,6 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from cryptography.exceptions import InvalidTag
-
 from agent.keys import NodePrivate, NodePublic, PresharedKey
 from agent.proto.errors import DropReason, RemoteProtocolError
 from agent.proto.wireguard.allowedips import AllowedIPs, Network
@@ -47,7 +45,8 @@ from agent.proto.wireguard.handshake import Handshake, LocalIdentity, consume_in
 from agent.proto.wireguard.messages import TRANSPORT_HEADER, CookieReply
 from agent.proto.wireguard.peer import Peer
 from agent.proto.wireguard.ratelimit import LoadMonitor, RateLimiter, source_bytes
-from agent.proto.wireguard.session import NONCE, Keypair
+from agent.proto.wireguard.session import Keypair
+from agent.proto.wireguard.transport import PYTHON, Transport
 
 __all__ = ["Device", "RxBatch"]
 
@@ -73,6 +72,11 @@ class RxBatch:
     foreign: list[Buffer] = field(default_factory=list)
 
 
+def _source(pkt: bytes) -> bytes:
+    """The source address of an IP packet `open_run` accepted (version and length checked)."""
+    return pkt[12:16] if pkt[0] >> 4 == 4 else pkt[8:24]
+
+
 class Device:
     """A WireGuard interface's protocol state. One owner calls it; never thread-safe."""
 
@@ -83,6 +87,7 @@ class Device:
         wall_offset: float = 0.0,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
         under_load_threshold: int = UNDER_LOAD_HANDSHAKES_PER_SECOND,
+        transport: Transport = PYTHON,
     ) -> None:
         local = LocalIdentity.from_private(private_key)
         self._ctx: DeviceContext[Peer] = DeviceContext(
@@ -90,6 +95,7 @@ class Device:
             indexes=IndexTable(randbytes),
             wall_offset=wall_offset,
             randbytes=randbytes,
+            transport=transport,
         )
         self._cookie_checker = CookieChecker(local.public, randbytes=randbytes)
         self._rate = RateLimiter()
@@ -176,101 +182,85 @@ class Device:
     def receive(self, datagram: Buffer, src: Endpoint, now: float) -> RxBatch:
         return self.receive_batch((datagram,), src, now)
 
+    @property
+    def transport(self) -> Transport:
+        return self._ctx.transport
+
     def receive_batch(self, datagrams: Sequence[Buffer], src: Endpoint, now: float) -> RxBatch:
-        """Process datagrams that all came from `src`. Never raises for bad input."""
+        """Process datagrams that all came from `src`. Never raises for bad input.
+
+        Consecutive transport messages for one receiver index are opened as one run
+        (`Keypair.open_run`: the compiled module or its Python twin); the rest one by one."""
         result = RxBatch()
         packets = result.packets
         keypairs = self._ctx.indexes.keypairs
-        route = self.route
         drop = self._ctx.drop
         unpack = TRANSPORT_HEADER.unpack_from
-        nonce = NONCE.pack
-        # The transport batch currently accumulating for one keypair.
+        # The keypair whose authenticated messages are being accumulated, and their bytes.
         cur_kp: Keypair | None = None
         cur_peer: Peer | None = None
         cur_bytes = 0
         cur_data = False
-        # The last receiver index looked up, with its entry, whether it may still receive and
-        # its AEAD. Forgotten whenever the index table may change (a handshake message, a
-        # finished run of transport messages), so a freed index is looked up again.
-        last_index = -1
-        entry: tuple[Keypair, Peer] | None = None
-        alive = False
-        decrypt: Callable[[bytes, Buffer, None], bytes] | None = None
-        accept: Callable[[int], bool] | None = None
-        # Every packet of a run usually comes from the same inner source address.
-        last_src: Buffer | None = None
-        last_src_peer: Peer | None = None
-        for d in datagrams:
-            n = len(d)
-            if n >= TRANSPORT_MIN_SIZE and d[0] == MSG_TRANSPORT:
-                word, index, counter = unpack(d)
-                if word != MSG_TRANSPORT:
-                    result.foreign.append(d)
-                    continue
-                if index != last_index:
-                    last_index = index
-                    entry = keypairs.get(index)
-                    if entry is not None:
-                        alive = entry[0].can_receive(now)
-                        decrypt = entry[0].decrypt
-                        accept = entry[0].replay.accept
-                if entry is None or decrypt is None or accept is None:
-                    drop(DropReason.UNKNOWN_RECEIVER)
-                    continue
-                if not alive:
-                    drop(DropReason.EXPIRED_SESSION)
-                    continue
-                kp, peer = entry
-                try:
-                    pt = decrypt(nonce(counter), d[16:], None)
-                except InvalidTag:
-                    drop(DropReason.AUTHENTICATION)
-                    continue
-                if not accept(counter):
-                    drop(DropReason.REPLAY)
-                    continue
-                if kp is not cur_kp:
-                    if cur_peer is not None and cur_kp is not None:
-                        self._finish_transport(
-                            result, cur_peer, cur_kp, src, now, cur_bytes, cur_data
-                        )
-                        last_index = -1
-                    cur_kp, cur_peer, cur_bytes, cur_data = kp, peer, 0, False
-                cur_bytes += n
-                if not pt:
-                    continue  # keepalive
-                cur_data = True
-                v = pt[0] >> 4
-                m = len(pt)
-                if v == 4 and m >= 20:
-                    length = (pt[2] << 8) | pt[3]
-                    srcaddr = pt[12:16]
-                elif v == 6 and m >= 40:
-                    length = 40 + ((pt[4] << 8) | pt[5])
-                    srcaddr = pt[8:24]
-                else:
-                    drop(DropReason.NOT_IP)
-                    continue
-                if length > m or length < 20:
-                    drop(DropReason.MALFORMED)
-                    continue
-                if srcaddr != last_src:
-                    last_src = srcaddr
-                    last_src_peer = route(srcaddr)
-                if last_src_peer is not peer:
-                    drop(DropReason.DISALLOWED_SOURCE)
-                    continue
-                packets.append(pt if length == m else pt[:length])
-            else:
-                last_index = -1
+        i = 0
+        n = len(datagrams)
+        while i < n:
+            d = datagrams[i]
+            if len(d) < TRANSPORT_MIN_SIZE or d[0] != MSG_TRANSPORT:
+                i += 1
                 try:
                     result.replies.extend(self._receive_handshake(d, src, now, result))
                 except RemoteProtocolError as e:
                     drop(e.reason)
+                continue
+            word, index, _counter = unpack(d)
+            if word != MSG_TRANSPORT:
+                result.foreign.append(d)
+                i += 1
+                continue
+            entry = keypairs.get(index)
+            if entry is None:
+                drop(DropReason.UNKNOWN_RECEIVER)
+                i += 1
+                continue
+            kp, peer = entry
+            if not kp.can_receive(now):
+                drop(DropReason.EXPIRED_SESSION)
+                i += 1
+                continue
+            run = kp.open_run(kp.recv_aead, kp.replay, datagrams, i, index)
+            i = run.next
+            if run.authentication:
+                drop(DropReason.AUTHENTICATION, run.authentication)
+            if run.replay:
+                drop(DropReason.REPLAY, run.replay)
+            if run.not_ip:
+                drop(DropReason.NOT_IP, run.not_ip)
+            if run.malformed:
+                drop(DropReason.MALFORMED, run.malformed)
+            if not run.wire_bytes:
+                continue
+            if kp is not cur_kp:
+                if cur_peer is not None and cur_kp is not None:
+                    self._finish_transport(result, cur_peer, cur_kp, src, now, cur_bytes, cur_data)
+                cur_kp, cur_peer, cur_bytes, cur_data = kp, peer, 0, False
+            cur_bytes += run.wire_bytes
+            cur_data = cur_data or run.data
+            if run.packets:
+                packets.extend(self._allowed_sources(run.packets, run.sources, peer))
         if cur_peer is not None and cur_kp is not None:
             self._finish_transport(result, cur_peer, cur_kp, src, now, cur_bytes, cur_data)
         return result
+
+    def _allowed_sources(self, pkts: list[bytes], sources: list[bytes], peer: Peer) -> list[bytes]:
+        """Cryptokey routing, inbound: a packet's source must be one of the sender's allowed
+        IPs (the longest prefix holding it belongs to `peer`). Checked once per distinct source."""
+        route = self.route
+        bad = [s for s in sources if route(s) is not peer]
+        if not bad:
+            return pkts
+        kept = [p for p in pkts if _source(p) not in bad]
+        self._ctx.drop(DropReason.DISALLOWED_SOURCE, len(pkts) - len(kept))
+        return kept
 
     def _finish_transport(
         self,

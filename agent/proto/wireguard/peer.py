@@ -225,7 +225,7 @@ class Peer:
         index = ctx.indexes.allocate(self)
         msg, keys = self.handshake.create_response(index)
         self.cookies.add_macs(msg, now)
-        kp = Keypair.from_session_keys(keys, created=now)
+        kp = Keypair.from_session_keys(keys, created=now, transport=ctx.transport)
         self.keypairs.install_responder(kp)
         ctx.indexes.bind_keypair(kp, self)
         self._free_dropped()
@@ -243,7 +243,7 @@ class Peer:
         """Initiator: finish our handshake; returns staged packets (or a keepalive) to send."""
         keys = self.handshake.consume_response(data)
         ctx = self._ctx
-        kp = Keypair.from_session_keys(keys, created=now)
+        kp = Keypair.from_session_keys(keys, created=now, transport=ctx.transport)
         self.keypairs.install_initiator(kp)
         ctx.indexes.bind_keypair(kp, self)
         self._initiation_index = None

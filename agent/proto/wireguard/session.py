@@ -19,22 +19,14 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
 from agent.proto.errors import ExpiredSession
-from agent.proto.wireguard.constants import (
-    MSG_TRANSPORT,
-    REJECT_AFTER_MESSAGES,
-    REJECT_AFTER_TIME,
-)
-from agent.proto.wireguard.replay import ReplayWindow
+from agent.proto.wireguard.constants import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
+from agent.proto.wireguard.transport import PYTHON, Aead, Replay, Transport
 
 __all__ = ["Keypair", "Keypairs", "NONCE", "SessionKeys"]
 
 Buffer = bytes | bytearray | memoryview
 NONCE = struct.Struct("<4xQ")
-_COUNTER = struct.Struct("<Q")
-_PAD = [bytes(i) for i in range(16)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,13 +44,14 @@ class Keypair:
     """Keys and counters of one session. Owned by its Peer; the device indexes it by local_index."""
 
     __slots__ = (
-        "_open",
         "_seal",
-        "_send_prefix",
+        "_send_aead",
         "created",
         "decrypt",
         "is_initiator",
         "local_index",
+        "open_run",
+        "recv_aead",
         "remote_index",
         "replay",
         "send_counter",
@@ -73,21 +66,25 @@ class Keypair:
         *,
         is_initiator: bool,
         created: float,
+        transport: Transport = PYTHON,
     ) -> None:
-        self._seal = ChaCha20Poly1305(send_key).encrypt
-        self._open = ChaCha20Poly1305(recv_key).decrypt
-        # The raw AEAD for the receive loop: decrypt(NONCE.pack(counter), ciphertext, None)
-        self.decrypt = self._open
+        self._send_aead: Aead = transport.aead(send_key)
+        self._seal = transport.seal
+        # The receive side, for the device's loop: open_run(recv_aead, replay, datagrams, ...)
+        self.recv_aead: Aead = transport.aead(recv_key)
+        self.decrypt = self.recv_aead.decrypt
+        self.open_run = transport.open_run
+        self.replay: Replay = transport.replay()
         self.local_index = local_index
         self.remote_index = remote_index
         self.is_initiator = is_initiator
         self.created = created
         self.send_counter = 0
-        self.replay = ReplayWindow()
-        self._send_prefix = struct.pack("<II", MSG_TRANSPORT, remote_index)
 
     @classmethod
-    def from_session_keys(cls, keys: SessionKeys, *, created: float) -> Keypair:
+    def from_session_keys(
+        cls, keys: SessionKeys, *, created: float, transport: Transport = PYTHON
+    ) -> Keypair:
         return cls(
             keys.send_key,
             keys.recv_key,
@@ -95,6 +92,7 @@ class Keypair:
             keys.remote_index,
             is_initiator=keys.is_initiator,
             created=created,
+            transport=transport,
         )
 
     def can_send(self, now: float) -> bool:
@@ -108,25 +106,13 @@ class Keypair:
         ctr = self.send_counter
         if ctr + len(packets) > REJECT_AFTER_MESSAGES:
             raise ExpiredSession("send counter exhausted")
-        seal = self._seal
-        prefix = self._send_prefix
-        nonce = NONCE.pack
-        counter = _COUNTER.pack
-        pad = _PAD
-        out: list[bytes] = []
-        append = out.append
-        for p in packets:
-            r = -len(p) & 15
-            if r:
-                p = b"".join((p, pad[r]))
-            append(b"".join((prefix, counter(ctr), seal(nonce(ctr), p, None))))
-            ctr += 1
-        self.send_counter = ctr
+        out = self._seal(self._send_aead, self.remote_index, ctr, packets)
+        self.send_counter = ctr + len(packets)
         return out
 
     def open(self, counter: int, ciphertext: Buffer) -> bytes:
         """Decrypt one payload; raises cryptography's InvalidTag on failure (caller counts it)."""
-        return self._open(NONCE.pack(counter), ciphertext, None)
+        return self.decrypt(NONCE.pack(counter), ciphertext, None)
 
 
 @dataclass(slots=True)
