@@ -516,9 +516,11 @@ class Agent:
         derp_toml: str = "",
         control_toml: str = "",
         portmap: bool = True,
+        dataplane: str | None = None,
     ) -> None:
         self.lab = lab
         self.portmap = portmap  # [interface] portmap
+        self.dataplane = dataplane  # [interface] dataplane; None = the default ("auto")
         self.derp_toml = derp_toml  # a [derp] section with its [[derp.regions]], verbatim
         # a [control] section, verbatim: the coordinator hands out the addresses, so
         # `addresses` are then only what start() waits for, not written to the config
@@ -553,6 +555,8 @@ class Agent:
             lines.append(f"mtu = {self.mtu}")
         if not self.portmap:
             lines.append("portmap = false")
+        if self.dataplane is not None:
+            lines.append(f"dataplane = {_toml_str(self.dataplane)}")
         if self.control_toml:
             lines += ["", self.control_toml.strip()]
         if self.derp_toml:

@@ -34,10 +34,15 @@ class Pair:
     ns_b: str
     a: Agent
     b: Agent
+    dataplane: str
 
 
-@pytest.fixture
-def pair(lab: Lab) -> Pair:
+@pytest.fixture(params=["native", "python"])
+def pair(lab: Lab, request: pytest.FixtureRequest) -> Pair:
+    """Two agents, both with the compiled data plane or both with its Python twin."""
+    dataplane: str = request.param
+    if dataplane == "native":
+        pytest.importorskip("agent._fastpath", reason="the compiled module is not built")
     ns_a, ns_b = lab.add_ns("a"), lab.add_ns("b")
     ip_a, ip_b = lab.link(ns_a, ns_b)
     (priv_a, pub_a), (priv_b, pub_b) = keypair(), keypair()
@@ -48,6 +53,7 @@ def pair(lab: Lab) -> Pair:
         addresses=[f"{A4}/32", f"{A6}/128"],
         listen_port=PORT_A,
         peers=[Peer("b", pub_b, (f"{B4}/32", f"{B6}/128"), endpoint=f"{ip_b}:{PORT_B}")],
+        dataplane=dataplane,
     )
     b = Agent(
         lab,
@@ -56,10 +62,11 @@ def pair(lab: Lab) -> Pair:
         addresses=[f"{B4}/32", f"{B6}/128"],
         listen_port=PORT_B,
         peers=[Peer("a", pub_a, (f"{A4}/32", f"{A6}/128"), endpoint=f"{ip_a}:{PORT_A}")],
+        dataplane=dataplane,
     )
     a.start()
     b.start()
-    return Pair(ns_a, ns_b, a, b)
+    return Pair(ns_a, ns_b, a, b, dataplane)
 
 
 def test_ping_v4_and_v6_both_ways(pair: Pair, lab: Lab) -> None:
@@ -88,6 +95,8 @@ def test_status_shows_handshake_and_bytes(pair: Pair, lab: Lab) -> None:
         assert status["interface"] == agent.ifname
         assert status["public_key"] == agent.public_key
         assert status["listen_port"] == agent.listen_port
+        assert status["dataplane"]["impl"] == pair.dataplane, status["dataplane"]
+        assert status["dataplane"]["impl_reason"] == ""
         peer = agent.peer_status(other.public_key)
         # whole seconds (Unix time), like `wg show`: allow for truncation and a slow start
         assert before - 60 <= peer["latest_handshake"] <= time.time() + 1, peer

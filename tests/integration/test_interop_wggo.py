@@ -40,7 +40,7 @@ class Mixed:
     wggo: WgGo
 
 
-def build(lab: Lab, *, psk: bool) -> Mixed:
+def build(lab: Lab, *, psk: bool, dataplane: str | None = None) -> Mixed:
     ns_a, ns_b = lab.add_ns("a"), lab.add_ns("b")
     ip_a, ip_b = lab.link(ns_a, ns_b)
     (priv_a, pub_a), (priv_b, pub_b) = keypair(), keypair()
@@ -58,6 +58,7 @@ def build(lab: Lab, *, psk: bool) -> Mixed:
         addresses=[f"{A4}/32", f"{A6}/128"],
         listen_port=PORT_AGENT,
         peers=[Peer("b", pub_b, (f"{B4}/32", f"{B6}/128"), f"{ip_b}:{PORT_WGGO}", shared)],
+        dataplane=dataplane,
     )
     wggo.start()
     agent.start()
@@ -66,8 +67,11 @@ def build(lab: Lab, *, psk: bool) -> Mixed:
 
 @pytest.mark.parametrize("psk", [False, True], ids=["no-psk", "psk"])
 @pytest.mark.parametrize("initiator", ["agent", "wireguard-go"])
-def test_ping_both_ways(lab: Lab, psk: bool, initiator: str) -> None:
-    m = build(lab, psk=psk)
+@pytest.mark.parametrize("dataplane", ["native", "python"])
+def test_ping_both_ways(lab: Lab, psk: bool, initiator: str, dataplane: str) -> None:
+    if dataplane == "native":
+        pytest.importorskip("agent._fastpath", reason="the compiled module is not built")
+    m = build(lab, psk=psk, dataplane=dataplane)
     from_agent = [(m.ns_agent, B4), (m.ns_agent, B6)]
     from_wggo = [(m.ns_wggo, A4), (m.ns_wggo, A6)]
     order = from_agent + from_wggo if initiator == "agent" else from_wggo + from_agent

@@ -6,11 +6,14 @@ import struct
 from ipaddress import ip_network
 from typing import Any
 
+import pytest
+
 from agent.keys import NodePrivate
 from agent.node.dataplane import DataPlane
 from agent.proto.errors import DropReason
 from agent.proto.offload import NO_OFFLOAD, ZERO_VNET_HDR
 from agent.proto.wireguard.device import Device
+from agent.proto.wireguard.transport import PYTHON, Transport
 
 A_IP = bytes([100, 64, 0, 1])
 B_IP = bytes([100, 64, 0, 2])
@@ -58,6 +61,22 @@ class FakeUdp:
         return out
 
 
+TRANSPORTS = [PYTHON]
+try:
+    from agent.node.fastpath import native_module, native_transport
+
+    TRANSPORTS.append(native_transport(native_module()))
+except ImportError:  # the compiled module is not built: the Python twin only
+    pass
+
+
+@pytest.fixture(params=TRANSPORTS, ids=lambda t: t.name)
+def transport(request: pytest.FixtureRequest) -> Transport:
+    """Every test runs with the Python twin and, where it is built, the compiled module."""
+    t: Transport = request.param
+    return t
+
+
 def drain_tun(dp: DataPlane, tun: FakeTun) -> None:
     """Readiness until the fake TUN is empty (a wakeup after a quiet spell reads only once)."""
     for _ in range(100):
@@ -67,8 +86,10 @@ def drain_tun(dp: DataPlane, tun: FakeTun) -> None:
     raise AssertionError("the TUN was never drained")
 
 
-def make(endpoint: tuple[str, int] | None) -> tuple[DataPlane, FakeTun, FakeUdp, Device]:
-    dev = Device(NodePrivate.generate())
+def make(
+    endpoint: tuple[str, int] | None, transport: Transport = PYTHON
+) -> tuple[DataPlane, FakeTun, FakeUdp, Device]:
+    dev = Device(NodePrivate.generate(), transport=transport)
     dev.add_peer(
         NodePrivate.generate().public(),
         endpoint=endpoint,
@@ -80,8 +101,8 @@ def make(endpoint: tuple[str, int] | None) -> tuple[DataPlane, FakeTun, FakeUdp,
     return dp, tun, udp, dev
 
 
-def test_unroutable_non_ip_and_no_endpoint_are_counted() -> None:
-    dp, tun, udp, _ = make(None)
+def test_unroutable_non_ip_and_no_endpoint_are_counted(transport: Transport) -> None:
+    dp, tun, udp, _ = make(None, transport)
     tun.reads = [ipv4(A_IP, bytes([10, 0, 0, 1])), b"\x00garbage", ipv4(A_IP, B_IP)]
     drain_tun(dp, tun)
     assert dp.stats.drops[DropReason.NO_ROUTE] == 1
@@ -90,8 +111,8 @@ def test_unroutable_non_ip_and_no_endpoint_are_counted() -> None:
     assert udp.sent == []
 
 
-def test_a_batch_for_one_peer_starts_one_handshake() -> None:
-    dp, tun, udp, dev = make(("198.18.0.2", 41641))
+def test_a_batch_for_one_peer_starts_one_handshake(transport: Transport) -> None:
+    dp, tun, udp, dev = make(("198.18.0.2", 41641), transport)
     tun.reads = [ipv4(A_IP, B_IP) for _ in range(10)]
     drain_tun(dp, tun)
     assert len(udp.sent) == 1
@@ -100,8 +121,8 @@ def test_a_batch_for_one_peer_starts_one_handshake() -> None:
     assert len(peer.staged) == 10
 
 
-def test_garbage_datagrams_are_dropped_and_counted() -> None:
-    dp, tun, udp, dev = make(("198.18.0.2", 41641))
+def test_garbage_datagrams_are_dropped_and_counted(transport: Transport) -> None:
+    dp, tun, udp, dev = make(("198.18.0.2", 41641), transport)
     udp.inbox = [([memoryview(b"\x04" + bytes(40)), memoryview(b"junk")], ("198.18.0.2", 41641))]
     dp.on_udp_readable()
     assert tun.written == []
@@ -109,9 +130,9 @@ def test_garbage_datagrams_are_dropped_and_counted() -> None:
     assert dp.stats.drops[DropReason.MALFORMED] == 1  # not WireGuard, and nobody claimed it
 
 
-def test_non_wireguard_datagrams_go_to_the_foreign_handler() -> None:
+def test_non_wireguard_datagrams_go_to_the_foreign_handler(transport: Transport) -> None:
     seen: list[tuple[list[bytes], tuple[str, int], Any]] = []
-    dp, _tun, udp, dev = make(("198.18.0.2", 41641))
+    dp, _tun, udp, dev = make(("198.18.0.2", 41641), transport)
     dp.on_foreign = lambda dgs, src, key, now: seen.append(([bytes(d) for d in dgs], src, key))
     disco = "TS💬".encode() + bytes(60)
     stun_response = bytes([1, 1, 0, 12]) + bytes(28)  # Binding success: starts 0x0101
@@ -133,20 +154,20 @@ class FakeDerp:
         return 0
 
 
-def test_two_devices_handshake_and_carry_packets_through_derp_only() -> None:
+def test_two_devices_handshake_and_carry_packets_through_derp_only(transport: Transport) -> None:
     from agent.engine.paths import PathTable
     from agent.node.transport import PeerTransport
 
     ka, kb = NodePrivate.generate(), NodePrivate.generate()
     sides = {}
     for me, other, mine, theirs in ((ka, kb, A_IP, B_IP), (kb, ka, B_IP, A_IP)):
-        dev = Device(me)
+        dev = Device(me, transport=transport)
         dev.add_peer(other.public(), allowed_ips=[ip_network(f"{'.'.join(map(str, theirs))}/32")])
         paths = PathTable(900)
         paths.add_peer(other.public(), derp_region=900)
         tun, udp, derp = FakeTun(), FakeUdp(), FakeDerp()
-        transport = PeerTransport(udp, derp, paths)  # type: ignore[arg-type]
-        dp = DataPlane(tun, udp, dev, lambda: 1.0, lambda: None, sender=transport)  # type: ignore[arg-type]
+        sender = PeerTransport(udp, derp, paths)  # type: ignore[arg-type]
+        dp = DataPlane(tun, udp, dev, lambda: 1.0, lambda: None, sender=sender)  # type: ignore[arg-type]
         sides[me.public()] = (dp, tun, udp, derp, paths, mine)
 
     def pump() -> None:
@@ -212,11 +233,11 @@ def _udp_partial(src: bytes, dst: bytes, payload: bytes, ip_id: int) -> bytes:
     return ih + struct.pack("!HHHH", 4000, 5000, ulen, total) + payload
 
 
-def test_small_udp_through_two_planes_is_checksummed_and_coalesced() -> None:
+def test_small_udp_through_two_planes_is_checksummed_and_coalesced(transport: Transport) -> None:
     from agent.proto.offload import F_NEEDS_CSUM, GSO_UDP_L4, VirtioNetHdr, segment
 
     ka, kb = NodePrivate.generate(), NodePrivate.generate()
-    dev_a, dev_b = Device(ka), Device(kb)
+    dev_a, dev_b = Device(ka, transport=transport), Device(kb, transport=transport)
     dev_a.add_peer(
         kb.public(), endpoint=("198.18.0.2", 1), allowed_ips=[ip_network("100.64.0.2/32")]
     )
@@ -293,10 +314,10 @@ class Clock:
 
 
 def _linked_planes(
-    clock: Clock,
+    clock: Clock, transport: Transport
 ) -> tuple[tuple[DataPlane, FakeTun, FakeUdp], tuple[DataPlane, EchoTun, FakeUdp]]:
     ka, kb = NodePrivate.generate(), NodePrivate.generate()
-    dev_a, dev_b = Device(ka), Device(kb)
+    dev_a, dev_b = Device(ka, transport=transport), Device(kb, transport=transport)
     dev_a.add_peer(kb.public(), endpoint=("198.18.0.2", 1), allowed_ips=[ip_network(f"{B4}/32")])
     dev_b.add_peer(ka.public(), endpoint=("198.18.0.1", 1), allowed_ips=[ip_network(f"{A4}/32")])
     tun_a, tun_b = FakeTun(), EchoTun()
@@ -317,9 +338,9 @@ def _deliver(src: FakeUdp, dst: FakeUdp, dp: DataPlane, ep: str) -> int:
     return len(sent)
 
 
-def test_a_reply_the_tun_write_provoked_leaves_in_the_same_wakeup() -> None:
+def test_a_reply_the_tun_write_provoked_leaves_in_the_same_wakeup(transport: Transport) -> None:
     clock = Clock()
-    (dp_a, tun_a, udp_a), (dp_b, tun_b, udp_b) = _linked_planes(clock)
+    (dp_a, tun_a, udp_a), (dp_b, tun_b, udp_b) = _linked_planes(clock, transport)
     tun_a.reads = [ipv4(A_IP, B_IP, b"ping")]
     dp_a.on_tun_readable()  # stages the packet, sends an initiation
     for _ in range(3):  # initiation, response (+ the staged packet), then its echo
@@ -363,9 +384,11 @@ class CountingUdp(FakeUdp):
         return super().recv_batch(max_datagrams)
 
 
-def test_a_wakeup_after_a_quiet_spell_reads_once_and_a_busy_one_drains() -> None:
+def test_a_wakeup_after_a_quiet_spell_reads_once_and_a_busy_one_drains(
+    transport: Transport,
+) -> None:
     clock = Clock()
-    dev = Device(NodePrivate.generate())
+    dev = Device(NodePrivate.generate(), transport=transport)
     dev.add_peer(NodePrivate.generate().public(), allowed_ips=[ip_network(f"{B4}/32")])
     tun, udp = FakeTun(), CountingUdp()
     dp = DataPlane(tun, udp, dev, clock, lambda: None)  # type: ignore[arg-type]
@@ -388,9 +411,9 @@ def test_a_wakeup_after_a_quiet_spell_reads_once_and_a_busy_one_drains() -> None
     assert udp.asked == [1, dp.max_datagrams]
 
 
-def test_a_packet_for_no_peer_may_be_served_locally() -> None:
+def test_a_packet_for_no_peer_may_be_served_locally(transport: Transport) -> None:
     """The DNS service address is no peer's: on_local takes it, routed traffic never asks."""
-    dp, tun, _, _ = make(("198.18.0.2", 41641))
+    dp, tun, _, _ = make(("198.18.0.2", 41641), transport)
     taken: list[bytes] = []
 
     def serve(pkt: bytes) -> bool:
