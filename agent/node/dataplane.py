@@ -1,29 +1,25 @@
 """The per-packet pipeline: TUN <-> WireGuard device <-> UDP, batched, on the event loop's thread.
 
 Outbound (TUN readable; `on_tun_readable`):
-  1. TUN read, draining up to `max_tun_reads` reads until EAGAIN (one read after a quiet
-     spell, see below). With offloads one read is a TCP/UDP super-packet of up to 64 KB
-     (~45 segments at MTU 1420).
-  2. Segmentation (`offload.segment`): wire-size IP packets with complete checksums, built as
-     rows of one numpy array. A plain packet only gets its checksum finished
-     (`offload.complete_checksum`), without the segmentation machinery.
-  3. Routing, once per super-packet, and only when the destination differs from the previous
-     packet's: a drained batch is mostly one flow.
-  4. Encryption, once per peer per drained batch (`PeerLike.encrypt`): nonce order is the
-     order of the batch, so a peer's packets keep their order.
-  5. Transmission through the `PeerSender` (node/transport.py): UDP GSO, one `sendmsg` per
+  1. TUN read and segmentation, one `TunIo.read` (node/fastpath.py: the compiled batch or its
+     Python twin): up to `max_tun_reads` reads until EAGAIN (one read after a quiet spell,
+     see below); super-packets (TSO/USO, up to 64 KB, ~45 segments at MTU 1420) cut into
+     wire-size IP packets with complete checksums, grouped in runs of one destination.
+  2. Routing, once per run: a drained batch is mostly one flow.
+  3. Encryption, once per peer per drained batch (`PeerLike.encrypt`, sealing in the Device's
+     `Transport`): nonce order is the order of the batch, so a peer's packets keep their order.
+  4. Transmission through the `PeerSender` (node/transport.py): UDP GSO, one `sendmsg` per
      run of up to 64 equal-size datagrams, and/or the peer's DERP region.
 
 Inbound (UDP readable; `on_udp_readable`):
   1. UDP receive with GRO, draining up to `max_datagrams` datagrams until EAGAIN (one receive
      after a quiet spell); one receive is a run of datagrams of one source.
-  2. Decryption, replay and allowed-IP checks, once per run (`DeviceLike.receive_batch`);
-     handshake replies and keepalives come back in the same result and are sent at once.
-  3. Coalescing (`offload.coalesce`): in-order TCP segments of one flow become one GSO packet;
-     with USO, equal-size UDP datagrams of one flow become one UDP_L4 GSO packet (up to 64
-     small datagrams per TUN write instead of one write each).
-  4. TUN write: one `writev` per coalesced packet (vnet header + headers + payloads); a lone
-     packet skips coalescing.
+  2. Decryption, replay and allowed-IP checks, once per run of one receiver index
+     (`DeviceLike.receive_batch`); handshake replies and keepalives come back in the same
+     result and are sent at once.
+  3. Coalescing and TUN write, one `TunIo.write`: in-order TCP segments of one flow become one
+     GSO packet; with USO, equal-size UDP datagrams of one flow become one UDP_L4 GSO packet
+     (up to 64 small datagrams per TUN write instead of one write each).
 
 Relayed (a DERP link delivered datagrams; `on_relayed`): the same as inbound, with the region's
 pseudo-endpoint as the source; replies go back through that region to the sending key.
@@ -63,17 +59,11 @@ from agent.engine.paths import derp_endpoint
 from agent.keys import NodePublic
 from agent.log import get_logger
 from agent.node.access import Access
-from agent.node.tun import OFFLOAD_TSO_USO, Tun
+from agent.node.fastpath import PythonTunIo, TunIo
+from agent.node.tun import Tun
 from agent.node.udp import Endpoint, UdpSocket
-from agent.proto.errors import DropReason, MalformedPacket, RemoteProtocolError
-from agent.proto.offload import (
-    F_NEEDS_CSUM,
-    GSO_NONE,
-    Buffer,
-    coalesce,
-    complete_checksum,
-    segment,
-)
+from agent.proto.errors import DropReason, RemoteProtocolError
+from agent.proto.offload import Buffer
 
 __all__ = [
     "Endpoint",
@@ -263,8 +253,11 @@ class DataPlane:
         on_fatal: Callable[[OSError], None] = exit_on_tun_failure,
         on_local: LocalHandler | None = None,
         access: Access | None = None,
+        tun_io: TunIo | None = None,
     ) -> None:
         self.tun = tun
+        # The TUN batches: the Python twin over `tun`, or the compiled ones (node/fastpath.py)
+        self.tun_io: TunIo = tun_io if tun_io is not None else PythonTunIo(tun)
         self.on_local = on_local
         self.access = access if access is not None else Access(clock)
         self.on_fatal = on_fatal
@@ -310,74 +303,50 @@ class DataPlane:
 
     def _from_tun(self, max_reads: int, now: float) -> bool:
         """Up to `max_reads` TUN reads, sent on to their peers; False if nothing was read."""
-        try:
-            frames = self.tun.read_batch(max_reads)
-        except OSError as e:
-            self._tun_failed(e)
-            return False
-        if not frames:
-            return False
+        batch = self.tun_io.read(max_reads)
+        packets = batch.packets
         stats = self.stats
         drops = stats.drops
-        stats.tun_reads += len(frames)
+        stats.tun_reads += batch.reads
+        if batch.not_ip:
+            drops[DropReason.NOT_IP] += batch.not_ip
+        if batch.malformed:
+            drops[DropReason.MALFORMED] += batch.malformed
         route = self.device.route
         # With a policy, what we send opens flows whose replies its filter lets back in.
         note = self.access.outbound if self.access.filter is not None else None
-        # A drained batch is mostly one flow: the last destination's peer and packet list are
-        # reused without a lookup.
-        last_dst: bytes | None = None
-        last_peer: PeerLike | None = None
-        last_list: list[Buffer] | None = None
         per_peer: dict[int, tuple[PeerLike, list[Buffer]]] = {}
-        for hdr, pkt in frames:
-            n = len(pkt)
-            version = pkt[0] >> 4 if n else 0
-            if version == 4 and n >= 20:
-                dst = pkt[16:20].tobytes()
-            elif version == 6 and n >= 40:
-                dst = pkt[24:40].tobytes()
-            else:
-                drops[DropReason.NOT_IP] += 1
-                continue
-            one: Buffer | None = None
-            segments: list[Buffer] = []
-            try:
-                if hdr.gso_type == GSO_NONE:
-                    one = complete_checksum(hdr, pkt) if hdr.flags & F_NEEDS_CSUM else pkt
-                else:
-                    segments = segment(hdr, pkt)
-            except MalformedPacket:
-                drops[DropReason.MALFORMED] += 1
-                continue
-            if dst != last_dst:
-                peer = route(dst)
-                last_dst = dst
-                if peer is None:
-                    last_peer = last_list = None
-                else:
-                    entry = per_peer.get(id(peer))
-                    if entry is None:
-                        entry = per_peer[id(peer)] = (peer, [])
-                    last_peer, last_list = entry
-            if last_list is None or last_peer is None:
+        pos = 0
+        for dst, count in batch.runs:
+            run = packets if count == len(packets) else packets[pos : pos + count]
+            pos += count
+            peer = route(dst)
+            if peer is None:
                 # No peer: a service of this node (the DNS resolver at 100.100.100.100) may
                 # take it. Asked only here, so routed traffic pays nothing for it.
                 local = self.on_local
-                if local is not None and one is not None and local(bytes(one)):
-                    stats.local += 1
-                    continue
-                drops[DropReason.NO_ROUTE] += 1 if one is not None else len(segments)
+                if local is not None:
+                    for p in run:
+                        if local(bytes(p)):
+                            stats.local += 1
+                            count -= 1
+                if count:
+                    drops[DropReason.NO_ROUTE] += count
                 continue
-            if one is not None:
-                last_list.append(one)
+            entry = per_peer.get(id(peer))
+            if entry is None:
+                per_peer[id(peer)] = (peer, list(run))
             else:
-                last_list.extend(segments)
+                entry[1].extend(run)
             if note is not None:
-                note(one if one is not None else segments[0])  # segments are one flow
-        for peer, packets in per_peer.values():
-            if packets:
-                self._send_to_peer(peer, packets, now)
-        return True
+                for p in run:
+                    note(p)
+        for peer, pkts in per_peer.values():
+            self._send_to_peer(peer, pkts, now)
+        if batch.error is not None:
+            self._tun_failed(batch.error)
+            return False
+        return batch.reads > 0
 
     def _tun_failed(self, error: OSError) -> None:
         self.detach()
@@ -489,14 +458,8 @@ class DataPlane:
 
     def _write_tun(self, packets: list[Buffer]) -> None:
         stats = self.stats
-        tun = self.tun
-        if tun.vnet_hdr and len(packets) > 1:
-            items = coalesce(packets, udp=tun.offload == OFFLOAD_TSO_USO)
-            failed = tun.write_coalesced(items)
-            stats.tun_writes += len(items)
-        else:
-            failed = tun.write_packets(packets)
-            stats.tun_writes += len(packets)
+        writes, failed = self.tun_io.write(packets)
+        stats.tun_writes += writes
         if failed:
             stats.drops[DropReason.TUN_WRITE_FAILED] += failed
         stats.rx_packets += len(packets) - failed

@@ -14,18 +14,145 @@ plane the batch functions.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import NamedTuple, Protocol
 
+from agent.node.tun import OFFLOAD_TSO_USO
+from agent.proto.errors import MalformedPacket
+from agent.proto.offload import F_NEEDS_CSUM, GSO_NONE, Buffer, coalesce, complete_checksum, segment
+from agent.proto.offload.vnet import VirtioNetHdr
 from agent.proto.wireguard.transport import PYTHON, OpenedRun, Transport
 
-__all__ = ["DataPlaneImpl", "select", "native_module", "NativeUnavailable"]
+__all__ = [
+    "DataPlaneImpl",
+    "select",
+    "native_module",
+    "native_transport",
+    "NativeUnavailable",
+    "TunRead",
+    "TunIo",
+    "PythonTunIo",
+    "NativeTunIo",
+]
 
 MODES = ("auto", "native", "python")
 
 
 class NativeUnavailable(RuntimeError):
     """`dataplane = "native"` but the compiled module does not load."""
+
+
+class TunRead(NamedTuple):
+    """One drain of the TUN: wire-size IP packets with complete checksums, in read order."""
+
+    packets: list[bytes] | list[Buffer]
+    runs: list[tuple[bytes, int]]  # (destination address, count): consecutive packets, in order
+    reads: int  # successful reads
+    not_ip: int  # reads dropped: not IPv4/IPv6, or shorter than the header
+    malformed: int  # reads dropped: a super-packet segmentation refused
+    error: OSError | None  # what stopped the reads, other than EAGAIN (fatal for the TUN)
+
+
+class TunLike(Protocol):
+    """The TUN as the Python twin uses it (node/tun.py)."""
+
+    vnet_hdr: bool
+    offload: str
+
+    def fileno(self) -> int: ...
+
+    def read_batch(self, max_packets: int) -> list[tuple[VirtioNetHdr, memoryview]]: ...
+
+    def write_packets(self, packets: Sequence[Buffer]) -> int: ...
+
+    def write_coalesced(self, items: Sequence[tuple[bytes, list[Buffer]]]) -> int: ...
+
+
+class TunIo(Protocol):
+    """The TUN batches the data plane runs."""
+
+    def read(self, max_reads: int) -> TunRead:
+        """Up to `max_reads` reads until EAGAIN, segmented and checksummed."""
+        ...
+
+    def write(self, packets: Sequence[Buffer]) -> tuple[int, int]:
+        """Write IP packets (coalesced where the TUN takes it): (writes, packets that failed)."""
+        ...
+
+
+class PythonTunIo:
+    """The reference twin: node/tun.py's reads and writes, agent/proto/offload's arithmetic."""
+
+    def __init__(self, tun: TunLike) -> None:
+        self.tun = tun
+
+    def read(self, max_reads: int) -> TunRead:
+        packets: list[Buffer] = []
+        runs: list[tuple[bytes, int]] = []
+        error: OSError | None = None
+        try:
+            frames = self.tun.read_batch(max_reads)
+        except OSError as e:
+            frames, error = [], e
+        not_ip = malformed = 0
+        last_dst = b""
+        count = 0
+        for hdr, pkt in frames:
+            n = len(pkt)
+            version = pkt[0] >> 4 if n else 0
+            if version == 4 and n >= 20:
+                dst = pkt[16:20].tobytes()
+            elif version == 6 and n >= 40:
+                dst = pkt[24:40].tobytes()
+            else:
+                not_ip += 1
+                continue
+            try:
+                if hdr.gso_type == GSO_NONE:
+                    out: list[Buffer] = [
+                        complete_checksum(hdr, pkt) if hdr.flags & F_NEEDS_CSUM else pkt
+                    ]
+                else:
+                    out = segment(hdr, pkt)
+            except MalformedPacket:
+                malformed += 1
+                continue
+            if dst != last_dst and count:
+                runs.append((last_dst, count))
+                count = 0
+            last_dst = dst
+            count += len(out)
+            packets.extend(out)
+        if count:
+            runs.append((last_dst, count))
+        return TunRead(packets, runs, len(frames), not_ip, malformed, error)
+
+    def write(self, packets: Sequence[Buffer]) -> tuple[int, int]:
+        tun = self.tun
+        if tun.vnet_hdr and len(packets) > 1:
+            items = coalesce(packets, udp=tun.offload == OFFLOAD_TSO_USO)
+            return len(items), tun.write_coalesced(items)
+        return len(packets), tun.write_packets(packets)
+
+
+class NativeTunIo:
+    """The same batches in agent._fastpath (native/io.c, native/offload.c): one call each."""
+
+    def __init__(self, tun: TunLike, mod: ModuleType) -> None:
+        self._fd = tun.fileno()
+        self._vnet = tun.vnet_hdr
+        self._uso = tun.offload == OFFLOAD_TSO_USO
+        self._read = mod.tun_read
+        self._write = mod.tun_write
+
+    def read(self, max_reads: int) -> TunRead:
+        return TunRead._make(self._read(self._fd, max_reads, self._vnet))
+
+    def write(self, packets: Sequence[Buffer]) -> tuple[int, int]:
+        writes, failed = self._write(self._fd, packets, self._vnet, self._uso)
+        return int(writes), int(failed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +163,16 @@ class DataPlaneImpl:
     transport: Transport
     reason: str  # "" when the configured mode got what it asked for
 
+    module: ModuleType | None = None  # agent._fastpath when native
+
     def describe(self) -> str:
         return f"{self.name} ({self.reason})" if self.reason else self.name
+
+    def tun_io(self, tun: TunLike) -> TunIo:
+        mod = self.module
+        if mod is not None and hasattr(mod, "tun_read"):
+            return NativeTunIo(tun, mod)
+        return PythonTunIo(tun)
 
 
 def native_module() -> ModuleType:
@@ -70,4 +205,4 @@ def select(mode: str) -> DataPlaneImpl:
                 f"dataplane = 'native' but the compiled module does not load: {e}"
             ) from e
         return DataPlaneImpl("python", PYTHON, f"auto: the compiled module does not load: {e}")
-    return DataPlaneImpl("native", native_transport(mod), "")
+    return DataPlaneImpl("native", native_transport(mod), "", mod)

@@ -156,7 +156,7 @@ class Daemon:
         self.transport = PeerTransport(self.udp, self.derp, self.paths)
         self.dataplane = DataPlane(
             self.tun, self.udp, device, loop.time, self.flush, sender=self.transport,
-            access=self.access,
+            access=self.access, tun_io=self.impl.tun_io(self.tun),
         )  # fmt: skip
         stun = StunSender(self.udp.send_batch, self.stun_prober)
         self.wire = wire = PathWire(
