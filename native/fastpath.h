@@ -17,9 +17,21 @@
 extern PyMethodDef fp_crypto_methods[];
 extern PyMethodDef fp_offload_methods[];
 extern PyMethodDef fp_io_methods[];
+extern PyMethodDef fp_udp_methods[];
 int fp_crypto_init(PyObject *module);  /* adds Aead, ReplayWindow; 0 or -1 with an exception */
 int fp_offload_init(PyObject *module);
 int fp_io_init(PyObject *module);
+
+/* An int argument (PyLong_AsInt is 3.13+). -1 with an exception set on error. */
+static inline int fp_as_int(PyObject *o) {
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "value out of range for a C int");
+        return -1;
+    }
+    return (int)v;
+}
 
 /* Little-endian and big-endian loads and stores, alignment-free. */
 static inline uint16_t fp_be16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }

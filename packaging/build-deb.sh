@@ -2,7 +2,8 @@
 # Build dist/agent_<version>_<arch>.deb from this tree: `bash packaging/build-deb.sh`.
 #
 # Layout of the package:
-#   /usr/lib/agent/                   a private virtual environment: the agent and its wheels
+#   /usr/lib/agent/                   a private virtual environment: the agent (with its compiled
+#                                     data plane, agent._fastpath) and its wheels
 #   /usr/bin/agent                    wrapper: /usr/lib/agent/bin/python -I -B -m agent
 #   /lib/systemd/system/*.service     agent, agent@, agent-derper, agent-coordinator
 #   /usr/lib/sysusers.d/agent.conf    system users agent, agent-derper, agent-coordinator
@@ -21,7 +22,7 @@
 # dpkg-shlibdeps. Wheels come from PyPI (or a mirror/cache pip is configured for); python-pytun
 # ships no wheel, so building needs gcc and python3.X-dev (packaging/setup.sh installs both).
 #
-# Needs: dpkg-deb, dpkg-shlibdeps (dpkg-dev), python3-venv, python3-dev, gcc. Runs as any user;
+# Needs: dpkg-deb, dpkg-shlibdeps (dpkg-dev), python3-venv, python3-dev, gcc, libssl-dev. Runs as any user;
 # files in the package are owned by root (dpkg-deb --root-owner-group). Environment:
 #   AGENT_DEB_PYTHON      interpreter to build for (default: what /usr/bin/python3 points to)
 #   AGENT_DEB_MAINTAINER  Maintainer field (default "agent maintainers <root@localhost>")
@@ -68,12 +69,14 @@ say "agent $VERSION for $ARCH with $PY ($PYPKG)"
 
 # The source is copied so building the wheel writes nothing into the tree.
 mkdir -p "$WORK/src"
-cp -a pyproject.toml README.md agent "$WORK/src/"
+cp -a pyproject.toml setup.py README.md agent native "$WORK/src/"
 find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +
+find "$WORK/src" -name '*.so' -delete  # an editable install's in-tree build is not this one
 
 say "venv: $PREFIX with the agent and its dependencies (pip)"
 "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile \
+# AGENT_NATIVE=1: the compiled data plane (agent._fastpath, against Debian's libssl3) must build
+AGENT_NATIVE=1 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile \
     --no-warn-script-location "$WORK/src"
 "$VENV/bin/python" -m pip uninstall --quiet --yes pip setuptools
 # Nothing of the build may point into $WORK: scripts, activate files, pip's records.

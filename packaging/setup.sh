@@ -15,9 +15,9 @@ say "apt: updating package lists"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # --no-install-recommends matters: wireguard-tools would otherwise pull in a kernel image
-say "apt: installing python3-venv gcc wireguard-go wireguard-tools iperf3 systemd-container miniupnpd-nftables ..."
+say "apt: installing python3-venv gcc libssl-dev wireguard-go wireguard-tools iperf3 systemd-container miniupnpd-nftables ..."
 apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 \
-    python3-venv python3-dev gcc wireguard-go wireguard-tools iperf3 iproute2 iputils-ping \
+    python3-venv python3-dev gcc libssl-dev wireguard-go wireguard-tools iperf3 iproute2 iputils-ping \
     nftables ethtool procps dpkg-dev systemd systemd-container mmdebstrap postgresql \
     miniupnpd-nftables >/dev/null
 
@@ -39,7 +39,8 @@ else
     "$PY" -m venv .venv
 fi
 
-say "pip: installing the agent (editable) with its test tools into .venv"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+say "pip: installing the agent (editable, with its compiled data plane) and its test tools into .venv"
+# AGENT_NATIVE=1: a compiled module that does not build is an error here, not a quiet fallback
+AGENT_NATIVE=1 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
 say "ready: .venv/bin/agent demo   (tour)   |   .venv/bin/python -m pytest   (tests)"

@@ -111,6 +111,8 @@ class Daemon:
         routes = [net for p in self.config.peers for net in p.allowed_ips] + self.dns.routes()
         self.tun.configure(list(cfg.addresses), cfg.mtu, routes, txqueuelen=cfg.txqueuelen)
         self.udp = open_udp(cfg.listen_port)
+        if self.impl.module is not None:
+            self.udp.use_native(self.impl.module)
         if cfg.fwmark:
             self.udp.sock.setsockopt(socket.SOL_SOCKET, SO_MARK, cfg.fwmark)
         if self.config.derp.regions:
