@@ -14,7 +14,7 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-SOURCES = ["native/module.c", "native/crypto.c", "native/offload.c", "native/io.c", "native/udp.c"]
+SOURCES = ["native/module.c", "native/crypto.c", "native/transport.c", "native/offload.c", "native/io.c", "native/udp.c"]
 WANT = os.environ.get("AGENT_NATIVE", "")
 
 
@@ -48,7 +48,7 @@ if WANT != "0":
         Extension(
             "agent._fastpath",
             sources=SOURCES,
-            depends=["native/fastpath.h"],
+            depends=["native/fastpath.h", "native/transport.h"],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit"],
         )

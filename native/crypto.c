@@ -11,16 +11,15 @@
  * zero-padded to 16 | 16-byte tag. Nonce: 4 zero bytes || counter LE64.
  */
 #include "fastpath.h"
+#include "transport.h"
 
-#include <openssl/evp.h>
 #include <string.h>
 
-#define TAG_LEN 16
-#define KEY_LEN 32
-#define NONCE_LEN 12
-#define HEADER_LEN 16
-#define MIN_MESSAGE (HEADER_LEN + TAG_LEN)
-#define REJECT_AFTER_MESSAGES (UINT64_MAX - (UINT64_C(1) << 13))  /* 2^64 - 2^13 - 1 */
+#define TAG_LEN FP_TAG_LEN
+#define KEY_LEN FP_KEY_LEN
+#define NONCE_LEN FP_NONCE_LEN
+#define HEADER_LEN FP_HEADER_LEN
+#define REJECT_AFTER_MESSAGES FP_REJECT_AFTER_MESSAGES
 
 static PyObject *invalid_tag;  /* cryptography.exceptions.InvalidTag */
 
@@ -62,33 +61,6 @@ static int aead_init(AeadObject *self, PyObject *args, PyObject *kwds) {
     return 0;
 }
 
-/* out = ciphertext || tag of `in` (len n); out may equal in. 0 on success. */
-static int seal_raw(EVP_CIPHER_CTX *c, const uint8_t nonce[NONCE_LEN], const uint8_t *aad,
-                    size_t aad_len, const uint8_t *in, size_t n, uint8_t *out) {
-    int len = 0;
-    if (n > INT_MAX || aad_len > INT_MAX) return -1;
-    if (EVP_EncryptInit_ex(c, NULL, NULL, NULL, nonce) != 1) return -1;
-    if (aad_len && EVP_EncryptUpdate(c, NULL, &len, aad, (int)aad_len) != 1) return -1;
-    if (n && EVP_EncryptUpdate(c, out, &len, in, (int)n) != 1) return -1;
-    if (EVP_EncryptFinal_ex(c, out + n, &len) != 1) return -1;
-    return EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_GET_TAG, TAG_LEN, out + n) == 1 ? 0 : -1;
-}
-
-/* out = plaintext of `in` (len n >= TAG_LEN, tag last); 0 if it authenticated. */
-static int open_raw(EVP_CIPHER_CTX *c, const uint8_t nonce[NONCE_LEN], const uint8_t *aad,
-                    size_t aad_len, const uint8_t *in, size_t n, uint8_t *out) {
-    int len = 0;
-    uint8_t tag[TAG_LEN];
-    if (n < TAG_LEN || n - TAG_LEN > INT_MAX || aad_len > INT_MAX) return -1;
-    size_t m = n - TAG_LEN;
-    memcpy(tag, in + m, TAG_LEN);  /* in may equal out */
-    if (EVP_DecryptInit_ex(c, NULL, NULL, NULL, nonce) != 1) return -1;
-    if (aad_len && EVP_DecryptUpdate(c, NULL, &len, aad, (int)aad_len) != 1) return -1;
-    if (m && EVP_DecryptUpdate(c, out, &len, in, (int)m) != 1) return -1;
-    if (EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_AEAD_SET_TAG, TAG_LEN, tag) != 1) return -1;
-    return EVP_DecryptFinal_ex(c, out + m, &len) == 1 ? 0 : -1;
-}
-
 static int parse_nonce_aad(PyObject *nonce, PyObject *aad, Py_buffer *nb, Py_buffer *ab) {
     if (PyObject_GetBuffer(nonce, nb, PyBUF_SIMPLE) < 0) return -1;
     if (nb->len != NONCE_LEN) {
@@ -116,7 +88,7 @@ static PyObject *aead_encrypt(AeadObject *self, PyObject *const *args, Py_ssize_
     PyObject *out = NULL;
     if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) == 0) {
         out = PyBytes_FromStringAndSize(NULL, data.len + TAG_LEN);
-        if (out && seal_raw(self->enc, nb.buf, ab.buf, (size_t)ab.len, data.buf, (size_t)data.len,
+        if (out && fp_aead_seal(self->enc, nb.buf, ab.buf, (size_t)ab.len, data.buf, (size_t)data.len,
                             (uint8_t *)PyBytes_AS_STRING(out)) != 0) {
             Py_CLEAR(out);
             PyErr_SetString(PyExc_RuntimeError, "OpenSSL encryption failed");
@@ -141,7 +113,7 @@ static PyObject *aead_decrypt(AeadObject *self, PyObject *const *args, Py_ssize_
             PyErr_SetNone(invalid_tag);
         } else {
             out = PyBytes_FromStringAndSize(NULL, data.len - TAG_LEN);
-            if (out && open_raw(self->dec, nb.buf, ab.buf, (size_t)ab.len, data.buf,
+            if (out && fp_aead_open(self->dec, nb.buf, ab.buf, (size_t)ab.len, data.buf,
                                 (size_t)data.len, (uint8_t *)PyBytes_AS_STRING(out)) != 0) {
                 Py_CLEAR(out);
                 PyErr_SetNone(invalid_tag);
@@ -176,34 +148,10 @@ static PyTypeObject AeadType = {
 
 /* ------------------------------------------------------------------ ReplayWindow */
 
-#define RING_BLOCKS 128
-#define RING_MASK (RING_BLOCKS - 1)
-#define WINDOW_SIZE ((RING_BLOCKS - 1) * 64)
-
 typedef struct {
     PyObject_HEAD
-    uint64_t last;
-    uint64_t blocks[RING_BLOCKS];
+    fp_replay w;
 } ReplayObject;
-
-static int replay_accept_raw(ReplayObject *w, uint64_t counter) {
-    if (counter >= REJECT_AFTER_MESSAGES) return 0;
-    uint64_t block = counter >> 6;
-    if (counter > w->last) {
-        uint64_t current = w->last >> 6;
-        uint64_t diff = block - current;
-        if (diff > RING_BLOCKS) diff = RING_BLOCKS;
-        for (uint64_t i = current + 1; i <= current + diff; i++) w->blocks[i & RING_MASK] = 0;
-        w->last = counter;
-    } else if (w->last - counter > WINDOW_SIZE) {
-        return 0;
-    }
-    uint64_t bit = UINT64_C(1) << (counter & 63);
-    uint64_t *b = &w->blocks[block & RING_MASK];
-    if (*b & bit) return 0;
-    *b |= bit;
-    return 1;
-}
 
 static PyObject *replay_accept(ReplayObject *self, PyObject *arg) {
     unsigned long long c = PyLong_AsUnsignedLongLong(arg);
@@ -212,7 +160,7 @@ static PyObject *replay_accept(ReplayObject *self, PyObject *arg) {
         PyErr_Clear();  /* negative or >= 2^64: never a valid counter */
         Py_RETURN_FALSE;
     }
-    return PyBool_FromLong(replay_accept_raw(self, (uint64_t)c));
+    return PyBool_FromLong(fp_replay_accept(&self->w, (uint64_t)c));
 }
 
 static PyMethodDef replay_methods[] = {
@@ -262,26 +210,18 @@ static PyObject *fp_seal(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(seq);
         return NULL;
     }
-    uint8_t nonce[NONCE_LEN] = {0};
     for (Py_ssize_t i = 0; i < n; i++) {
         Py_buffer p;
         if (PyObject_GetBuffer(items[i], &p, PyBUF_SIMPLE) < 0) goto fail;
-        size_t len = (size_t)p.len;
-        size_t padded = len + ((16 - (len & 15)) & 15);
-        PyObject *d = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(HEADER_LEN + padded + TAG_LEN));
+        PyObject *d = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)fp_sealed_len((size_t)p.len));
         if (!d) {
             PyBuffer_Release(&p);
             goto fail;
         }
-        uint8_t *w = (uint8_t *)PyBytes_AS_STRING(d);
-        fp_put_le32(w, 4);
-        fp_put_le32(w + 4, (uint32_t)index);
-        fp_put_le64(w + 8, (uint64_t)ctr);
-        memcpy(w + HEADER_LEN, p.buf, len);
-        memset(w + HEADER_LEN + len, 0, padded - len);
+        int rc = fp_seal_message(aead->enc, (uint32_t)index, (uint64_t)ctr, p.buf, (size_t)p.len,
+                                 (uint8_t *)PyBytes_AS_STRING(d));
         PyBuffer_Release(&p);
-        fp_put_le64(nonce + 4, (uint64_t)ctr);
-        if (seal_raw(aead->enc, nonce, NULL, 0, w + HEADER_LEN, padded, w + HEADER_LEN) != 0) {
+        if (rc != 0) {
             Py_DECREF(d);
             PyErr_SetString(PyExc_RuntimeError, "OpenSSL encryption failed");
             goto fail;
@@ -323,7 +263,6 @@ static PyObject *fp_open_run(PyObject *mod, PyObject *const *args, Py_ssize_t na
     int data = 0;
     uint8_t last_src[16];
     size_t last_src_len = 0;
-    uint8_t nonce[NONCE_LEN] = {0};
     Py_ssize_t i = start;
     if (!packets || !sources) goto fail;
     for (; i < n; i++) {
@@ -331,59 +270,35 @@ static PyObject *fp_open_run(PyObject *mod, PyObject *const *args, Py_ssize_t na
         if (PyObject_GetBuffer(items[i], &d, PyBUF_SIMPLE) < 0) goto fail;
         const uint8_t *b = d.buf;
         size_t len = (size_t)d.len;
-        if (len < MIN_MESSAGE || fp_le32(b) != 4 || fp_le32(b + 4) != (uint32_t)index) {
+        if (!fp_is_transport_for(b, len, (uint32_t)index)) {
             PyBuffer_Release(&d);
             break;  /* not ours: the caller looks at it */
         }
-        uint64_t counter = fp_le64(b + 8);
-        size_t m = len - HEADER_LEN - TAG_LEN;
-        PyObject *pt = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)m);
+        PyObject *pt = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(len - HEADER_LEN - TAG_LEN));
         if (!pt) {
             PyBuffer_Release(&d);
             goto fail;
         }
-        uint8_t *p = (uint8_t *)PyBytes_AS_STRING(pt);
-        fp_put_le64(nonce + 4, counter);
-        int ok = open_raw(aead->dec, nonce, NULL, 0, b + HEADER_LEN, len - HEADER_LEN, p) == 0;
+        size_t length = 0, src_len = 0;
+        const uint8_t *src = NULL;
+        fp_open_verdict verdict = fp_open_message(aead->dec, &replay->w, b, len,
+                                                  (uint8_t *)PyBytes_AS_STRING(pt), &length,
+                                                  &src, &src_len);
         PyBuffer_Release(&d);
-        if (!ok) {
-            n_auth++;
+        if (verdict != FP_OPEN_PACKET) {
             Py_DECREF(pt);
-            continue;
-        }
-        if (!replay_accept_raw(replay, counter)) {
-            n_replay++;
-            Py_DECREF(pt);
-            continue;
-        }
-        wire += (long long)len;
-        if (m == 0) {  /* keepalive */
-            Py_DECREF(pt);
+            switch (verdict) {
+            case FP_OPEN_AUTH: n_auth++; break;
+            case FP_OPEN_REPLAY: n_replay++; break;
+            case FP_OPEN_NOT_IP: n_not_ip++; data = 1; wire += (long long)len; break;
+            case FP_OPEN_MALFORMED: n_malformed++; data = 1; wire += (long long)len; break;
+            default: wire += (long long)len; break;  /* keepalive */
+            }
             continue;
         }
         data = 1;
-        unsigned v = p[0] >> 4;
-        size_t length;
-        const uint8_t *src;
-        size_t src_len;
-        if (v == 4 && m >= 20) {
-            length = fp_be16(p + 2);
-            src = p + 12;
-            src_len = 4;
-        } else if (v == 6 && m >= 40) {
-            length = 40 + (size_t)fp_be16(p + 4);
-            src = p + 8;
-            src_len = 16;
-        } else {
-            n_not_ip++;
-            Py_DECREF(pt);
-            continue;
-        }
-        if (length > m || length < 20) {
-            n_malformed++;
-            Py_DECREF(pt);
-            continue;
-        }
+        wire += (long long)len;
+        size_t m = len - HEADER_LEN - TAG_LEN;
         if (src_len != last_src_len || memcmp(src, last_src, src_len) != 0) {
             memcpy(last_src, src, src_len);
             last_src_len = src_len;
