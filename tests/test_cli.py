@@ -204,7 +204,12 @@ STATUS = Status(
         PeerStatus(name="c", public_key="C" * 43 + "=", tags=("tag:web",)),
     ),
     drops={"replayed_counter": 2},
-    dataplane={"offload": "tso+gso", "disco": {"sent_ping": 3, "received_pong": 2}},
+    dataplane={
+        "impl": "python",
+        "impl_reason": "auto: the compiled module does not load: no module",
+        "offload": "tso+gso",
+        "disco": {"sent_ping": 3, "received_pong": 2},
+    },
 )
 
 
@@ -313,6 +318,7 @@ def test_status_prints_a_table(
     assert daemon.requests == [Request("status", {})]
     assert out == (
         "agent0  100.64.0.1  port 41641  home relay 900\n"
+        "  data plane: python (auto: the compiled module does not load: no module)\n"
         "\n"
         "100.64.0.2  b  alice@   direct 198.18.0.2:41641  handshake 1m ago  rx 476 B, tx 3.0 MiB\n"
         "-           c  tag:web  idle                     handshake -       rx 0 B, tx 0 B\n"
@@ -326,13 +332,15 @@ def test_status_verbose_flattens_counters(
     monkeypatch.setattr("time.time", lambda: 1_000_000.0)
     rc, out, err = run(capsys, "status", "--socket", path, "-v")
     assert (rc, err) == (0, "")
-    assert out.splitlines()[:9] == [
+    assert out.splitlines()[:11] == [
         "agent0  100.64.0.1  port 41641  home relay 900",
+        "  data plane: python (auto: the compiled module does not load: no module)",
         f"  public key {'A' * 43}=",
         "  relays connected: 900",
         "  data plane:",
         "    disco.received_pong 2",
         "    disco.sent_ping 3",
+        "    impl python",
         "    offload tso+gso",
         "  drops:",
         "    replayed_counter 2",

@@ -422,6 +422,9 @@ def run_daemon(config: Config) -> int:
         except OSError as e:
             log.error("interface setup failed", interface=config.interface.name, error=str(e))
             return 1
+        except fastpath.NativeUnavailable as e:
+            log.error("no compiled data plane", interface=config.interface.name, error=str(e))
+            return 1
         return asyncio.run(daemon.run())
     finally:
         daemon.close()

@@ -29,6 +29,8 @@ SNAP = Snapshot(
     derp_connected={900: True, 901: False},
     derp={"tx_packets": 7},
     disco={"sent_ping": 12, "silence_probes": 2},
+    impl="python",
+    impl_reason="auto: the compiled module does not load",
 )
 
 
@@ -56,6 +58,10 @@ def test_exposition_values_and_escaping() -> None:
     assert f"agent_peer_path_switches_total{{{who}}} 3\n" in text
     assert 'agent_drops_total{reason="replay"} 4\n' in text
     assert "agent_dataplane_tx_packets_total 10\n" in text
+    assert (
+        'agent_dataplane_info{impl="python",reason="auto: the compiled module does not load"} 1\n'
+        in text
+    )
     assert 'agent_derp_connected{region="901"} 0\n' in text
     assert "agent_derp_tx_packets_total 7\n" in text
     assert "agent_disco_sent_ping_total 12\n" in text
