@@ -11,10 +11,12 @@ import struct
 from ipaddress import IPv4Interface, ip_address
 
 from agent.node.access import Access
+from agent.node.fastpath import PythonTunIo
 from agent.policy.checks import check_policy
 from agent.policy.compile import CompiledPolicy
 from agent.policy.rules import FilterRule, Node
 from agent.proto.errors import DropReason
+from agent.proto.wireguard.transport import PYTHON
 from tests.node.test_dataplane import (
     A4,
     B4,
@@ -47,9 +49,10 @@ def b_rules() -> tuple[FilterRule, ...]:
 
 def test_policy_on_b_decides_what_a_may_open() -> None:
     clock = Clock()
-    (dp_a, tun_a, udp_a), (dp_b, _, udp_b) = _linked_planes(clock)
+    (dp_a, tun_a, udp_a), (dp_b, _, udp_b) = _linked_planes(clock, PYTHON)
     tun_b = FakeTun()
     dp_b.tun = tun_b  # type: ignore[assignment]  # no echo: replies are made by hand below
+    dp_b.tun_io = PythonTunIo(tun_b)
     dp_b.access = Access(clock)
     dp_b.access.set_rules(b_rules(), [IPv4Interface(f"{B4}/32")])
 
