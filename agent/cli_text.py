@@ -177,9 +177,10 @@ def dns_lines(dns: Mapping[str, Any] | None, *, verbose: bool = False) -> list[s
         upstreams = ", ".join(dns.get("upstreams", [])) or "none"
         dropped = ", ".join(f"{k} {v}" for k, v in flatten(dns.get("dropped", {}))) or "none"
         lines.append(f"    upstreams {upstreams}")
+        tcp = dns.get("tcp") or {}
         lines.append(
             f"    answered {dns.get('answered', 0)}, forwarded {dns.get('forwarded', 0)}, "
-            f"dropped: {dropped}"
+            f"over TCP {tcp.get('queries', 0)}, dropped: {dropped}"
         )
     return lines
 

@@ -414,6 +414,7 @@ DNS = {
     "hint": "systemd-resolved is not running: send mesh.internal to 100.100.100.100",
     "answered": 7,
     "forwarded": 2,
+    "tcp": {"connections": 1, "queries": 3},
     "dropped": {"queue_full": 5},
 }
 
@@ -426,7 +427,7 @@ def test_format_status_dns_says_where_names_are_and_how_to_use_them() -> None:
     )
     assert lines[2] == "    systemd-resolved is not running: send mesh.internal to 100.100.100.100"
     verbose = format_status(st, 0, verbose=True)
-    assert "    answered 7, forwarded 2, dropped: queue_full 5" in verbose
+    assert "    answered 7, forwarded 2, over TCP 3, dropped: queue_full 5" in verbose
     assert "    upstreams 192.0.2.53:53" in verbose
     applied = Status(
         interface="i", public_key="k", listen_port=1, dns={**DNS, "resolved": "applied"}
