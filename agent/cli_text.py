@@ -22,6 +22,7 @@ __all__ = [
     "flatten",
     "format_pong",
     "format_status",
+    "format_whois",
     "owner",
     "path_text",
     "plural",
@@ -183,6 +184,17 @@ def dns_lines(dns: Mapping[str, Any] | None, *, verbose: bool = False) -> list[s
             f"over TCP {tcp.get('queries', 0)}, dropped: {dropped}"
         )
     return lines
+
+
+def format_whois(address: object, info: Mapping[str, Any]) -> str:
+    """`agent whois`: the node that has `address`, its owner and key."""
+    lines = [f"{address}: {info['name']}{' (this node)' if info['self'] else ''}"]
+    if info.get("tags"):
+        lines.append(f"  tags: {', '.join(info['tags'])}")
+    elif info.get("user"):
+        lines.append(f"  user: {info['user']}")
+    lines.append(f"  key: {info['public_key']}")
+    return "\n".join(lines)
 
 
 def format_pong(result: Mapping[str, Any]) -> str:
