@@ -29,10 +29,11 @@ Simplifications, all safe for a peer on the same machine: no reassembly of out-o
 (the peer sends it again), no window scaling, SACK or timestamps (never offered), no TIME-WAIT
 (the peer closes first in the common case; a late retransmission of its FIN is answered RST).
 The window we offer is one segment (our MSS, capped by the peer's) or nothing: a peer never has
-more than one segment in flight, so the kernel never hands us a TSO super-packet (which the
-data plane's local hook does not carry), and a full buffer closes the window instead of
-dropping data. Bounded: `max_connections` connections, each with a receive buffer of two
-messages and at most `max_pipelined` queries being answered; a SYN beyond the table is refused.
+more than one segment in flight, so every segment comes alone (the kernel builds no TSO
+super-packet for one segment), in order unless something was lost, and a full buffer closes
+the window instead of dropping data. Bounded: `max_connections` connections, each with a
+receive buffer of two messages and at most `max_pipelined` queries being answered; a SYN
+beyond the table is refused.
 """
 
 from __future__ import annotations
