@@ -32,7 +32,7 @@ from typing import Any
 
 from agent import __version__
 from agent.api import ApiError, DaemonUnreachableError, Status, request
-from agent.cli_text import completion_script, format_pong, format_status
+from agent.cli_text import completion_script, format_pong, format_status, format_whois
 from agent.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
@@ -132,10 +132,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as e:
         return _problems(args.config, e)
+    from agent.node.progress import for_up  # light; on a terminal: what it waits for and got
+
+    progress = for_up(sys.stdout, json=args.json)
+    fmt = {"auto": True if args.json else None, "json": True, "console": False}[args.log_format]
+    level = args.log_level or ("warning" if progress.terminal else "info")
     try:
-        configure_logging(
-            args.log_level, json={"auto": None, "json": True, "console": False}[args.log_format]
-        )
+        hook = progress.clear if sys.stderr.isatty() else None  # logs share its terminal
+        configure_logging(level, json=fmt, before_write=hook)
     except ValueError as e:  # a bad AGENT_LOG_LEVEL (argparse does not check defaults)
         return _err(str(e))
     try:
@@ -143,7 +147,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except ImportError as e:
         return _err(f"the daemon is not available: {e}")
     try:
-        return run_daemon(config)
+        return run_daemon(config, progress)
     except KeyboardInterrupt:
         return 130
 
@@ -321,16 +325,7 @@ def _cmd_whois(args: argparse.Namespace) -> int:
             "tags": list(peer.tags),
             "addresses": _hosts(peer.allowed_ips),
         }
-    if args.json:
-        sys.stdout.write(json.dumps(info) + "\n")
-        return 0
-    lines = [f"{address}: {info['name']}{' (this node)' if info['self'] else ''}"]
-    if info.get("tags"):
-        lines.append(f"  tags: {', '.join(info['tags'])}")
-    elif info.get("user"):
-        lines.append(f"  user: {info['user']}")
-    lines.append(f"  key: {info['public_key']}")
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write((json.dumps(info) if args.json else format_whois(address, info)) + "\n")
     return 0
 
 
@@ -431,9 +426,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, help=conf_help)
     p.add_argument(
         "--log-level",
-        default=os.environ.get("AGENT_LOG_LEVEL", "info"),
+        default=os.environ.get("AGENT_LOG_LEVEL"),
         choices=LEVELS,
-        help="least severe level logged (default info, or AGENT_LOG_LEVEL)",
+        help="least severe level logged (default AGENT_LOG_LEVEL, else info; warning when "
+        "stdout is a terminal, which then shows progress)",
     )
     p.add_argument(
         "--log-format",
@@ -441,6 +437,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "json", "console"),
         help="auto: readable on a terminal, JSON lines otherwise",
     )
+    p.add_argument("--json", action="store_true", help="no progress; one JSON line once up")
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser(

@@ -22,6 +22,7 @@ __all__ = [
     "flatten",
     "format_pong",
     "format_status",
+    "format_whois",
     "owner",
     "path_text",
     "plural",
@@ -177,11 +178,23 @@ def dns_lines(dns: Mapping[str, Any] | None, *, verbose: bool = False) -> list[s
         upstreams = ", ".join(dns.get("upstreams", [])) or "none"
         dropped = ", ".join(f"{k} {v}" for k, v in flatten(dns.get("dropped", {}))) or "none"
         lines.append(f"    upstreams {upstreams}")
+        tcp = dns.get("tcp") or {}
         lines.append(
             f"    answered {dns.get('answered', 0)}, forwarded {dns.get('forwarded', 0)}, "
-            f"dropped: {dropped}"
+            f"over TCP {tcp.get('queries', 0)}, dropped: {dropped}"
         )
     return lines
+
+
+def format_whois(address: object, info: Mapping[str, Any]) -> str:
+    """`agent whois`: the node that has `address`, its owner and key."""
+    lines = [f"{address}: {info['name']}{' (this node)' if info['self'] else ''}"]
+    if info.get("tags"):
+        lines.append(f"  tags: {', '.join(info['tags'])}")
+    elif info.get("user"):
+        lines.append(f"  user: {info['user']}")
+    lines.append(f"  key: {info['public_key']}")
+    return "\n".join(lines)
 
 
 def format_pong(result: Mapping[str, Any]) -> str:

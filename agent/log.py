@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any, cast
 
 import structlog
@@ -42,8 +43,23 @@ def _add_logger_name(logger: Any, method_name: str, event_dict: EventDict) -> Ev
     return event_dict
 
 
-def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
-    """Send logs at `level` and above to stderr; JSON unless stderr is a TTY (`json` forces it)."""
+def _calling(hook: Callable[[], None]) -> Processor:
+    def processor(logger: Any, method_name: str, event_dict: EventDict) -> EventDict:
+        hook()
+        return event_dict
+
+    return processor
+
+
+def configure_logging(
+    level: str = "info",
+    *,
+    json: bool | None = None,
+    before_write: Callable[[], None] | None = None,
+) -> None:
+    """Send logs at `level` and above to stderr; JSON unless stderr is a TTY (`json` forces it).
+
+    `before_write` runs before every line is written (`agent up` clears its waiting line)."""
     name = level.lower()
     if name not in LEVELS:
         raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}")
@@ -52,6 +68,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
         json = not sys.stderr.isatty()
 
     shared: list[Processor] = [
+        *([_calling(before_write)] if before_write is not None else []),
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         _add_logger_name,

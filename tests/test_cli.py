@@ -26,6 +26,7 @@ from agent.cli_text import format_pong, format_status
 from agent.config import Config
 from agent.keys import NodePrivate
 from agent.log import configure_logging, get_logger
+from agent.node.progress import JsonProgress, Progress, TerminalProgress
 
 WG = shutil.which("wg")
 
@@ -118,20 +119,33 @@ def test_no_command_and_version(capsys: pytest.CaptureFixture[str]) -> None:
 # -- up -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_daemon(monkeypatch: pytest.MonkeyPatch) -> list[Config]:
-    """Stand-in for agent.node.main: records the configs `up` hands over; no logging set up."""
-    calls: list[Config] = []
+class FakeUp:
+    """What `up` handed to the stand-in daemon: configs, progress reporters, logging setups."""
 
-    def run_daemon(config: Config) -> int:
-        calls.append(config)
+    def __init__(self) -> None:
+        self.configs: list[Config] = []
+        self.progress: list[Progress] = []
+        self.logging: list[tuple[str, dict[str, Any]]] = []
+
+    def __eq__(self, other: object) -> bool:  # `fake_daemon == []`: nothing was started
+        return self.configs == other
+
+
+@pytest.fixture
+def fake_daemon(monkeypatch: pytest.MonkeyPatch) -> FakeUp:
+    """Stand-in for agent.node.main: records what `up` hands over; no logging set up."""
+    fake = FakeUp()
+
+    def run_daemon(config: Config, progress: Progress) -> int:
+        fake.configs.append(config)
+        fake.progress.append(progress)
         return 0
 
     module = types.ModuleType("agent.node.main")
     module.run_daemon = run_daemon  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "agent.node.main", module)
-    monkeypatch.setattr(cli, "configure_logging", lambda *a, **k: None)
-    return calls
+    monkeypatch.setattr(cli, "configure_logging", lambda lvl, **k: fake.logging.append((lvl, k)))
+    return fake
 
 
 GOOD = f"""
@@ -142,7 +156,7 @@ addresses = ["100.64.0.1/32"]
 
 
 def test_up_with_bad_config_prints_every_problem_and_touches_nothing(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, fake_daemon: list[Config]
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fake_daemon: FakeUp
 ) -> None:
     conf = tmp_path / "agent.conf"
     conf.write_text(GOOD + 'mtu = 10\n[[peers]]\npublic_key = "x"\nallowed_ips = ["1.2.3.4/8"]\n')
@@ -158,7 +172,7 @@ def test_up_with_bad_config_prints_every_problem_and_touches_nothing(
 
 
 def test_up_with_missing_file(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, fake_daemon: list[Config]
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fake_daemon: FakeUp
 ) -> None:
     conf = tmp_path / "nope.conf"
     rc, _, err = run(capsys, "up", "-c", str(conf))
@@ -168,14 +182,46 @@ def test_up_with_missing_file(
 
 
 def test_up_hands_the_config_to_the_daemon(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, fake_daemon: list[Config]
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fake_daemon: FakeUp
 ) -> None:
     conf = tmp_path / "agent.conf"
     conf.write_text(GOOD)
     rc, _, _ = run(capsys, "up", "-c", str(conf), "--log-level", "debug")
     assert rc == 0
-    (config,) = fake_daemon
+    (config,) = fake_daemon.configs
     assert str(config.interface.addresses[0]) == "100.64.0.1/32"
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_up_shows_progress_only_on_a_terminal_and_never_with_json(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    fake_daemon: FakeUp,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    conf = tmp_path / "agent.conf"
+    conf.write_text(GOOD)
+    monkeypatch.delenv("AGENT_LOG_LEVEL", raising=False)
+    run(capsys, "up", "-c", str(conf))  # stdout captured: not a terminal
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    run(capsys, "up", "-c", str(conf))
+    run(capsys, "up", "-c", str(conf), "--log-level", "debug")
+    run(capsys, "up", "-c", str(conf), "--json")
+    kinds = [type(p) for p in fake_daemon.progress]
+    assert kinds == [Progress, TerminalProgress, TerminalProgress, JsonProgress]
+    levels = [(level, kw["json"]) for level, kw in fake_daemon.logging]
+    # a terminal: progress lines, logs from warning on (unless asked); --json: JSON logs
+    assert levels == [("info", None), ("warning", None), ("debug", None), ("info", True)]
+    assert fake_daemon.logging[1][1]["before_write"] is None  # stderr is not the terminal
+    monkeypatch.setattr(sys, "stderr", terminal)
+    run(capsys, "up", "-c", str(conf))
+    assert fake_daemon.logging[4][1]["before_write"] == fake_daemon.progress[4].clear
+    assert terminal.getvalue() == ""  # the stand-in daemon said nothing
 
 
 # -- status ---------------------------------------------------------------------------------------
@@ -414,6 +460,7 @@ DNS = {
     "hint": "systemd-resolved is not running: send mesh.internal to 100.100.100.100",
     "answered": 7,
     "forwarded": 2,
+    "tcp": {"connections": 1, "queries": 3},
     "dropped": {"queue_full": 5},
 }
 
@@ -426,7 +473,7 @@ def test_format_status_dns_says_where_names_are_and_how_to_use_them() -> None:
     )
     assert lines[2] == "    systemd-resolved is not running: send mesh.internal to 100.100.100.100"
     verbose = format_status(st, 0, verbose=True)
-    assert "    answered 7, forwarded 2, dropped: queue_full 5" in verbose
+    assert "    answered 7, forwarded 2, over TCP 3, dropped: queue_full 5" in verbose
     assert "    upstreams 192.0.2.53:53" in verbose
     applied = Status(
         interface="i", public_key="k", listen_port=1, dns={**DNS, "resolved": "applied"}
@@ -488,6 +535,12 @@ def test_json_logs_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     assert "[warning" in err
     with pytest.raises(ValueError, match="unknown log level"):
         configure_logging("loud")
+    hooked: list[int] = []
+    configure_logging("info", json=True, before_write=lambda: hooked.append(1))
+    log.info("one")
+    logging.getLogger("somelib").warning("two")
+    log.debug("filtered out: no hook")
+    assert len(hooked) == 2
 
 
 def test_status_without_any_config_tries_the_default_socket(

@@ -60,9 +60,12 @@ async def _register(client: CoordinatorClient, config: Config) -> Registration:
     )
 
 
-async def join(config: Config) -> tuple[Config, CoordinatorClient, Registration]:
+async def join(
+    config: Config, on_retry: Callable[[str, float], None] = lambda error, delay: None
+) -> tuple[Config, CoordinatorClient, Registration]:
     """Register with the coordinator; the config with its addresses (and DERP map, when it
-    hands one out). Raises CoordinatorError (or ValueError for a bad URL/CA file)."""
+    hands one out). Raises CoordinatorError (or ValueError for a bad URL/CA file).
+    `on_retry(error, delay)` before each wait for another attempt."""
     control = config.control
     assert control is not None
     client = CoordinatorClient(control.url, ca_file=control.ca_file)
@@ -75,6 +78,7 @@ async def join(config: Config) -> tuple[Config, CoordinatorClient, Registration]
                 raise
             delay = _delay(attempt)
             log.warning("coordinator unreachable, retrying", error=str(e), retry_in=round(delay, 1))
+            on_retry(str(e), delay)
             await asyncio.sleep(delay)
     iface = dataclasses.replace(config.interface, addresses=tuple(reg.addresses()))
     derp = reg.derp if reg.derp.regions else config.derp

@@ -15,9 +15,10 @@ SERVFAIL on expiry) and one `loop.call_at` timer re-armed after every change. Up
 the resolvers the system had before us (`system_upstreams`); when one times out the next one
 is used for later queries.
 
+DNS over TCP from the TUN is node/dns_tcp.py: its queries come to `handle_query` too.
 `serve_sockets` answers on ordinary UDP and TCP sockets with the same responder, for a setup
-where the service address is assigned to a local interface (and for DNS over TCP, which the
-TUN path cannot carry without a TCP stack).
+where the service address is assigned to a local interface; the daemon does not use it (why:
+engine/dns_tcp.py).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ __all__ = [
     "Upstream",
     "Client",
     "DnsServer",
+    "Later",
+    "LATER",
     "parse_resolv_conf",
     "system_upstreams",
     "RESOLV_CONF",

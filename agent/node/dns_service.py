@@ -3,11 +3,13 @@
     open_interface: routes() ──► the two service addresses routed into our TUN
     start(dataplane, tun):
       DnsServer (node/dns_server.py), upstreams from [dns] or the system's resolvers
-      dataplane.on_local = on_local ── route miss, UDP to the service :53?
+      dataplane.on_local = on_local ── route miss, UDP to the service :53, or TCP to it?
           │ yes: queued (bounded: QUEUE_MAX, beyond it counted and dropped); True
           ▼
-      _drain, once per loop iteration: at most BATCH queries answered, and no more than
-          RATE per second (a token bucket of BURST), replies written to the TUN in one go;
+      _drain, once per loop iteration: at most BATCH packets handled, and no more than
+          RATE per second (a token bucket of BURST), replies written to the TUN in one go
+          (UDP: DnsServer.handle_tun_packet; TCP: DnsTcp, node/dns_tcp.py, whose connections
+          are answered by a small TCP endpoint in userspace, engine/dns_tcp.py);
           the rest waits, and the data plane's readers get their turn in between. One
           answer costs ~0.35 ms of dnspython work, so a flood takes at most ~35% of the
           loop and a few ms per iteration: it cannot starve the tunnel
@@ -33,9 +35,11 @@ from typing import Any, Final, Protocol
 from agent.config import Config
 from agent.engine.dns_names import Host, NameBook, netmap_hosts, static_hosts
 from agent.engine.dns_packets import is_service_packet
+from agent.engine.dns_tcp import TcpLimits, is_service_tcp
 from agent.log import get_logger
 from agent.node.dataplane import LocalHandler
 from agent.node.dns_server import DnsServer, system_upstreams
+from agent.node.dns_tcp import DnsTcp
 from agent.node.resolved import ResolvedError, ResolvedLink, ResolvedUnavailable, manual_hint
 from agent.proto.coordinator_messages import NetMap
 from agent.proto.dns.names import DEFAULT_DOMAIN, SERVICE_V4, SERVICE_V6
@@ -89,6 +93,7 @@ class DnsService:
         self.book = NameBook()
         self.domain = DEFAULT_DOMAIN
         self.server: DnsServer | None = None
+        self.tcp: DnsTcp | None = None
         self.counters: Counter[str] = Counter()  # the service's own drops (queue, TUN writes)
         self._queue: deque[bytes] = deque()
         self._scheduled = False
@@ -120,6 +125,11 @@ class DnsService:
         upstreams = list(conf) if conf is not None else list(system_upstreams())
         self.server = DnsServer(self.book.table, upstreams, write_tun=self._write_one)
         await self.server.start()
+        limits = TcpLimits(
+            mtu=self.config.interface.mtu,
+            max_message=self.server.responder.config.max_query_size,
+        )
+        self.tcp = DnsTcp(self.server, self._write, limits)
         dataplane.on_local = self.on_local
         if self.use_resolved:
             await self._connect_resolved(tun.name)
@@ -144,6 +154,8 @@ class DnsService:
             with contextlib.suppress(OSError, EOFError):
                 await self._link.close()
             self._link = None
+        if self.tcp is not None:
+            self.tcp.close()
         if self.server is not None:
             await self.server.close()
 
@@ -179,8 +191,8 @@ class DnsService:
 
     # -- the packet path ---------------------------------------------------------------------
     def on_local(self, packet: bytes) -> bool:
-        """The data plane's route-miss hook: take UDP packets to the service, queued."""
-        if not is_service_packet(packet):
+        """The data plane's route-miss hook: take UDP and TCP packets to the service, queued."""
+        if not is_service_packet(packet) and not is_service_tcp(packet):
             return False
         if len(self._queue) >= QUEUE_MAX:
             self.counters["drop_queue_full"] += 1
@@ -205,10 +217,12 @@ class DnsService:
         if server is None or loop is None:
             queue.clear()
             return
-        replies = []
+        replies: list[bytes] = []
         for _ in range(self._take_tokens(min(BATCH, len(queue)), loop.time())):
-            reply = server.handle_tun_packet(queue.popleft())
-            if reply is not None:
+            packet = queue.popleft()
+            if self.tcp is not None and is_service_tcp(packet):
+                replies += self.tcp.handle_packet(packet)
+            elif (reply := server.handle_tun_packet(packet)) is not None:
                 replies.append(reply)
         self._write(replies)
         if queue:
@@ -278,6 +292,7 @@ class DnsService:
         if not self.enabled:
             return {"enabled": False}
         stats = Counter(self.server.stats() if self.server is not None else {})
+        stats.update(self.tcp.stats() if self.tcp is not None else {})
         stats.update(self.counters)
         dropped: dict[str, int] = {}
         for name, n in stats.items():
@@ -295,6 +310,7 @@ class DnsService:
             "hint": self.hint,
             "answered": sum(n for k, n in stats.items() if k.startswith("rcode_")),
             "forwarded": stats["forwarded"],
+            "tcp": {"connections": stats["tcp_connections"], "queries": stats["tcp_queries"]},
             "dropped": dict(sorted(dropped.items())),
         }
 

@@ -13,6 +13,7 @@ run_daemon(config)
   PortmapLink: our port mapped on the home router, a candidate of its own (node/portmapping.py)
   control socket (agent status), UAPI socket (wg show), names at 100.100.100.100 (dns_service)
   SIGTERM/SIGINT -> remove the interface and sockets, exit 0
+  Progress (node/progress.py): what it waits for and what it got, for a person at a terminal
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from agent.node.netcheck_cmd import NetcheckDriver, run_reports
 from agent.node.netinfo import local_addresses
 from agent.node.netmap_peers import NetmapPeers
 from agent.node.pathwire import PathWire
+from agent.node.progress import Progress, names_line, peers_line
 from agent.node.randpool import RandomPool
 from agent.node.stun_sender import StunSender, stun_servers
 from agent.node.transport import PeerTransport
@@ -62,9 +64,16 @@ SO_MARK = 36  # socket.SO_MARK is missing on some builds
 class Daemon:
     """Everything `agent up` owns. Fields are owned by the event loop's thread."""
 
-    def __init__(self, config: Config, *, coordinator: CoordinatorClient | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        coordinator: CoordinatorClient | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.config = config
         self.coordinator = coordinator
+        self.progress = progress or Progress()
         self.control: coordinator_link.CoordinatorLink | None = None
         self.names = {p.public_key: p.name for p in config.peers}
         self.access = Access()  # the packet filter: the static policy_file, or the netmap's
@@ -100,6 +109,8 @@ class Daemon:
         self._uapi_served = False
         self.api: LocalApi | None = None
         self.dns = DnsService(config)
+        self._relay_wait: tuple[str, float] | None = None  # (region code, when DERP started)
+        self._mapped = False  # the first netmap came
 
     # -- lifecycle ---------------------------------------------------------------------------
     def open_interface(self) -> None:
@@ -247,12 +258,14 @@ class Daemon:
                 udp_gro=self.udp.gro,
                 derp_home=self.paths.home_region,
             )
+            self._tell_up(loop.time())
             gc.freeze()  # startup objects never need collecting: shorter pauses on the packet path
             sd_notify(f"READY=1\nSTATUS=up: {cfg.name}, {len(device.peers)} peers")
             await self._stop.wait()
         finally:
             sd_notify("STOPPING=1")
             log.info("stopping", interface=cfg.name)
+            self.progress.done(None, f"stopping: removing {cfg.name}")
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self._close_servers()
@@ -268,6 +281,23 @@ class Daemon:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _tell_up(self, now: float) -> None:
+        """Progress: names, static peers, the node up; then wait for the relay and the map."""
+        progress, cfg, derp = self.progress, self.config.interface, self.derp
+        static = [p.name for p in self.config.peers]
+        names = names_line(self.dns.status())
+        for line in (names, peers_line("configured", static) if static else None):
+            if line is not None:
+                progress.done(None, line)
+        own = {"interface": cfg.name, "name": self.netmap_peers.own_name()}
+        progress.ready({**own, "addresses": [str(a) for a in cfg.addresses]})
+        if derp is not None and derp.home_region is not None:
+            region = derp.regions[derp.home_region]
+            self._relay_wait = (region.code or str(region.id), now)
+            progress.wait("relay", f"relay {self._relay_wait[0]}")
+        if self.coordinator is not None:
+            progress.wait("netmap", "the network map")
 
     def _detach(self) -> None:
         if self._timer is not None:
@@ -304,6 +334,11 @@ class Daemon:
         sd_notify(f"STATUS=up: {self.config.interface.name}, DERP regions {list(regions)}")
         newly = set(regions) - self._regions_up
         self._regions_up = set(regions)
+        if self._relay_wait is not None and derp.home_region in regions and loop is not None:
+            code, since = self._relay_wait
+            self._relay_wait = None
+            took = (loop.time() - since) * 1000
+            self.progress.done("relay", f"connected to relay {code} in {took:.0f} ms")
         if newly and loop is not None and wire is not None:
             wire.announce(loop.time())
             self.flush()
@@ -335,6 +370,11 @@ class Daemon:
             return
         change = self.netmap_peers.apply(netmap, device, self.paths, loop.time())
         self.dns.on_netmap(netmap)
+        if not self._mapped:
+            self._mapped = True
+            self.progress.done(
+                "netmap", peers_line("in the network map", [p.name for p in netmap.peers])
+            )
         log.info(
             "netmap",
             version=netmap.version,
@@ -402,29 +442,46 @@ class Daemon:
             self._uapi_served = True
 
 
-def run_daemon(config: Config) -> int:
-    """Run `agent up` in the foreground until SIGTERM/SIGINT; returns the exit code."""
+def run_daemon(config: Config, progress: Progress | None = None) -> int:
+    """Run `agent up` in the foreground until SIGTERM/SIGINT; returns the exit code.
+    `progress` hears what it waits for and what it got (node/progress.py)."""
+    progress = progress or Progress()
     client: CoordinatorClient | None = None
     name: str | None = None
     if config.control is not None:
         url = config.control.url
+        progress.wait("control", f"the coordinator at {url}")
+
+        def retrying(error: str, delay: float) -> None:
+            progress.detail("control", f"unreachable ({error.removeprefix(url + ': ')}), retrying")
+
         try:
-            config, client, reg = asyncio.run(coordinator_link.join(config))
+            config, client, reg = asyncio.run(coordinator_link.join(config, retrying))
         except (CoordinatorError, ValueError) as e:
+            progress.drop("control")
             log.error("cannot join the coordinator", url=url, error=str(e))
+            progress.close()
             return 1
         name = reg.node.name
-    daemon = Daemon(config, coordinator=client)
+        got = ", ".join(str(a.ip) for a in config.interface.addresses)
+        progress.done("control", f"registered as {name}, {got}")
+    daemon = Daemon(config, coordinator=client, progress=progress)
     daemon.netmap_peers.self_name = name  # known before the first netmap arrives
+    iface = config.interface
     try:
         try:
             daemon.open_interface()
         except OSError as e:
-            log.error("interface setup failed", interface=config.interface.name, error=str(e))
+            progress.close()
+            log.error("interface setup failed", interface=iface.name, error=str(e))
             return 1
         except fastpath.NativeUnavailable as e:
-            log.error("no compiled data plane", interface=config.interface.name, error=str(e))
+            progress.close()
+            log.error("no compiled data plane", interface=iface.name, error=str(e))
             return 1
+        got = "" if name else "".join(f", {a}" for a in iface.addresses)
+        progress.done(None, f"interface {iface.name} up{got}, mtu {iface.mtu}")
         return asyncio.run(daemon.run())
     finally:
         daemon.close()
+        progress.close()

@@ -21,4 +21,5 @@ TARGETS: tuple[str, ...] = (
     "policy",
     "packet_filter",
     "dns_responder",
+    "dns_tcp",
 )

@@ -1,6 +1,6 @@
 """Names on a coordinated network: every node resolves the others at 100.100.100.100 (A, AAAA,
-bare names), other names go to a stub upstream, a join and a removal show within about a second,
-and a query flood leaves the tunnel working (root only).
+bare names) over UDP and TCP, other names go to a stub upstream, a join and a removal show
+within about a second, and a query flood leaves the tunnel working (root only).
 
 ns a 198.18.1.1 --+
 ns b 198.18.2.1 --+-- ns r (router): `agent coordinator` on 198.18.0.30:8443, `agent derper`,
@@ -20,6 +20,7 @@ import sys
 import time
 
 import dns.message
+import dns.query
 import dns.rcode
 import dns.rrset
 import pytest
@@ -47,6 +48,16 @@ def _ask(name: str, rdtype: str, server: str = "100.100.100.100", timeout: float
         sock.sendto(query.to_wire(), (server, 53))
         data, _ = sock.recvfrom(4096)
     answer = dns.message.from_wire(data)
+    return _summary(answer)
+
+
+def _ask_tcp(name: str, rdtype: str, server: str = "100.100.100.100") -> dict:
+    """Over a kernel TCP socket (dnspython's TCP client: length prefix, then our FIN)."""
+    answer = dns.query.tcp(dns.message.make_query(name, rdtype), server, timeout=3.0)
+    return _summary(answer)
+
+
+def _summary(answer: dns.message.Message) -> dict:
     return {
         "rcode": dns.rcode.to_text(answer.rcode()),
         "answers": sorted(rd.to_text() for rrset in answer.answer for rd in rrset),
@@ -122,6 +133,8 @@ def _main(argv: list[str]) -> None:
     match argv:
         case ["query", name, rdtype, *server]:
             print(json.dumps(_ask(name, rdtype, *server)))
+        case ["tcp", name, rdtype, *server]:
+            print(json.dumps(_ask_tcp(name, rdtype, *server)))
         case ["watch", name, rdtype, want, within]:
             print(json.dumps(_watch(name, rdtype, want, float(within))))
         case ["flood", seconds]:
@@ -129,14 +142,23 @@ def _main(argv: list[str]) -> None:
         case ["stub", address]:
             _stub(address)
         case _:
-            raise SystemExit(f"usage: {MODULE} query|watch|flood|stub ...")
+            raise SystemExit(f"usage: {MODULE} query|tcp|watch|flood|stub ...")
 
 
 # -- the test -------------------------------------------------------------------------------------
 
 
-def _query(lab: Lab, ns: str, name: str, rdtype: str = "A", server: str = "100.100.100.100"):
-    out = lab.run(ns, PY, "-m", MODULE, "query", name, rdtype, server, env=ENV).stdout
+def _query(
+    lab: Lab,
+    ns: str,
+    name: str,
+    rdtype: str = "A",
+    server: str = "100.100.100.100",
+    *,
+    tcp: bool = False,
+) -> dict:
+    how = "tcp" if tcp else "query"
+    out = lab.run(ns, PY, "-m", MODULE, how, name, rdtype, server, env=ENV).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -174,13 +196,24 @@ def test_nodes_resolve_each_other_forward_outside_names_and_follow_changes(lab: 
     assert _query(lab, b.ns, "a.mesh.internal", "AAAA")["answers"] == ["fd7a:115c:a1e0::1"]
     assert _query(lab, c.ns, "b", "A", "fd7a:115c:a1e0::53")["answers"] == ["100.64.0.2"]
     assert _query(lab, b.ns, "nope.mesh.internal")["rcode"] == "NXDOMAIN"
+    # the same over TCP (what a resolver falls back to for a truncated answer), both addresses
+    assert _query(lab, a.ns, "b.mesh.internal", tcp=True) == {
+        "rcode": "NOERROR",
+        "answers": ["100.64.0.2"],
+    }
+    assert _query(lab, b.ns, "c", "AAAA", "fd7a:115c:a1e0::53", tcp=True)["answers"] == [
+        "fd7a:115c:a1e0::3"
+    ]
+    assert _query(lab, c.ns, "nope.mesh.internal", tcp=True)["rcode"] == "NXDOMAIN"
     # other names go to the configured upstream
     assert _query(lab, c.ns, OUTSIDE) == {"rcode": "NOERROR", "answers": [OUTSIDE_ADDR]}
     assert _query(lab, c.ns, "unknown.example")["rcode"] == "NXDOMAIN"
+    assert _query(lab, a.ns, OUTSIDE, tcp=True)["answers"] == [OUTSIDE_ADDR]
     st = a.status()["dns"]
     assert (st["enabled"], st["domain"], st["names"]) == (True, "mesh.internal", 3)
     assert st["resolved"] == "unavailable"
     assert "100.100.100.100" in st["hint"]
+    assert st["tcp"]["queries"] >= 2
     human = a.cli("status").stdout
     assert "dns mesh.internal at 100.100.100.100, 3 names" in human, human
 

@@ -1,14 +1,16 @@
 """The DNS service behind a real TUN: the kernel's own sockets query 100.100.100.100 (root only).
 
     ns
-    python socket ──UDP──► 100.100.100.100:53 / [fd7a:115c:a1e0::53]:53
+    python socket ──UDP or TCP──► 100.100.100.100:53 / [fd7a:115c:a1e0::53]:53
                              │ route via dnsXXXX (TUN, 100.64.0.9/32, fd7a:115c:a1e0::9/128)
                              ▼
-    thread: TUN read ──► DnsServer.handle_tun_packet ──► TUN write ──► the socket gets the answer
+    thread: TUN read ──► DnsServer.handle_tun_packet (UDP) or DnsTcp (TCP) ──► TUN write
+                                                               ──► the socket gets the answer
 
-The kernel drops a UDP datagram whose checksum is wrong, so every answer that arrives proves
-the IP and UDP headers we built. `python -m tests.integration.test_dns_tun selftest IFNAME`
-runs inside the namespace and prints the results as JSON.
+The kernel drops a datagram or segment whose checksum is wrong, so every answer that arrives
+proves the IP, UDP and TCP headers we built; a TCP answer also proves the handshake, sequence
+numbers and windows to the kernel's own TCP. `python -m tests.integration.test_dns_tun selftest
+IFNAME` runs inside the namespace and prints the results as JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import ipaddress
 import json
 import select
 import socket
+import struct
 import sys
 import threading
 
@@ -31,7 +34,9 @@ pytestmark = pytest.mark.netns
 
 
 def _serve(tun_name: str, stop: threading.Event, ready: threading.Event, log: list[str]) -> None:
+    from agent.engine.dns_tcp import is_service_tcp
     from agent.node.dns_server import DnsServer
+    from agent.node.dns_tcp import DnsTcp
     from agent.node.tun import open_tun
     from agent.proto.dns.responder import NameTable
 
@@ -58,19 +63,26 @@ def _serve(tun_name: str, stop: threading.Event, ready: threading.Event, log: li
         )
         loop = asyncio.new_event_loop()
         server = DnsServer(table, [])
+        tcp = DnsTcp(server, tun.write_packets)
         ready.set()
         try:
             while not stop.is_set():
                 readable, _, _ = select.select([tun], [], [], 0.1)
                 if not readable:
+                    loop.run_until_complete(asyncio.sleep(0))  # due TCP timers
                     continue
                 for _, packet in tun.read_batch(16):
+                    if is_service_tcp(packet):
+                        replies = loop.run_until_complete(_handle_tcp(tcp, bytes(packet)))
+                        tun.write_packets(replies)
+                        continue
                     reply = loop.run_until_complete(_handle(server, bytes(packet)))
                     if reply is not None:
                         tun.write_packets([reply])
                     else:
                         log.append(f"no reply to {bytes(packet[:40]).hex()}")
         finally:
+            tcp.close()
             loop.close()
 
 
@@ -81,12 +93,30 @@ async def _handle(server: object, packet: bytes) -> bytes | None:
     return server.handle_tun_packet(packet)
 
 
-def _query(family: int, address: str, name: str, rdtype: str) -> dict[str, object]:
+async def _handle_tcp(tcp: object, packet: bytes) -> list[bytes]:
+    from agent.node.dns_tcp import DnsTcp
+
+    assert isinstance(tcp, DnsTcp)
+    return tcp.handle_packet(packet)
+
+
+def _query(
+    family: int, address: str, name: str, rdtype: str, *, tcp: bool = False
+) -> dict[str, object]:
     query = dns.message.make_query(name, rdtype)
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(3)
-        sock.sendto(query.to_wire(), (address, 53))
-        data, source = sock.recvfrom(4096)
+    if tcp:
+        with socket.create_connection((address, 53), timeout=3) as conn:
+            source = conn.getpeername()
+            wire = query.to_wire()
+            conn.sendall(struct.pack("!H", len(wire)) + wire)
+            data = _read_message(conn)
+            conn.shutdown(socket.SHUT_WR)
+            assert conn.recv(1) == b""  # our FIN after the answer
+    else:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(3)
+            sock.sendto(query.to_wire(), (address, 53))
+            data, source = sock.recvfrom(4096)
     answer = dns.message.from_wire(data)
     return {
         "source": source[0],
@@ -94,6 +124,16 @@ def _query(family: int, address: str, name: str, rdtype: str) -> dict[str, objec
         "rcode": dns.rcode.to_text(answer.rcode()),
         "answers": sorted(rd.to_text() for rrset in answer.answer for rd in rrset),
     }
+
+
+def _read_message(conn: socket.socket) -> bytes:
+    buf = b""
+    while len(buf) < 2 or len(buf) < 2 + struct.unpack("!H", buf[:2])[0]:
+        chunk = conn.recv(4096)
+        if not chunk:
+            raise OSError(f"connection closed after {len(buf)} bytes")
+        buf += chunk
+    return buf[2:]
 
 
 def selftest(tun_name: str) -> None:
@@ -110,9 +150,11 @@ def selftest(tun_name: str) -> None:
             ("v4_nx", socket.AF_INET, "100.100.100.100", "nope.mesh.internal", "A"),
             ("v4_ptr", socket.AF_INET, "100.100.100.100", "7.0.64.100.in-addr.arpa", "PTR"),
             ("v6_aaaa", socket.AF_INET6, "fd7a:115c:a1e0::53", "laptop.mesh.internal", "AAAA"),
+            ("tcp_v4_a", socket.AF_INET, "100.100.100.100", "laptop.mesh.internal", "A"),
+            ("tcp_v6_ptr", socket.AF_INET6, "fd7a:115c:a1e0::53", "8.0.64.100.in-addr.arpa", "PTR"),
         ):
             try:
-                results[key] = _query(family, address, name, rdtype)
+                results[key] = _query(family, address, name, rdtype, tcp=key.startswith("tcp"))
             except OSError as e:
                 results[key] = {"error": repr(e)}
     finally:
@@ -144,6 +186,9 @@ def test_kernel_sockets_get_answers_through_the_tun(lab: Lab) -> None:
         "rcode": "NOERROR",
         "answers": ["fd7a:115c:a1e0::7"],
     }
+    assert results["tcp_v4_a"] == {**results["v4_a"]}
+    assert results["tcp_v6_ptr"]["answers"] == ["server.mesh.internal."]
+    assert results["tcp_v6_ptr"]["source"] == "fd7a:115c:a1e0::53"
 
 
 if __name__ == "__main__":

@@ -194,3 +194,39 @@ async def test_configured_upstreams_are_used() -> None:
     await svc.start(FakeDataPlane(), FakeTun())
     assert svc.status()["upstreams"] == ["127.0.0.1:5353"]
     await svc.close()
+
+
+@pytest.mark.asyncio
+async def test_tcp_to_the_service_is_taken_by_the_hook_and_answered() -> None:
+    from agent.engine.tcp_segment import ACK, PSH, RST, SYN, build_segment, parse_segment
+
+    svc, dp, tun = await started()
+    assert dp.on_local is not None
+
+    def seg(flags: int, seq: int, ack: int = 0, payload: bytes = b"", dport: int = 53) -> bytes:
+        return build_segment(
+            CLIENT, 40500, SERVICE_V4, dport, seq=seq, ack=ack, flags=flags, window=65535,
+            payload=payload, mss=1200 if flags & SYN else None,
+        )  # fmt: skip
+
+    assert dp.on_local(seg(SYN, 100))
+    await asyncio.sleep(0)
+    (syn_ack,) = [parse_segment(p) for p in tun.written]
+    assert syn_ack.flags == SYN | ACK
+    wire = dns.message.make_query("static-b", "A").to_wire()
+    ours = syn_ack.seq + 1
+    dp.on_local(seg(ACK, 101, ours))
+    dp.on_local(seg(ACK | PSH, 101, ours, len(wire).to_bytes(2, "big") + wire))
+    dp.on_local(seg(SYN, 7, dport=80))  # TCP to another port: refused
+    await asyncio.sleep(0)
+    ack, data, rst = [parse_segment(p) for p in tun.written[1:]]
+    assert ack.flags == ACK
+    assert rst.flags & RST
+    answer = dns.message.from_wire(data.payload[2:])
+    assert answer.answer[0][0].to_text() == "100.64.0.2"
+    status = svc.status()
+    assert status["tcp"] == {"connections": 1, "queries": 1}
+    assert status["answered"] == 1
+    tun.written.clear()
+    await svc.close()
+    assert parse_segment(tun.written[0]).flags & RST  # closing resets the open connection

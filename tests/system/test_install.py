@@ -223,13 +223,23 @@ def test_journal_holds_json_lines(cluster: Cluster) -> None:
 
 def test_names_resolve_through_systemd_resolved(cluster: Cluster) -> None:
     """The agent (user `agent`, allowed by the package's polkit rule) gives resolved the
-    overlay's domain on its link; names resolve and bare names work; stopping the agent
-    takes the domain away again."""
+    overlay's domain on its link; names resolve (over UDP and TCP) and bare names work;
+    stopping the agent takes the domain away again."""
     a = cluster["a"]
     out = a.run("resolvectl", "query", "b.mesh.internal").stdout
     assert B_V4 in out, out
     assert B_V6 in out, out
     assert "b.mesh.internal" in a.run("getent", "ahosts", "b").stdout  # the search domain
+    # over TCP too (what resolvers fall back to for truncated answers), from the agent's own
+    # Python: a kernel TCP socket to 100.100.100.100, answered by the unit's userspace TCP
+    ask_tcp = (
+        "import dns.message, dns.query; "
+        "m = dns.query.tcp(dns.message.make_query('b.mesh.internal', 'A'), '{}', timeout=5); "
+        "print(*sorted(rd.to_text() for rrset in m.answer for rd in rrset))"
+    )
+    for server in ("100.100.100.100", "fd7a:115c:a1e0::53"):
+        out = a.run("/usr/lib/agent/bin/python", "-c", ask_tcp.format(server)).stdout
+        assert out.split() == [B_V4], (server, out)
     _ping_until(a, "b")
     status = a.run("resolvectl", "status", "agent0").stdout
     assert "mesh.internal" in status
