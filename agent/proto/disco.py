@@ -22,10 +22,17 @@ Plaintext: type u8 | version u8 (always 0 when sent) | body; trailing bytes are 
     0x02 Pong         tx_id 12 | src IP 16 (IPv4 as ::ffff:a.b.c.d) | port u16 BE   body >= 30
     0x03 CallMeMaybe  N x (IP 16 | port u16 BE); empty unless version 0 and length a
                       positive multiple of 18
+    0x80 NatInfo      flags u8 (ours, not tailscale's; DERP only, sent beside CallMeMaybe):
+                      0x01 hard: the sender's NAT maps per destination (netcheck
+                      MappingVariesByDestIP), 0x02 easy: it does not (neither: unknown),
+                      0x04 want: the sender has traffic for us and no direct path,
+                      0x08 probe: the sender (hard) holds sockets mapped towards us now and
+                      asks us to guess its ports (engine/birthday.py); other bits ignored
 
 Types 4-9 (peer relays) are not implemented: parsing them raises MalformedPacket, which the
-receiver drops like any packet it cannot understand. Pure computation; receive paths raise only
-RemoteProtocolError subclasses.
+receiver drops like any packet it cannot understand. A receiver that predates NatInfo drops it
+the same way, so sending it costs an older peer one counted drop and changes nothing else. Pure
+computation; receive paths raise only RemoteProtocolError subclasses.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ __all__ = [
     "TYPE_PING",
     "TYPE_PONG",
     "TYPE_CALL_ME_MAYBE",
+    "TYPE_NAT_INFO",
     "VERSION",
     "TX_ID_LEN",
     "ENDPOINT_LEN",
@@ -63,6 +71,7 @@ __all__ = [
     "Ping",
     "Pong",
     "CallMeMaybe",
+    "NatInfo",
     "Message",
     "parse_message",
     "looks_like_disco",
@@ -86,6 +95,7 @@ MIN_PACKET_LEN: Final = HEADER_LEN + BOX_OVERHEAD + MESSAGE_HEADER_LEN  # 80
 TYPE_PING: Final = 0x01
 TYPE_PONG: Final = 0x02
 TYPE_CALL_ME_MAYBE: Final = 0x03
+TYPE_NAT_INFO: Final = 0x80  # ours: above the types tailscale defines (1-9)
 VERSION: Final = 0  # every message type is sent as version 0
 
 TX_ID_LEN: Final = 12
@@ -224,12 +234,51 @@ class CallMeMaybe:
         )
 
 
-Message: TypeAlias = Ping | Pong | CallMeMaybe
+_NAT_HARD: Final = 0x01
+_NAT_EASY: Final = 0x02
+_NAT_WANT: Final = 0x04
+_NAT_PROBE: Final = 0x08
 
-_BY_TYPE: Final[dict[int, type[Ping] | type[Pong] | type[CallMeMaybe]]] = {
+
+@dataclass(frozen=True, slots=True)
+class NatInfo:
+    """NatInfo (type 0x80, ours): what the sender knows of its NAT. Valid only over DERP.
+
+    `hard`: True when its NAT gives each destination a new public port (None: not known);
+    `want`: it has traffic for us and no direct path; `probe`: it (the hard side) has just
+    sent from many sockets towards our endpoint and asks us to guess its ports now.
+    """
+
+    TYPE: ClassVar[int] = TYPE_NAT_INFO
+
+    hard: bool | None = None
+    want: bool = False
+    probe: bool = False
+
+    def encode(self) -> bytes:
+        flags = 0 if self.hard is None else (_NAT_HARD if self.hard else _NAT_EASY)
+        flags |= (_NAT_WANT if self.want else 0) | (_NAT_PROBE if self.probe else 0)
+        return bytes((TYPE_NAT_INFO, VERSION, flags))
+
+    @classmethod
+    def parse(cls, data: bytes) -> Self:
+        _check_header(data, TYPE_NAT_INFO, 1)
+        flags = data[MESSAGE_HEADER_LEN]
+        hard = flags & (_NAT_HARD | _NAT_EASY)
+        return cls(
+            hard=None if hard in (0, _NAT_HARD | _NAT_EASY) else hard == _NAT_HARD,
+            want=bool(flags & _NAT_WANT),
+            probe=bool(flags & _NAT_PROBE),
+        )
+
+
+Message: TypeAlias = Ping | Pong | CallMeMaybe | NatInfo
+
+_BY_TYPE: Final[dict[int, type[Ping] | type[Pong] | type[CallMeMaybe] | type[NatInfo]]] = {
     TYPE_PING: Ping,
     TYPE_PONG: Pong,
     TYPE_CALL_ME_MAYBE: CallMeMaybe,
+    TYPE_NAT_INFO: NatInfo,
 }
 
 

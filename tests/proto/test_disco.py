@@ -94,6 +94,7 @@ def test_constants() -> None:
     assert disco.HEADER_LEN == 62
     assert disco.MIN_PACKET_LEN == 80
     assert (disco.TYPE_PING, disco.TYPE_PONG, disco.TYPE_CALL_ME_MAYBE) == (1, 2, 3)
+    assert disco.TYPE_NAT_INFO == 0x80
     assert disco.VERSION == 0
 
 
@@ -206,7 +207,42 @@ def test_call_me_maybe_parsed_empty(plain: bytes) -> None:
     assert disco.parse_message(plain) == disco.CallMeMaybe(())
 
 
-@pytest.mark.parametrize("plain", [b"", b"\x01", b"\x00\x00", b"\x04\x00" + bytes(72), b"\xff\x00"])
+@pytest.mark.parametrize(
+    ("info", "plain"),
+    [
+        (disco.NatInfo(), b"\x80\x00\x00"),
+        (disco.NatInfo(hard=True), b"\x80\x00\x01"),
+        (disco.NatInfo(hard=False, want=True), b"\x80\x00\x06"),
+        (disco.NatInfo(hard=True, probe=True), b"\x80\x00\x09"),
+        (disco.NatInfo(hard=True, want=True, probe=True), b"\x80\x00\x0d"),
+    ],
+)
+def test_nat_info_golden(info: disco.NatInfo, plain: bytes) -> None:
+    assert info.encode() == plain
+    assert disco.parse_message(plain) == info
+
+
+@pytest.mark.parametrize(
+    ("plain", "info"),
+    [
+        (b"\x80\x00\x03", disco.NatInfo()),  # hard and easy at once: not known
+        (b"\x80\x00\xf1" + b"later", disco.NatInfo(hard=True)),  # unknown bits, trailing bytes
+        (b"\x80\x07\x02", disco.NatInfo(hard=False)),  # any version
+    ],
+)
+def test_nat_info_lenient_parse(plain: bytes, info: disco.NatInfo) -> None:
+    assert disco.parse_message(plain) == info
+
+
+@given(hard=st.none() | st.booleans(), want=st.booleans(), probe=st.booleans())
+def test_nat_info_round_trip(hard: bool | None, want: bool, probe: bool) -> None:
+    info = disco.NatInfo(hard=hard, want=want, probe=probe)
+    assert disco.parse_message(info.encode()) == info
+
+
+@pytest.mark.parametrize(
+    "plain", [b"", b"\x01", b"\x00\x00", b"\x04\x00" + bytes(72), b"\xff\x00", b"\x80\x00"]
+)
 def test_parse_message_rejects(plain: bytes) -> None:
     with pytest.raises(MalformedPacket):
         disco.parse_message(plain)
@@ -345,6 +381,7 @@ messages = st.one_of(
         disco.CallMeMaybe,
         st.lists(st.tuples(st.ip_addresses(v=4).map(str), ports), max_size=5).map(tuple),
     ),
+    st.builds(disco.NatInfo, st.none() | st.booleans(), st.booleans(), st.booleans()),
 )
 
 
