@@ -10,6 +10,9 @@
                  through DERP only ever times the DERP path); PongReceived
     CallMeMaybe  only through DERP: the peer's endpoints become candidates, each due one is
                  pinged (simultaneous open), and we answer with our own endpoints
+    NatInfo      only through DERP: what the peer knows of its NAT, to `on_nat_info`
+                 (engine/birthday.py); a pong to a birthday ping makes its destination a
+                 LEARNED candidate (it was no candidate before)
 
 Follows tailscale's wgengine/magicsock (magicsock.go handleDiscoMessage, endpoint.go
 handlePingLocked / handlePongConnLocked / handleCallMeMaybe). `receive` raises only
@@ -19,7 +22,7 @@ RemoteProtocolError; the engine counts it and carries on.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from agent.engine.candidates import Candidate, CandidateSource
@@ -53,8 +56,10 @@ class DiscoReceiver:
         events: deque[EngineEvent],
         stats: EngineStats,
         timings: Timings,
+        on_nat_info: Callable[[PeerPath, disco.NatInfo, float], None],
     ) -> None:
         self._disco_private = disco_private  # static after construction
+        self._on_nat_info = on_nat_info
         self._peers = peers
         self._by_disco = by_disco
         self._out = out
@@ -87,6 +92,11 @@ class DiscoReceiver:
                 if region is None:
                     raise MalformedPacket("CallMeMaybe is valid only through DERP")
                 self._on_call_me_maybe(peer, message, region, now)
+            case disco.NatInfo():
+                if region is None:
+                    raise MalformedPacket("NatInfo is valid only through DERP")
+                peer.derp_rx_region = region
+                self._on_nat_info(peer, message, now)
         return peer
 
     def _sender_peer(
@@ -140,6 +150,10 @@ class DiscoReceiver:
             return
         latency = max(0.0, now - sent.sent_at)
         arrived_via_derp = derp_region_of(src) is not None
+        if sent.purpose is PingPurpose.BIRTHDAY and not arrived_via_derp:
+            if sent.dest not in peer.candidates:  # a guessed port (easy side) answered
+                self._stats.birthday_hits += 1
+            peer.add_candidate(sent.dest, CandidateSource.LEARNED, now)
         if sent.via_derp:
             if arrived_via_derp:
                 peer.derp_latency = latency

@@ -7,7 +7,10 @@
                                               then a CallMeMaybe when one went out
     DiscoSender.call_me_maybe(peer, now)      our endpoints to the peer through its DERP region,
                                               paced per peer (tailscaled endpoint.go
-                                              sendDiscoPingsLocked / callMeMaybe)
+                                              sendDiscoPingsLocked / callMeMaybe), followed by
+                                              our NatInfo when `nat_info` gives one
+    DiscoSender.probe(peer, dest, now, via)   a birthday round's ping (engine/birthday.py): from
+                                              socket `via`, no candidate's ping time touched
     DiscoSender.drain()                       the queued datagrams, for the daemon to send
 
 Owned by the PathEngine that creates it; it shares the engine's stats and timings.
@@ -33,6 +36,7 @@ MESSAGE_KIND: dict[type[disco.Message], str] = {
     disco.Ping: "ping",
     disco.Pong: "pong",
     disco.CallMeMaybe: "call_me_maybe",
+    disco.NatInfo: "nat_info",
 }
 
 
@@ -57,6 +61,8 @@ class DiscoSender:
         self._randbytes = randbytes
         self.tx = TxTable()  # pings awaiting a pong; the engine reads its deadlines
         self.local: tuple[Endpoint, ...] = ()  # our endpoints, advertised in CallMeMaybe
+        # What follows each CallMeMaybe to a peer (the engine sets it to its Birthday's).
+        self.nat_info: Callable[[PeerPath, float], disco.NatInfo | None] = lambda p, now: None
         self._out: list[Outgoing] = []
 
     def new_tx_id(self) -> bytes:
@@ -67,7 +73,7 @@ class DiscoSender:
         out, self._out = self._out, []
         return out
 
-    def send(self, peer: PeerPath, message: disco.Message, dest: Endpoint) -> None:
+    def send(self, peer: PeerPath, message: disco.Message, dest: Endpoint, via: int = 0) -> None:
         nonce = self._randbytes(disco.NONCE_LEN)
         try:
             packet = disco.seal(self._disco_private.raw, peer.disco.raw, message, nonce)
@@ -75,7 +81,7 @@ class DiscoSender:
             self._stats.drops[DropReason.SEND_FAILED] += 1
             return
         self._stats.sent[MESSAGE_KIND[type(message)]] += 1
-        self._out.append(Outgoing(packet, dest, peer.key))
+        self._out.append(Outgoing(packet, dest, peer.key, via))
 
     def ping(
         self,
@@ -94,6 +100,15 @@ class DiscoSender:
         if derp_region_of(dest) is None:
             peer.note_ping(dest, now)
         self.send(peer, disco.Ping(tx_id, node_key=self._node_key.raw), dest)
+
+    def probe(self, peer: PeerPath, dest: Endpoint, now: float, via: int) -> None:
+        """A birthday round's ping to `dest` from socket `via` (0: the WireGuard socket)."""
+        tx_id = self.new_tx_id()
+        t = self._timings
+        self.tx.add(
+            SentPing(tx_id, peer.key, dest, now, PingPurpose.BIRTHDAY, now + t.ping_timeout)
+        )
+        self.send(peer, disco.Ping(tx_id, node_key=self._node_key.raw), dest, via)
 
     def discover(self, peer: PeerPath, now: float, *, call_me_maybe: bool) -> None:
         """A discovery round: ping each candidate not pinged for DISCO_PING_INTERVAL; then a
@@ -115,3 +130,6 @@ class DiscoSender:
             return
         self.send(peer, disco.CallMeMaybe(self.local), derp_endpoint(region))
         peer.schedule.note_call_me_maybe(now)
+        info = self.nat_info(peer, now)
+        if info is not None:
+            self.send(peer, info, derp_endpoint(region))

@@ -31,6 +31,7 @@ class PingPurpose(Enum):
     DISCOVERY = "discovery"  # find or re-check candidate paths
     HEARTBEAT = "heartbeat"  # keep the best path trusted while the session is active
     CLI = "cli"  # `agent ping`
+    BIRTHDAY = "birthday"  # a birthday round's ping (engine/birthday.py): no candidate's ping
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,8 @@ which packets are DISCO). A facade over small parts, each in its own module:
     disco_in.DiscoReceiver what each received Ping, Pong and CallMeMaybe does
     disco_out.DiscoSender  sealing our messages; pings, discovery rounds, CallMeMaybe pacing
     disco_tx.TxTable       pings awaiting a pong: TxID -> peer, destination, time, purpose
+    birthday.Birthday      easy NAT against hard NAT: extra sockets, guessed ports, and which
+                           endpoint is sent to from which extra socket (`socket_for`)
     schedule               per peer activity/heartbeat/CallMeMaybe pacing; the deadline heap
     paths.PathTable        plain WireGuard peers (no disco key): unchanged policy
     timings.Timings        every interval, named as in §8.7
@@ -40,12 +42,13 @@ Flow between two nodes A and B that both run an engine (B's side is symmetrical)
 
 Inputs: `add_peer`/`remove_peer`/`set_endpoint`/`set_netmap_endpoints` (configuration),
 `on_send` (we are about to send to a peer: activity), `on_receive` (an authenticated WireGuard
-packet arrived), `receive_disco` (a DISCO packet arrived over UDP or DERP),
-`set_local_endpoints`, `ping`, `on_timer`. Outputs: `targets`/`status` (per peer, now),
-`outgoing()` (DISCO datagrams to send), `events()` (PathChanged, PongReceived,
-DiscoAuthenticated: the daemon answers the last with `handshake_wake`),
-`next_deadline()`. Hostile input to `receive_disco` is counted in `stats.drops` and never
-raises.
+packet arrived), `receive_disco` (a DISCO packet arrived over UDP or DERP, or on an extra
+socket: `via`), `set_local_endpoints`, `set_nat` (netcheck's MappingVariesByDestIP), `ping`,
+`on_timer`. Outputs: `targets`/`status` (per peer, now), `outgoing()` (DISCO datagrams to
+send, `via` the socket), `events()` (PathChanged, PongReceived, DiscoAuthenticated: the
+daemon answers the last with `handshake_wake`), `socket_for(endpoint)` and `extra_sockets()`
+(birthday rounds, engine/birthday.py), `next_deadline()`. Hostile input to `receive_disco` is
+counted in `stats.drops` and never raises.
 
 Disco keys in static-config mode: see `discokeys`.
 
@@ -58,8 +61,9 @@ from __future__ import annotations
 
 import secrets
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
+from agent.engine.birthday import DEFAULT_BIRTHDAY, Birthday, BirthdayLimits
 from agent.engine.candidates import CandidateSource
 from agent.engine.disco_in import DiscoReceiver
 from agent.engine.disco_out import DiscoSender
@@ -95,6 +99,7 @@ class PathEngine:
         home_region: int | None = None,
         *,
         timings: Timings = DEFAULT_TIMINGS,
+        birthday: BirthdayLimits = DEFAULT_BIRTHDAY,
         randbytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
         self.timings = timings
@@ -103,6 +108,7 @@ class PathEngine:
         self._peers: dict[NodePublic, PeerPath] = {}
         self._by_disco: dict[DiscoPublic, list[NodePublic]] = {}
         self._deadlines: Deadlines[NodePublic] = Deadlines()
+        self._last_now = 0.0  # the latest time any input carried
         self._events: deque[EngineEvent] = deque()
         self._out = DiscoSender(
             disco_private,
@@ -112,6 +118,16 @@ class PathEngine:
             home_region=lambda: self._plain.home_region,
             randbytes=randbytes,
         )
+        self._birthday = Birthday(
+            birthday,
+            peers=self._peers,
+            out=self._out,
+            stats=self.stats,
+            timings=timings,
+            home_region=lambda: self._plain.home_region,
+            randbytes=randbytes,
+        )
+        self._out.nat_info = self._birthday.nat_info
         self._rx = DiscoReceiver(
             disco_private,
             peers=self._peers,
@@ -120,6 +136,7 @@ class PathEngine:
             events=self._events,
             stats=self.stats,
             timings=timings,
+            on_nat_info=self._birthday.on_nat_info,
         )
 
     # -- configuration (PathTable's API) ---------------------------------------------------------
@@ -171,6 +188,7 @@ class PathEngine:
             self._by_disco.pop(peer.disco, None)
         self._deadlines.set(key, None)
         self._out.tx.drop_peer(key)
+        self._birthday.remove_peer(key, self._last_now)
 
     def set_endpoint(self, key: NodePublic, endpoint: Endpoint | None) -> None:
         """A direct endpoint given from outside (config, `wg set`): a candidate, not trusted."""
@@ -218,6 +236,35 @@ class PathEngine:
     def local_endpoints(self) -> tuple[Endpoint, ...]:
         return self._out.local
 
+    def set_nat(self, hard: bool | None, now: float) -> None:
+        """Whether our NAT maps per destination (netcheck's MappingVariesByDestIP; None: not
+        known). Peers hear it in NatInfo; it decides our birthday role (engine/birthday.py)."""
+        self._last_now = now
+        self._birthday.set_own(hard, now)
+
+    # -- birthday rounds' sockets (engine/birthday.py) -----------------------------------------
+    def socket_for(self, endpoint: Endpoint) -> int:
+        """The socket UDP to `endpoint` must leave from: 0 the WireGuard socket, else the extra
+        socket a birthday round found the path through."""
+        return self._birthday.route.get(endpoint, 0)
+
+    @property
+    def socket_routes(self) -> Mapping[Endpoint, int]:
+        """Endpoint -> the extra socket UDP to it leaves from: a live read-only view (empty
+        while no birthday round found a path), for the shell's send path."""
+        return self._birthday.route
+
+    def extra_sockets(self) -> frozenset[int]:
+        """The extra sockets to hold open (ids); read again when `sockets_version` changes."""
+        return self._birthday.sockets()
+
+    @property
+    def sockets_version(self) -> int:
+        return self._birthday.sockets_version
+
+    def birthday_status(self) -> dict[str, object]:
+        return self._birthday.status()
+
     # -- data-path hooks -------------------------------------------------------------------------
     def on_send(self, key: NodePublic, now: float) -> None:
         """We are about to send data to `key`: the session is active (heartbeats run), and
@@ -228,6 +275,7 @@ class PathEngine:
         peer.schedule.note_send(now, self.timings)
         if not peer.trusted(now):
             self._out.discover(peer, now, call_me_maybe=True)
+            self._birthday.want(peer, now)
             self._rearm(peer, now)
             return
         if peer.note_direct_send(now, self.timings):
@@ -291,16 +339,21 @@ class PathEngine:
         now: float,
         *,
         derp_src: NodePublic | None = None,
+        via: int = 0,
     ) -> None:
         """A DISCO packet from `src`: a UDP source, or `derp_endpoint(region)` when it came
         through DERP, with `derp_src` the frame's source node key if the daemon has it (then
-        it must be the peer owning the sender disco key). An authenticated one is announced as
+        it must be the peer owning the sender disco key); `via` the extra socket a UDP one
+        arrived on (0: the WireGuard socket). An authenticated one is announced as
         DiscoAuthenticated. Never raises for bad input: drops are counted in `stats.drops`."""
+        self._last_now = now
         try:
             peer = self._rx.receive(bytes(packet), src, now, derp_src)
         except RemoteProtocolError as exc:
             self.stats.drops[exc.reason] += 1
             return
+        if via:  # before the replies it queued are sent: they must leave through `via`
+            self._birthday.on_disco_via(peer, src, via, now)
         self._rearm(peer, now)
 
     # -- DISCO out ------------------------------------------------------------------------------
@@ -349,6 +402,7 @@ class PathEngine:
     def on_timer(self, now: float) -> None:
         """Everything due at `now`, in order: late heartbeats, ping timeouts, per-peer
         deadlines (heartbeat, end of trust)."""
+        self._last_now = now
         touched: dict[NodePublic, PeerPath] = {}
         late, expired = self._out.tx.due(now)
         for sent in late:
@@ -358,7 +412,7 @@ class PathEngine:
                 touched[peer.key] = peer
         for sent in expired:
             peer = self._peers.get(sent.key)
-            if peer is not None and not sent.via_derp:
+            if peer is not None and not sent.via_derp and sent.purpose is not PingPurpose.BIRTHDAY:
                 peer.on_ping_timeout(sent.dest, now)
                 touched[peer.key] = peer
         for key in self._deadlines.due(now):
@@ -368,6 +422,7 @@ class PathEngine:
             touched[key] = peer
             if peer.schedule.heartbeat_due(now) and peer.schedule.on_heartbeat(now, self.timings):
                 self._heartbeat(peer, now)
+        self._birthday.on_timer(now)
         for peer in touched.values():
             self._rearm(peer, now)
 
@@ -378,7 +433,15 @@ class PathEngine:
             self._out.discover(peer, now, call_me_maybe=True)
 
     def next_deadline(self) -> float | None:
-        times = [t for t in (self._deadlines.next(), self._out.tx.next_deadline()) if t is not None]
+        times = [
+            t
+            for t in (
+                self._deadlines.next(),
+                self._out.tx.next_deadline(),
+                self._birthday.next_deadline(),
+            )
+            if t is not None
+        ]
         return min(times) if times else None
 
     def _rearm(self, peer: PeerPath, now: float) -> None:

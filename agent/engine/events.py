@@ -2,7 +2,10 @@
 
 Outgoing         a DISCO packet and where it goes: a UDP endpoint, or a DERP pseudo-endpoint
                  (`derp_endpoint(region)`) meaning "through that region to `key`"; exactly
-                 what `PeerTransport.send_to_endpoint([payload], endpoint, key)` takes
+                 what `PeerTransport.send_to_endpoint([payload], endpoint, key)` takes. `via`
+                 names the socket it leaves from: 0 the WireGuard socket (as the engine's
+                 `socket_for(endpoint)` says for everything else), else one of the extra
+                 sockets of a birthday round (engine/birthday.py)
 PathChanged      a peer's path kind (direct / derp / none) or direct endpoint changed
 PongReceived     a pong to one of our pings (`agent ping` prints these)
 DiscoAuthenticated  a DISCO message from a peer opened with its disco key: the peer is
@@ -35,6 +38,7 @@ class Outgoing:
     payload: bytes
     endpoint: Endpoint
     key: NodePublic
+    via: int = 0  # 0: the socket `socket_for(endpoint)` names; else that extra socket
 
     @property
     def derp_region(self) -> int | None:

@@ -22,6 +22,11 @@ class EngineStats:
     unmatched_pongs: int = 0
     silence_probes: int = 0  # heartbeat pings sent early: the direct path went silent
     relayed_fallbacks: int = 0  # trust ended because the peer's data came through DERP
+    birthday_rounds: int = 0  # birthday rounds as the hard side (extra sockets opened)
+    birthday_probe_rounds: int = 0  # birthday rounds as the easy side (ports guessed)
+    birthday_pings: int = 0  # pings of those rounds (from extra sockets, or to guessed ports)
+    birthday_hits: int = 0  # a guessed port answered, or an extra socket heard the peer
+    birthday_misses: int = 0  # hard rounds that ended without a hit
 
     def counters(self) -> dict[str, int]:
         """Every counter under one flat name (for metrics): sent_ping, received_pong,
@@ -33,4 +38,12 @@ class EngineStats:
         out["unmatched_pongs"] = self.unmatched_pongs
         out["silence_probes"] = self.silence_probes
         out["relayed_fallbacks"] = self.relayed_fallbacks
+        for name in (
+            "birthday_rounds",
+            "birthday_probe_rounds",
+            "birthday_pings",
+            "birthday_hits",
+            "birthday_misses",
+        ):
+            out[name] = getattr(self, name)
         return out

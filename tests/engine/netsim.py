@@ -17,6 +17,11 @@ Presets: NAT_TYPES maps "full_cone", "restricted", "port_restricted", "symmetric
 "public" means no NAT. `Host.udp_blocked` drops every UDP datagram in or out (a firewall), which
 also stops STUN; DERP is TCP and unaffected.
 
+A host holds the extra sockets its engine asks for (birthday rounds, engine/birthday.py), each
+on a port of its own behind the same NAT: DISCO sent `via` one leaves from it, data to an
+endpoint leaves from `engine.socket_for(endpoint)`, and what arrives on an extra socket is
+handed over with its id (data only from the endpoint bound to it, as the node's shell does).
+
 Data is modelled, not encrypted: a data packet is DATA_MAGIC + the sender's node key, and the
 receiver treats it as an authenticated WireGuard packet (`engine.on_receive`). `Flow` sends one
 each way every `interval` through whatever `engine.targets()` says, calling `engine.on_send`
@@ -149,6 +154,9 @@ class Host:
     engine: PathEngine = field(init=False)
     events: list[tuple[float, EngineEvent]] = field(default_factory=list)
     rx: dict[NodePublic, list[Rx]] = field(default_factory=dict)
+    extra: dict[int, int] = field(default_factory=dict)  # extra socket id -> local port
+    max_extra: int = 0  # the most extra sockets held at once
+    _sockets_version: int = 0
     _armed: float | None = None
     _stun_tx: bytes | None = None
 
@@ -180,11 +188,21 @@ class Host:
             disco_key=static_disco_public(other.key),
         )
 
+    def socket_of(self, port: int) -> int | None:
+        """The socket bound to local `port`: 0 the WireGuard one, an extra one's id, or None."""
+        if port == self.port:
+            return 0
+        return next((sid for sid, p in self.extra.items() if p == port), None)
+
     # -- UDP and DERP in -------------------------------------------------------------------------
-    def receive_udp(self, src: Endpoint, payload: bytes) -> None:
+    def receive_udp(self, src: Endpoint, payload: bytes, via: int = 0) -> None:
         if self.udp_blocked:
             return
-        if stun.is_stun(payload):
+        if via and disco.looks_like_disco(payload):
+            self.engine.receive_disco(payload, src, self.now, via=via)
+        elif via and not (payload.startswith(DATA_MAGIC) and self.engine.socket_for(src) == via):
+            pass  # an extra socket takes data only from the endpoint bound to it
+        elif stun.is_stun(payload):
             self._stun_response(payload)
         elif disco.looks_like_disco(payload):
             self.engine.receive_disco(payload, src, self.now)
@@ -204,9 +222,13 @@ class Host:
         self.pump()
 
     # -- out -----------------------------------------------------------------------------------
-    def send_udp(self, dst: Endpoint, payload: bytes) -> None:
-        if not self.udp_blocked:
-            self.net.send_udp(self, dst, payload)
+    def send_udp(self, dst: Endpoint, payload: bytes, via: int | None = None) -> None:
+        """From socket `via` (None: the one `engine.socket_for(dst)` names)."""
+        if via is None:
+            via = self.engine.socket_for(dst)
+        port = self.port if via == 0 else self.extra.get(via)
+        if port is not None and not self.udp_blocked:
+            self.net.send_udp(self, (self.ip, port), dst, payload)
 
     def send_data(self, peer: Host) -> None:
         self.engine.on_send(peer.key, self.now)
@@ -229,10 +251,17 @@ class Host:
 
     def pump(self) -> None:
         """Send what the engine wants sent, log its events, re-arm its one timer."""
+        if self.engine.sockets_version != self._sockets_version:
+            self._sockets_version = self.engine.sockets_version
+            wanted = self.engine.extra_sockets()
+            self.extra = {sid: p for sid, p in self.extra.items() if sid in wanted}
+            for sid in sorted(wanted - self.extra.keys()):
+                self.extra[sid] = 20000 + sid
+            self.max_extra = max(self.max_extra, len(self.extra))
         for out in self.engine.outgoing():
             region = out.derp_region
             if region is None:
-                self.send_udp(out.endpoint, out.payload)
+                self.send_udp(out.endpoint, out.payload, None if out.via == 0 else out.via)
             else:
                 self.net.derp.send(region, self.key, out.key, out.payload)
         self.events.extend((self.now, ev) for ev in self.engine.events())
@@ -294,8 +323,8 @@ class Network:
         self.derp.hosts[host.key] = host
         return host
 
-    def send_udp(self, sender: Host, dst: Endpoint, payload: bytes) -> None:
-        src = sender.local if sender.nat is None else sender.nat.outbound(sender.local, dst)
+    def send_udp(self, sender: Host, local: Endpoint, dst: Endpoint, payload: bytes) -> None:
+        src = local if sender.nat is None else sender.nat.outbound(local, dst)
         self.sim.after(self.udp_latency, lambda: self._arrive(src, dst, payload))
 
     def _arrive(self, src: Endpoint, dst: Endpoint, payload: bytes) -> None:
@@ -304,19 +333,20 @@ class Network:
             return
         box = self._public.get(dst[0])
         if isinstance(box, Host):
-            if box.port == dst[1]:
+            via = box.socket_of(dst[1])
+            if via is not None:
                 self.udp_delivered += 1
-                box.receive_udp(src, payload)
+                box.receive_udp(src, payload, via)
         elif isinstance(box, Nat):
             inside = box.inbound(dst[1], src)
             if inside is None:
                 return
-            host = next(
-                (h for h in self.derp.hosts.values() if h.nat is box and h.local == inside), None
-            )
-            if host is not None:
-                self.udp_delivered += 1
-                host.receive_udp(src, payload)
+            for h in self.derp.hosts.values():
+                via = h.socket_of(inside[1]) if h.nat is box and h.ip == inside[0] else None
+                if via is not None:
+                    self.udp_delivered += 1
+                    h.receive_udp(src, payload, via)
+                    return
 
     def _stun_server(self, src: Endpoint, payload: bytes) -> None:
         try:
