@@ -56,7 +56,7 @@ DEFAULT_TXQUEUELEN = 2000
 _INTERFACE_KEYS = {
     "name", "private_key", "private_key_file", "addresses", "listen_port", "mtu",
     "txqueuelen", "control_socket", "uapi", "fwmark", "metrics_listen", "policy_file", "portmap",
-    "dataplane",
+    "dataplane", "nat_birthday",
 }  # fmt: skip
 _PEER_KEYS = {
     "name", "public_key", "allowed_ips", "endpoint", "derp_region", "preshared_key",
@@ -82,6 +82,7 @@ class InterfaceConfig:
     # ...compiled for this node: what peers may send it. None = no policy, everything passes.
     policy: tuple[FilterRule, ...] | None = None
     portmap: bool = True  # ask the router (UPnP IGD, NAT-PMP, PCP) to map listen_port
+    nat_birthday: bool = True  # the birthday technique against a hard NAT (engine/birthday.py)
     # the per-packet loop: "native" (compiled), "python" (the reference twin), "auto" (native
     # where it loads)
     dataplane: str = "auto"
@@ -268,6 +269,7 @@ class NodeChecker(Checker):
         metrics = self.opt(p, t, "metrics_listen", self.loopback_endpoint, None)
         policy_file = self.opt(p, t, "policy_file", self.path, None)
         portmap = self.opt(p, t, "portmap", self.boolean, True)
+        nat_birthday = self.opt(p, t, "nat_birthday", self.boolean, True)
         dataplane = self.opt(p, t, "dataplane", self.dataplane, "auto")
         if len(self.problems) > before or priv is None:
             return None
@@ -286,6 +288,7 @@ class NodeChecker(Checker):
             policy_file=policy_file,
             policy=policy,
             portmap=portmap,
+            nat_birthday=nat_birthday,
             dataplane=dataplane,
         )
 

@@ -411,6 +411,17 @@ class DataPlane:
                 self._answer(now)
         self.on_activity()
 
+    def on_datagrams(self, batches: Sequence[tuple[Sequence[Buffer], Endpoint]]) -> None:
+        """Datagrams another UDP socket of this node read (node/birthday_io.py): inbound as
+        from the WireGuard socket; replies leave through the sender, which picks the socket."""
+        plaintext: list[Buffer] = []
+        now = self.clock()
+        for datagrams, src in batches:
+            self._receive(datagrams, src, None, now, plaintext)
+        if plaintext:
+            self._write_tun(plaintext)
+        self.on_activity()
+
     def _answer(self, now: float) -> None:
         """After a lone packet went into a quiet TUN: its answer (an echo reply, a TCP ACK)
         is usually queued before the write returns, so read it now rather than after a trip

@@ -100,6 +100,10 @@ class DaemonView(Protocol):
         """The router's mapping of our port (node/portmapping), or None."""
         ...
 
+    def birthday(self) -> Mapping[str, Any]:
+        """Our NAT as netcheck saw it, the birthday round and its sockets."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class NodeParts:
@@ -124,6 +128,7 @@ class NodeParts:
     ping: Callable[[NodePublic], Awaitable[PongReceived | None]]
     dns: Callable[[], Mapping[str, Any] | None] = lambda: None
     portmap: Callable[[], dict[str, Any] | None] = lambda: None
+    birthday: Callable[[], Mapping[str, Any]] = dict  # engine/birthday + node/birthday_io
 
 
 class LocalApi:
@@ -201,6 +206,7 @@ class LocalApi:
             "stun_sent": self.d.stun.sent,
             "stun_answered": self.d.stun.answered,
         }
+        dp["birthday"] = dict(self.d.birthday())
         for k, v in self.d.dataplane_stats.as_dict().items():
             if k == "drops" and isinstance(v, dict):
                 for reason, n in v.items():

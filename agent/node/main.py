@@ -11,6 +11,8 @@ run_daemon(config)
     out through the one StunSender that netcheck reports use too (node/stun_sender.py)
   one timer: re-armed after every batch to the core's next deadline (flush)
   PortmapLink: our port mapped on the home router, a candidate of its own (node/portmapping.py)
+  ExtraSockets: birthday rounds' sockets, and the UDP sender that picks the socket per endpoint
+    (node/birthday_io.py); netcheck's MappingVariesByDestIP says whether our NAT is hard
   control socket (agent status), UAPI socket (wg show), names at 100.100.100.100 (dns_service)
   SIGTERM/SIGINT -> remove the interface and sockets, exit 0
   Progress (node/progress.py): what it waits for and what it got, for a person at a terminal
@@ -27,15 +29,18 @@ import socket
 import time
 
 from agent.config import Config
+from agent.engine.birthday import BirthdayLimits
 from agent.engine.discokeys import static_disco_private, static_disco_public
 from agent.engine.engine import PathEngine
 from agent.engine.events import PongReceived
+from agent.engine.netcheck import Report
 from agent.engine.stun_probe import StunProber
 from agent.keys import NodePublic
 from agent.log import get_logger
 from agent.netio.systemd import sd_notify
 from agent.node import coordinator_link, device_io, fastpath, metrics, portmapping, uapi
 from agent.node.access import Access
+from agent.node.birthday_io import ExtraSockets
 from agent.node.coordinator_client import CoordinatorClient, CoordinatorError
 from agent.node.dataplane import DataPlane
 from agent.node.derp_client import DerpClients
@@ -90,11 +95,17 @@ class Daemon:
         self.dataplane: DataPlane | None = None
         self.impl = fastpath.DataPlaneImpl("python", PYTHON_TRANSPORT, "")  # set by open_interface
         key = config.interface.private_key
-        self.paths = PathEngine(static_disco_private(key), key.public(), config.derp.home_region)
+        self.paths = PathEngine(
+            static_disco_private(key),
+            key.public(),
+            config.derp.home_region,
+            birthday=BirthdayLimits(enabled=config.interface.nat_birthday),
+        )
         self.stun_prober = StunProber(stun_servers(config.derp))
         self.derp: DerpClients | None = None
         self.transport: PeerTransport | None = None
         self.wire: PathWire | None = None
+        self.extra: ExtraSockets | None = None
         self.portmap: portmapping.PortmapLink | None = None
         self.handshakes: dict[NodePublic, int] = {}
         self.local_ips: list[str] = []
@@ -166,7 +177,8 @@ class Daemon:
                 self.config.derp, cfg.private_key, self._on_relayed, on_change=self._derp_changed
             )
             self.paths.home_region = self.derp.home_region
-        self.transport = PeerTransport(self.udp, self.derp, self.paths)
+        self.extra = extra = ExtraSockets(self.udp, self.paths, fwmark=cfg.fwmark)
+        self.transport = PeerTransport(extra, self.derp, self.paths)
         self.dataplane = DataPlane(
             self.tun, self.udp, device, loop.time, self.flush, sender=self.transport,
             access=self.access, tun_io=self.impl.tun_io(self.tun),
@@ -184,6 +196,8 @@ class Daemon:
             on_endpoints=self._report_control,
         )
         self.dataplane.on_foreign = wire.on_foreign
+        extra.dataplane, extra.on_activity, wire.extra = self.dataplane, self.flush, extra
+        extra.attach(loop)
         if cfg.portmap and self.derp is not None:  # DISCO peers learn the mapped endpoint
             self.portmap = portmapping.PortmapLink(self.udp.port, wire, self.flush)
             self._tasks.append(self.portmap.start())  # cancelled: deletes the mapping
@@ -208,6 +222,7 @@ class Daemon:
                 ping=self.ping,
                 dns=self.dns.status,
                 portmap=self.portmap.status if self.portmap else lambda: None,
+                birthday=lambda: {**self.paths.birthday_status(), **extra.status()},
             )
         )
         self.dataplane.attach(loop)
@@ -232,6 +247,7 @@ class Daemon:
                     derp_heard=self.derp.last_heard,
                     home=lambda: self.derp.home_region if self.derp is not None else None,
                     set_home=self._set_home,
+                    on_report=self._on_report,
                 )
                 self._tasks.append(loop.create_task(reports, name="netcheck"))
             if self.coordinator is not None:
@@ -270,6 +286,7 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             await self._close_servers()
             self._detach()
+            extra.close()
             for task in self._tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -341,6 +358,12 @@ class Daemon:
             self.progress.done("relay", f"connected to relay {code} in {took:.0f} ms")
         if newly and loop is not None and wire is not None:
             wire.announce(loop.time())
+            self.flush()
+
+    def _on_report(self, report: Report) -> None:
+        """A netcheck report: whether our NAT maps per destination (birthday rounds)."""
+        if self.wire is not None and self._loop is not None:
+            self.wire.set_mapping_varies(report.mapping_varies_by_dest_ip, self._loop.time())
             self.flush()
 
     def _set_home(self, region: int) -> None:

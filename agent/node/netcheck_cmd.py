@@ -260,10 +260,11 @@ async def run_reports(
     derp_heard: Callable[[], Mapping[int, float]],
     home: Callable[[], int | None],
     set_home: Callable[[int], None],
+    on_report: Callable[[Report], None] = lambda report: None,
 ) -> None:
     """A report when the netchecker says one is due (every 20-26 s; the first one full), until
     cancelled; `set_home(region)` when the preferred region is not `home()` (the engine keeps
-    the hysteresis, and a pinned home region always wins)."""
+    the hysteresis, and a pinned home region always wins); `on_report` gets every report."""
     loop = asyncio.get_running_loop()
     full = True
     while True:
@@ -273,6 +274,7 @@ async def run_reports(
             log.warning("netcheck failed", error=str(e))
         else:
             full = False
+            on_report(report)
             preferred = report.preferred_region
             if preferred is not None and preferred != home():
                 set_home(preferred)

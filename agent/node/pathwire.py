@@ -4,8 +4,10 @@
                                            plane's ForeignHandler): STUN answers (UDP only) to
                                            the STUN sender, DISCO (UDP or DERP) to the engine,
                                            anything else a counted malformed drop
-    drain(now)                             after any activity: the engine's DISCO datagrams
-                                           sent; its events acted on (PathChanged logged and
+    drain(now)                             after any activity: the extra sockets matched to
+                                           the engine's (`extra`, node/birthday_io), the
+                                           engine's DISCO datagrams sent; its events acted on
+                                           (PathChanged logged and
                                            counted, PongReceived to the `ping` waiting for it,
                                            DiscoAuthenticated to engine/handshake_wake, whose
                                            datagrams go to the peer)
@@ -16,6 +18,9 @@
                                            CallMeMaybe) and to `on_endpoints` (the coordinator
                                            report)
     set_mapped(endpoint, now)              the router mapped our port (or the mapping is gone)
+    set_mapping_varies(varies, now)        netcheck's MappingVariesByDestIP: our NAT is hard
+                                           (True) or easy; a port mapping makes it easy; to the
+                                           engine (birthday rounds, engine/birthday.py)
     announce(now)                          just joined a DERP region: a paced CallMeMaybe to
                                            every DISCO peer
     ping(key)                              `agent ping`: one DISCO ping, its pong or None
@@ -35,6 +40,7 @@ from agent.engine.handshake_wake import wake_handshake
 from agent.engine.local_endpoints import EndpointSource, gather
 from agent.keys import NodePublic
 from agent.log import get_logger
+from agent.node.birthday_io import ExtraSockets
 from agent.node.stun_sender import StunSender
 from agent.node.transport import PeerTransport
 from agent.proto import disco
@@ -78,6 +84,8 @@ class PathWire:
         self.on_endpoints = on_endpoints
         # Owned by the event loop.
         self.mapped: Endpoint | None = None  # the router's mapping of our port (portmap)
+        self.mapping_varies: bool | None = None  # netcheck's MappingVariesByDestIP
+        self.extra: ExtraSockets | None = None  # birthday rounds' sockets, set by the daemon
         self.path_switches: dict[NodePublic, int] = {}
         self._pong_waiters: dict[bytes, asyncio.Future[PongReceived]] = {}
 
@@ -114,6 +122,13 @@ class PathWire:
         if endpoint != self.mapped:
             self.mapped = endpoint
             self.update_local_endpoints(now)
+            self.set_mapping_varies(self.mapping_varies, now)
+
+    def set_mapping_varies(self, varies: bool | None, now: float) -> None:
+        """Netcheck's MappingVariesByDestIP. Our NAT counts as hard only without a mapping:
+        a mapped port takes anyone's packets, whatever the NAT does to the rest."""
+        self.mapping_varies = varies
+        self.paths.set_nat(False if self.mapped is not None and varies else varies, now)
 
     def announce(self, now: float) -> None:
         """Just joined a DERP region: tell the DISCO peers we are here (a CallMeMaybe each), so a
@@ -134,9 +149,14 @@ class PathWire:
 
     def drain(self, now: float) -> None:
         """Send the engine's DISCO datagrams, act on its events."""
-        paths, transport = self.paths, self.transport
+        paths, transport, extra = self.paths, self.transport, self.extra
+        if extra is not None:
+            extra.reconcile()
         for out in paths.outgoing():
-            transport.send_to_endpoint([out.payload], out.endpoint, out.key)
+            if out.via and extra is not None:
+                extra.send_via(out)
+            else:
+                transport.send_to_endpoint([out.payload], out.endpoint, out.key)
         for ev in paths.events():
             if isinstance(ev, DiscoAuthenticated):
                 self._peer_heard(ev, now)

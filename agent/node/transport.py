@@ -3,7 +3,9 @@
     PeerTransport   asks the path policy (agent/engine/paths.py) per peer and batch,
                     sends over UDP (GSO) and/or the DERP link of the chosen region
 
-It implements `dataplane.PeerSender` (whose default sends everything over UDP to the peer's
+UDP goes through a `UdpSender`: the WireGuard socket, or node/birthday_io's ExtraSockets, which
+sends to an endpoint a birthday round bound to an extra socket from that socket. It implements
+`dataplane.PeerSender` (whose default sends everything over UDP to the peer's
 WireGuard endpoint, as plain WireGuard does). Replies (handshake responses, cookie replies,
 keepalives) go back where the message came from: a UDP source, or the DERP pseudo-endpoint
 of the region it arrived through, addressed to the key that sent it.
@@ -18,11 +20,17 @@ from agent.engine.paths import Targets, derp_region_of
 from agent.keys import NodePublic
 from agent.node.dataplane import PeerLike
 from agent.node.derp_client import DerpClients
-from agent.node.udp import Endpoint, UdpSocket
+from agent.node.udp import Endpoint
 
-__all__ = ["PathPolicy", "PeerTransport"]
+__all__ = ["PathPolicy", "PeerTransport", "UdpSender"]
 
 Datagrams = Sequence[bytes | bytearray]
+
+
+class UdpSender(Protocol):
+    """What UDP leaves through: node/udp.UdpSocket, or node/birthday_io.ExtraSockets."""
+
+    def send_batch(self, datagrams: Datagrams, addr: Endpoint) -> int: ...
 
 
 class PathPolicy(Protocol):
@@ -44,7 +52,7 @@ class PathPolicy(Protocol):
 class PeerTransport:
     """The agent's transport: per peer, the path policy picks UDP, DERP or both."""
 
-    def __init__(self, udp: UdpSocket, derp: DerpClients | None, paths: PathPolicy) -> None:
+    def __init__(self, udp: UdpSender, derp: DerpClients | None, paths: PathPolicy) -> None:
         self.udp = udp
         self.derp = derp
         self.paths = paths
