@@ -517,10 +517,12 @@ class Agent:
         control_toml: str = "",
         portmap: bool = True,
         dataplane: str | None = None,
+        nat_birthday: bool = True,
     ) -> None:
         self.lab = lab
         self.portmap = portmap  # [interface] portmap
         self.dataplane = dataplane  # [interface] dataplane; None = the default ("auto")
+        self.nat_birthday = nat_birthday  # [interface] nat_birthday
         self.derp_toml = derp_toml  # a [derp] section with its [[derp.regions]], verbatim
         # a [control] section, verbatim: the coordinator hands out the addresses, so
         # `addresses` are then only what start() waits for, not written to the config
@@ -557,6 +559,8 @@ class Agent:
             lines.append("portmap = false")
         if self.dataplane is not None:
             lines.append(f"dataplane = {_toml_str(self.dataplane)}")
+        if not self.nat_birthday:
+            lines.append("nat_birthday = false")
         if self.control_toml:
             lines += ["", self.control_toml.strip()]
         if self.derp_toml:

@@ -5,6 +5,13 @@
     10.0.1.2 --- 10.0.1.1   198.18.1.1 - 198.18.1.2 198.18.2.2 - 198.18.2.1 10.0.2.1 --- 10.0.2.2
                  masquerade             lo 198.18.0.10:         masquerade
                                         agent derper :443 (TLS), STUN :3478
+                                        lo 198.18.0.11(/.12):
+                                        a second STUN server :3478 (region 901, no relay)
+
+The second STUN server (its own region, as a second DERP region gives a real node) lets netcheck
+compare what two servers saw: MappingVariesByDestIP is true behind "symmetric", false behind
+"cone", and the agents tell each other (NatInfo), which decides the birthday technique
+(engine/birthday.py). Home region 900 is pinned, so 901 is never a relay.
 
 NAT kinds (nftables masquerade on the NAT router's wan side; Linux conntrack filters inbound
 packets per remote address and port; unsolicited packets from the wan side are dropped):
@@ -19,6 +26,7 @@ still works), `unblock_udp()` removes the rule.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,7 +45,9 @@ from .lab import (
 NatKind = Literal["cone", "symmetric"]
 
 RELAY_IP = "198.18.0.10"
+STUN2_IP, STUN2_ALT_IP = "198.18.0.11", "198.18.0.12"
 REGION = 900
+STUN2_REGION = 901
 A4, B4 = "100.64.0.1", "100.64.0.2"
 PORT_A, PORT_B = 41641, 41642
 
@@ -94,14 +104,30 @@ def start_relay(lab: Lab, ns_r: str, cert_dir: Path) -> Proc:
     return start_derper(lab, ns_r, RELAY_IP, 443, cert_dir)
 
 
-def agent_pair(lab: Lab, ns_a: str, ns_b: str, cert_dir: Path) -> tuple[Agent, Agent]:
+def start_stun2(lab: Lab, ns_r: str) -> Proc:
+    """The second STUN server on 198.18.0.11:3478 in the internet namespace."""
+    for ip in (STUN2_IP, STUN2_ALT_IP):
+        lab.run(None, "ip", "-n", ns_r, "addr", "add", f"{ip}/32", "dev", "lo")
+    return lab.spawn(ns_r, sys.executable, "-m", "tests.integration.stun5780", STUN2_IP,
+                     STUN2_ALT_IP, tag="stun2")  # fmt: skip
+
+
+def agent_pair(
+    lab: Lab, ns_a: str, ns_b: str, cert_dir: Path, *, stun2: bool = False
+) -> tuple[Agent, Agent]:
     """Agents a (A4) and b (B4) that know each other only by key and home region 900 (the lab
-    relay whose certificate is in `cert_dir`): no endpoints, DISCO finds the path."""
+    relay whose certificate is in `cert_dir`): no endpoints, DISCO finds the path. With
+    `stun2`, the DERP map also lists region 901: the second STUN server (start_stun2)."""
     derp = (
         f'[derp]\nhome_region = {REGION}\n\n[[derp.regions]]\nid = {REGION}\ncode = "lab"\n'
         f'nodes = [{{ host = "{RELAY_IP}", port = 443, stun_port = 3478, '
         f'ca_file = "{cert_dir}/{RELAY_IP}.crt" }}]\n'
     )
+    if stun2:
+        derp += (
+            f'\n[[derp.regions]]\nid = {STUN2_REGION}\ncode = "stun2"\n'
+            f'nodes = [{{ host = "{STUN2_IP}", port = 443, stun_port = 3478 }}]\n'
+        )
     (priv_a, pub_a), (priv_b, pub_b) = keypair(), keypair()
     a = Agent(
         lab,
@@ -142,6 +168,7 @@ def build(lab: Lab, nat_a: NatKind, nat_b: NatKind) -> NatNet:
     _nat(lab, ns_nb, nat_b)
     cert_dir = lab.path("derper-certs")
     relay = start_relay(lab, ns_r, cert_dir)
+    start_stun2(lab, ns_r)
     # No endpoints: behind NAT, neither side knows where the other is reachable.
-    a, b = agent_pair(lab, ns_a, ns_b, cert_dir)
+    a, b = agent_pair(lab, ns_a, ns_b, cert_dir, stun2=True)
     return NatNet(lab, ns_a, ns_b, ns_na, ns_nb, ns_r, a, b, relay, cert_dir)

@@ -9,7 +9,9 @@ miniupnpd, b behind a cone NAT (root only).
                  for LAN sources only
 
 Without mapping, symmetric/cone stays on DERP (b's probes reach a's NAT on a port that
-is not the one a's packets to b use). With it, a's CallMeMaybe and endpoint list carry
+is not the one a's packets to b use) while the birthday technique is off; these tests turn it
+off (`nat_birthday = false`) so that only port mapping is at work (test_nat_birthday.py has
+the same pair going direct by it). With it, a's CallMeMaybe and endpoint list carry
 198.18.1.1:<mapped> (source `portmap`), b's pings to it are forwarded to a, and the path
 goes direct. The router's own STUN check (miniupnpd refuses a reserved WAN address
 otherwise, tests/integration/PORTMAP_LAB.md) needs the RFC 5780 responder in the internet
@@ -71,6 +73,7 @@ def _build(lab: Lab, *, portmap: bool) -> tuple[NatNet, UpnpRouter]:
     net = build(lab, "symmetric", "cone")
     router = UpnpRouter(net)
     net.a.portmap = portmap
+    net.a.nat_birthday = net.b.nat_birthday = False
     return net, router
 
 
