@@ -28,6 +28,10 @@ def test_behind_symmetric_nats_they_stay_on_the_relay_and_still_ping(lab: Lab) -
     disco = net.a.status()["dataplane"]["disco"]
     assert disco["sent_ping"] > 0
     assert disco["sent_call_me_maybe"] > 0
+    for agent in (net.a, net.b):  # both know their NAT is hard: no birthday round (hopeless)
+        birthday = agent.status()["dataplane"]["birthday"]
+        assert birthday["nat"] == "hard", birthday
+        assert birthday["opened"] == 0, birthday
 
 
 def test_with_udp_blocked_they_stay_on_the_relay(lab: Lab) -> None:

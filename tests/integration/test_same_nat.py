@@ -17,49 +17,14 @@ import re
 
 import pytest
 
-from .lab import Agent, Lab, _wait_for, ping, start_derper
-from .natlab import B4, PORT_A, PORT_B, RELAY_IP, _veth, agent_pair
+from .lab import Lab, _wait_for, ping
+from .natlab import B4, PORT_A, PORT_B, build_same_nat
 
 pytestmark = pytest.mark.netns
 
-NFT = (
-    "add table ip agtnat; "
-    "add chain ip agtnat postrouting { type nat hook postrouting priority 100; }; "
-    'add rule ip agtnat postrouting oifname "wan" masquerade fully-random; '
-    "add chain ip agtnat input { type filter hook input priority 0; }; "
-    'add rule ip agtnat input iifname "wan" ct state new drop; '
-    "add chain ip agtnat lan { type filter hook prerouting priority -300; }; "
-    # UDP from the LAN to the router's public address: what a hairpinned path would send
-    'add rule ip agtnat lan iifname "br0" ip daddr 198.18.1.1 meta l4proto udp counter'
-)
-
-
-def _build(lab: Lab) -> tuple[Agent, Agent, str, str]:
-    ns_a, ns_b, ns_n, ns_r = lab.add_ns("a"), lab.add_ns("b"), lab.add_ns("n"), lab.add_ns("r")
-    lab.run(ns_n, "ip", "link", "add", "br0", "type", "bridge")
-    lab.run(ns_n, "ip", "addr", "add", "10.0.1.1/24", "dev", "br0")
-    lab.run(ns_n, "ip", "link", "set", "br0", "up")
-    for ns, ip, port in ((ns_a, "10.0.1.2/24", "pa"), (ns_b, "10.0.1.3/24", "pb")):
-        lab.run(None, "ip", "link", "add", "lan", "netns", ns, "type", "veth", "peer", "name",
-                port, "netns", ns_n)  # fmt: skip
-        lab.run(ns, "ip", "addr", "add", ip, "dev", "lan")
-        lab.run(ns, "ip", "link", "set", "lan", "up")
-        lab.run(ns_n, "ip", "link", "set", port, "master", "br0")
-        lab.run(ns_n, "ip", "link", "set", port, "up")
-        lab.run(ns, "ip", "route", "add", "default", "via", "10.0.1.1")
-    _veth(lab, ns_n, "wan", "198.18.1.1/24", ns_r, "wana", "198.18.1.2/24")
-    lab.run(ns_n, "ip", "route", "add", "default", "via", "198.18.1.2")
-    lab.run(ns_r, "ip", "addr", "add", f"{RELAY_IP}/32", "dev", "lo")
-    lab.run(ns_n, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-    lab.run(ns_n, "nft", NFT)
-    cert_dir = lab.path("derper-certs")
-    start_derper(lab, ns_r, RELAY_IP, 443, cert_dir)
-    a, b = agent_pair(lab, ns_a, ns_b, cert_dir)
-    return a, b, ns_a, ns_n
-
 
 def test_behind_one_nat_they_go_direct_over_the_lan(lab: Lab) -> None:
-    a, b, ns_a, ns_n = _build(lab)
+    a, b, ns_a, ns_n = build_same_nat(lab)
     a.start()
     b.start()
     assert ping(ns_a, B4, count=2, timeout=15), "no ping through the relay"
