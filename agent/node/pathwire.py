@@ -125,9 +125,12 @@ class PathWire:
             self.set_mapping_varies(self.mapping_varies, now)
 
     def set_mapping_varies(self, varies: bool | None, now: float) -> None:
-        """Netcheck's MappingVariesByDestIP. Our NAT counts as hard only without a mapping:
-        a mapped port takes anyone's packets, whatever the NAT does to the rest."""
-        self.mapping_varies = varies
+        """Netcheck's MappingVariesByDestIP (a report that could not tell, None, keeps the last
+        answer: one lost STUN reply must not end a birthday round). Our NAT counts as hard
+        only without a mapping: a mapped port takes anyone's packets."""
+        if varies is not None:
+            self.mapping_varies = varies
+        varies = self.mapping_varies
         self.paths.set_nat(False if self.mapped is not None and varies else varies, now)
 
     def announce(self, now: float) -> None:
