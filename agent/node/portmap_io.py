@@ -11,6 +11,10 @@
 One UDP socket bound to our LAN address (any port) carries NAT-PMP and PCP to gateway:5351 and
 the SSDP M-SEARCH to 239.255.255.250:1900 (multicast TTL 2); the answers come back to it. The
 default gateway comes from /proc/net/route; our address toward it from a connected UDP socket.
+A second socket, bound to 224.0.0.1:5350 (SO_REUSEADDR: other clients on the host may listen
+too) and a member of that group on our LAN address, hears the gateway's announcements
+(NAT-PMP address changes, PCP unsolicited ANNOUNCE) -> core.receive_announcement; when it
+cannot be bound the client still notices a restart at its next check.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from agent.engine.portmap import (
     Protocol,
 )
 from agent.proto.errors import RemoteProtocolError
+from agent.proto.portmap import announce
 
 __all__ = ["PortMapper", "default_gateway", "local_address_toward"]
 
@@ -77,11 +82,12 @@ def local_address_toward(gateway: str) -> str | None:
 
 
 class _Datagrams(asyncio.DatagramProtocol):
-    def __init__(self, owner: PortMapper) -> None:
+    def __init__(self, owner: PortMapper, *, announcements: bool = False) -> None:
         self.owner = owner
+        self.announcements = announcements
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        self.owner._on_datagram(data, (str(addr[0]), int(str(addr[1]))))
+        self.owner._on_datagram(data, (str(addr[0]), int(str(addr[1]))), self.announcements)
 
     def error_received(self, exc: Exception) -> None:
         self.owner._log.debug("portmap.udp_error", error=str(exc))
@@ -102,8 +108,10 @@ class PortMapper:
         local_address: Callable[[str], str | None] = local_address_toward,
         gateway_poll: float = 30.0,
         log: structlog.typing.FilteringBoundLogger | None = None,
+        announcements: bool = True,
     ) -> None:
         self.core = PortmapClient(config)
+        self._listen_announcements = announcements  # hear 224.0.0.1:5350
         self._on_event = on_event
         self._gateway = gateway
         self._local_address = local_address
@@ -111,6 +119,7 @@ class PortMapper:
         self._log: structlog.typing.FilteringBoundLogger = log or structlog.get_logger("portmap")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.DatagramTransport | None = None
+        self._announce: asyncio.DatagramTransport | None = None
         self._bound: str | None = None
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -194,16 +203,42 @@ class PortMapper:
             return
         self._transport = transport
         self._bound = local
+        if self._listen_announcements:
+            await self._open_announce_socket(local)
+
+    async def _open_announce_socket(self, local: str) -> None:
+        assert self._loop is not None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((announce.MULTICAST_ADDR, announce.PORT))
+            group = socket.inet_aton(announce.MULTICAST_ADDR) + socket.inet_aton(local)
+            with contextlib.suppress(OSError):  # the host is in the all-hosts group anyway
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, group)
+            sock.setblocking(False)
+            transport, _ = await self._loop.create_datagram_endpoint(
+                lambda: _Datagrams(self, announcements=True), sock=sock
+            )
+        except OSError as e:
+            sock.close()
+            self._log.info("portmap.announce_socket_failed", error=str(e))
+            return
+        self._announce = transport
 
     def _close_socket(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-        self._transport, self._bound = None, None
+        for transport in (self._transport, self._announce):
+            if transport is not None:
+                transport.close()
+        self._transport, self._announce, self._bound = None, None, None
 
-    def _on_datagram(self, data: bytes, src: tuple[str, int]) -> None:
+    def _on_datagram(self, data: bytes, src: tuple[str, int], announcement: bool = False) -> None:
         assert self._loop is not None
         try:
-            self.core.receive_udp(data, src, self._loop.time())
+            if announcement:
+                self.core.receive_announcement(data, src, self._loop.time())
+                self._log.info("portmap.announcement", gateway=src[0])
+            else:
+                self.core.receive_udp(data, src, self._loop.time())
         except RemoteProtocolError as e:
             self.drops += 1
             self._log.debug("portmap.dropped", src=f"{src[0]}:{src[1]}", error=str(e))

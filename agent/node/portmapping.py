@@ -97,7 +97,7 @@ async def probe_port_mapping(budget: float = 3.0) -> tuple[str, ...] | None:
     """Which port-mapping protocols the default gateway answers (nothing is mapped); None when
     there is no gateway or the probe did not finish within `budget`."""
     config = PortmapConfig(internal_port=41641, probe_only=True, timings=PortmapTimings())
-    mapper = PortMapper(config, log=log)
+    mapper = PortMapper(config, log=log, announcements=False)
     try:
         async with asyncio.timeout(budget):
             await mapper.run()

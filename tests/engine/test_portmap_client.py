@@ -298,3 +298,94 @@ def test_probe_only_reports_and_maps_nothing(fake_clock: object) -> None:
     assert client.mapping is None
     assert not net.router.table
     assert client.next_deadline() is None
+
+
+# --- announcements on 224.0.0.1:5350 ------------------------------------------------------------
+
+
+def _announcement(router: Router, proto: Protocol, now: float, address: str = WAN) -> bytes:
+    epoch = router.epoch(now)
+    if proto is Protocol.PMP:
+        return pmp.ExternalAddressResponse(0, epoch, V4(address)).encode()
+    return pcp.Response(pcp.Opcode.ANNOUNCE, 0, 0, epoch).encode()
+
+
+@pytest.mark.parametrize("proto", [Protocol.PCP, Protocol.PMP])
+def test_an_announced_restart_is_mapped_again_at_once(fake_clock: object, proto: Protocol) -> None:
+    net = _setup(fake_clock, {proto}, (proto,))
+    net.advance(fake_clock, 3)
+    assert len(_mapped(net)) == 1
+    now = fake_clock()  # type: ignore[operator]
+    net.router.restart(now)
+    net.client.receive_announcement(_announcement(net.router, proto, now), (GW, pmp.PORT), now)
+    net.pump()
+    [lost] = [e for e in net.events if isinstance(e, MappingLost)]
+    assert "announced" in lost.reason
+    assert not net.router.table
+    net.advance(fake_clock, TIMINGS.announce_delay + 0.5)  # well before the next check (10 s)
+    assert net.router.table  # mapped again
+    assert net.client.mapping is not None
+    assert net.client.announcements == 1
+
+
+def test_an_announcement_in_step_changes_nothing(fake_clock: object) -> None:
+    net = _setup(fake_clock, {Protocol.PCP}, (Protocol.PCP,))
+    net.advance(fake_clock, 3)
+    requests = len(net.router.requests)
+    now = fake_clock()  # type: ignore[operator]
+    ann = _announcement(net.router, Protocol.PCP, now)
+    net.client.receive_announcement(ann, (GW, pmp.PORT), now)
+    net.advance(fake_clock, 2)
+    assert not [e for e in net.events if isinstance(e, MappingLost)]
+    assert len(net.router.requests) == requests
+
+
+def test_a_nat_pmp_announcement_of_a_new_address_moves_the_mapping(fake_clock: object) -> None:
+    net = _setup(fake_clock, {Protocol.PMP}, (Protocol.PMP,))
+    net.advance(fake_clock, 3)
+    now = fake_clock()  # type: ignore[operator]
+    ann = _announcement(net.router, Protocol.PMP, now, address="198.18.9.9")
+    net.client.receive_announcement(ann, (GW, pmp.PORT), now)
+    net.pump()
+    assert _mapped(net)[-1].mapping.external == ("198.18.9.9", 50000)
+
+
+def test_an_announcement_ends_a_backoff(fake_clock: object) -> None:
+    net = _setup(fake_clock, set())
+    net.advance(fake_clock, 2.5)
+    assert net.client.phase is Phase.BACKOFF
+    net.router.protocols = {Protocol.PCP}
+    now = fake_clock()  # type: ignore[operator]
+    net.client.receive_announcement(_announcement(net.router, Protocol.PCP, now), (GW, 5351), now)
+    net.pump()
+    net.advance(fake_clock, TIMINGS.probe_timeout + 0.5)  # a new probe, then the mapping ...
+    assert _mapped(net)  # ... before the backoff (at least 5 s) would have ended
+
+
+def test_a_upnp_mapping_is_checked_on_an_announcement(fake_clock: object) -> None:
+    net = _setup(fake_clock, {Protocol.UPNP, Protocol.PCP}, (Protocol.UPNP,))
+    net.advance(fake_clock, 3)
+    now = fake_clock()  # type: ignore[operator]
+    net.router.restart(now)
+    net.client.receive_announcement(_announcement(net.router, Protocol.PCP, now), (GW, 5351), now)
+    net.pump()
+    assert [e for e in net.events if isinstance(e, MappingLost)]  # the entry check failed
+    assert net.router.table  # and it was added again
+
+
+@pytest.mark.parametrize(
+    ("data", "src"),
+    [
+        (pcp.Response(pcp.Opcode.ANNOUNCE, 0, 0, 1).encode(), ("10.7.0.99", 5351)),  # not the GW
+        (pcp.Response(pcp.Opcode.MAP, 0, 0, 1).encode(), (GW, 5351)),  # not an announcement
+        (b"junk", (GW, 5351)),
+    ],
+)
+def test_foreign_announcements_are_typed_errors(
+    fake_clock: object, data: bytes, src: tuple[str, int]
+) -> None:
+    net = _setup(fake_clock, {Protocol.PCP}, (Protocol.PCP,))
+    net.advance(fake_clock, 3)
+    with pytest.raises(MalformedAnswer):
+        net.client.receive_announcement(data, src, fake_clock())  # type: ignore[operator]
+    assert net.client.mapping is not None

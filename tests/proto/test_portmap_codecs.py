@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from agent.proto.errors import LocalProtocolError, RemoteProtocolError
-from agent.proto.portmap import igd, pcp, pmp, ssdp
+from agent.proto.portmap import announce, igd, pcp, pmp, ssdp
 from agent.proto.portmap.epoch import EpochTracker
 from agent.proto.portmap.errors import MalformedAnswer, RouterRefused, UpnpFault
 from agent.proto.portmap.http import HttpExchange, HttpResponse
@@ -104,6 +104,43 @@ def test_pcp_nonce_size_is_checked() -> None:
 
 
 # --- epoch (RFC 6887 §8.5) ------------------------------------------------------------------
+
+
+# --- announcements on 224.0.0.1:5350 ---------------------------------------------------------
+
+# miniupnpd's PCP unsolicited ANNOUNCE: version 2, R|opcode 0, result 0, lifetime 0, epoch 3
+PCP_ANNOUNCE = bytes.fromhex("028000000000000000000003") + bytes(12)
+
+
+def test_announcements_golden() -> None:
+    assert announce.parse_announcement(PCP_ANNOUNCE) == announce.Announcement("pcp", 3)
+    pmp_addr = bytes.fromhex("0080000000000005c6120701")  # epoch 5, 198.18.7.1
+    assert announce.parse_announcement(pmp_addr) == announce.Announcement(
+        "pmp", 5, V4("198.18.7.1")
+    )
+    assert (announce.MULTICAST_ADDR, announce.PORT) == ("224.0.0.1", 5350)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\x00",
+        bytes.fromhex("0080000200000005c6120701"),  # NAT-PMP address answer with an error
+        pmp.MapResponse(0, 5, 41641, 50000, 7200).encode(),  # a map answer
+        pmp.ExternalAddressRequest().encode(),  # a request
+        bytes.fromhex("02800008000000000000000300") + bytes(11),  # PCP ANNOUNCE, result 8
+        pcp.Response(pcp.Opcode.MAP, 2, 0, 3).encode(),  # another opcode
+        pcp.AnnounceRequest(V4("10.0.1.2")).encode(),  # a request
+        PCP_ANNOUNCE[:-4],  # short
+        PCP_ANNOUNCE + bytes(1100),  # long
+        b"\x01" + PCP_ANNOUNCE[1:],  # unknown version
+        b"M-SEARCH * HTTP/1.1\r\n\r\n",
+    ],
+)
+def test_announcement_garbage_is_typed(data: bytes) -> None:
+    with pytest.raises(MalformedAnswer):
+        announce.parse_announcement(data)
 
 
 def test_epoch_tracker() -> None:

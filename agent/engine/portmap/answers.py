@@ -12,10 +12,11 @@ from agent.engine.portmap.core import (
     PMP_MAP,
     SSDP,
     MappingCore,
+    Timer,
 )
 from agent.engine.portmap.model import IPv4, Phase, Protocol
 from agent.proto.errors import RemoteProtocolError
-from agent.proto.portmap import igd, pcp, pmp, ssdp
+from agent.proto.portmap import announce, igd, pcp, pmp, ssdp
 from agent.proto.portmap.errors import MalformedAnswer, RouterRefused, UpnpFault
 from agent.proto.portmap.http import HttpExchange, HttpResponse
 
@@ -126,6 +127,27 @@ class AnswerHandlers(MappingCore):
             self._router_restarted(now)
             return
         self._granted((str(msg.external_ip), msg.external_port), msg.lifetime, now)
+
+    def _on_announcement(self, ann: announce.Announcement, now: float) -> None:
+        """The gateway says its state changed (224.0.0.1:5350)."""
+        self.announcements += 1
+        if self.phase is Phase.BACKOFF:
+            self._start_probe(now)  # it is (back) up: no need to wait out the backoff
+            return
+        m = self.mapping
+        if self.phase is not Phase.MAPPED or m is None:
+            return
+        if m.protocol.value != ann.protocol:
+            self._check(now)  # not the protocol we map with: ask ours whether the state is gone
+            return
+        if self._epoch_lost(ann.epoch, now):
+            self._lose("the router announced it lost its mappings")
+            self._epoch.reset()
+            jitter = self._randbytes(1)[0] / 256
+            self._deadlines[Timer.RENEW] = now + jitter * self._t.announce_delay
+        elif ann.address is not None and self._pmp_address_moved(ann.address):
+            self._pmp_ip = ann.address
+            self._granted((str(ann.address), m.external[1]), m.lifetime, now)
 
     def _on_ssdp(self, msg: ssdp.SearchResponse, now: float) -> None:
         if str(msg.location.host) != str(self.gateway):

@@ -11,7 +11,12 @@ Every request, renewals included, maps OUR internal port: the external port we w
 only ever a suggestion for the external side (tailscale#18348 is the bug this rules out).
 
 A router that lost its table (epoch going backwards or too slowly, RFC 6887 §8.5; a UPnP entry
-gone or pointing elsewhere) gives `MappingLost` and an immediate re-map; a router that stopped
+gone or pointing elsewhere) gives `MappingLost` and an immediate re-map. A router that says so
+itself, on 224.0.0.1:5350 (`receive_announcement`: a NAT-PMP address announcement or a PCP
+unsolicited ANNOUNCE with a new epoch), is mapped again within `announce_delay`, not at the next
+check; a NAT-PMP announcement of a new external address moves the mapping to it; an
+announcement while backing off probes at once, and one about a UPnP-mapped router checks the
+entry; a router that stopped
 answering gives `MappingLost` and a new probe; a failure backs off exponentially (with jitter)
 before probing again. `stop()` deletes the mapping (lifetime 0 / DeletePortMapping) and waits at
 most `stop_timeout` for the answer.
@@ -29,10 +34,11 @@ most `stop_timeout` for the answer.
     any         stop                                    STOPPING (a mapping to delete) | STOPPED
     STOPPING    delete answered / stop deadline         STOPPED
 
-Surface (sans-I/O): inputs `set_network`, `receive_udp`, `receive_http`, `http_failed`,
-`on_timer`, `stop`, each with `now`; outputs drained by the shell: `datagrams_to_send()` (bytes to
-(ip, port)), `http_requests()` (one bounded HTTP exchange each, answered by id), `events()`, and
-`next_deadline()`. `receive_udp` raises only RemoteProtocolError (the shell logs it and goes on).
+Surface (sans-I/O): inputs `set_network`, `receive_udp`, `receive_announcement`, `receive_http`,
+`http_failed`, `on_timer`, `stop`, each with `now`; outputs drained by the shell:
+`datagrams_to_send()` (bytes to (ip, port)), `http_requests()` (one bounded HTTP exchange each,
+answered by id), `events()`, and `next_deadline()`. `receive_udp` and `receive_announcement`
+raise only RemoteProtocolError (the shell logs it and goes on).
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from agent.engine.portmap.model import (
     Protocol,
 )
 from agent.proto.errors import RemoteProtocolError
-from agent.proto.portmap import igd, pcp, pmp, ssdp
+from agent.proto.portmap import announce, igd, pcp, pmp, ssdp
 from agent.proto.portmap.errors import MalformedAnswer
 from agent.proto.portmap.http import HttpResponse
 
@@ -91,6 +97,13 @@ class PortmapClient(AnswerHandlers):
             self._on_pcp(pcp.parse_response(data), now)
         else:
             self._on_ssdp(ssdp.parse_response(data), now)
+
+    def receive_announcement(self, data: bytes, src: Endpoint, now: float) -> None:
+        """A datagram to 224.0.0.1:5350. Raises RemoteProtocolError unless it is a NAT-PMP or
+        PCP announcement from our gateway."""
+        if self.gateway is None or src[0] != str(self.gateway):
+            raise MalformedAnswer(f"announcement from {src[0]}, not the gateway")
+        self._on_announcement(announce.parse_announcement(data), now)
 
     def receive_http(self, request_id: int, response: HttpResponse, now: float) -> None:
         purpose = self._http.pop(request_id, None)

@@ -110,6 +110,7 @@ class MappingCore:
         self._conflicts = 0
         self._backoff = self._t.backoff_min
         self._pmp_map: pmp.MapResponse | None = None  # a NAT-PMP grant waiting for the address
+        self.announcements = 0  # announcements heard from the gateway (224.0.0.1:5350)
 
     # --- probing ---------------------------------------------------------------------------
 

@@ -60,6 +60,9 @@ class PortmapTimings:
     backoff_min: float = 10.0
     backoff_max: float = 600.0
     stop_timeout: float = 1.0  # how long stop() waits for the delete's answer
+    # A router announcing on 224.0.0.1:5350 that it lost its state is mapped again after a
+    # random delay up to this (every client on the LAN hears the same announcement).
+    announce_delay: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
