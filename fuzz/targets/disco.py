@@ -33,6 +33,9 @@ def golden_messages() -> list[disco.Message]:
         disco.Pong(bytes(range(12)), ("2001:db8::1", 3478)),
         disco.CallMeMaybe((("192.0.2.7", 41641), ("2001:db8::1", 41641))),
         disco.CallMeMaybe(),
+        disco.NatInfo(),
+        disco.NatInfo(hard=True, probe=True),
+        disco.NatInfo(hard=False, want=True),
     ]
 
 
@@ -43,7 +46,9 @@ def _roundtrip(msg: disco.Message) -> None:
 class Harness:
     name = "disco"
     contract = "RemoteProtocolError (MalformedPacket, AuthenticationFailed)"
-    dictionary = (disco.MAGIC, b"\x01\x00", b"\x02\x00", b"\x03\x00", b"\x00" * 10 + b"\xff\xff")
+    dictionary = (
+        disco.MAGIC, b"\x01\x00", b"\x02\x00", b"\x03\x00", b"\x80\x00", b"\x00" * 10 + b"\xff\xff",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self._box = Box(PrivateKey(B_PRIV), PrivateKey(A_PRIV).public_key)  # B -> A

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from agent.engine.portmap import PortmapClient, PortmapConfig
 from agent.proto.errors import RemoteProtocolError
-from agent.proto.portmap import igd, pcp, pmp, ssdp
+from agent.proto.portmap import announce, igd, pcp, pmp, ssdp
 from agent.proto.portmap.http import HttpExchange, HttpResponse
 
 LOC = ssdp.Location(ipaddress.IPv4Address("10.7.0.1"), 5000, "/rootDesc.xml")
@@ -40,6 +40,7 @@ def test_udp_parsers(data: bytes) -> None:
     _only_typed(pcp.MapRequest.parse, data)
     _only_typed(pmp.MapRequest.parse, data)
     _only_typed(ssdp.parse_response, data)
+    _only_typed(announce.parse_announcement, data)
 
 
 @settings(max_examples=300, deadline=None)
@@ -75,4 +76,6 @@ def test_client_receive_path(grams: list[tuple[bytes, int]]) -> None:
     for i, (data, port) in enumerate(grams):
         with contextlib.suppress(RemoteProtocolError):
             client.receive_udp(data, ("10.7.0.1", port), float(i))
+        with contextlib.suppress(RemoteProtocolError):
+            client.receive_announcement(data, ("10.7.0.1", 5351), float(i) + 0.25)
         client.on_timer(float(i) + 0.5)
