@@ -306,6 +306,7 @@ class Birthday:
             return
         targets = tuple(self._advertised(peer)[: lim.max_targets])
         if not targets or lim.sockets <= 0:
+            st.next_round = now + lim.start_after  # look again later, not on every send
             return
         ids = tuple(range(self._next_socket, self._next_socket + lim.sockets))
         self._next_socket += lim.sockets

@@ -240,3 +240,14 @@ def test_nat_info_over_udp_is_dropped() -> None:
 )
 def test_public_v4(ip: str, public: bool) -> None:
     assert public_v4(ip) is public
+
+
+def test_no_public_endpoint_of_the_peer_means_no_round() -> None:
+    """Without an advertised public address (b's STUN answers lost), nothing to aim at."""
+    p = birthday_pair()
+    p.b.stun = lambda: None  # type: ignore[method-assign]
+    p.b.engine.set_local_endpoints([p.b.local], p.sim.now)
+    p.start()
+    assert p.sim.run_for(10, until=lambda: p.path(p.a, p.b) == "direct") is None
+    assert p.a.max_extra == 0
+    assert p.a.engine.stats.birthday_rounds == 0
