@@ -26,7 +26,7 @@ Roles, per peer, from our own NAT (`set_own`, from netcheck) and the peer's NatI
 
 A hit: the hard side receives the easy side's ping on extra socket k. The mapping belongs to the
 pair (socket k, the peer's endpoint), so from then on every datagram to that endpoint leaves
-through socket k (`socket_for`, which the shell asks for every UDP send) and what arrives on k
+through socket k (`PathEngine.socket_for`, asked for every UDP send) and what arrives on k
 goes to the data plane; the other sockets close at once. The pong goes back through k, the easy
 side trusts hard_ip:port like any direct path (a LEARNED candidate), and WireGuard follows both
 ways. A pong on socket k to one of the hard side's own pings binds the same way.
@@ -192,9 +192,6 @@ class Birthday:
         if isinstance(self._round, _HardRound):
             held.update(self._round.sockets)
         return frozenset(held)
-
-    def socket_for(self, endpoint: Endpoint) -> int:
-        return self.route.get(endpoint, 0)
 
     def status(self) -> dict[str, Any]:
         r = self._round
