@@ -1,9 +1,21 @@
-"""Per-packet cost of the policy packet filter: a cached 64-byte UDP flow, 1,000 rules.
+"""Per-packet cost of the policy packet filter, with 1,000 rules, filter on vs off.
 
-    .venv/bin/python bench/filter_bench.py [--rules 1000] [--packets 1000000]
+    .venv/bin/python bench/filter_bench.py [--rules 1000] [--packets 256000] [--batch 64]
 
-Prints ns per packet for the cached path (the steady state of a flow), the TCP non-SYN path and
-an uncached new flow (a full rule scan), each the best of 5 rounds.
+Prints ns per packet, each figure the best of `--rounds` rounds:
+
+- through `Access.inbound`, as the data plane calls it (batches of `--batch` decrypted packets
+  from one peer): with no policy (the filter off), then with the policy, for a cached 64 B UDP
+  flow a rule accepts, a cached TCP flow's non-SYN segments and UDP replies to a flow this node
+  opened; "on - off" is what the filter adds to a packet;
+- `PacketFilter.check_inbound` one packet at a time for the cached 64 B UDP flow (call and loop
+  overhead removed);
+- the first packet of new flows (nothing cached): a UDP flow the last of the rules accepts, and
+  TCP SYNs no rule accepts;
+- `Access.outbound` for a 64 B UDP packet of a flow already open, and for a TCP segment.
+
+The rules are `--rules - 1` rules from 10.x.y.0/24 sources to other ports, and a last one that
+admits the benchmark's UDP flow (so a linear scan goes through all of them).
 """
 
 from __future__ import annotations
@@ -11,25 +23,28 @@ from __future__ import annotations
 import argparse
 import struct
 import time
-from ipaddress import ip_address, ip_network
+from collections.abc import Callable
+from ipaddress import IPv4Interface, ip_address, ip_network
 
+from agent.node.access import Access
 from agent.policy.filter import PacketFilter, PeerSources
 from agent.policy.rules import FilterRule, NetPortRange, PortRange
+from agent.proto.errors import DropReason
 
 ME, PEER = "100.64.0.1", "100.64.0.2"
 
 
-def udp64(sport: int, dport: int) -> bytes:
+def udp64(sport: int, dport: int, src: str = PEER, dst: str = ME) -> bytes:
     payload = b"x" * (64 - 28)
     header = struct.pack("!BBHHHBBH", 0x45, 0, 64, 1, 0, 64, 17, 0)
     udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0)
-    return header + ip_address(PEER).packed + ip_address(ME).packed + udp + payload
+    return header + ip_address(src).packed + ip_address(dst).packed + udp + payload
 
 
-def tcp_ack(sport: int, dport: int) -> bytes:
+def tcp(sport: int, dport: int, flags: int = 0x10) -> bytes:
     header = struct.pack("!BBHHHBBH", 0x45, 0, 40, 1, 0, 64, 6, 0)
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 5 << 4, 0x10, 65535, 0, 0)
-    return header + ip_address(PEER).packed + ip_address(ME).packed + tcp
+    segment = struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 5 << 4, flags, 65535, 0, 0)
+    return header + ip_address(PEER).packed + ip_address(ME).packed + segment
 
 
 def make_rules(count: int) -> list[FilterRule]:
@@ -52,8 +67,7 @@ def make_rules(count: int) -> list[FilterRule]:
     return rules
 
 
-def best_ns(run: object, packets: int, rounds: int = 5) -> float:
-    assert callable(run)
+def best_ns(run: Callable[[], None], packets: int, rounds: int) -> float:
     best = float("inf")
     for _ in range(rounds):
         start = time.perf_counter_ns()
@@ -63,42 +77,105 @@ def best_ns(run: object, packets: int, rounds: int = 5) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rules", type=int, default=1000)
-    parser.add_argument("--packets", type=int, default=1_000_000)
+    parser.add_argument("--packets", type=int, default=256_000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-flows", type=int, default=2000)
     args = parser.parse_args()
-    n = args.packets
-    flt = PacketFilter(make_rules(args.rules), [ip_address(ME)])
+    rounds, size = args.rounds, args.batch
+    batches = max(1, args.packets // size)
+    n = batches * size
+    rules = tuple(make_rules(args.rules))
+    addresses = [IPv4Interface(f"{ME}/32")]
+
+    off = Access()
+    on = Access()
+    on.set_rules(rules, addresses)
+    drops: dict[DropReason, int] = {}
+
+    def through(access: Access, packet: bytes) -> Callable[[], None]:
+        batch = [packet] * size
+        inbound = access.inbound
+        assert len(inbound(batch, drops)) == size
+
+        def run() -> None:
+            for _ in range(batches):
+                inbound(batch, drops)
+
+        return run
+
+    allowed = udp64(40000, 9000)
+    reply = udp64(53, 41000)
+    on.outbound(udp64(41000, 53, src=ME, dst=PEER))
+    figures: list[tuple[str, float]] = []
+    t_off = best_ns(through(off, allowed), n, rounds)
+    figures.append(("Access.inbound, filter off (64 B UDP)", t_off))
+    for name, packet in (
+        ("cached 64 B UDP flow, rule accepts", allowed),
+        ("cached TCP flow, non-SYN segments", tcp(40000, 22)),
+        ("UDP replies to a flow this node opened", reply),
+    ):
+        t = best_ns(through(on, packet), n, rounds)
+        figures.append((f"Access.inbound, {name}", t))
+        figures.append(("    on - off", t - t_off))
+
+    flt = PacketFilter(rules, [ip_address(ME)])
     peer = PeerSources([ip_network(f"{PEER}/32")])
     check = flt.check_inbound
-    packet = udp64(40000, 9000)
-    assert check(packet, peer) is None
-    ack = tcp_ack(40000, 22)
+    assert check(allowed, peer) is None
 
-    def cached() -> None:
+    def per_packet() -> None:
         for _ in range(n):
-            check(packet, peer)
-
-    def non_syn() -> None:
-        for _ in range(n):
-            check(ack, peer)
+            check(allowed, peer)
 
     def empty_loop() -> None:
         for _ in range(n):
             pass
 
-    new_flows = [udp64(port, 9000) for port in range(1, 20_001)]
+    loop = best_ns(empty_loop, n, rounds)
+    figures.append(
+        ("check_inbound per packet, cached 64 B UDP", best_ns(per_packet, n, rounds) - loop)
+    )
 
-    def uncached() -> None:
-        flt.update_rules(make_rules(args.rules))
-        for p in new_flows:
-            check(p, peer)
+    new_udp = [udp64(port, 9000) for port in range(1, args.new_flows + 1)]
+    new_syn = [tcp(port, 22, flags=0x02) for port in range(1, args.new_flows + 1)]
 
-    loop = best_ns(empty_loop, n)
-    print(f"rules: {args.rules}, packets per round: {n}")
-    print(f"cached 64 B UDP flow: {best_ns(cached, n) - loop:8.1f} ns/packet (loop removed)")
-    print(f"TCP non-SYN:          {best_ns(non_syn, n) - loop:8.1f} ns/packet")
-    print(f"new UDP flow (miss):  {best_ns(uncached, len(new_flows), rounds=2):8.1f} ns/packet")
+    def first_packets(packets: list[bytes]) -> Callable[[], None]:
+        def run() -> None:
+            flt.update_rules(rules)  # forget cached decisions
+            for p in packets:
+                check(p, peer)
+
+        return run
+
+    figures.append(
+        ("new UDP flow, first packet (last rule)", best_ns(first_packets(new_udp), len(new_udp), 2))
+    )
+    figures.append(
+        ("new TCP SYN, denied (no rule)", best_ns(first_packets(new_syn), len(new_syn), 2))
+    )
+
+    outbound = on.outbound
+    out_udp = udp64(41000, 53, src=ME, dst=PEER)
+    out_tcp = tcp(22, 40000)
+
+    def send(packet: bytes) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(n):
+                outbound(packet)
+
+        return run
+
+    figures.append(
+        ("Access.outbound, 64 B UDP (open flow)", best_ns(send(out_udp), n, rounds) - loop)
+    )
+    figures.append(("Access.outbound, TCP segment", best_ns(send(out_tcp), n, rounds) - loop))
+
+    print(f"rules: {args.rules}, packets per round: {n} (batches of {size})")
+    for name, ns in figures:
+        print(f"{name:<58} {ns:10.1f} ns/packet")
 
 
 if __name__ == "__main__":
