@@ -1,4 +1,11 @@
-"""Flows as the packet filter tracks them: a printable `Flow` and the per-flow log limiter.
+"""Flows as the packet filter tracks them: the flows this node opened, a printable `Flow` and
+the per-flow log limiter.
+
+`FlowTable` holds the flows this node opened whose replies may come back (UDP and SCTP by
+5-tuple, ICMP echo by identifier), keyed as the outbound packet reads: (protocol, source,
+destination and the ports or echo identifier). A flow lives while packets pass either way and
+is forgotten `idle` seconds after the last one, or sooner when the table is full (least
+recently used first). Time is the caller's monotonic clock, passed in.
 
 `LogLimiter.should_log(flow, now)` answers True at most once per flow per `interval` seconds
 (`now` is the caller's monotonic clock). It remembers at most `capacity` flows; when full, it
@@ -8,12 +15,68 @@ flow it logged recently, so the once-per-interval promise holds under a flood of
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from ipaddress import IPv4Address, IPv6Address
 from typing import NamedTuple
 
 from agent.policy.packet import Parsed
 
-__all__ = ["Flow", "LogLimiter"]
+__all__ = ["Flow", "FlowKey", "FlowTable", "LogLimiter"]
+
+FlowKey = tuple[int, bytes]  # protocol, then source + destination + ports (or echo id) as sent
+
+
+class FlowTable:
+    """Open flows, each with the time after which it is gone; least recently used first."""
+
+    __slots__ = ("capacity", "deadlines", "idle")
+
+    def __init__(self, idle: float, capacity: int) -> None:
+        if idle <= 0 or capacity <= 0:
+            raise ValueError("idle and capacity must be positive")
+        self.idle = idle
+        self.capacity = capacity
+        # Ordered by last use, so by deadline: the first entry is the next to expire.
+        self.deadlines: OrderedDict[FlowKey, float] = OrderedDict()
+
+    def touch(self, key: FlowKey, now: float) -> bool:
+        """A packet of flow `key` passed at `now`; True if the flow is new (or had expired)."""
+        deadlines = self.deadlines
+        old = deadlines.get(key)
+        deadlines[key] = now + self.idle
+        if old is not None:
+            deadlines.move_to_end(key)
+            return old < now
+        if len(deadlines) > self.capacity:
+            deadlines.popitem(last=False)
+        return True
+
+    def alive(self, key: FlowKey, now: float) -> bool:
+        return self.deadlines.get(key, -1.0) >= now
+
+    def refresh(self, key: FlowKey, now: float) -> bool:
+        """Whether flow `key` is open at `now`; if it is, a packet of it keeps it open."""
+        deadlines = self.deadlines
+        if deadlines.get(key, -1.0) < now:
+            return False
+        deadlines[key] = now + self.idle
+        deadlines.move_to_end(key)
+        return True
+
+    def expire(self, now: float) -> int:
+        """Forget the flows idle since before `now - idle`; how many went."""
+        deadlines = self.deadlines
+        gone = 0
+        while deadlines:
+            key, deadline = next(iter(deadlines.items()))
+            if deadline >= now:
+                break
+            del deadlines[key]
+            gone += 1
+        return gone
+
+    def __len__(self) -> int:
+        return len(self.deadlines)
 
 
 class Flow(NamedTuple):
