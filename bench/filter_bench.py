@@ -96,7 +96,7 @@ def main() -> None:
     drops: dict[DropReason, int] = {}
 
     def through(access: Access, packet: bytes) -> Callable[[], None]:
-        batch = [packet] * size
+        batch = [bytes(bytearray(packet)) for _ in range(size)]  # one object each, as decrypted
         inbound = access.inbound
         assert len(inbound(batch, drops)) == size
 
