@@ -6,10 +6,12 @@ destination is this node) or, for a node with static peers, from `[interface] po
 packet passes and the data plane pays nothing (one `is None` test per batch).
 
 With rules, every plaintext packet from a peer is checked before it reaches the TUN
-(`agent.policy.filter.PacketFilter`); packets this node sends into the tunnel open flows whose
-replies pass (`note_outbound`). Which peer a packet came from needs no second check here: the
-WireGuard device already dropped any packet whose source is outside its sender's allowed IPs
-(`disallowed_source`), so the filter is handed one set of sources that admits them all.
+(`agent.policy.filter.PacketFilter.check_batch`, a decrypted batch at a time, one clock read per
+batch); packets this node sends into the tunnel open flows whose replies pass (`note_outbound`),
+until they have been idle for a while (the filter's flow tables, timed by this clock). Which
+peer a packet came from needs no second check here: the WireGuard device already dropped any
+packet whose source is outside its sender's allowed IPs (`disallowed_source`), so the filter
+is handed one set of sources that admits them all.
 
 Drops are counted in the data plane's drops as `filter_denied` (and `filter_not_local`,
 `filter_malformed`); a denied flow is logged at most once a minute.
@@ -76,24 +78,25 @@ class Access:
         f = self.filter
         if f is None:
             return list(packets)
-        check = f.check_inbound
-        out: list[Buffer] = []
-        for pkt in packets:
-            raw = pkt if isinstance(pkt, bytes) else bytes(pkt)
-            why = check(raw, _ANY_SOURCE)
-            if why is None:
-                out.append(pkt)
-                continue
+        now = self.clock()
+        passed, dropped = f.check_batch(packets, _ANY_SOURCE, now)
+        for pkt, why in dropped:
             reason = DROP_OF[why]
             drops[reason] = drops.get(reason, 0) + 1
             if why is FilterDrop.DENIED:
-                flow = f.flow_of(raw)
-                if flow is not None and f.should_log(flow, self.clock()):
+                flow = f.flow_of(pkt)
+                if flow is not None and f.should_log(flow, now):
                     log.info("packet denied by policy", flow=str(flow))
-        return out
+        return passed
 
     def outbound(self, packet: Buffer) -> None:
         """A packet this node sends into the tunnel: its replies may come back."""
         f = self.filter
-        if f is not None:
-            f.note_outbound(packet if isinstance(packet, bytes) else bytes(packet))
+        if f is None:
+            return
+        try:  # TCP keeps no state in the filter (its replies are not SYNs): skip the clock
+            if (packet[9] if packet[0] >> 4 == 4 else packet[6]) == 6:
+                return
+        except IndexError:
+            return
+        f.note_outbound(packet, self.clock())

@@ -8,40 +8,63 @@ Per packet from an authenticated peer, in order (the semantics of Tailscale's wg
     4. a fragment after the first                               -> accept (follows the first)
     5. TCP without SYN (or SYN+ACK)                             -> accept: it continues a flow,
        and the stack resets what it does not know; only a SYN opens a connection
-    6. UDP/SCTP reply to a flow this node opened (flow table)   -> accept
+    6. a rule accepts it: source prefix, destination address and port, protocol
+       (ICMP and port-less protocols match on addresses and protocol only) -> accept
+    7. UDP/SCTP reply to a flow this node opened (flow table)   -> accept
        ICMP echo reply to an echo this node sent (flow table)   -> accept
        ICMP error (unreachable, too big, time exceeded, ...)    -> accept
-    7. a rule accepts it: source prefix, destination address and port, protocol
-       (ICMP and port-less protocols match on addresses and protocol only) -> accept
     8. otherwise                                                -> drop DENIED
 
-The flow table is fed by `note_outbound()` with every packet this node sends into the tunnel
-(reversed UDP/SCTP 5-tuples and ICMP echo identifiers), bounded, least recently used out.
+Rules are looked up through `RuleIndex` (index.py), not scanned. The flow tables are fed by
+`note_outbound()` with the packets this node sends into the tunnel; a flow lives while packets
+pass either way and is forgotten after `FilterLimits.udp_idle` (UDP, SCTP) or `echo_idle`
+(ICMP echo) seconds without one, or when its table is full (least recently used first).
+Tailscale's filter bounds its table of UDP flows (512, LRU) but sets no idle time; the idle
+times here are the defaults of Linux conntrack for a UDP stream (120 s) and ICMP (30 s).
 
-Decisions are cached per flow, keyed by the address and port bytes sliced from the packet, in a
-bounded LRU. A cached entry also records the peer it was decided for (by identity: pass the
-same `PeerSources` object for a peer every time) and the protocol, so a hit costs one dict
-lookup and two comparisons. ICMP, fragments, IPv4 options, IPv6 extension headers and other
-protocols take the uncached path. New rules (`update_rules`) clear the cache and keep the flows.
+Time is the caller's monotonic clock, passed as `now`; a call without `now` takes the latest
+time seen (so a filter nobody tells the time never expires anything).
+
+Decisions are cached per peer (by identity: pass the same `PeerSources` object for a peer every
+time) and flow, keyed by the 12 (IPv4) or 36 (IPv6) bytes of addresses and ports sliced from
+the packet, in one table per protocol (TCP, UDP, SCTP). A cached flow costs one dict lookup:
+
+    IPv4 with a 20-byte header  table[packet[9]].get(packet[12:24])
+    IPv6 without extensions     table[packet[6]].get(packet[8:44])
+
+and the value is the verdict: ACCEPT, a `FilterDrop`, SYN_DENIED ("a SYN is denied, the rest
+of the TCP flow passes"), or the key of the open flow a reply belongs to (accepted while that
+flow lives; the packet refreshes it). A non-first IPv4 fragment may find its flow's entry: passing
+it is right (later fragments pass uncached too), any other verdict is decided again uncached.
+A packet that matches
+a cached flow's addresses, ports and protocol is not checked again for truncation: the WireGuard
+device has cut it to its IP total length, and the kernel's stack drops a datagram too short for
+its transport header. ICMP, fragments, IPv4 options, IPv6 extension headers and other protocols
+are never cached. New rules (`update_rules`) clear the caches and keep the flows; a flow opened
+by `note_outbound` clears a cached denial of its replies.
+
+`check_batch` runs a list of packets from one peer (what the data plane has after decrypting a
+batch) with the lookup inlined; `check_inbound` is a batch of one.
 
 Nothing here raises on any bytes: every drop returns its `FilterDrop` and is counted in `drops`.
 """
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from enum import IntEnum, StrEnum
+from enum import Enum, StrEnum
+from typing import TypeVar
 
-from agent.policy.flows import Flow, LogLimiter
+from agent.policy.flows import Flow, FlowKey, FlowTable, LogLimiter
+from agent.policy.index import Mode, RuleIndex
 from agent.policy.packet import ICMP_ERRORS, PORTED, MalformedPacket, Parsed, parse
-from agent.policy.rules import ALL_PORTS, FilterRule, IPAddress, IPNetwork
+from agent.policy.rules import FilterRule, IPAddress, IPNetwork
 
 __all__ = ["FilterDrop", "FilterLimits", "PeerSources", "PacketFilter"]
 
-_Entry = tuple["PeerSources", int, "FilterDrop | None", "FilterDrop | None"]
-_FlowKey = tuple[int, bytes]
+Buffer = TypeVar("Buffer", bound=bytes | bytearray | memoryview)
 
 
 class FilterDrop(StrEnum):
@@ -55,8 +78,12 @@ class FilterDrop(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class FilterLimits:
-    decisions: int = 16384  # flows whose decision is cached
-    flows: int = 4096  # flows this node opened whose replies pass (UDP/SCTP, ICMP echo)
+    decisions: int = 16384  # flows whose decision is cached, per peer
+    peers: int = 256  # peers (PeerSources objects) with a decision cache
+    flows: int = 4096  # UDP/SCTP flows this node opened whose replies pass
+    echoes: int = 512  # ICMP echoes this node sent whose replies pass
+    udp_idle: float = 120.0  # seconds a UDP/SCTP flow lives without a packet either way
+    echo_idle: float = 30.0  # seconds an ICMP echo flow lives without a packet either way
     log_interval: float = 60.0  # seconds between two log lines about one dropped flow
     log_flows: int = 4096  # dropped flows the log limiter remembers
 
@@ -89,34 +116,38 @@ class PeerSources:
         return any(lo <= value <= hi for lo, hi in self._ranges.get(len(address), ()))
 
 
-class _Mode(IntEnum):
-    PORTS = 0  # TCP, UDP, SCTP: the destination port must be in range
-    ADDRESSES = 1  # ICMP: addresses and protocol only
-    ALL_PORTS = 2  # other protocols: only rules that allow every port
+class _Mark(Enum):
+    ACCEPT = 0  # every packet of the flow passes
+    SYN_DENIED = 1  # TCP: a SYN is denied, every other segment passes
 
 
-@dataclass(frozen=True, slots=True)
-class _Match:
-    sources: tuple[tuple[int, int], ...]
-    destinations: tuple[tuple[int, int, int, int], ...]  # address lo, hi, first port, last port
-    protocols: frozenset[int]  # empty: every protocol
+# What a decision cache holds for a flow: ACCEPT, a drop, SYN_DENIED, or the open flow a reply
+# is for. A lookup that finds nothing gives None.
+_Cached = _Mark | FilterDrop | FlowKey
+_Lookup = Callable[[object], _Cached | None]
+_ACCEPT = _Mark.ACCEPT
+_SYN_DENIED = _Mark.SYN_DENIED
+_NO_TABLE: dict[object, _Cached] = {}  # never written: the table of protocols never cached
+_KEY4, _KEY6 = slice(12, 24), slice(8, 44)  # addresses and ports; built once, not per packet
+_NOT_YET = object()
 
 
-def _compile(rules: Iterable[FilterRule], version: int) -> tuple[_Match, ...]:
-    def span(n: IPNetwork) -> tuple[int, int]:
-        return int(n.network_address), int(n.broadcast_address)
+class _Decisions:
+    """One peer's cached decisions: a table per IP version and cacheable protocol."""
 
-    out: list[_Match] = []
-    for rule in rules:
-        sources = tuple(span(n) for n in rule.sources if n.version == version)
-        destinations = tuple(
-            (*span(d.network), d.ports.first, d.ports.last)
-            for d in rule.destinations
-            if d.network.version == version
-        )
-        if sources and destinations:
-            out.append(_Match(sources, destinations, rule.protocols))
-    return tuple(out)
+    __slots__ = ("get4", "get6", "tables")
+
+    def __init__(self) -> None:
+        self.tables: dict[tuple[int, int], dict[object, _Cached]] = {
+            (version, protocol): {} for version in (4, 6) for protocol in PORTED
+        }
+        self.get4: list[_Lookup] = [_NO_TABLE.get] * 256
+        self.get6: list[_Lookup] = [_NO_TABLE.get] * 256
+        for (version, protocol), table in self.tables.items():
+            (self.get4 if version == 4 else self.get6)[protocol] = table.get
+
+    def __len__(self) -> int:
+        return sum(map(len, self.tables.values()))
 
 
 class PacketFilter:
@@ -131,9 +162,14 @@ class PacketFilter:
         self.limits = limits
         self.drops: Counter[FilterDrop] = Counter()
         self._local: frozenset[bytes] = frozenset()
-        self._matches: dict[int, tuple[_Match, ...]] = {}
-        self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
-        self._flows: OrderedDict[_FlowKey, None] = OrderedDict()
+        self._local_addresses: tuple[IPAddress, ...] = ()
+        self._rules: tuple[FilterRule, ...] = ()
+        self._index = RuleIndex((), ())
+        self._decisions: dict[PeerSources, _Decisions] = {}
+        self._flows = FlowTable(limits.udp_idle, limits.flows)
+        self._echoes = FlowTable(limits.echo_idle, limits.echoes)
+        self._now = 0.0
+        self._sweep_at = 0.0
         self._log = LogLimiter(limits.log_interval, limits.log_flows)
         self.update_rules(rules, local_addresses)
 
@@ -141,55 +177,154 @@ class PacketFilter:
         self, rules: Iterable[FilterRule], local_addresses: Iterable[IPAddress] | None = None
     ) -> None:
         """Install new rules (and addresses); cached decisions go, open flows stay."""
-        rules = tuple(rules)
+        self._rules = tuple(rules)
         if local_addresses is not None:
-            self._local = frozenset(a.packed for a in local_addresses)
-        self._matches = {4: _compile(rules, 4), 6: _compile(rules, 6)}
-        self._cache.clear()
+            self._local_addresses = tuple(local_addresses)
+            self._local = frozenset(a.packed for a in self._local_addresses)
+        self._index = RuleIndex(self._rules, self._local_addresses)
+        self._decisions.clear()
 
     # -- the per-packet path --------------------------------------------------------------
 
-    def check_inbound(self, packet: bytes, peer: PeerSources) -> FilterDrop | None:
-        """None to deliver `packet` (from `peer`, decrypted) to the TUN, else why to drop it."""
-        n = len(packet)
-        if n >= 40:
-            b0 = packet[0]
-            if b0 == 0x45 and not (packet[7] or packet[6] & 0x1F):
-                proto, key, syn = packet[9], packet[12:24], packet[33] & 0x12 == 0x02
-            elif b0 >> 4 == 6 and n >= 60 and packet[6] in PORTED:
-                proto, key, syn = packet[6], packet[8:44], packet[53] & 0x12 == 0x02
+    def check_batch(
+        self, packets: Sequence[Buffer], peer: PeerSources, now: float | None = None
+    ) -> tuple[list[Buffer], list[tuple[Buffer, FilterDrop]]]:
+        """Packets from `peer` (decrypted): those to deliver to the TUN, and those to drop with
+        why, each list in arrival order."""
+        now = self._clock(now)
+        decisions = self._decisions_of(peer)
+        get4, get6 = decisions.get4, decisions.get6
+        accept, syn_denied, key4, key6 = _ACCEPT, _SYN_DENIED, _KEY4, _KEY6
+        passed: list[Buffer] = []
+        keep = passed.append
+        dropped: list[tuple[Buffer, FilterDrop]] = []
+        refreshed: object = _NOT_YET
+        v: _Cached | None
+        for p in packets:
+            try:
+                b0 = p[0]
+                if b0 == 0x45:
+                    v = get4[p[9]](p[key4])
+                    # or a TCP segment other than a SYN (or a later fragment: those pass too)
+                    if v is accept or (v is syn_denied and p[33] & 0x12 != 0x02):
+                        keep(p)
+                        continue
+                elif b0 >> 4 == 6:
+                    v = get6[p[6]](p[key6])
+                    if v is accept or (v is syn_denied and p[53] & 0x12 != 0x02):
+                        keep(p)
+                        continue
+                else:
+                    v = None
+            except (IndexError, TypeError, ValueError):  # short; unhashable (a writable buffer)
+                v = None
+            if v is refreshed or (type(v) is tuple and self._flows.refresh(v, now)):
+                keep(p)  # a reply to a flow this node opened: it keeps the flow open
+                refreshed = v
+                continue
+            why = self._uncommon(p, v, peer, decisions, now)
+            if why is None:
+                keep(p)
             else:
-                return self._decide(packet, peer)
-            entry = self._cache.get(key)
-            if entry is not None and entry[0] is peer and entry[1] == proto:
-                self._cache.move_to_end(key)
-                drop = entry[3] if syn and proto == 6 else entry[2]
-                if drop is not None:
-                    self.drops[drop] += 1
-                return drop
-        return self._decide(packet, peer)
+                dropped.append((p, why))
+        return passed, dropped
 
-    def _decide(self, packet: bytes, peer: PeerSources) -> FilterDrop | None:
+    def check_inbound(
+        self, packet: bytes | bytearray | memoryview, peer: PeerSources, now: float | None = None
+    ) -> FilterDrop | None:
+        """None to deliver `packet` (from `peer`, decrypted) to the TUN, else why to drop it."""
+        now = self._clock(now)
+        decisions = self._decisions_of(peer)
+        p = packet
+        v: _Cached | None
+        try:  # the lookup of check_batch
+            b0 = p[0]
+            if b0 == 0x45:
+                v = decisions.get4[p[9]](p[_KEY4])
+            elif b0 >> 4 == 6:
+                v = decisions.get6[p[6]](p[_KEY6])
+            else:
+                v = None
+        except (IndexError, TypeError, ValueError):
+            v = None
+        if v is _ACCEPT:
+            return None
+        if type(v) is tuple and self._flows.refresh(v, now):
+            return None
+        return self._uncommon(p, v, peer, decisions, now)
+
+    def _clock(self, now: float | None) -> float:
+        if now is None:
+            return self._now
+        if now > self._now:
+            self._now = now
+            if now >= self._sweep_at:
+                self._flows.expire(now)
+                self._echoes.expire(now)
+                self._sweep_at = now + 1.0
+        return self._now
+
+    def _decisions_of(self, peer: PeerSources) -> _Decisions:
+        decisions = self._decisions.get(peer)
+        if decisions is None:
+            decisions = self._decisions[peer] = _Decisions()
+            if len(self._decisions) > self.limits.peers:
+                del self._decisions[next(iter(self._decisions))]
+        return decisions
+
+    def _uncommon(
+        self,
+        p: bytes | bytearray | memoryview,
+        cached: _Cached | None,
+        peer: PeerSources,
+        decisions: _Decisions,
+        now: float,
+    ) -> FilterDrop | None:
+        """A packet the cache does not simply accept: a cached drop or SYN rule, or no entry."""
+        if cached is _ACCEPT:
+            return None
+        if cached is not None and type(cached) is not tuple:
+            try:
+                b0 = p[0]
+                if not (b0 == 0x45 and (p[7] or p[6] & 0x1F)):  # not a later fragment
+                    if cached is _SYN_DENIED:
+                        if (p[33] if b0 == 0x45 else p[53]) & 0x12 != 0x02:
+                            return None
+                        cached = FilterDrop.DENIED
+                    if isinstance(cached, FilterDrop):
+                        self.drops[cached] += 1
+                        return cached
+            except IndexError:
+                pass  # too short for its flow: decided uncached
+        return self._decide(p if type(p) is bytes else bytes(p), peer, decisions, now)
+
+    def _decide(
+        self, packet: bytes, peer: PeerSources, decisions: _Decisions, now: float
+    ) -> FilterDrop | None:
+        """The uncached decision, cached for the flow when the packet allows."""
         try:
             p = parse(packet)
         except MalformedPacket:
             self.drops[FilterDrop.MALFORMED] += 1
             return FilterDrop.MALFORMED
-        always = new = self._addressing(p, peer)
-        if always is None and not p.fragment:
+        drop = self._addressing(p, peer)
+        cached: _Cached = _ACCEPT if drop is None else drop
+        if drop is None and not p.fragment:
             if p.protocol in PORTED:
-                new = self._decide_ported(p)
-                if p.protocol != 6:
-                    always = new
+                cached = self._decide_ported(p, now)
+                if cached is _SYN_DENIED:
+                    drop = FilterDrop.DENIED if p.is_tcp_syn else None
+                elif isinstance(cached, FilterDrop):
+                    drop = cached
             elif p.icmp_type >= 0:
-                always = new = self._decide_icmp(p)
-            else:
-                always = new = None if self._match(p, _Mode.ALL_PORTS) else FilterDrop.DENIED
-        if p.flow_key is not None:
-            self._cache[p.flow_key] = (peer, p.protocol, always, new)
-            if len(self._cache) > self.limits.decisions:
-                self._cache.popitem(last=False)
-        drop = new if p.is_tcp_syn else always
+                drop = self._decide_icmp(p, now)
+            elif not self._index.accepts(p.src, p.dst, p.protocol, 0, Mode.ALL_PORTS):
+                drop = FilterDrop.DENIED
+        if p.flow_key is not None and p.protocol in PORTED:
+            table = decisions.tables[(p.version, p.protocol)]
+            table[p.flow_key] = cached
+            if len(decisions) > self.limits.decisions:
+                del table[next(iter(table))]
         if drop is not None:
             self.drops[drop] += 1
         return drop
@@ -201,67 +336,69 @@ class PacketFilter:
             return FilterDrop.NOT_LOCAL
         return None
 
-    def _decide_ported(self, p: Parsed) -> FilterDrop | None:
-        """Whether a new TCP/UDP/SCTP flow is accepted (a reply, or by a rule)."""
-        if p.protocol != 6:
-            reply = (p.protocol, p.src + p.dst + _ports(p.src_port, p.dst_port))
-            if reply in self._flows:
-                return None
-        return None if self._match(p, _Mode.PORTS) else FilterDrop.DENIED
+    def _decide_ported(self, p: Parsed, now: float) -> _Cached:
+        """What to cache for a TCP/UDP/SCTP flow whose addressing is right."""
+        if self._index.accepts(p.src, p.dst, p.protocol, p.dst_port, Mode.PORTS):
+            return _ACCEPT
+        if p.protocol == 6:
+            return _SYN_DENIED
+        reply = (p.protocol, p.dst + p.src + _ports(p.dst_port, p.src_port))
+        if self._flows.alive(reply, now):
+            self._flows.touch(reply, now)
+            return reply
+        return FilterDrop.DENIED
 
-    def _decide_icmp(self, p: Parsed) -> FilterDrop | None:
+    def _decide_icmp(self, p: Parsed, now: float) -> FilterDrop | None:
         if p.icmp_type in ICMP_ERRORS[p.version]:
             return None
-        reply = 0 if p.version == 4 else 129
-        if p.icmp_type == reply and (p.protocol, p.src + p.dst + _port(p.icmp_id)) in self._flows:
+        if p.icmp_type == (0 if p.version == 4 else 129):
+            echo = (p.protocol, p.dst + p.src + _port(p.icmp_id))
+            if self._echoes.alive(echo, now):
+                self._echoes.touch(echo, now)
+                return None
+        if self._index.accepts(p.src, p.dst, p.protocol, 0, Mode.ADDRESSES):
             return None
-        return None if self._match(p, _Mode.ADDRESSES) else FilterDrop.DENIED
+        return FilterDrop.DENIED
 
-    def _match(self, p: Parsed, mode: _Mode) -> bool:
-        src, dst = int.from_bytes(p.src), int.from_bytes(p.dst)
-        port, protocol = p.dst_port, p.protocol
-        for m in self._matches[p.version]:
-            if m.protocols and protocol not in m.protocols:
-                continue
-            for lo, hi in m.sources:
-                if lo <= src <= hi:
-                    break
-            else:
-                continue
-            for lo, hi, first, last in m.destinations:
-                if not lo <= dst <= hi:
-                    continue
-                if mode is _Mode.ADDRESSES or (first <= port <= last and mode is _Mode.PORTS):
-                    return True
-                if mode is _Mode.ALL_PORTS and (first, last) == (ALL_PORTS.first, ALL_PORTS.last):
-                    return True
-        return False
+    # -- outbound: the flow tables --------------------------------------------------------
 
-    # -- outbound: the flow table ---------------------------------------------------------
-
-    def note_outbound(self, packet: bytes) -> None:
+    def note_outbound(
+        self, packet: bytes | bytearray | memoryview, now: float | None = None
+    ) -> None:
         """Record a packet this node sends into the tunnel, so replies to it pass."""
+        now = self._clock(now)
         try:
-            p = parse(packet)
+            b0 = packet[0]
+            if b0 == 0x45:
+                protocol = packet[9]
+                if protocol == 6:
+                    return  # TCP replies need no state: they are not SYNs
+                fragment = packet[7] or packet[6] & 0x1F
+                key = (protocol, bytes(packet[12:24]))
+                if protocol in PORTED and not fragment and self._flows.refresh(key, now):
+                    return  # an open flow: kept open
+            elif b0 >> 4 == 6:
+                protocol = packet[6]
+                if protocol == 6:
+                    return
+                if protocol in PORTED and self._flows.refresh((protocol, bytes(packet[8:44])), now):
+                    return
+        except IndexError:
+            return
+        try:
+            p = parse(bytes(packet))
         except MalformedPacket:
             return
         if p.fragment:
             return
         if p.protocol in PORTED and p.protocol != 6:
-            key = p.dst + p.src + _ports(p.dst_port, p.src_port)
+            if self._flows.touch((p.protocol, p.src + p.dst + _ports(p.src_port, p.dst_port)), now):
+                # a cached denial of the replies no longer holds
+                reply = p.dst + p.src + _ports(p.dst_port, p.src_port)
+                for decisions in self._decisions.values():
+                    decisions.tables[(p.version, p.protocol)].pop(reply, None)
         elif p.icmp_type == (8 if p.version == 4 else 128):
-            key = p.dst + p.src + _port(p.icmp_id)
-        else:
-            return
-        flow = (p.protocol, key)
-        if flow in self._flows:
-            self._flows.move_to_end(flow)
-            return
-        self._flows[flow] = None
-        self._cache.pop(key, None)  # a cached "denied" for the reply no longer holds
-        while len(self._flows) > self.limits.flows:
-            old, _ = self._flows.popitem(last=False)
-            self._cache.pop(old[1], None)  # nor does a cached "reply accepted"
+            self._echoes.touch((p.protocol, p.src + p.dst + _port(p.icmp_id)), now)
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -270,20 +407,20 @@ class PacketFilter:
         return self._log.should_log(flow, now)
 
     @staticmethod
-    def flow_of(packet: bytes) -> Flow | None:
+    def flow_of(packet: bytes | bytearray | memoryview) -> Flow | None:
         """The flow `packet` belongs to, for a log line; None if it is malformed."""
         try:
-            return Flow.of(parse(packet))
+            return Flow.of(parse(bytes(packet)))
         except MalformedPacket:
             return None
 
     @property
     def cached_decisions(self) -> int:
-        return len(self._cache)
+        return sum(map(len, self._decisions.values()))
 
     @property
     def open_flows(self) -> int:
-        return len(self._flows)
+        return len(self._flows) + len(self._echoes)
 
 
 def _port(port: int) -> bytes:

@@ -64,6 +64,9 @@ class Parsed(NamedTuple):
         return self.protocol == 6 and self.tcp_flags & 0x12 == 0x02
 
 
+_new = tuple.__new__  # builds a Parsed without NamedTuple's Python-level __new__
+
+
 def parse(packet: bytes) -> Parsed:
     """Decode `packet`; raise `MalformedPacket` if it is not a well-formed IP packet."""
     if not packet:
@@ -89,7 +92,7 @@ def _parse4(packet: bytes) -> Parsed:
     src, dst = packet[12:16], packet[16:20]
     frag_offset = (packet[6] & 0x1F) << 8 | packet[7]
     if frag_offset:
-        return Parsed(4, protocol, src, dst, 0, 0, 0, -1, 0, True, None)
+        return _new(Parsed, (4, protocol, src, dst, 0, 0, 0, -1, 0, True, None))
     key = src + dst + packet[ihl : ihl + 4] if ihl == 20 else None
     return _transport(4, protocol, src, dst, packet, ihl, end, key, icmp=1)
 
@@ -112,7 +115,7 @@ def _parse6(packet: bytes) -> Parsed:
         following = packet[offset]
         if protocol == 44:  # fragment: fixed 8 bytes
             if (packet[offset + 2] << 8 | packet[offset + 3]) >> 3:
-                return Parsed(6, following, src, dst, 0, 0, 0, -1, 0, True, None)
+                return _new(Parsed, (6, following, src, dst, 0, 0, 0, -1, 0, True, None))
             size = 8
         elif protocol == 51:  # authentication header: length in 4-byte units, minus 2
             size = (packet[offset + 1] + 2) * 4
@@ -146,12 +149,12 @@ def _transport(
         sport = packet[offset] << 8 | packet[offset + 1]
         dport = packet[offset + 2] << 8 | packet[offset + 3]
         flags = packet[offset + 13] if protocol == 6 else 0
-        return Parsed(version, protocol, src, dst, sport, dport, flags, -1, 0, False, key)
+        return _new(Parsed, (version, protocol, src, dst, sport, dport, flags, -1, 0, False, key))
     if protocol == icmp:
         if end - offset < 8:
             raise MalformedPacket("truncated ICMP header")
         kind = packet[offset]
         echo = (8, 0) if version == 4 else (128, 129)
         ident = packet[offset + 4] << 8 | packet[offset + 5] if kind in echo else 0
-        return Parsed(version, protocol, src, dst, 0, 0, 0, kind, ident, False, None)
-    return Parsed(version, protocol, src, dst, 0, 0, 0, -1, 0, False, None)
+        return _new(Parsed, (version, protocol, src, dst, 0, 0, 0, kind, ident, False, None))
+    return _new(Parsed, (version, protocol, src, dst, 0, 0, 0, -1, 0, False, None))

@@ -96,3 +96,33 @@ def test_rules_are_replaced_live_and_flows_kept() -> None:
     assert access.inbound([udp4(A_IP, B_IP, 3000, 2000)], drops)  # the open flow survived
     assert access.inbound([b"\x45garbage"], drops) == []
     assert drops[DropReason.FILTER_MALFORMED] == 1
+
+
+def test_flows_expire_on_the_access_clock() -> None:
+    clock = Clock()
+    access = Access(clock)
+    access.set_rules(b_rules(), [IPv4Interface(f"{B4}/32")])
+    drops: dict[DropReason, int] = {}
+    reply = udp4(A_IP, B_IP, 3000, 2000)
+    access.outbound(udp4(B_IP, A_IP, 2000, 3000))
+    clock.now += 119.0
+    assert access.inbound([reply, reply], drops) == [reply, reply]  # and keeps the flow open
+    clock.now += 119.0
+    assert access.inbound([reply], drops) == [reply]
+    clock.now += 121.0  # quiet for longer than a UDP flow lives
+    assert access.inbound([reply], drops) == []
+    assert drops == {DropReason.FILTER_DENIED: 1}
+    assert access.filter is not None
+    assert access.filter.open_flows == 0
+    access.outbound(udp4(B_IP, A_IP, 2000, 3000))  # b speaks again: the flow reopens
+    assert access.inbound([reply], drops) == [reply]
+
+
+def test_tcp_from_this_node_needs_no_flow_state() -> None:
+    access = Access(Clock())
+    access.set_rules(b_rules(), [IPv4Interface(f"{B4}/32")])
+    syn = struct.pack("!HHIIBBHHH", 2000, 80, 1, 0, 5 << 4, 0x02, 65535, 0, 0)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0, 64, 6, 0, B_IP, A_IP)
+    access.outbound(header + syn)
+    assert access.filter is not None
+    assert access.filter.open_flows == 0

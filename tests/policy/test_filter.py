@@ -285,3 +285,71 @@ def test_should_log_once_per_flow_per_minute(flt: PacketFilter, peer: PeerSource
     assert str(other) == "udp [fd7a::2]:1 -> [fd7a::1]:2"
     assert flt.should_log(other, now=120.0)
     assert flt.should_log(flow, now=160.0)
+
+
+# -- flows expire when idle (times are the caller's clock, passed as `now`) -----------------
+
+
+@pytest.mark.parametrize(("me", "them"), [(ME4, PEER4), (ME6, PEER6)])
+def test_udp_replies_stop_once_the_flow_is_idle(peer: PeerSources, me: str, them: str) -> None:
+    flt = PacketFilter([], [ip_address(me)])
+    reply = pk.udp(them, 53, me, 41000)
+    flt.note_outbound(pk.udp(me, 41000, them, 53), now=1000.0)
+    assert flt.check_inbound(reply, peer, now=1100.0) is None  # cached, and keeps it open
+    assert flt.check_inbound(reply, peer, now=1219.0) is None  # 119 s after the last reply
+    assert flt.check_batch([reply, reply], peer, now=1339.0) == ([reply, reply], [])
+    # nothing either way for 120 s and a bit: the flow is gone, cached or not
+    assert flt.check_inbound(reply, peer, now=1459.5) is FilterDrop.DENIED
+    assert flt.open_flows == 0
+    # our next packet opens it again, and the cached denial no longer holds
+    flt.note_outbound(pk.udp(me, 41000, them, 53), now=1500.0)
+    assert flt.check_batch([reply], peer, now=1500.0) == ([reply], [])
+
+
+def test_our_packets_keep_a_flow_open(peer: PeerSources) -> None:
+    flt = PacketFilter([], [ip_address(ME4)])
+    for t in range(0, 1000, 100):  # we send every 100 s, nothing comes back
+        flt.note_outbound(pk.udp(ME4, 41000, PEER4, 53), now=float(t))
+    assert flt.check_inbound(pk.udp(PEER4, 53, ME4, 41000), peer, now=1019.0) is None
+    other = pk.udp(PEER4, 53, ME4, 41001)
+    assert flt.check_inbound(other, peer, now=1019.0) is FilterDrop.DENIED
+
+
+@pytest.mark.parametrize(("me", "them"), [(ME4, PEER4), (ME6, PEER6)])
+def test_echo_replies_pass_for_30_seconds(me: str, them: str) -> None:
+    flt = PacketFilter([], [ip_address(me)])
+    peer = PeerSources([ip_network(them)])
+    flt.note_outbound(pk.echo_request(me, them, ident=9), now=10.0)
+    assert flt.check_inbound(pk.echo_reply(them, me, ident=9), peer, now=40.0) is None
+    assert flt.check_inbound(pk.echo_reply(them, me, ident=9), peer, now=70.0) is None
+    assert flt.check_inbound(pk.echo_reply(them, me, ident=9), peer, now=100.5) is (
+        FilterDrop.DENIED
+    )
+
+
+def test_limits_set_the_idle_times(peer: PeerSources) -> None:
+    flt = PacketFilter([], [ip_address(ME4)], FilterLimits(udp_idle=5.0, echo_idle=1.0))
+    flt.note_outbound(pk.udp(ME4, 41000, PEER4, 53), now=0.0)
+    flt.note_outbound(pk.echo_request(ME4, PEER4), now=0.0)
+    assert flt.check_inbound(pk.echo_reply(PEER4, ME4), peer, now=2.0) is FilterDrop.DENIED
+    assert flt.check_inbound(pk.udp(PEER4, 53, ME4, 41000), peer, now=4.0) is None
+    assert flt.check_inbound(pk.udp(PEER4, 53, ME4, 41000), peer, now=9.5) is FilterDrop.DENIED
+
+
+def test_a_flow_in_use_outlives_a_flood_of_new_ones(peer: PeerSources) -> None:
+    flt = PacketFilter([], [ip_address(ME4)], FilterLimits(flows=4))
+    flt.note_outbound(pk.udp(ME4, 5000, PEER4, 53), now=0.0)
+    for port in range(6000, 6100):  # a scan opens 100 flows while ours keeps talking
+        flt.note_outbound(pk.udp(ME4, port, PEER4, 53), now=1.0)
+        assert flt.check_inbound(pk.udp(PEER4, 53, ME4, 5000), peer, now=1.0) is None
+    assert flt.open_flows == 4
+    assert flt.check_inbound(pk.udp(PEER4, 53, ME4, 6000), peer, now=1.0) is FilterDrop.DENIED
+
+
+def test_time_without_now_stands_still(peer: PeerSources) -> None:
+    flt = PacketFilter([], [ip_address(ME4)])
+    flt.note_outbound(pk.udp(ME4, 41000, PEER4, 53), now=500.0)
+    assert flt.check_inbound(pk.udp(PEER4, 53, ME4, 41000), peer) is None  # still 500
+    flt.check_inbound(pk.udp(PEER4, 1, ME4, 1), peer, now=400.0)  # the clock never goes back
+    reply = pk.udp(PEER4, 53, ME4, 41000)
+    assert flt.check_inbound(reply, peer, now=621.0) is FilterDrop.DENIED
