@@ -10,7 +10,8 @@
     agent coordinator nodes remove NAME|ID            delete: its token stops working at once
     agent coordinator nodes expire NAME|ID            end its key validity now (it may come
                                                       back with a new auth key, same addresses)
-    agent coordinator policy set FILE | get | check FILE   the access policy (policy_admin.py)
+    agent coordinator policy set FILE | get | check FILE | clear [--yes] [--json]
+                                                      the access policy (policy_admin.py)
 
 Every command reads the database named in the config (`-c`, default
 /etc/agent/coordinator.conf), so it works beside a running coordinator, which sees each change

@@ -208,6 +208,15 @@ class Store:
             )
             return self._bump()
 
+    def clear_policy(self) -> int | None:
+        """Remove the policy (every node reaches every other again); the new version, or None
+        when no policy was set (nothing changes then)."""
+        with self._db.write():
+            row = self._db.execute(
+                "DELETE FROM meta WHERE name = 'policy' RETURNING name"
+            ).fetchone()
+            return None if row is None else self._bump()
+
     def revoke_auth_key(self, key_id: int) -> None:
         with self._db.write():
             row = self._db.execute(

@@ -1,9 +1,12 @@
 """`agent coordinator keys|nodes|policy` in-process: users and tags on keys and nodes, and a
-policy set, read back, checked, and refused (syntax, meaning, failing tests) without change."""
+policy set, read back, checked, refused (syntax, meaning, failing tests) without change, and
+cleared (asked first on a terminal)."""
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 import time
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
@@ -56,9 +59,7 @@ def _file(tmp_path: Path, name: str, text: str) -> str:
     return str(path)
 
 
-def test_keys_and_nodes_show_users_and_tags(
-    capsys: pytest.CaptureFixture[str], conf: str
-) -> None:
+def test_keys_and_nodes_show_users_and_tags(capsys: pytest.CaptureFixture[str], conf: str) -> None:
     rc, alice, _ = run(capsys, conf, "keys", "create", "--user", "alice", "--reusable")
     assert rc == 0
     assert alice.startswith("agentkey-")
@@ -144,3 +145,56 @@ def test_policy_set_get_check_and_refusals(
     rc, _, err = run(capsys, conf, "policy", "set", str(tmp_path / "missing.hujson"))
     assert rc == 1
     assert "cannot read the policy" in err
+
+
+class _Terminal(io.StringIO):
+    """Standard input as a terminal, holding what the user types."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_policy_clear(
+    capsys: pytest.CaptureFixture[str],
+    conf: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # not a terminal: no question
+    for user in ("alice", "bob"):
+        assert run(capsys, conf, "keys", "create", "--user", user)[0] == 0
+    rc, out, _ = run(capsys, conf, "policy", "clear")
+    assert (rc, out) == (0, "no policy was set: every node already reaches every other\n")
+    rc, out, _ = run(capsys, conf, "policy", "clear", "--json")
+    version = json.loads(out)["version"]
+    assert (rc, json.loads(out)) == (0, {"cleared": False, "version": version})
+
+    good = _file(tmp_path, "good.hujson", POLICY)
+    assert run(capsys, conf, "policy", "set", good)[0] == 0
+    # on a terminal it asks, and anything but yes changes nothing
+    for answer in ("\n", "n\n", "no\n", ""):
+        monkeypatch.setattr(sys, "stdin", _Terminal(answer))
+        rc, out, err = run(capsys, conf, "policy", "clear")
+        assert (rc, out) == (1, "")
+        assert err.startswith("Clear the access policy? Every node will reach every other")
+        assert err.endswith(
+            "[y/N] agent coordinator: policy clear: not confirmed, nothing changed\n"
+        )
+        assert run(capsys, conf, "policy", "get")[1] == POLICY + "\n"
+    monkeypatch.setattr(sys, "stdin", _Terminal("y\n"))
+    rc, out, err = run(capsys, conf, "policy", "clear")
+    assert rc == 0
+    assert err.endswith("[y/N] ")
+    assert out.startswith("policy cleared (network version ")
+    assert out.endswith("): every node reaches every other\n")
+    assert run(capsys, conf, "policy", "get")[0] == 1
+    # without a policy, tags need no owner again
+    assert run(capsys, conf, "keys", "create", "--user", "carol", "--tags", "tag:web")[0] == 0
+
+    # --yes does not ask, even on a terminal; --json tells what happened
+    assert run(capsys, conf, "policy", "set", good)[0] == 0
+    monkeypatch.setattr(sys, "stdin", _Terminal(""))
+    rc, out, err = run(capsys, conf, "policy", "clear", "--yes", "--json")
+    assert (rc, err) == (0, "")
+    assert json.loads(out) == {"cleared": True, "version": version + 4}  # two sets, two clears
+    assert run(capsys, conf, "policy", "get")[0] == 1

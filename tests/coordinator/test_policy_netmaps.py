@@ -1,6 +1,6 @@
 """Netmaps under an access policy: the issue's four nodes, each node's peers and packet filter,
-a policy change, no policy, and the DNS domain; through the Service (no sockets) and, for a live
-change reaching a long-polling node, through the real server.
+a policy change, no policy (never set, or cleared), and the DNS domain; through the Service (no
+sockets) and, for a live change reaching a long-polling node, through the real server.
 
     alice-laptop (alice) ──80,443──► web (tag:web) ──5432──► db (tag:db)
     bob-laptop   (bob)   ──80,443──┘
@@ -171,6 +171,21 @@ def test_a_policy_change_bumps_the_version_and_changes_the_netmaps(net: Net) -> 
     assert after.peers == ()
     assert after.packet_filter == ()
     assert net.peers(net.web) == {"alice-laptop", "bob-laptop"}
+
+
+def test_clearing_the_policy_brings_back_every_peer_and_no_filter(net: Net) -> None:
+    first = _set(net, POLICY)
+    assert net.peers(net.db) == {"web"}
+    cleared = net.store.clear_policy()
+    assert cleared == first + 1 == net.store.version()
+    assert net.store.policy() is None
+    for node in (net.alice, net.bob, net.web, net.db):
+        nm = net.netmap(node)
+        assert nm.version == cleared
+        assert nm.packet_filter is None
+        assert len(nm.peers) == 3
+    assert net.store.clear_policy() is None  # nothing left to clear: no new version
+    assert net.store.version() == cleared
 
 
 def test_expired_peers_are_left_out_and_the_cache_follows_the_snapshot(net: Net) -> None:
