@@ -202,7 +202,7 @@ OPERATIONS = ["batch", "one", "out", "tick", "rules", "again", "reply", "answer"
 TICKS = [0.5, 10.0, 29.0, 31.0, 119.0, 121.0]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(filter_rules(), st.data())
 def test_the_filter_decides_as_the_model(rules: list[FilterRule], data: st.DataObject) -> None:
     local = [ip_address(ME4), ip_address(ME6)]
