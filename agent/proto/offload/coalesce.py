@@ -82,7 +82,8 @@ class _Group:
         self.mss = mss
         self.next_seq = (seq + mss) & 0xFFFFFFFF
         self.total = hlen + mss
-        self.payloads: list[Buffer] = [memoryview(first)[hlen:]]
+        # up to the IP length: bytes after it (padding) are no part of the stream
+        self.payloads: list[Buffer] = [memoryview(first)[hlen : hlen + mss]]
         self.psh = False
         self.closed = mss == 0
 
