@@ -48,7 +48,12 @@ if WANT != "0":
         Extension(
             "agent._fastpath",
             sources=SOURCES,
-            depends=["native/fastpath.h", "native/transport.h"],
+            depends=[
+                "native/fastpath.h",
+                "native/transport.h",
+                "native/offload.h",
+                "native/offload_py.h",
+            ],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit"],
         )
