@@ -1,6 +1,216 @@
-/* Batched TUN and UDP system calls: the twin of agent/node/tun.py and agent/node/udp.py. */
-#include "fastpath.h"
+/* Batched TUN system calls: the twin of agent/node/tun_batch.py.
+ *
+ *   tun_read(fd, max_reads, vnet_hdr)
+ *       -> (packets, runs, reads, not_ip, malformed, error)
+ *   tun_write(fd, packets, vnet_hdr, udp) -> (writes, failed)
+ *
+ * The fd is non-blocking: EAGAIN ends a read batch, a write that would block fails (the packet
+ * is dropped, as os.writev's BlockingIOError is); EINTR is retried. Segmentation, checksums and
+ * coalescing are offload.c's core; writes go out with writev straight from the callers'
+ * buffers, the merged headers built on the stack.
+ */
+#include "offload_py.h" /* Python.h first, as CPython asks */
 
-PyMethodDef fp_io_methods[] = {{NULL, NULL, 0, NULL}};
+#include <errno.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
-int fp_io_init(PyObject *module) { (void)module; return 0; }
+/* A read holds at most one 64 KB IP packet plus the vnet header (tun.py's READ_SIZE). */
+#define READ_SIZE (0xFFFF + FP_VNET_HDR_LEN)
+
+static PyObject *os_error(int err) {
+    return PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
+}
+
+/* Appends (dst, count) to runs; 0 or -1 with an exception. */
+static int add_run(PyObject *runs, const uint8_t *dst, size_t dlen, Py_ssize_t count) {
+    PyObject *run = Py_BuildValue("(y#n)", (const char *)dst, (Py_ssize_t)dlen, count);
+    if (!run) return -1;
+    int rc = PyList_Append(runs, run);
+    Py_DECREF(run);
+    return rc;
+}
+
+static PyObject *py_tun_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "tun_read(fd, max_reads, vnet_hdr) takes 3 arguments");
+        return NULL;
+    }
+    int fd = PyObject_AsFileDescriptor(args[0]);
+    if (fd < 0) return NULL;
+    Py_ssize_t max_reads = PyLong_AsSsize_t(args[1]);
+    if (max_reads == -1 && PyErr_Occurred()) return NULL;
+    int vnet = PyObject_IsTrue(args[2]);
+    if (vnet < 0) return NULL;
+
+    uint8_t *buf = PyMem_Malloc(READ_SIZE);
+    if (!buf) return PyErr_NoMemory();
+    PyObject *packets = PyList_New(0), *runs = PyList_New(0), *error = NULL, *result = NULL;
+    Py_ssize_t reads = 0, not_ip = 0, malformed = 0, run_count = 0;
+    uint8_t run_dst[16];
+    size_t run_dlen = 0;
+    if (!packets || !runs) goto done;
+
+    for (Py_ssize_t r = 0; r < max_reads; r++) {
+        ssize_t got;
+        do {
+            got = read(fd, buf, READ_SIZE);
+        } while (got < 0 && errno == EINTR);
+        if (got < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && !(error = os_error(errno))) goto done;
+            break;
+        }
+        if (got == 0) break;
+        reads++;
+        fp_vnet_hdr h = {0};
+        const uint8_t *pkt = buf;
+        size_t n = (size_t)got;
+        if (vnet) {
+            if (n < FP_VNET_HDR_LEN) {
+                n = 0; /* no room for an IP packet: not IP */
+            } else {
+                fp_vnet_parse(buf, &h);
+                pkt += FP_VNET_HDR_LEN;
+                n -= FP_VNET_HDR_LEN;
+            }
+        }
+        const uint8_t *dst;
+        size_t dlen;
+        int version = n ? pkt[0] >> 4 : 0;
+        if (version == 4 && n >= 20) {
+            dst = pkt + 16;
+            dlen = 4;
+        } else if (version == 6 && n >= 40) {
+            dst = pkt + 24;
+            dlen = 16;
+        } else {
+            not_ip++;
+            continue;
+        }
+        fp_segment_plan plan;
+        if (fp_segment_plan_make(&h, pkt, n, &plan) != FP_OK) {
+            malformed++;
+            continue;
+        }
+        if (fp_append_segments(packets, &plan, NULL) < 0) goto done;
+        if (run_count && dlen == run_dlen && memcmp(dst, run_dst, dlen) == 0) {
+            run_count += (Py_ssize_t)plan.count;
+            continue;
+        }
+        if (run_count && add_run(runs, run_dst, run_dlen, run_count) < 0) goto done;
+        memcpy(run_dst, dst, dlen);
+        run_dlen = dlen;
+        run_count = (Py_ssize_t)plan.count;
+    }
+    if (run_count && add_run(runs, run_dst, run_dlen, run_count) < 0) goto done;
+    result = Py_BuildValue("(OOnnnO)", packets, runs, reads, not_ip, malformed,
+                           error ? error : Py_None);
+done:
+    PyMem_Free(buf);
+    Py_XDECREF(packets);
+    Py_XDECREF(runs);
+    Py_XDECREF(error);
+    return result;
+}
+
+/* One writev, EINTR retried; 0, or -1 when it failed (would block, or refused). A TUN takes
+ * or refuses a packet whole, so a short count is not looked at (as os.writev's callers). */
+static int write_iov(int fd, const struct iovec *iov, int cnt) {
+    ssize_t put;
+    do {
+        put = writev(fd, iov, cnt);
+    } while (put < 0 && errno == EINTR);
+    return put < 0 ? -1 : 0;
+}
+
+/* One write, EINTR retried. Not a writev: an empty writev returns 0 without reaching the
+ * device, where write hands the device the empty packet (a TUN refuses it). */
+static int write_one(int fd, const uint8_t *p, size_t n) {
+    ssize_t put;
+    do {
+        put = write(fd, p, n);
+    } while (put < 0 && errno == EINTR);
+    return put < 0 ? -1 : 0;
+}
+
+static PyObject *py_tun_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "tun_write(fd, packets, vnet_hdr, udp) takes 4 arguments");
+        return NULL;
+    }
+    int fd = PyObject_AsFileDescriptor(args[0]);
+    if (fd < 0) return NULL;
+    int vnet = PyObject_IsTrue(args[2]);
+    if (vnet < 0) return NULL;
+    int udp = PyObject_IsTrue(args[3]);
+    if (udp < 0) return NULL;
+    fp_pkts pk;
+    if (fp_pkts_get(args[1], &pk) < 0) return NULL;
+    static const uint8_t zero_hdr[FP_VNET_HDR_LEN];
+    Py_ssize_t writes = 0, failed = 0;
+
+    if (vnet && pk.n > 1) {
+        fp_coalesce_plan plan;
+        void *mem = fp_coalesce_pkts(&pk, udp, &plan);
+        if (!mem) {
+            fp_pkts_release(&pk);
+            return NULL;
+        }
+        uint8_t head[FP_MAX_ITEM_HEAD];
+        struct iovec iov[FP_MAX_TCP_SEGMENTS + 1];
+        Py_BEGIN_ALLOW_THREADS
+        for (size_t k = 0; k < plan.nitems; k++) {
+            const fp_item *item = &plan.items[k];
+            iov[0].iov_base = head;
+            iov[0].iov_len = fp_item_head(&plan, pk.bufs, item, head);
+            int cnt = 1;
+            if (fp_item_single(item)) {
+                iov[1].iov_base = (void *)pk.bufs[item->first].p;
+                iov[1].iov_len = item->raw_len;
+                cnt = 2;
+            } else {
+                for (uint32_t j = item->first; j != FP_NONE; j = plan.next[j], cnt++) {
+                    iov[cnt].iov_base = (void *)(pk.bufs[j].p + plan.off[j]);
+                    iov[cnt].iov_len = plan.plen[j];
+                }
+            }
+            if (write_iov(fd, iov, cnt) < 0) failed += (Py_ssize_t)item->count;
+        }
+        Py_END_ALLOW_THREADS
+        writes = (Py_ssize_t)plan.nitems;
+        PyMem_Free(mem);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        for (size_t i = 0; i < pk.n; i++) {
+            struct iovec iov[2] = {
+                {(void *)zero_hdr, FP_VNET_HDR_LEN},
+                {(void *)pk.bufs[i].p, pk.bufs[i].n},
+            };
+            if (vnet ? write_iov(fd, iov, 2) < 0 : write_one(fd, pk.bufs[i].p, pk.bufs[i].n) < 0)
+                failed++;
+        }
+        Py_END_ALLOW_THREADS
+        writes = (Py_ssize_t)pk.n;
+    }
+    fp_pkts_release(&pk);
+    return Py_BuildValue("(nn)", writes, failed);
+}
+
+PyMethodDef fp_io_methods[] = {
+    {"tun_read", (PyCFunction)(void (*)(void))py_tun_read, METH_FASTCALL,
+     "tun_read(fd, max_reads, vnet_hdr) -> (packets, runs, reads, not_ip, malformed, error): "
+     "agent.node.tun_batch.tun_read."},
+    {"tun_write", (PyCFunction)(void (*)(void))py_tun_write, METH_FASTCALL,
+     "tun_write(fd, packets, vnet_hdr, udp) -> (writes, failed): "
+     "agent.node.tun_batch.tun_write."},
+    {NULL, NULL, 0, NULL},
+};
+
+int fp_io_init(PyObject *module) {
+    (void)module;
+    return 0;
+}

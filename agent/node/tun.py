@@ -34,9 +34,13 @@ from agent.proto.offload import (
 __all__ = [
     "IPInterface",
     "IPNetwork",
+    "READ_SIZE",
     "Tun",
     "open_tun",
     "link_exists",
+    "read_frames",
+    "write_packets",
+    "write_coalesced",
 ]
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -88,55 +92,17 @@ class Tun:
     def read_batch(self, max_packets: int) -> list[tuple[VirtioNetHdr, memoryview]]:
         """Up to `max_packets` reads, stopping at EAGAIN: (vnet header, IP packet) each.
 
-        Without a vnet header every packet comes with `NO_OFFLOAD`.
+        Without a vnet header every packet comes with `NO_OFFLOAD`. An error other than EAGAIN
+        is raised (the frames read before it are lost).
         """
-        out: list[tuple[VirtioNetHdr, memoryview]] = []
-        read = os.read
-        fd = self.fd
-        vnet = self.vnet_hdr
-        cache = self._hdr_cache
-        for _ in range(max_packets):
-            try:
-                data = read(fd, READ_SIZE)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            view = memoryview(data)
-            if not vnet:
-                out.append((NO_OFFLOAD, view))
-            elif data[0] == 0 and data[1] == 0:
-                out.append((NO_OFFLOAD, view[VNET_HDR_LEN:]))
-            elif len(data) > VNET_HDR_LEN:
-                # Headers repeat (same flow, same MSS): parse each distinct one once.
-                key = data[:VNET_HDR_LEN]
-                hdr = cache.get(key)
-                if hdr is None:
-                    if len(cache) >= 256:
-                        cache.clear()
-                    hdr = cache[key] = VirtioNetHdr.parse(view)
-                out.append((hdr, view[VNET_HDR_LEN:]))
-        return out
+        frames, error = read_frames(self.fd, max_packets, self.vnet_hdr, self._hdr_cache)
+        if error is not None:
+            raise error
+        return frames
 
     def write_packets(self, packets: Sequence[Buffer]) -> int:
         """Write plain IP packets, one syscall each; returns how many failed (OSError)."""
-        failed = 0
-        fd = self.fd
-        if self.vnet_hdr:
-            writev = os.writev
-            for pkt in packets:
-                try:
-                    writev(fd, (ZERO_VNET_HDR, pkt))
-                except OSError:
-                    failed += 1
-        else:
-            write = os.write
-            for pkt in packets:
-                try:
-                    write(fd, pkt)
-                except OSError:
-                    failed += 1
-        return failed
+        return write_packets(self.fd, packets, self.vnet_hdr)
 
     def write_coalesced(self, items: Sequence[tuple[bytes, list[Buffer]]]) -> int:
         """Write `offload.coalesce()` output (vnet header mode only), one `writev` per item.
@@ -145,15 +111,7 @@ class Tun:
         """
         if not self.vnet_hdr:
             raise ValueError("coalesced writes need a TUN opened with a vnet header")
-        failed = 0
-        fd = self.fd
-        writev = os.writev
-        for head, bufs in items:
-            try:
-                writev(fd, [head, *bufs])
-            except OSError:
-                failed += len(bufs)
-        return failed
+        return write_coalesced(self.fd, items)
 
     # ------------------------------------------------------------------ link
 
@@ -202,6 +160,82 @@ class Tun:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------- packets, on a bare fd
+
+
+def read_frames(
+    fd: int, max_reads: int, vnet_hdr: bool, cache: dict[bytes, VirtioNetHdr]
+) -> tuple[list[tuple[VirtioNetHdr, memoryview]], OSError | None]:
+    """Up to `max_reads` reads from a non-blocking TUN fd, until EAGAIN or an empty read.
+
+    Each read gives (vnet header, IP packet); without a vnet header the header is `NO_OFFLOAD`.
+    A read too short to hold the vnet header gives an empty packet (not IP). `cache` keeps each
+    distinct header parsed once (bounded). An error other than EAGAIN ends the batch and is
+    returned with the frames read before it.
+    """
+    out: list[tuple[VirtioNetHdr, memoryview]] = []
+    read = os.read
+    for _ in range(max_reads):
+        try:
+            data = read(fd, READ_SIZE)
+        except BlockingIOError:
+            break
+        except OSError as e:
+            return out, e
+        if not data:
+            break
+        view = memoryview(data)
+        if not vnet_hdr:
+            out.append((NO_OFFLOAD, view))
+        elif len(data) < VNET_HDR_LEN:
+            out.append((NO_OFFLOAD, view[len(data) :]))
+        elif data[0] == 0 and data[1] == 0:
+            out.append((NO_OFFLOAD, view[VNET_HDR_LEN:]))
+        else:
+            # Headers repeat (same flow, same MSS): parse each distinct one once.
+            key = data[:VNET_HDR_LEN]
+            hdr = cache.get(key)
+            if hdr is None:
+                if len(cache) >= 256:
+                    cache.clear()
+                hdr = cache[key] = VirtioNetHdr.parse(view)
+            out.append((hdr, view[VNET_HDR_LEN:]))
+    return out, None
+
+
+def write_packets(fd: int, packets: Sequence[Buffer], vnet_hdr: bool) -> int:
+    """Plain IP packets, one syscall each (behind a zero vnet header when `vnet_hdr`); returns
+    how many failed (OSError, BlockingIOError included: the fd never blocks)."""
+    failed = 0
+    if vnet_hdr:
+        writev = os.writev
+        for pkt in packets:
+            try:
+                writev(fd, (ZERO_VNET_HDR, pkt))
+            except OSError:
+                failed += 1
+    else:
+        write = os.write
+        for pkt in packets:
+            try:
+                write(fd, pkt)
+            except OSError:
+                failed += 1
+    return failed
+
+
+def write_coalesced(fd: int, items: Sequence[tuple[bytes, list[Buffer]]]) -> int:
+    """`offload.coalesce()` output, one `writev` per item; returns the IP segments lost."""
+    failed = 0
+    writev = os.writev
+    for head, bufs in items:
+        try:
+            writev(fd, [head, *bufs])
+        except OSError:
+            failed += len(bufs)
+    return failed
 
 
 CAP_NET_ADMIN: Final = 12  # linux/capability.h
