@@ -94,7 +94,7 @@ static PyObject *py_tun_read(PyObject *self, PyObject *const *args, Py_ssize_t n
             malformed++;
             continue;
         }
-        if (fp_append_segments(packets, &plan, NULL) < 0) goto done;
+        if (fp_append_segments(packets, &plan) < 0) goto done;
         if (run_count && dlen == run_dlen && memcmp(dst, run_dst, dlen) == 0) {
             run_count += (Py_ssize_t)plan.count;
             continue;

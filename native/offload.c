@@ -600,8 +600,7 @@ void fp_raise_malformed(fp_err err, const fp_vnet_hdr *h) {
         PyErr_SetString(fp_malformed, fp_err_text(err));
 }
 
-int fp_append_segments(PyObject *list, const fp_segment_plan *plan, PyObject *same) {
-    if (plan->kind == FP_SEG_PASS && same) return PyList_Append(list, same);
+int fp_append_segments(PyObject *list, const fp_segment_plan *plan) {
     for (size_t i = 0; i < plan->count; i++) {
         PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)fp_segment_len(plan, i));
         if (!b) return -1;
@@ -615,9 +614,11 @@ int fp_append_segments(PyObject *list, const fp_segment_plan *plan, PyObject *sa
 
 int fp_pkts_get(PyObject *obj, fp_pkts *pk) {
     memset(pk, 0, sizeof *pk);
-    pk->seq = PySequence_Fast(obj, "packets must be a sequence of buffers");
+    /* A tuple owns its items: another thread may change the caller's list while io.c writes
+       without the GIL, and the bytes read in place must stay alive. */
+    pk->seq = PySequence_Tuple(obj);
     if (!pk->seq) return -1;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(pk->seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(pk->seq);
     PyObject **items = PySequence_Fast_ITEMS(pk->seq);
     size_t views = 0;
     for (Py_ssize_t i = 0; i < n; i++) views += !PyBytes_CheckExact(items[i]);
@@ -683,9 +684,21 @@ static PyObject *py_segment(PyObject *self, PyObject *const *args, Py_ssize_t na
         fp_raise_malformed(err, &h);
         goto done;
     }
-    out = PyList_New(0);
-    if (out && fp_append_segments(out, &plan, PyBytes_CheckExact(args[1]) ? args[1] : NULL) < 0)
-        Py_CLEAR(out);
+    if (plan.kind == FP_SEG_PASS && PyBytes_CheckExact(args[1])) {
+        out = PyList_New(1);
+        if (out) PyList_SET_ITEM(out, 0, Py_NewRef(args[1]));
+        goto done;
+    }
+    out = PyList_New((Py_ssize_t)plan.count);
+    for (size_t i = 0; out && i < plan.count; i++) {
+        PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)fp_segment_len(&plan, i));
+        if (!b) {
+            Py_CLEAR(out);
+            break;
+        }
+        fp_segment_write(&plan, i, (uint8_t *)PyBytes_AS_STRING(b));
+        PyList_SET_ITEM(out, (Py_ssize_t)i, b);
+    }
 done:
     PyBuffer_Release(&pb);
     PyBuffer_Release(&hb);

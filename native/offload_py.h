@@ -11,12 +11,11 @@ extern PyObject *fp_malformed; /* agent.proto.errors.MalformedPacket, set by fp_
 /* Raises MalformedPacket with the Python reference's message. */
 void fp_raise_malformed(fp_err err, const fp_vnet_hdr *h);
 
-/* Appends the plan's packets to `list` as new bytes objects; `same` (a bytes object holding
- * exactly the planned packet, or NULL) is appended itself when the packet passes unchanged.
- * 0, or -1 with an exception. */
-int fp_append_segments(PyObject *list, const fp_segment_plan *plan, PyObject *same);
+/* Appends the plan's packets to `list` as new bytes objects; 0, or -1 with an exception. */
+int fp_append_segments(PyObject *list, const fp_segment_plan *plan);
 
-/* A sequence of buffers (bytes read in place, other objects through the buffer protocol). */
+/* A sequence of buffers (bytes read in place, other objects through the buffer protocol),
+ * held by a tuple of its items until fp_pkts_release. */
 typedef struct {
     PyObject *seq;
     fp_buf *bufs;
