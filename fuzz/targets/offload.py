@@ -3,7 +3,8 @@
 Contract (agent/proto/offload): segment raises only MalformedPacket for inconsistent
 headers; coalesce takes any packets. Invariants: the numpy and pure-Python segmentation paths
 give the same packets; every GSO item coalesce builds is accepted by segment and cut back into
-as many packets as it merged.
+as many packets as it merged; when agent._fastpath is built, its segment and coalesce give the
+same bytes (and the same MalformedPacket message).
 
 Input: mode byte; 0/1: a 10-byte virtio_net_hdr then the packet (segment); 2/3: packets
 (u16 length + bytes each) for coalesce, with UDP coalescing for mode 3.
@@ -27,6 +28,11 @@ from agent.proto.offload import (
     segment,
 )
 from fuzz.common import Data, Seed, check, tag
+
+try:
+    from agent import _fastpath as native
+except ImportError:  # not built: the reference alone
+    native = None
 
 SRC4, DST4 = bytes([100, 64, 0, 1]), bytes([100, 64, 0, 2])
 SRC6, DST6 = bytes(15) + b"\x01", bytes(15) + b"\x02"
@@ -75,13 +81,25 @@ class Harness:
                 try:
                     segment(hdr, packet, vectorise=True)
                 except MalformedPacket:
+                    if native is not None:
+                        try:
+                            native.segment(raw, packet)
+                        except MalformedPacket as nexc:
+                            check(str(nexc) == str(exc), f"C refuses with {nexc}, not {exc}")
+                        else:
+                            raise AssertionError("only the Python twin refused") from exc
                     return tag(exc)
                 raise AssertionError("only the pure path refused the packet") from exc
             vec = segment(hdr, packet, vectorise=True)
             check(_bytes(pure) == _bytes(vec), "numpy and pure segmentation differ")
+            if native is not None:
+                check(native.segment(raw, packet) == _bytes(pure), "C and Python segments differ")
             return f"seg:{hdr.gso_type}:{min(len(pure), 9)}"
         packets = d.chunks(128)
         items = coalesce(packets, udp=mode == 3)
+        if native is not None:
+            joined = [head + b"".join(bytes(p) for p in bufs) for head, bufs in items]
+            check(native.coalesce(packets, mode == 3) == joined, "C and Python coalescing differ")
         merged = 0
         for head, payloads in items:
             hdr = VirtioNetHdr.parse(head)
