@@ -20,8 +20,8 @@ from types import ModuleType
 from typing import NamedTuple, Protocol
 
 from agent.node.tun import OFFLOAD_TSO_USO
-from agent.proto.errors import MalformedPacket
-from agent.proto.offload import F_NEEDS_CSUM, GSO_NONE, Buffer, coalesce, complete_checksum, segment
+from agent.node.tun_batch import batch_from_frames
+from agent.proto.offload import Buffer, coalesce
 from agent.proto.offload.vnet import VirtioNetHdr
 from agent.proto.wireguard.transport import PYTHON, OpenedRun, Transport
 
@@ -47,7 +47,7 @@ class NativeUnavailable(RuntimeError):
 class TunRead(NamedTuple):
     """One drain of the TUN: wire-size IP packets with complete checksums, in read order."""
 
-    packets: list[bytes] | list[Buffer]
+    packets: list[bytes]
     runs: list[tuple[bytes, int]]  # (destination address, count): consecutive packets, in order
     reads: int  # successful reads
     not_ip: int  # reads dropped: not IPv4/IPv6, or shorter than the header
@@ -63,7 +63,9 @@ class TunLike(Protocol):
 
     def fileno(self) -> int: ...
 
-    def read_batch(self, max_packets: int) -> list[tuple[VirtioNetHdr, memoryview]]: ...
+    def read_frames(
+        self, max_packets: int
+    ) -> tuple[list[tuple[VirtioNetHdr, memoryview]], OSError | None]: ...
 
     def write_packets(self, packets: Sequence[Buffer]) -> int: ...
 
@@ -83,51 +85,13 @@ class TunIo(Protocol):
 
 
 class PythonTunIo:
-    """The reference twin: node/tun.py's reads and writes, agent/proto/offload's arithmetic."""
+    """The reference twin over a `Tun` (or a test's stand-in): node/tun_batch.py's batches."""
 
     def __init__(self, tun: TunLike) -> None:
         self.tun = tun
 
     def read(self, max_reads: int) -> TunRead:
-        packets: list[Buffer] = []
-        runs: list[tuple[bytes, int]] = []
-        error: OSError | None = None
-        try:
-            frames = self.tun.read_batch(max_reads)
-        except OSError as e:
-            frames, error = [], e
-        not_ip = malformed = 0
-        last_dst = b""
-        count = 0
-        for hdr, pkt in frames:
-            n = len(pkt)
-            version = pkt[0] >> 4 if n else 0
-            if version == 4 and n >= 20:
-                dst = pkt[16:20].tobytes()
-            elif version == 6 and n >= 40:
-                dst = pkt[24:40].tobytes()
-            else:
-                not_ip += 1
-                continue
-            try:
-                if hdr.gso_type == GSO_NONE:
-                    out: list[Buffer] = [
-                        complete_checksum(hdr, pkt) if hdr.flags & F_NEEDS_CSUM else pkt
-                    ]
-                else:
-                    out = segment(hdr, pkt)
-            except MalformedPacket:
-                malformed += 1
-                continue
-            if dst != last_dst and count:
-                runs.append((last_dst, count))
-                count = 0
-            last_dst = dst
-            count += len(out)
-            packets.extend(out)
-        if count:
-            runs.append((last_dst, count))
-        return TunRead(packets, runs, len(frames), not_ip, malformed, error)
+        return TunRead._make(batch_from_frames(*self.tun.read_frames(max_reads)))
 
     def write(self, packets: Sequence[Buffer]) -> tuple[int, int]:
         tun = self.tun

@@ -89,6 +89,13 @@ class Tun:
 
     # ------------------------------------------------------------------ packets
 
+    def read_frames(
+        self, max_packets: int
+    ) -> tuple[list[tuple[VirtioNetHdr, memoryview]], OSError | None]:
+        """Up to `max_packets` reads: the frames, and the error other than EAGAIN that ended
+        them (the frames read before it are kept)."""
+        return read_frames(self.fd, max_packets, self.vnet_hdr, self._hdr_cache)
+
     def read_batch(self, max_packets: int) -> list[tuple[VirtioNetHdr, memoryview]]:
         """Up to `max_packets` reads, stopping at EAGAIN: (vnet header, IP packet) each.
 

@@ -25,7 +25,7 @@ from agent.node.tun import read_frames, write_coalesced, write_packets
 from agent.proto.errors import MalformedPacket
 from agent.proto.offload import Buffer, VirtioNetHdr, coalesce, segment
 
-__all__ = ["tun_read", "tun_write"]
+__all__ = ["tun_read", "tun_write", "batch_from_frames"]
 
 # Parsed vnet headers by their bytes, shared by every caller (bounded by read_frames).
 _HDR_CACHE: dict[bytes, VirtioNetHdr] = {}
@@ -34,7 +34,13 @@ _HDR_CACHE: dict[bytes, VirtioNetHdr] = {}
 def tun_read(
     fd: int, max_reads: int, vnet_hdr: bool
 ) -> tuple[list[bytes], list[tuple[bytes, int]], int, int, int, OSError | None]:
-    frames, error = read_frames(fd, max_reads, vnet_hdr, _HDR_CACHE)
+    return batch_from_frames(*read_frames(fd, max_reads, vnet_hdr, _HDR_CACHE))
+
+
+def batch_from_frames(
+    frames: Sequence[tuple[VirtioNetHdr, memoryview]], error: OSError | None
+) -> tuple[list[bytes], list[tuple[bytes, int]], int, int, int, OSError | None]:
+    """`tun_read`'s result for frames already read (`tun.read_frames`)."""
     packets: list[bytes] = []
     runs: list[tuple[bytes, int]] = []
     not_ip = malformed = 0

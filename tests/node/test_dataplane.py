@@ -34,6 +34,9 @@ class FakeTun:
     def fileno(self) -> int:
         return -1
 
+    def read_frames(self, max_packets: int) -> tuple[list[tuple[Any, memoryview]], None]:
+        return self.read_batch(max_packets), None
+
     def read_batch(self, max_packets: int) -> list[tuple[Any, memoryview]]:
         out = [(NO_OFFLOAD, memoryview(p)) for p in self.reads[:max_packets]]
         del self.reads[:max_packets]
