@@ -1,5 +1,7 @@
 # Types of the compiled module built from native/ (see native/fastpath.h); the Python twins
-# with the same signatures are named in each function's docstring.
+# with the same signatures: agent/proto/wireguard/transport.py (Aead, ReplayWindow, seal,
+# open_run), agent/proto/offload (segment, coalesce), agent/node/tun_batch.py (tun_read,
+# tun_write), UdpSocket.send_batch in agent/node/udp.py (udp_send).
 from collections.abc import Sequence
 
 _Buffer = bytes | bytearray | memoryview
@@ -18,3 +20,15 @@ def seal(
 def open_run(
     aead: Aead, replay: ReplayWindow, datagrams: Sequence[_Buffer], start: int, index: int
 ) -> tuple[int, list[bytes], list[bytes], int, int, int, int, int, bool]: ...
+def segment(hdr: bytes, packet: _Buffer) -> list[bytes]: ...
+def coalesce(packets: Sequence[_Buffer], udp: bool) -> list[bytes]: ...
+def tun_read(
+    fd: int, max_reads: int, vnet_hdr: bool
+) -> tuple[list[bytes], list[tuple[bytes, int]], int, int, int, OSError | None]: ...
+def tun_write(
+    fd: int, packets: Sequence[_Buffer], vnet_hdr: bool, udp: bool
+) -> tuple[int, int]: ...
+def sockaddr(family: int, host: str, port: int) -> bytes: ...
+def udp_send(
+    fd: int, sockaddr: bytes, datagrams: Sequence[_Buffer], gso: bool
+) -> tuple[int, int, int, bool]: ...
