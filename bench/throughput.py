@@ -289,18 +289,18 @@ def machine_facts() -> dict[str, Any]:
 
 
 class BenchAgent(Agent):
-    """The lab's Agent with extra `[interface]` keys (dataplane, policy_file), optionally run
-    from another source tree."""
+    """The lab's Agent with an access policy (`[interface] policy_file`), optionally run from
+    another source tree."""
 
     def __init__(
         self,
         *args: Any,
-        interface_extra: Sequence[str] = (),
+        policy_path: Path | None = None,
         tree: Path | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.interface_extra = list(interface_extra)
+        self.policy_path = policy_path
         self.tree = tree
 
     def _python_env(self) -> dict[str, str]:
@@ -308,9 +308,11 @@ class BenchAgent(Agent):
 
     def config_text(self) -> str:
         text = super().config_text()
+        if self.policy_path is None:
+            return text
         head = "[interface]\n"
         assert text.startswith(head)
-        return head + "".join(line + "\n" for line in self.interface_extra) + text[len(head) :]
+        return f"{head}policy_file = {json.dumps(str(self.policy_path))}\n{text[len(head) :]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,14 +321,6 @@ class Target:
 
     addr: str
     pids: tuple[int, int] | None
-
-
-def interface_lines(impl: str, policy_path: Path | None) -> list[str]:
-    dataplane = DATAPLANE.get(impl)
-    lines = [f"dataplane = {json.dumps(dataplane)}"] if dataplane else []
-    if policy_path is not None:
-        lines.append(f"policy_file = {json.dumps(str(policy_path))}")
-    return lines
 
 
 @contextmanager
@@ -347,7 +341,6 @@ def tunnel(
     peer_of_a = Peer("b", pub_b, (f"{B4}/32",), endpoint=f"{ips[1]}:{PORT}")
     peer_of_b = Peer("a", pub_a, (f"{A4}/32",), endpoint=f"{ips[0]}:{PORT}")
     if impl in AGENTS:
-        extra = interface_lines(impl, policy_path)
         tree = tree if impl == "agent-tree" else None
         a = BenchAgent(
             lab,
@@ -357,7 +350,8 @@ def tunnel(
             listen_port=PORT,
             peers=[peer_of_a],
             mtu=MTU,
-            interface_extra=extra,
+            dataplane=DATAPLANE.get(impl),
+            policy_path=policy_path,
             tree=tree,
         )
         b = BenchAgent(
@@ -368,7 +362,8 @@ def tunnel(
             listen_port=PORT,
             peers=[peer_of_b],
             mtu=MTU,
-            interface_extra=extra,
+            dataplane=DATAPLANE.get(impl),
+            policy_path=policy_path,
             tree=tree,
         )
         started: list[Agent] = []

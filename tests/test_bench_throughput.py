@@ -111,11 +111,17 @@ def test_agent_config_carries_dataplane_and_policy(tmp_path: Path) -> None:
                     private_key=keypair()[0],
                     addresses=[f"{address}/32"],
                     listen_port=tp.PORT,
-                    interface_extra=tp.interface_lines(impl, policy),
+                    dataplane=tp.DATAPLANE.get(impl),
+                    policy_path=policy,
                 )
                 cfg = parse_config(agent.config_text(), base_dir=tmp_path)
                 assert cfg.interface.dataplane == dataplane
                 rules = cfg.interface.policy
                 assert rules is not None
                 assert len(rules) == 1  # one rule has this node as its destination
-        assert tp.interface_lines("agent-tree", None) == []
+        plain = tp.BenchAgent(
+            lab, "unused-ns", private_key=keypair()[0], addresses=["100.64.0.1/32"], listen_port=1
+        )
+        cfg = parse_config(plain.config_text(), base_dir=tmp_path)
+        assert cfg.interface.policy is None
+        assert "dataplane" not in plain.config_text()  # another tree may not know the key
