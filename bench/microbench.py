@@ -14,14 +14,14 @@ Cases (two real Devices with a completed handshake; no sockets, no TUN):
                               a ping pays when the CPU's caches went cold while we waited;
                               "cold: AEAD seal 1" is cryptography's encrypt alone, the floor
 
-Native against Python (when agent._fastpath loads), each case on both with the same keys:
-    seal 1 / seal 64          Python: Keypair.seal; native: _fastpath.seal (byte-identical
-                              datagrams, checked before timing)
-    open 1 / open 64          Python: what Device.receive_batch does per transport message
-                              (header, cryptography's ChaCha20Poly1305 decrypt, replay window,
-                              IP version, length and source); native: _fastpath.open_run with
-                              Aead and ReplayWindow
-    AEAD encrypt / decrypt    cryptography's ChaCha20Poly1305 against _fastpath.Aead, one call
+Native against Python (when agent._fastpath loads): the two transport twins, the Python one
+(agent/proto/wireguard/transport.py: cryptography's ChaCha20Poly1305, replay.ReplayWindow) and
+the native one (agent.node.fastpath.native_transport: _fastpath.Aead, .ReplayWindow, .seal,
+.open_run), with the same keys:
+    seal 1 / seal 64          Keypair.seal over each (byte-identical datagrams, checked first)
+    open 1 / open 64          open_run of each: authenticate, replay window, IP header (the
+                              same OpenedRun, checked first)
+    AEAD encrypt / decrypt    one call of each AEAD on a 96-byte packet
     cold: ...                 the same, one packet after `--cold-gap` of sleep, median of 20
 The ratio column is Python / native: how many times faster the native call is.
 
@@ -52,11 +52,12 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from agent.keys import NodePrivate
 from agent.node.dataplane import DataPlane  # the repository root, put on sys.path above
+from agent.node.fastpath import native_transport
 from agent.proto.offload import NO_OFFLOAD
 from agent.proto.wireguard.device import Device
-from agent.proto.wireguard.messages import TRANSPORT_HEADER
 from agent.proto.wireguard.replay import ReplayWindow
-from agent.proto.wireguard.session import NONCE, Keypair
+from agent.proto.wireguard.session import Keypair
+from agent.proto.wireguard.transport import PYTHON, Transport
 
 fastpath: Any
 try:
@@ -88,8 +89,8 @@ class _Tun:
     def fileno(self) -> int:
         return -1
 
-    def read_batch(self, max_packets: int) -> list[tuple[Any, memoryview]]:
-        return self.frames
+    def read_frames(self, max_packets: int) -> tuple[list[tuple[Any, memoryview]], None]:
+        return self.frames, None
 
     def write_packets(self, packets: list[Any]) -> int:
         self.writes += len(packets)
@@ -226,92 +227,47 @@ def run(reps: int, cold_gap: float = 0.05) -> dict[str, float]:
     return out
 
 
-def _py_open(kp: Keypair) -> Callable[[list[bytes]], list[bytes]]:
-    """Python's per-message receive work, as Device.receive_batch does it, on a run of
-    transport datagrams for `kp`: header, decrypt, replay check, IP version, length, source."""
-    unpack = TRANSPORT_HEADER.unpack_from
-    nonce = NONCE.pack
-    decrypt = kp.decrypt
-    accept = kp.replay.accept
-
-    def open_run(datagrams: list[bytes]) -> list[bytes]:
-        packets: list[bytes] = []
-        sources: list[bytes] = []
-        last_src = None
-        for d in datagrams:
-            _word, _index, counter = unpack(d)
-            pt = decrypt(nonce(counter), d[16:], None)
-            if not accept(counter) or not pt:
-                continue
-            v = pt[0] >> 4
-            if v == 4 and len(pt) >= 20:
-                length = (pt[2] << 8) | pt[3]
-                src = pt[12:16]
-            elif v == 6 and len(pt) >= 40:
-                length = 40 + ((pt[4] << 8) | pt[5])
-                src = pt[8:24]
-            else:
-                continue
-            if length > len(pt) or length < 20:
-                continue
-            if src != last_src:
-                last_src = src
-                if src not in sources:
-                    sources.append(src)
-            packets.append(pt[:length] if length < len(pt) else pt)
-        return packets
-
-    return open_run
-
-
 def run_native(reps: int, cold_gap: float = 0.05) -> dict[str, tuple[float, float]]:
     """(Python µs, native µs) per packet for each case; empty if agent._fastpath is missing."""
     if fastpath is None:
         return {}
+    py, nat = PYTHON, native_transport(fastpath)
     send_key, recv_key = os.urandom(32), os.urandom(32)
     index = 0x01020304
-    # The sender's keypair (Python) and the receiver's: its receive key is the sender's send key.
-    tx = Keypair(send_key, recv_key, 1, index, is_initiator=True, created=0.0)
-    rx_py = Keypair(recv_key, send_key, index, 1, is_initiator=False, created=0.0)
-    aead_tx = fastpath.Aead(send_key)
+
+    def keypair(t: Transport) -> Keypair:
+        return Keypair(send_key, recv_key, 1, index, is_initiator=True, created=0.0, transport=t)
+
+    tx_py, tx_nat = keypair(py), keypair(nat)
     pkt = ipv4_udp(A_IP, B_IP, bytes(64))
     batch = [pkt] * 64
-    if fastpath.seal(aead_tx, index, 0, batch) != tx.seal(batch):
-        raise SystemExit("agent._fastpath.seal differs from Keypair.seal: not comparable")
+    if tx_py.seal(batch) != tx_nat.seal(batch):
+        raise SystemExit("the native seal differs from the Python one: not comparable")
     out: dict[str, tuple[float, float]] = {}
-    ctr = iter(range(64, 10**12, 64))  # counters past those the check above used
-
-    def seal_native(packets: list[bytes]) -> Callable[[], object]:
-        return lambda: fastpath.seal(aead_tx, index, next(ctr), packets)
-
     out["seal 1"] = (
-        _time(lambda: tx.seal((pkt,)), 1, reps, 20000),
-        _time(seal_native([pkt]), 1, reps, 20000),
+        _time(lambda: tx_py.seal((pkt,)), 1, reps, 20000),
+        _time(lambda: tx_nat.seal((pkt,)), 1, reps, 20000),
     )
     out["seal 64"] = (
-        _time(lambda: tx.seal(batch), 64, reps, 400),
-        _time(seal_native(batch), 64, reps, 400),
+        _time(lambda: tx_py.seal(batch), 64, reps, 400),
+        _time(lambda: tx_nat.seal(batch), 64, reps, 400),
     )
 
-    # Receive: enough distinct datagrams that no call meets a replayed counter.
-    py_open = _py_open(rx_py)
-    aead_rx = fastpath.Aead(send_key)
-    window = fastpath.ReplayWindow()
+    # Receive: each twin with its own AEAD and replay window, fed distinct datagrams (no call
+    # meets a replayed counter); the receiver's key is the sender's send key.
+    def opener(t: Transport) -> Callable[[list[bytes]], object]:
+        aead, window = t.aead(send_key), t.replay()
+        return lambda datagrams: t.open_run(aead, window, datagrams, 0, index)
 
-    def open_native(datagrams: list[bytes]) -> object:
-        return fastpath.open_run(aead_rx, window, datagrams, 0, index)
-
-    check = tx.seal(batch)
-    twin = _py_open(Keypair(recv_key, send_key, index, 1, is_initiator=False, created=0.0))
-    opened = fastpath.open_run(aead_rx, fastpath.ReplayWindow(), check, 0, index)
-    if opened[0] != len(check) or opened[1] != twin(check) or twin(check):
-        raise SystemExit("agent._fastpath.open_run differs from the Python twin: not comparable")
+    check = tx_py.seal(batch)
+    if opener(py)(check) != opener(nat)(check):
+        raise SystemExit("the native open_run differs from the Python one: not comparable")
 
     def feeder(
         per_call: int, calls: int, fn: Callable[[list[bytes]], object]
     ) -> Callable[[], None]:
         """Each call hands `fn` the next `per_call` of `calls` runs of fresh datagrams."""
-        flat = tx.seal([pkt] * (per_call * calls))
+        flat = tx_py.seal([pkt] * (per_call * calls))
         starts = iter(range(0, len(flat), per_call))
 
         def call() -> None:
@@ -322,38 +278,38 @@ def run_native(reps: int, cold_gap: float = 0.05) -> dict[str, tuple[float, floa
 
     n1, n64 = 20000 * reps, 400 * reps
     out["open 1"] = (
-        _time(feeder(1, n1, py_open), 1, reps, 20000),
-        _time(feeder(1, n1, open_native), 1, reps, 20000),
+        _time(feeder(1, n1, opener(py)), 1, reps, 20000),
+        _time(feeder(1, n1, opener(nat)), 1, reps, 20000),
     )
     out["open 64"] = (
-        _time(feeder(64, n64, py_open), 64, reps, 400),
-        _time(feeder(64, n64, open_native), 64, reps, 400),
+        _time(feeder(64, n64, opener(py)), 64, reps, 400),
+        _time(feeder(64, n64, opener(nat)), 64, reps, 400),
     )
 
     padded = pkt + bytes(-len(pkt) & 15)
     nonce = bytes(12)
-    py_aead = ChaCha20Poly1305(send_key)
-    sealed = py_aead.encrypt(nonce, padded, None)
+    aead_py, aead_nat = py.aead(send_key), nat.aead(send_key)
+    sealed = aead_py.encrypt(nonce, padded, None)
     out["AEAD encrypt"] = (
-        _time(lambda: py_aead.encrypt(nonce, padded, None), 1, reps, 20000),
-        _time(lambda: aead_tx.encrypt(nonce, padded, None), 1, reps, 20000),
+        _time(lambda: aead_py.encrypt(nonce, padded, None), 1, reps, 20000),
+        _time(lambda: aead_nat.encrypt(nonce, padded, None), 1, reps, 20000),
     )
     out["AEAD decrypt"] = (
-        _time(lambda: py_aead.decrypt(nonce, sealed, None), 1, reps, 20000),
-        _time(lambda: aead_rx.decrypt(nonce, sealed, None), 1, reps, 20000),
+        _time(lambda: aead_py.decrypt(nonce, sealed, None), 1, reps, 20000),
+        _time(lambda: aead_nat.decrypt(nonce, sealed, None), 1, reps, 20000),
     )
 
     out["cold: seal 1"] = (
-        _cold(lambda: tx.seal((pkt,)), cold_gap),
-        _cold(seal_native([pkt]), cold_gap),
+        _cold(lambda: tx_py.seal((pkt,)), cold_gap),
+        _cold(lambda: tx_nat.seal((pkt,)), cold_gap),
     )
     out["cold: open 1"] = (
-        _cold(feeder(1, 25, py_open), cold_gap),
-        _cold(feeder(1, 25, open_native), cold_gap),
+        _cold(feeder(1, 25, opener(py)), cold_gap),
+        _cold(feeder(1, 25, opener(nat)), cold_gap),
     )
     out["cold: AEAD encrypt"] = (
-        _cold(lambda: py_aead.encrypt(nonce, padded, None), cold_gap),
-        _cold(lambda: aead_tx.encrypt(nonce, padded, None), cold_gap),
+        _cold(lambda: aead_py.encrypt(nonce, padded, None), cold_gap),
+        _cold(lambda: aead_nat.encrypt(nonce, padded, None), cold_gap),
     )
     return out
 
