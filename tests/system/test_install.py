@@ -153,6 +153,14 @@ def _ping_until(m: Machine, address: str, timeout: float = 30) -> None:
 # -- the walkthrough's own result ---------------------------------------------------------------
 
 
+def test_the_package_runs_the_compiled_data_plane(cluster: Cluster) -> None:
+    """The .deb built agent._fastpath against Debian's libssl3 and the hardened unit loads it."""
+    for name in ("a", "b"):
+        dataplane = _status(cluster[name])["dataplane"]
+        assert isinstance(dataplane, dict)
+        assert (dataplane["impl"], dataplane["impl_reason"]) == ("native", ""), dataplane
+
+
 def test_walkthrough_joins_both_nodes(cluster: Cluster) -> None:
     assert _addresses(cluster["a"]) == ["100.64.0.1", "fd7a:115c:a1e0::1"]
     assert _addresses(cluster["b"]) == [B_V4, B_V6]
