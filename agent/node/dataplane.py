@@ -315,7 +315,9 @@ class DataPlane:
         route = self.device.route
         # With a policy, what we send opens flows whose replies its filter lets back in.
         note = self.access.outbound if self.access.filter is not None else None
-        per_peer: dict[int, tuple[PeerLike, list[Buffer]]] = {}
+        # A run is its own list (a slice, or the whole batch when it is the only run), so the
+        # first run of a peer is taken as it is and later ones extend it.
+        per_peer: dict[int, tuple[PeerLike, list[bytes]]] = {}
         pos = 0
         for dst, count in batch.runs:
             run = packets if count == len(packets) else packets[pos : pos + count]
@@ -335,7 +337,7 @@ class DataPlane:
                 continue
             entry = per_peer.get(id(peer))
             if entry is None:
-                per_peer[id(peer)] = (peer, list(run))
+                per_peer[id(peer)] = (peer, run)
             else:
                 entry[1].extend(run)
             if note is not None:
@@ -359,7 +361,7 @@ class DataPlane:
         )
         self.on_fatal(error)
 
-    def _send_to_peer(self, peer: PeerLike, packets: list[Buffer], now: float) -> None:
+    def _send_to_peer(self, peer: PeerLike, packets: Sequence[Buffer], now: float) -> None:
         stats = self.stats
         sender = self.sender
         if not sender.has_path(peer, now):

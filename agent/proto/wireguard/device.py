@@ -227,7 +227,7 @@ class Device:
                 drop(DropReason.EXPIRED_SESSION)
                 i += 1
                 continue
-            run = kp.open_run(kp.recv_aead, kp.replay, datagrams, i, index)
+            run = kp.open_run(datagrams, i)
             i = run.next
             if run.authentication:
                 drop(DropReason.AUTHENTICATION, run.authentication)

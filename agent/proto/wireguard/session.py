@@ -15,18 +15,16 @@ Transport data message (type 4):
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from agent.proto.errors import ExpiredSession
 from agent.proto.wireguard.constants import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
-from agent.proto.wireguard.transport import PYTHON, Aead, Replay, Transport
+from agent.proto.wireguard.transport import PYTHON, Aead, OpenedRun, Replay, Transport
 
-__all__ = ["Keypair", "Keypairs", "NONCE", "SessionKeys"]
+__all__ = ["Keypair", "Keypairs", "SessionKeys"]
 
 Buffer = bytes | bytearray | memoryview
-NONCE = struct.Struct("<4xQ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,16 +42,14 @@ class Keypair:
     """Keys and counters of one session. Owned by its Peer; the device indexes it by local_index."""
 
     __slots__ = (
-        "_seal",
+        "_recv_aead",
+        "_replay",
         "_send_aead",
+        "_transport",
         "created",
-        "decrypt",
         "is_initiator",
         "local_index",
-        "open_run",
-        "recv_aead",
         "remote_index",
-        "replay",
         "send_counter",
     )
 
@@ -68,13 +64,10 @@ class Keypair:
         created: float,
         transport: Transport = PYTHON,
     ) -> None:
+        self._transport = transport
         self._send_aead: Aead = transport.aead(send_key)
-        self._seal = transport.seal
-        # The receive side, for the device's loop: open_run(recv_aead, replay, datagrams, ...)
-        self.recv_aead: Aead = transport.aead(recv_key)
-        self.decrypt = self.recv_aead.decrypt
-        self.open_run = transport.open_run
-        self.replay: Replay = transport.replay()
+        self._recv_aead: Aead = transport.aead(recv_key)
+        self._replay: Replay = transport.replay()
         self.local_index = local_index
         self.remote_index = remote_index
         self.is_initiator = is_initiator
@@ -106,13 +99,16 @@ class Keypair:
         ctr = self.send_counter
         if ctr + len(packets) > REJECT_AFTER_MESSAGES:
             raise ExpiredSession("send counter exhausted")
-        out = self._seal(self._send_aead, self.remote_index, ctr, packets)
+        out = self._transport.seal(self._send_aead, self.remote_index, ctr, packets)
         self.send_counter = ctr + len(packets)
         return out
 
-    def open(self, counter: int, ciphertext: Buffer) -> bytes:
-        """Decrypt one payload; raises cryptography's InvalidTag on failure (caller counts it)."""
-        return self.decrypt(NONCE.pack(counter), ciphertext, None)
+    def open_run(self, datagrams: Sequence[Buffer], start: int) -> OpenedRun:
+        """Open the run of transport messages for this keypair from datagrams[start] on:
+        authentication, replay window, IP header (transport.open_run)."""
+        return self._transport.open_run(
+            self._recv_aead, self._replay, datagrams, start, self.local_index
+        )
 
 
 @dataclass(slots=True)
