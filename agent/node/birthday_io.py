@@ -129,6 +129,8 @@ class ExtraSockets:
                 continue
             if self.fwmark:
                 sock.sock.setsockopt(socket.SOL_SOCKET, _SO_MARK, self.fwmark)
+            if self.main.native is not None:  # a bound socket carries the peer's traffic
+                sock.use_native(self.main.native)
             self._socks[sid] = sock
             self.opened += 1
             if self._loop is not None:

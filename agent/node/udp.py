@@ -71,12 +71,14 @@ class UdpSocket:
         self._sources: dict[tuple[object, ...], Endpoint] = {}
         # The compiled send batch (agent._fastpath.udp_send) and raw addresses for it, once
         # `use_native` was called; None: the Python batch below.
+        self.native: ModuleType | None = None  # agent._fastpath once `use_native` was called
         self._native_send: Callable[..., tuple[int, int, int, bool]] | None = None
         self._sockaddr: Callable[[int, str, int], bytes] | None = None
         self._raw_targets: dict[Endpoint, bytes | None] = {}  # None: not a literal address
 
     def use_native(self, mod: ModuleType) -> None:
         """Send batches with the compiled twin of `send_batch` (same grouping and counters)."""
+        self.native = mod
         self._native_send = mod.udp_send
         self._sockaddr = mod.sockaddr
 

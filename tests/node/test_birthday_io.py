@@ -172,3 +172,25 @@ async def _until(cond: Any) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("timed out")
+
+
+def test_extra_sockets_send_like_the_main_socket(peer: socket.socket) -> None:
+    """With the compiled data plane, a bound extra socket sends through it too."""
+    fastpath = pytest.importorskip("agent._fastpath", reason="the compiled module is not built")
+    main = _loopback()
+    main.use_native(fastpath)
+    engine = FakeEngine()
+    extra = ExtraSockets(main, engine, opener=_loopback)  # type: ignore[arg-type]
+    try:
+        engine.want({3})
+        extra.reconcile()
+        to = _addr(peer)
+        engine.socket_routes[to] = 3
+        assert extra.send_batch([b"wg"], to) == 0
+        data, src = peer.recvfrom(100)
+        assert data == b"wg"
+        assert src[1] != main.port
+        assert all(s.native is fastpath for s in extra._socks.values())
+    finally:
+        extra.close()
+        main.close()
