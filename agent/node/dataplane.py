@@ -393,35 +393,35 @@ class DataPlane:
         if not batches:
             return
         self.stats.udp_reads += len(batches)
-        plaintext: list[Buffer] = []
-        for datagrams, src in batches:
-            self._receive(datagrams, src, None, now, plaintext)
-        if plaintext:
-            self._write_tun(plaintext)
-            if sparse:
-                self._answer(now)
-        self.on_activity()
+        self._inbound(batches, None, now, answer=sparse)
 
     def on_relayed(self, region: int, src_key: NodePublic, datagrams: list[bytes]) -> None:
         """Datagrams that `src_key` sent us through DERP region `region`."""
-        plaintext: list[Buffer] = []
-        now = self.clock()
-        self._receive(datagrams, derp_endpoint(region), src_key, now, plaintext)
-        if plaintext:
-            self._write_tun(plaintext)
-            if len(datagrams) == 1:
-                self._answer(now)
-        self.on_activity()
+        batch = [(datagrams, derp_endpoint(region))]
+        self._inbound(batch, src_key, self.clock(), answer=len(datagrams) == 1)
 
     def on_datagrams(self, batches: Sequence[tuple[Sequence[Buffer], Endpoint]]) -> None:
         """Datagrams another UDP socket of this node read (node/birthday_io.py): inbound as
         from the WireGuard socket; replies leave through the sender, which picks the socket."""
+        self._inbound(batches, None, self.clock(), answer=False)
+
+    def _inbound(
+        self,
+        batches: Sequence[tuple[Sequence[Buffer], Endpoint]],
+        key: NodePublic | None,
+        now: float,
+        *,
+        answer: bool,
+    ) -> None:
+        """Open, filter and write to the TUN what arrived; `answer`: a lone packet into a quiet
+        TUN, whose answer is read at once (`_answer`)."""
         plaintext: list[Buffer] = []
-        now = self.clock()
         for datagrams, src in batches:
-            self._receive(datagrams, src, None, now, plaintext)
+            self._receive(datagrams, src, key, now, plaintext)
         if plaintext:
             self._write_tun(plaintext)
+            if answer:
+                self._answer(now)
         self.on_activity()
 
     def _answer(self, now: float) -> None:
