@@ -14,7 +14,7 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-SOURCES = ["native/module.c", "native/crypto.c", "native/transport.c", "native/offload.c", "native/io.c", "native/udp.c"]
+SOURCES = ["native/module.c", "native/crypto.c", "native/transport.c", "native/offload.c", "native/io.c", "native/udp.c", "native/lanes.c"]
 WANT = os.environ.get("AGENT_NATIVE", "")
 
 

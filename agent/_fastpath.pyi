@@ -32,3 +32,71 @@ def sockaddr(family: int, host: str, port: int) -> bytes: ...
 def udp_send(
     fd: int, sockaddr: bytes, datagrams: Sequence[_Buffer], gso: bool
 ) -> tuple[int, int, int, bool]: ...
+
+class Sealer:
+    counter: int
+    def __init__(self, aead: Aead, remote_index: int) -> None: ...
+    @property
+    def remote_index(self) -> int: ...
+    @property
+    def aead(self) -> Aead: ...
+    def seal(self, packets: Sequence[_Buffer]) -> list[bytes]: ...
+
+class Lane:
+    @property
+    def tx_armed(self) -> bool: ...
+    @property
+    def rx_armed(self) -> bool: ...
+    @property
+    def rx_index(self) -> int | None: ...
+    def arm_tx(self, sealer: Sealer, sockaddr: bytes, limit: int, deadline: float) -> None: ...
+    def arm_rx(
+        self, aead: Aead, replay: ReplayWindow, index: int, sockaddr: bytes, deadline: float
+    ) -> None: ...
+    def disarm_tx(self) -> None: ...
+    def disarm_rx(self) -> None: ...
+    def take(self) -> tuple[int, int, int, int, int, int, int, int, int, bool]: ...
+
+def fast_tx(
+    tun_fd: int,
+    max_reads: int,
+    vnet_hdr: bool,
+    routes: dict[bytes, object],
+    udp_fd: int,
+    gso: bool,
+    now: float,
+    tcp_only: bool,
+) -> tuple[
+    list[bytes],
+    list[tuple[bytes, int]],
+    int,
+    int,
+    int,
+    OSError | None,
+    list[Lane],
+    int,
+    int,
+    int,
+    bool,
+]: ...
+def fast_rx(
+    udp_fd: int,
+    max_datagrams: int,
+    lanes: dict[int, Lane],
+    routes: dict[bytes, object],
+    tun_fd: int,
+    vnet_hdr: bool,
+    uso: bool,
+    now: float,
+) -> tuple[
+    list[tuple[list[bytes], bytes]],
+    list[Lane],
+    int,
+    list[tuple[Lane, bytes]],
+    int,
+    int,
+    int,
+    int,
+    int,
+    int,
+]: ...

@@ -181,7 +181,7 @@ static PyTypeObject ReplayType = {
 
 /* ------------------------------------------------------------------ seal */
 
-static PyObject *fp_seal(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+PyObject *fp_seal(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     (void)mod;
     if (nargs != 4 || !PyObject_TypeCheck(args[0], &AeadType)) {
         PyErr_SetString(PyExc_TypeError, "seal(aead: Aead, remote_index, counter, packets)");
@@ -344,6 +344,11 @@ PyMethodDef fp_crypto_methods[] = {
      " replay, not_ip, malformed, wire_bytes, data)"},
     {NULL, NULL, 0, NULL},
 };
+
+int fp_is_aead(PyObject *o) { return PyObject_TypeCheck(o, &AeadType); }
+int fp_is_replay(PyObject *o) { return PyObject_TypeCheck(o, &ReplayType); }
+EVP_CIPHER_CTX *fp_aead_dec(PyObject *aead) { return ((AeadObject *)aead)->dec; }
+fp_replay *fp_replay_of(PyObject *replay) { return &((ReplayObject *)replay)->w; }
 
 int fp_crypto_init(PyObject *module) {
     PyObject *exc = PyImport_ImportModule("cryptography.exceptions");

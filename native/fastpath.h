@@ -18,9 +18,23 @@ extern PyMethodDef fp_crypto_methods[];
 extern PyMethodDef fp_offload_methods[];
 extern PyMethodDef fp_io_methods[];
 extern PyMethodDef fp_udp_methods[];
+extern PyMethodDef fp_lanes_methods[];
 int fp_crypto_init(PyObject *module);  /* adds Aead, ReplayWindow; 0 or -1 with an exception */
 int fp_offload_init(PyObject *module);
 int fp_io_init(PyObject *module);
+int fp_lanes_init(PyObject *module); /* adds Sealer, Lane */
+
+/* Entry points lanes.c composes (METH_FASTCALL signatures; `mod` unused). */
+PyObject *fp_seal(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fp_tun_read(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fp_tun_write(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+PyObject *fp_udp_send(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+
+/* crypto.c's types as lanes.c sees them (no exception set by the tests). */
+struct evp_cipher_ctx_st;
+int fp_is_aead(PyObject *o);
+int fp_is_replay(PyObject *o);
+struct evp_cipher_ctx_st *fp_aead_dec(PyObject *aead);
 
 /* An int argument (PyLong_AsInt is 3.13+). -1 with an exception set on error. */
 static inline int fp_as_int(PyObject *o) {

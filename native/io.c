@@ -32,7 +32,7 @@ static int add_run(PyObject *runs, const uint8_t *dst, size_t dlen, Py_ssize_t c
     return rc;
 }
 
-static PyObject *py_tun_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+PyObject *fp_tun_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "tun_read(fd, max_reads, vnet_hdr) takes 3 arguments");
@@ -135,7 +135,7 @@ static int write_one(int fd, const uint8_t *p, size_t n) {
     return put < 0 ? -1 : 0;
 }
 
-static PyObject *py_tun_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+PyObject *fp_tun_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError,
@@ -201,10 +201,10 @@ static PyObject *py_tun_write(PyObject *self, PyObject *const *args, Py_ssize_t 
 }
 
 PyMethodDef fp_io_methods[] = {
-    {"tun_read", (PyCFunction)(void (*)(void))py_tun_read, METH_FASTCALL,
+    {"tun_read", (PyCFunction)(void (*)(void))fp_tun_read, METH_FASTCALL,
      "tun_read(fd, max_reads, vnet_hdr) -> (packets, runs, reads, not_ip, malformed, error): "
      "agent.node.tun_batch.tun_read."},
-    {"tun_write", (PyCFunction)(void (*)(void))py_tun_write, METH_FASTCALL,
+    {"tun_write", (PyCFunction)(void (*)(void))fp_tun_write, METH_FASTCALL,
      "tun_write(fd, packets, vnet_hdr, udp) -> (writes, failed): "
      "agent.node.tun_batch.tun_write."},
     {NULL, NULL, 0, NULL},

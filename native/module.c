@@ -1,5 +1,5 @@
-/* agent._fastpath: module definition; the entry points live in crypto.c, offload.c, io.c and
- * udp.c. */
+/* agent._fastpath: module definition; the entry points live in crypto.c, offload.c, io.c,
+ * udp.c and lanes.c. */
 #include "fastpath.h"
 
 static int add_methods(PyObject *module, PyMethodDef *defs) {
@@ -8,9 +8,11 @@ static int add_methods(PyObject *module, PyMethodDef *defs) {
 
 static int fastpath_exec(PyObject *module) {
     if (add_methods(module, fp_crypto_methods) < 0 || add_methods(module, fp_offload_methods) < 0 ||
-        add_methods(module, fp_io_methods) < 0 || add_methods(module, fp_udp_methods) < 0)
+        add_methods(module, fp_io_methods) < 0 || add_methods(module, fp_udp_methods) < 0 ||
+        add_methods(module, fp_lanes_methods) < 0)
         return -1;
-    if (fp_crypto_init(module) < 0 || fp_offload_init(module) < 0 || fp_io_init(module) < 0)
+    if (fp_crypto_init(module) < 0 || fp_offload_init(module) < 0 || fp_io_init(module) < 0 ||
+        fp_lanes_init(module) < 0)
         return -1;
     return 0;
 }

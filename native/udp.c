@@ -93,7 +93,7 @@ static int send_gso(int fd, const struct sockaddr *sa, socklen_t salen, Py_buffe
     return 0;
 }
 
-static PyObject *fp_udp_send(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+PyObject *fp_udp_send(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     (void)mod;
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "udp_send(fd, sockaddr, datagrams, gso)");

@@ -313,6 +313,18 @@ class PathEngine:
             peer.derp_rx_region = region
             self._refresh(peer, now)
 
+    def direct(self, key: NodePublic, now: float) -> tuple[Endpoint, float] | None:
+        """UDP alone, to this endpoint, until this time unless something changes first
+        (a trusted best path until its trust ends); None when `targets` uses DERP too."""
+        peer = self._peers.get(key)
+        if peer is None:
+            return self._plain.direct(key, now)
+        if peer.trusted(now):
+            assert peer.best is not None
+            assert peer.trust_until is not None
+            return peer.best.endpoint, peer.trust_until
+        return None
+
     def targets(self, key: NodePublic, now: float) -> Targets:
         peer = self._peers.get(key)
         if peer is None:

@@ -20,6 +20,7 @@ when the direct path goes silent for TRUST_UDP the relay carries traffic again b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -137,6 +138,19 @@ class PathTable:
         if self._trusted(p, now):
             return Targets(udp=p.direct)
         return Targets(udp=p.direct, derp=self._region(p))
+
+    def direct(self, key: NodePublic, now: float) -> tuple[Endpoint, float] | None:
+        """Where `targets` sends over UDP alone, and until when that holds unless something
+        else changes first; None when it sends through DERP as well (or nowhere)."""
+        p = self._peers.get(key)
+        if p is None or p.direct is None:
+            return None
+        if self._trusted(p, now):
+            assert p.direct_rx is not None
+            return p.direct, p.direct_rx + self.trust
+        if self._region(p) is None:
+            return p.direct, math.inf
+        return None
 
     def status(self, key: NodePublic, now: float) -> PathStatus:
         p = self._peers.get(key)

@@ -98,6 +98,9 @@ class ExtraSockets:
                 return sock.send_batch(datagrams, addr)
         return self.main.send_batch(datagrams, addr)
 
+    def sends_from_main(self, addr: Endpoint) -> bool:
+        return not self._routes.get(addr)
+
     def send_via(self, out: Outgoing) -> None:
         sock = self._socks.get(out.via)
         if sock is None:

@@ -53,17 +53,21 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
-from agent.engine.paths import derp_endpoint
+from agent.engine.paths import derp_endpoint, derp_region_of
 from agent.keys import NodePublic
 from agent.log import get_logger
 from agent.node.access import Access
 from agent.node.fastpath import PythonTunIo, TunIo
+from agent.node.lane_keeper import LaneKeeper
+from agent.node.lanes import LaneLike, LanePaths
 from agent.node.tun import Tun
 from agent.node.udp import Endpoint, UdpSocket
 from agent.proto.errors import DropReason, RemoteProtocolError
 from agent.proto.offload import Buffer
+from agent.proto.wireguard.device import Device
+from agent.proto.wireguard.peer import Peer
 
 __all__ = [
     "Endpoint",
@@ -150,6 +154,16 @@ class PeerSender(Protocol):
 
     def has_path(self, peer: PeerLike, now: float) -> bool: ...
 
+    def direct(self, peer: PeerLike, now: float) -> tuple[Endpoint, float] | None:
+        """The WireGuard socket alone, to this endpoint, until this time unless something
+        changes first; None when the peer's datagrams go elsewhere too (a lane may send
+        only where this says)."""
+        ...
+
+    def note_sent(self, peer: PeerLike, now: float) -> None:
+        """A lane sent `peer` data to `direct`'s endpoint."""
+        ...
+
     def send_to_peer(
         self, peer: PeerLike, datagrams: Sequence[bytes | bytearray], now: float
     ) -> int:
@@ -175,6 +189,13 @@ class _UdpOnly:
 
     def has_path(self, peer: PeerLike, now: float) -> bool:
         return peer.endpoint is not None
+
+    def direct(self, peer: PeerLike, now: float) -> tuple[Endpoint, float] | None:
+        ep = peer.endpoint
+        return None if ep is None or derp_region_of(ep) is not None else (ep, math.inf)
+
+    def note_sent(self, peer: PeerLike, now: float) -> None:
+        pass
 
     def send_to_peer(
         self, peer: PeerLike, datagrams: Sequence[bytes | bytearray], now: float
@@ -225,6 +246,8 @@ class DataPlaneStats:
     rx_bytes: int = 0
     tun_writes: int = 0
     local: int = 0  # packets from the TUN that a service of this node took (on_local)
+    lane_tx_packets: int = 0  # of tx_packets, those a lane sealed and sent (node/lanes.py)
+    lane_rx_packets: int = 0  # of rx_packets, those a lane opened and wrote
     drops: Counter[DropReason] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, int | dict[str, int]]:
@@ -254,6 +277,7 @@ class DataPlane:
         on_local: LocalHandler | None = None,
         access: Access | None = None,
         tun_io: TunIo | None = None,
+        lanes: LanePaths | None = None,
     ) -> None:
         self.tun = tun
         # The TUN batches: the Python twin over `tun`, or the compiled ones (node/fastpath.py)
@@ -274,6 +298,16 @@ class DataPlane:
         # When each fd last woke us (clock seconds): after a quiet spell a wakeup reads once
         self._tun_seen = -math.inf
         self._udp_seen = -math.inf
+        # Lanes (node/lanes.py): a known peer's packets in one call each way; they need the
+        # real WireGuard device (its route cache, sessions and peers)
+        self.keeper: LaneKeeper | None = None
+        if lanes is not None:
+            dev = cast(Device, device)
+            self.keeper = LaneKeeper(
+                lanes, lambda: dev.peers, self.sender, self.stats, dev.count_drop
+            )
+        self._slow = False  # the current handler ran the Python path
+        self._fast_only = False  # the last handler ran lanes only (nothing to revalidate)
 
     # ------------------------------------------------------------------ event loop
 
@@ -298,12 +332,34 @@ class DataPlane:
         now = self.clock()
         sparse = now - self._tun_seen > SPARSE_GAP
         self._tun_seen = now
+        self._slow = False
         if self._from_tun(1 if sparse else self.max_tun_reads, now):
+            self._fast_only = not self._slow
             self.on_activity()
+
+    def revalidate_lanes(self, now: float) -> None:
+        """After any activity (the daemon's flush): unless only lanes ran since the last call,
+        arm every lane again from its peer's state, before the next packet can take it."""
+        if self._fast_only:
+            self._fast_only = False
+            return
+        if self.keeper is not None:
+            self.keeper.filtering = self.access.filter is not None
+            self.keeper.revalidate(now)
 
     def _from_tun(self, max_reads: int, now: float) -> bool:
         """Up to `max_reads` TUN reads, sent on to their peers; False if nothing was read."""
-        batch = self.tun_io.read(max_reads)
+        keeper = self.keeper
+        if keeper is not None:
+            fast = keeper.paths.tx(
+                max_reads,
+                cast(Device, self.device).route_cache,
+                now,
+                self.access.filter is not None,
+            )
+            batch, used = fast.rest, fast.lanes
+        else:
+            batch, used = self.tun_io.read(max_reads), []
         packets = batch.packets
         stats = self.stats
         drops = stats.drops
@@ -345,10 +401,17 @@ class DataPlane:
                     note(p)
         for peer, pkts in per_peer.values():
             self._send_to_peer(peer, pkts, now)
+            if keeper is not None:
+                keeper.arm(cast(Peer, peer), now)  # its next packets may take the lane
+        if used:
+            assert keeper is not None
+            keeper.settle(used, now)
+        if batch.runs or batch.not_ip or batch.malformed:
+            self._slow = True
         if batch.error is not None:
             self._tun_failed(batch.error)
             return False
-        return batch.reads > 0
+        return batch.reads > 0 or bool(used)
 
     def _tun_failed(self, error: OSError) -> None:
         self.detach()
@@ -389,20 +452,77 @@ class DataPlane:
         now = self.clock()
         sparse = now - self._udp_seen > SPARSE_GAP
         self._udp_seen = now
+        self._slow = False
+        if self.keeper is not None:
+            self._udp_lanes(1 if sparse else self.max_datagrams, now, sparse)
+            return
         batches = self.udp.recv_batch(1 if sparse else self.max_datagrams)
         if not batches:
             return
         self.stats.udp_reads += len(batches)
         self._inbound(batches, None, now, answer=sparse)
 
+    def _udp_lanes(self, max_datagrams: int, now: float, sparse: bool) -> None:
+        """`on_udp_readable` with lanes: theirs opened and written in one call, the rest the
+        Python way (`_inbound`)."""
+        keeper = self.keeper
+        assert keeper is not None
+        device = cast(Device, self.device)
+        r = keeper.paths.rx(max_datagrams, keeper.rx_lanes, device.route_cache, now)
+        if not r.receives:
+            return
+        stats = self.stats
+        stats.udp_reads += r.receives
+        if r.authentication or r.replay or r.not_ip or r.malformed:
+            stats.rx_datagrams += r.authentication + r.replay
+            keeper.count_rx_drops(r.authentication, r.replay, r.not_ip, r.malformed)
+        if r.writes:
+            stats.tun_writes += r.writes
+        if r.failed:
+            stats.drops[DropReason.TUN_WRITE_FAILED] += r.failed
+            stats.rx_packets -= r.failed
+        if r.lanes:
+            keeper.settle(r.lanes, now)
+        if r.checks:
+            self._slow = True
+            self._check_sources(r.checks, device)
+        if r.slow:
+            self._inbound(r.slow, None, now, answer=sparse)
+            return
+        if sparse and r.writes:
+            self._answer(now)
+        self._fast_only = not self._slow
+        self.on_activity()
+
+    def _check_sources(self, checks: Sequence[tuple[LaneLike, bytes]], device: Device) -> None:
+        """Packets a lane opened whose source its route cache did not vouch for: cryptokey
+        routing (the source's longest prefix must be the sender's), then the filter."""
+        keeper = self.keeper
+        assert keeper is not None
+        route = device.route
+        keep: list[Buffer] = []
+        for lane, pkt in checks:
+            src = pkt[12:16] if pkt[0] >> 4 == 4 else pkt[8:24]
+            peer = keeper.peer_of(lane)
+            if peer is not None and route(src) is peer:
+                keep.append(pkt)
+            else:
+                device.count_drop(DropReason.DISALLOWED_SOURCE)
+        if keep and self.access.filter is not None:
+            keep = self.access.inbound(keep, self.stats.drops)
+        if keep:
+            self._write_tun(keep)
+
     def on_relayed(self, region: int, src_key: NodePublic, datagrams: list[bytes]) -> None:
         """Datagrams that `src_key` sent us through DERP region `region`."""
+        self._slow = True
         batch = [(datagrams, derp_endpoint(region))]
         self._inbound(batch, src_key, self.clock(), answer=len(datagrams) == 1)
 
     def on_datagrams(self, batches: Sequence[tuple[Sequence[Buffer], Endpoint]]) -> None:
         """Datagrams another UDP socket of this node read (node/birthday_io.py): inbound as
         from the WireGuard socket; replies leave through the sender, which picks the socket."""
+        self._slow = True
         self._inbound(batches, None, self.clock(), answer=False)
 
     def _inbound(
@@ -415,6 +535,7 @@ class DataPlane:
     ) -> None:
         """Open, filter and write to the TUN what arrived; `answer`: a lone packet into a quiet
         TUN, whose answer is read at once (`_answer`)."""
+        self._slow = True
         plaintext: list[Buffer] = []
         for datagrams, src in batches:
             self._receive(datagrams, src, key, now, plaintext)
@@ -422,6 +543,7 @@ class DataPlane:
             self._write_tun(plaintext)
             if answer:
                 self._answer(now)
+        self._fast_only = False
         self.on_activity()
 
     def _answer(self, now: float) -> None:
@@ -461,6 +583,10 @@ class DataPlane:
         sender = self.sender
         if result.peers:
             sender.received(result.peers, src, now)
+            keeper = self.keeper
+            if keeper is not None:
+                for peer in result.peers:
+                    keeper.arm(cast(Peer, peer), now)
         for data, endpoint in result.replies:
             failed = sender.send_to_endpoint([data], endpoint, key)
             if failed:

@@ -152,7 +152,7 @@ def native_transport(mod: ModuleType) -> Transport:
     ) -> OpenedRun:
         return OpenedRun._make(raw_open(aead, replay, datagrams, start, index))
 
-    return Transport("native", mod.Aead, mod.ReplayWindow, mod.seal, open_run)
+    return Transport("native", mod.Aead, mod.ReplayWindow, mod.seal, open_run, mod.Sealer)
 
 
 def select(mode: str) -> DataPlaneImpl:

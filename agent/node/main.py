@@ -45,6 +45,7 @@ from agent.node.coordinator_client import CoordinatorClient, CoordinatorError
 from agent.node.dataplane import DataPlane
 from agent.node.derp_client import DerpClients
 from agent.node.dns_service import DnsService
+from agent.node.lanes import lanes_for
 from agent.node.local_api import LocalApi, NodeParts, serve_local_api
 from agent.node.netcheck_cmd import NetcheckDriver, run_reports
 from agent.node.netinfo import local_addresses
@@ -182,6 +183,7 @@ class Daemon:
         self.dataplane = DataPlane(
             self.tun, self.udp, device, loop.time, self.flush, sender=self.transport,
             access=self.access, tun_io=self.impl.tun_io(self.tun),
+            lanes=lanes_for(self.impl, self.tun, self.udp),
         )  # fmt: skip
         stun = StunSender(self.udp.send_batch, self.stun_prober)
         self.wire = wire = PathWire(
@@ -422,6 +424,8 @@ class Daemon:
             return
         device_io.log_events(device.events(), self.names, self.handshakes)
         wire.drain(loop.time())
+        if self.dataplane is not None:
+            self.dataplane.revalidate_lanes(loop.time())
         deadlines = [d for d in (device.next_deadline(), wire.next_deadline()) if d is not None]
         if not deadlines:
             return  # a timer still armed fires, finds nothing due, and is not re-armed

@@ -32,6 +32,10 @@ class UdpSender(Protocol):
 
     def send_batch(self, datagrams: Datagrams, addr: Endpoint) -> int: ...
 
+    def sends_from_main(self, addr: Endpoint) -> bool:
+        """Whether datagrams to `addr` leave through the WireGuard socket."""
+        ...
+
 
 class PathPolicy(Protocol):
     """What the transport asks per peer: engine/paths.PathTable or engine/engine.PathEngine."""
@@ -43,6 +47,8 @@ class PathPolicy(Protocol):
     ) -> None: ...
 
     def targets(self, key: NodePublic, now: float) -> Targets: ...
+
+    def direct(self, key: NodePublic, now: float) -> tuple[Endpoint, float] | None: ...
 
     def on_send(self, key: NodePublic, now: float) -> None: ...
 
@@ -69,6 +75,18 @@ class PeerTransport:
         self._ensure(peer)
         t = self.paths.targets(peer.public_key, now)
         return t.udp is not None or (t.derp is not None and self.derp is not None)
+
+    def direct(self, peer: PeerLike, now: float) -> tuple[Endpoint, float] | None:
+        """The WireGuard socket alone, to this endpoint, until this time (see PathPolicy)."""
+        self._ensure(peer)
+        d = self.paths.direct(peer.public_key, now)
+        if d is None or not self.udp.sends_from_main(d[0]):
+            return None
+        return d
+
+    def note_sent(self, peer: PeerLike, now: float) -> None:
+        """A lane sent `peer` data over `direct`: the path layer's bookkeeping of a send."""
+        self.paths.on_send(peer.public_key, now)
 
     def send_to_peer(self, peer: PeerLike, datagrams: Datagrams, now: float) -> int:
         self._ensure(peer)

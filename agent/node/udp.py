@@ -26,6 +26,7 @@ __all__ = [
     "Endpoint",
     "UdpSocket",
     "open_udp",
+    "normalise",
     "MAX_GSO_SEGMENTS",
     "MAX_GSO_BYTES",
 ]
@@ -139,7 +140,7 @@ class UdpSocket:
             if src is None:
                 if len(sources) > 4096:
                     sources.clear()
-                src = sources[raw] = _normalise(raw)
+                src = sources[raw] = normalise(raw)
             out.append((parts, src))
         return out
 
@@ -149,7 +150,7 @@ class UdpSocket:
         """Send every datagram to `addr`; returns how many were not sent (counted as well)."""
         native = self._native_send
         if native is not None:
-            raw = self._raw_target(addr)
+            raw = self.raw_target(addr)
             if raw is not None:
                 return self._send_native(native, datagrams, raw)
         target = self._target(addr)
@@ -179,7 +180,7 @@ class UdpSocket:
             i = j
         return failed
 
-    def _raw_target(self, addr: Endpoint) -> bytes | None:
+    def raw_target(self, addr: Endpoint) -> bytes | None:
         try:
             return self._raw_targets[addr]
         except KeyError:
@@ -193,6 +194,17 @@ class UdpSocket:
             self._raw_targets.clear()
         self._raw_targets[addr] = raw
         return raw
+
+    def sends_from_main(self, addr: Endpoint) -> bool:
+        """Always: this is the one socket."""
+        return True
+
+    def count_send_failures(self, dropped: int, errors: int, err: int) -> None:
+        """Datagrams a compiled batch could not send (agent/node/lanes.py)."""
+        self.send_dropped += dropped
+        if errors:
+            self.send_errors += errors
+            self.last_error = OSError(err, os.strerror(err))
 
     def _send_native(
         self,
@@ -250,7 +262,8 @@ class UdpSocket:
         return failed
 
 
-def _normalise(raw: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
+def normalise(raw: tuple[str, int] | tuple[str, int, int, int]) -> Endpoint:
+    """The Endpoint of a kernel source address (::ffff:a.b.c.d becomes a.b.c.d)."""
     host = raw[0]
     if host.startswith(_V4_MAPPED) and "." in host:
         host = host[len(_V4_MAPPED) :]

@@ -104,6 +104,20 @@ def test_status_shows_handshake_and_bytes(pair: Pair, lab: Lab) -> None:
         assert peer["tx_bytes"] > 0, peer
 
 
+def test_a_known_peer_s_packets_take_the_lanes(pair: Pair, lab: Lab) -> None:
+    """After the first packets (the Python path arms the lanes), pings go read-seal-send and
+    receive-open-write in one call each way, on both agents and both data planes."""
+    assert ping(pair.ns_a, B4), lab.logs()
+    before = {agent: agent.status()["dataplane"] for agent in (pair.a, pair.b)}
+    assert ping(pair.ns_a, B4, count=5), lab.logs()
+    for agent in (pair.a, pair.b):
+        dp = agent.status()["dataplane"]
+        sent = dp["lane_tx_packets"] - before[agent]["lane_tx_packets"]
+        got = dp["lane_rx_packets"] - before[agent]["lane_rx_packets"]
+        assert sent >= 5, (agent.ifname, dp)
+        assert got >= 5, (agent.ifname, dp)
+
+
 def test_iperf3_tcp_through_the_tunnel(pair: Pair) -> None:
     result = iperf3(pair.ns_b, pair.ns_a, B4, seconds=3)
     end = result["end"]

@@ -117,6 +117,16 @@ class Device:
     def drops(self) -> dict[DropReason, int]:
         return self._ctx.drops
 
+    def count_drop(self, reason: DropReason, n: int = 1) -> None:
+        """Drops counted outside the device (a data-plane lane opened the messages)."""
+        self._ctx.drop(reason, n)
+
+    @property
+    def route_cache(self) -> dict[bytes, Peer | None]:
+        """Address (4 or 16 raw bytes) -> the peer `route` found; cleared whenever allowed
+        IPs change. The data plane's lanes look destinations and sources up here."""
+        return self._route_cache
+
     def add_peer(
         self,
         public_key: NodePublic,

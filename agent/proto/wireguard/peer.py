@@ -95,6 +95,8 @@ class Peer:
         self._last_initiation_sent: float | None = None
         self._initiation_index: int | None = None
         self._sent_last_minute_handshake = False
+        # The data plane's fast path for this peer (agent/node/lanes.py), owned by the node
+        self.lane: object | None = None
 
     def __repr__(self) -> str:
         return f"Peer({self.public_key})"
@@ -120,16 +122,25 @@ class Peer:
             self._stage(packets)
             return self._initiate(now)
         out = kp.seal(packets)
-        self.tx_bytes += sum(map(len, out))
+        out.extend(self.note_sent(sum(map(len, out)), now))
+        return out
+
+    def note_sent(self, wire_bytes: int, now: float) -> list[bytes]:
+        """Bookkeeping after data went out on the current session (here, or sealed by a
+        data-plane lane with the session's sealer): counters and timers; an initiation to
+        send when the session is due for a new handshake."""
+        self.tx_bytes += wire_bytes
         t = self.timers
         t.on_data_sent(now)
         t.on_authenticated_sent()
         t.on_authenticated_traversal(now)
-        if kp.send_counter > REKEY_AFTER_MESSAGES or (
-            kp.is_initiator and now - kp.created > REKEY_AFTER_TIME
+        kp = self.keypairs.current
+        if kp is not None and (
+            kp.send_counter > REKEY_AFTER_MESSAGES
+            or (kp.is_initiator and now - kp.created > REKEY_AFTER_TIME)
         ):
-            out.extend(self._initiate(now))
-        return out
+            return self._initiate(now)
+        return []
 
     def keepalive(self, now: float) -> list[bytes]:
         """An empty transport packet if a session can send (else a handshake starts)."""

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 
 from agent.proto.errors import ExpiredSession
 from agent.proto.wireguard.constants import REJECT_AFTER_MESSAGES, REJECT_AFTER_TIME
-from agent.proto.wireguard.transport import PYTHON, Aead, OpenedRun, Replay, Transport
+from agent.proto.wireguard.transport import (
+    PYTHON,
+    Aead,
+    OpenedRun,
+    Replay,
+    SealerLike,
+    Transport,
+)
 
 __all__ = ["Keypair", "Keypairs", "SessionKeys"]
 
@@ -44,13 +51,12 @@ class Keypair:
     __slots__ = (
         "_recv_aead",
         "_replay",
-        "_send_aead",
         "_transport",
         "created",
         "is_initiator",
         "local_index",
         "remote_index",
-        "send_counter",
+        "sealer",
     )
 
     def __init__(
@@ -65,14 +71,30 @@ class Keypair:
         transport: Transport = PYTHON,
     ) -> None:
         self._transport = transport
-        self._send_aead: Aead = transport.aead(send_key)
+        # The sending key and the one send counter, shared with a data-plane lane
+        self.sealer: SealerLike = transport.sealer(transport.aead(send_key), remote_index)
         self._recv_aead: Aead = transport.aead(recv_key)
         self._replay: Replay = transport.replay()
         self.local_index = local_index
         self.remote_index = remote_index
         self.is_initiator = is_initiator
         self.created = created
-        self.send_counter = 0
+
+    @property
+    def send_counter(self) -> int:
+        return self.sealer.counter
+
+    @send_counter.setter
+    def send_counter(self, value: int) -> None:
+        self.sealer.counter = value
+
+    @property
+    def recv_aead(self) -> Aead:
+        return self._recv_aead
+
+    @property
+    def replay(self) -> Replay:
+        return self._replay
 
     @classmethod
     def from_session_keys(
@@ -96,12 +118,10 @@ class Keypair:
 
     def seal(self, packets: Sequence[Buffer]) -> list[bytes]:
         """Encrypt IP packets (b"" = keepalive) into transport datagrams, consuming counters."""
-        ctr = self.send_counter
-        if ctr + len(packets) > REJECT_AFTER_MESSAGES:
+        sealer = self.sealer
+        if sealer.counter + len(packets) > REJECT_AFTER_MESSAGES:
             raise ExpiredSession("send counter exhausted")
-        out = self._transport.seal(self._send_aead, self.remote_index, ctr, packets)
-        self.send_counter = ctr + len(packets)
-        return out
+        return sealer.seal(packets)
 
     def open_run(self, datagrams: Sequence[Buffer], start: int) -> OpenedRun:
         """Open the run of transport messages for this keypair from datagrams[start] on:

@@ -7,7 +7,11 @@
         authenticate (AEAD), then the replay window, then the IP header (version, length;
         padding trimmed). Stops at the first datagram that is not one (the caller looks at it).
 
-A `Transport` bundles these with the AEAD and replay-window constructors. `PYTHON` is this
+    Sealer(aead, remote_index)
+        A session's sending half: `seal(packets)` numbers them from `counter` and moves it on.
+        Its Keypair and the data plane's lanes (agent/node/lanes.py) share this one counter.
+
+A `Transport` bundles these with the AEAD, replay-window and sealer constructors. `PYTHON` is this
 module (cryptography's ChaCha20Poly1305, `replay.ReplayWindow`); the node builds the same
 bundle from `agent._fastpath` (native/crypto.c) when it loads, and the device never knows which
 runs. tests/native/ feeds both the same keys, counters and bytes and requires the same output.
@@ -30,7 +34,17 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from agent.proto.wireguard.constants import MSG_TRANSPORT, TRANSPORT_MIN_SIZE
 from agent.proto.wireguard.replay import ReplayWindow
 
-__all__ = ["Aead", "Replay", "OpenedRun", "Transport", "PYTHON", "seal", "open_run"]
+__all__ = [
+    "Aead",
+    "Replay",
+    "OpenedRun",
+    "SealerLike",
+    "Sealer",
+    "Transport",
+    "PYTHON",
+    "seal",
+    "open_run",
+]
 
 Buffer = bytes | bytearray | memoryview
 _NONCE = struct.Struct("<4xQ")
@@ -50,6 +64,18 @@ class Aead(Protocol):
 
 class Replay(Protocol):
     def accept(self, counter: int) -> bool: ...
+
+
+class SealerLike(Protocol):
+    """A session's sending key and its one send counter (this module's `Sealer` or the
+    compiled one)."""
+
+    counter: int
+
+    @property
+    def remote_index(self) -> int: ...
+
+    def seal(self, packets: Sequence[Buffer]) -> list[bytes]: ...
 
 
 class OpenedRun(NamedTuple):
@@ -143,6 +169,22 @@ def open_run(
     return OpenedRun(i, packets, sources, auth, rep, not_ip, malformed, wire, data)
 
 
+class Sealer:
+    """`seal` under one key and receiver index, numbering from `counter` and moving it on."""
+
+    __slots__ = ("aead", "counter", "remote_index")
+
+    def __init__(self, aead: Aead, remote_index: int) -> None:
+        self.aead = aead
+        self.remote_index = remote_index
+        self.counter = 0
+
+    def seal(self, packets: Sequence[Buffer]) -> list[bytes]:
+        out = seal(self.aead, self.remote_index, self.counter, packets)
+        self.counter += len(out)
+        return out
+
+
 @dataclass(frozen=True, slots=True)
 class Transport:
     """One implementation of the transport-message batches."""
@@ -152,6 +194,7 @@ class Transport:
     replay: Callable[[], Replay]
     seal: Callable[[Aead, int, int, Sequence[Buffer]], list[bytes]]
     open_run: Callable[[Aead, Replay, Sequence[Buffer], int, int], OpenedRun]
+    sealer: Callable[[Aead, int], SealerLike]
 
 
-PYTHON = Transport("python", ChaCha20Poly1305, ReplayWindow, seal, open_run)
+PYTHON = Transport("python", ChaCha20Poly1305, ReplayWindow, seal, open_run, Sealer)

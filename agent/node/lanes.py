@@ -1,0 +1,464 @@
+"""Lanes: a known peer's packets in one call each way, read-seal-send and receive-open-write.
+
+A lane is one peer's armed paths. Python arms it (agent/node/lane_keeper.py) with what the slow
+path would have decided: the current session's `Sealer` (key and the one send counter, shared
+with the Keypair), the UDP address the path layer sends to, how many more messages and until
+when; for receiving, the current session's key, replay window and receiver index, and the
+address the peer sends from. The lane then runs without Python in between:
+
+    tx(max_reads, routes, now, tcp_only) -> FastTx
+        `TunIo.read`, then every run of packets whose destination `routes` (the device's route
+        cache: address -> peer) maps to a peer whose `lane` is armed for sending is sealed and
+        sent. The rest comes back as a `TunRead` for the Python path. `tcp_only` (a packet
+        filter is on and wants to see what opens UDP and ICMP flows) leaves runs holding
+        anything but TCP to Python.
+    rx(max_datagrams, lanes, routes, now) -> FastRx
+        Receive until EAGAIN; a transport message whose receiver index `lanes` maps to a lane
+        armed for receiving, from that lane's address, is opened there, and its packet goes to
+        the TUN when `routes` maps its source address to the same lane, else to `checks` for
+        Python (cryptokey routing and the packet filter decide). Every other datagram comes
+        back in `slow`, grouped per receive with its source, for the Python path.
+
+Each lane counts what it did (`take()`); the caller does the per-batch bookkeeping (timers,
+byte counters, the path layer) after the packets are on their way. Two twins with the same
+results: `PythonLanes` (the reference, over the Python batches) and `NativeLanes` (one call to
+agent._fastpath.fast_tx / fast_rx, native/lanes.c); tests/native/ checks them against each other.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from collections.abc import Mapping, Sequence
+from types import ModuleType
+from typing import NamedTuple, Protocol
+
+from agent.node.fastpath import (
+    DataPlaneImpl,
+    NativeTunIo,
+    PythonTunIo,
+    TunIo,
+    TunLike,
+    TunRead,
+)
+from agent.node.udp import Endpoint, UdpSocket, normalise
+from agent.proto.wireguard.constants import MSG_TRANSPORT, TRANSPORT_MIN_SIZE
+from agent.proto.wireguard.transport import Aead, Replay, SealerLike, Transport
+
+__all__ = [
+    "Lane",
+    "LaneLike",
+    "LaneCounts",
+    "FastTx",
+    "FastRx",
+    "LanePaths",
+    "PythonLanes",
+    "NativeLanes",
+    "lanes_for",
+]
+
+Buffer = bytes | bytearray | memoryview
+
+
+class LaneCounts(NamedTuple):
+    """What a lane did since the last `take()`."""
+
+    tx_packets: int
+    tx_bytes: int  # plaintext
+    tx_datagrams: int  # sent
+    tx_wire_bytes: int
+    tx_failed: int  # datagrams the socket refused
+    rx_datagrams: int  # authentic and new (keepalives, drops after authentication included)
+    rx_wire_bytes: int
+    rx_packets: int  # to the TUN
+    rx_bytes: int
+    rx_data: bool  # one carried a packet (not only keepalives)
+
+
+class LaneLike(Protocol):
+    @property
+    def tx_armed(self) -> bool: ...
+
+    @property
+    def rx_armed(self) -> bool: ...
+
+    @property
+    def rx_index(self) -> int | None: ...
+
+    def disarm_tx(self) -> None: ...
+
+    def disarm_rx(self) -> None: ...
+
+    def take(self) -> tuple[int, int, int, int, int, int, int, int, int, bool]: ...
+
+
+class Lane:
+    """The Python twin of agent._fastpath.Lane; `target`/`source` are Endpoints here."""
+
+    __slots__ = (
+        "counts",
+        "rx_aead",
+        "rx_data",
+        "rx_deadline",
+        "rx_index",
+        "rx_replay",
+        "rx_source",
+        "sealer",
+        "target",
+        "tx_deadline",
+        "tx_limit",
+        "used",
+    )
+
+    def __init__(self) -> None:
+        self.sealer: SealerLike | None = None
+        self.target: Endpoint | None = None
+        self.tx_limit = 0
+        self.tx_deadline = -math.inf
+        self.rx_aead: Aead | None = None
+        self.rx_replay: Replay | None = None
+        self.rx_index: int | None = None
+        self.rx_source: Endpoint | None = None
+        self.rx_deadline = -math.inf
+        self.counts = [0] * 9
+        self.rx_data = False
+        self.used = False
+
+    @property
+    def tx_armed(self) -> bool:
+        return self.sealer is not None
+
+    @property
+    def rx_armed(self) -> bool:
+        return self.rx_aead is not None
+
+    def arm_tx(self, sealer: SealerLike, target: Endpoint, limit: int, deadline: float) -> None:
+        self.sealer, self.target, self.tx_limit, self.tx_deadline = sealer, target, limit, deadline
+
+    def arm_rx(
+        self, aead: Aead, replay: Replay, index: int, source: Endpoint, deadline: float
+    ) -> None:
+        self.rx_aead, self.rx_replay, self.rx_index = aead, replay, index
+        self.rx_source, self.rx_deadline = source, deadline
+
+    def disarm_tx(self) -> None:
+        self.sealer = self.target = None
+
+    def disarm_rx(self) -> None:
+        self.rx_aead = self.rx_replay = self.rx_index = self.rx_source = None
+
+    def take(self) -> tuple[int, int, int, int, int, int, int, int, int, bool]:
+        c = self.counts
+        out = (c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], self.rx_data)
+        self.counts = [0] * 9
+        self.rx_data = self.used = False
+        return out
+
+
+class FastTx(NamedTuple):
+    rest: TunRead  # what no lane took, for the Python path
+    lanes: list[LaneLike]  # the lanes that sent, once each
+
+
+class FastRx(NamedTuple):
+    slow: list[tuple[Sequence[Buffer], Endpoint]]  # for the Python path, per receive
+    lanes: list[LaneLike]  # the lanes that received, once each
+    receives: int  # recvmsg calls that returned data
+    checks: list[tuple[LaneLike, bytes]]  # opened packets whose source the lane could not vouch for
+    authentication: int  # drops, as open_run counts them
+    replay: int
+    not_ip: int
+    malformed: int
+    writes: int  # TUN writes
+    failed: int  # packets the TUN refused
+
+
+class LanePaths(Protocol):
+    """Both twins: lanes to arm and the two batches."""
+
+    def new_lane(self) -> LaneLike: ...
+
+    def arm_tx(
+        self, lane: LaneLike, sealer: SealerLike, target: Endpoint, limit: int, deadline: float
+    ) -> bool:
+        """Arm `lane` to send to `target`; False (disarmed) when this twin cannot send there."""
+        ...
+
+    def arm_rx(
+        self,
+        lane: LaneLike,
+        aead: Aead,
+        replay: Replay,
+        index: int,
+        source: Endpoint,
+        deadline: float,
+    ) -> bool: ...
+
+    def tx(
+        self, max_reads: int, routes: Mapping[bytes, object], now: float, tcp_only: bool
+    ) -> FastTx: ...
+
+    def rx(
+        self,
+        max_datagrams: int,
+        lanes: Mapping[int, LaneLike],
+        routes: Mapping[bytes, object],
+        now: float,
+    ) -> FastRx: ...
+
+
+def _lane_of(routes: Mapping[bytes, object], addr: bytes) -> Lane | None:
+    lane = getattr(routes.get(addr), "lane", None)
+    return lane if isinstance(lane, Lane) else None
+
+
+def _all_tcp(packets: Sequence[bytes]) -> bool:
+    for p in packets:
+        n = len(p)
+        v = p[0] >> 4 if n else 0
+        proto = p[9] if v == 4 and n >= 20 else p[6] if v == 6 and n >= 40 else -1
+        if proto != 6:
+            return False
+    return True
+
+
+class PythonLanes:
+    """The reference twin: `TunIo` and `UdpSocket` batches and the transport's open_run."""
+
+    def __init__(
+        self, tun: TunLike, udp: UdpSocket, transport: Transport, tun_io: TunIo | None = None
+    ) -> None:
+        self.tun_io = tun_io if tun_io is not None else PythonTunIo(tun)
+        self.udp = udp
+        self.transport = transport
+
+    def new_lane(self) -> Lane:
+        return Lane()
+
+    def arm_tx(
+        self, lane: LaneLike, sealer: SealerLike, target: Endpoint, limit: int, deadline: float
+    ) -> bool:
+        assert isinstance(lane, Lane)
+        lane.arm_tx(sealer, target, limit, deadline)
+        return True
+
+    def arm_rx(
+        self,
+        lane: LaneLike,
+        aead: Aead,
+        replay: Replay,
+        index: int,
+        source: Endpoint,
+        deadline: float,
+    ) -> bool:
+        assert isinstance(lane, Lane)
+        lane.arm_rx(aead, replay, index, source, deadline)
+        return True
+
+    def tx(
+        self, max_reads: int, routes: Mapping[bytes, object], now: float, tcp_only: bool
+    ) -> FastTx:
+        batch = self.tun_io.read(max_reads)
+        packets = batch.packets
+        used: list[LaneLike] = []
+        rest: list[bytes] | None = None
+        rest_runs: list[tuple[bytes, int]] | None = None
+        pos = 0
+        for k, (dst, count) in enumerate(batch.runs):
+            run = packets[pos : pos + count]
+            lane = _lane_of(routes, dst)
+            s = lane.sealer if lane is not None else None
+            if (
+                lane is not None
+                and s is not None
+                and now < lane.tx_deadline
+                and s.counter + count <= lane.tx_limit
+                and (not tcp_only or _all_tcp(run))
+            ):
+                assert lane.target is not None
+                dgrams = s.seal(run)
+                failed = self.udp.send_batch(dgrams, lane.target)
+                c = lane.counts
+                c[0] += count
+                c[1] += sum(map(len, run))
+                c[2] += count - failed
+                c[3] += sum(map(len, dgrams))
+                c[4] += failed
+                if not lane.used:
+                    lane.used = True
+                    used.append(lane)
+                if rest is None:
+                    rest, rest_runs = packets[:pos], batch.runs[:k]
+            elif rest is not None and rest_runs is not None:
+                rest.extend(run)
+                rest_runs.append((dst, count))
+            pos += count
+        if rest is None or rest_runs is None:
+            return FastTx(batch, used)
+        return FastTx(batch._replace(packets=rest, runs=rest_runs), used)
+
+    def rx(
+        self,
+        max_datagrams: int,
+        lanes: Mapping[int, LaneLike],
+        routes: Mapping[bytes, object],
+        now: float,
+    ) -> FastRx:
+        received = self.udp.recv_batch(max_datagrams)
+        open_run = self.transport.open_run
+        slow: list[tuple[Sequence[Buffer], Endpoint]] = []
+        used: list[LaneLike] = []
+        checks: list[tuple[LaneLike, bytes]] = []
+        plain: list[Buffer] = []
+        auth = rep = not_ip = malformed = 0
+        for datagrams, src in received:
+            rest: list[Buffer] = []
+            for d in datagrams:
+                lane = None
+                if len(d) >= TRANSPORT_MIN_SIZE and d[0] == MSG_TRANSPORT and not any(d[1:4]):
+                    index = int.from_bytes(d[4:8], "little")
+                    cand = lanes.get(index)
+                    if (
+                        isinstance(cand, Lane)
+                        and cand.rx_aead is not None
+                        and cand.rx_replay is not None
+                        and cand.rx_index == index
+                        and now < cand.rx_deadline
+                        and cand.rx_source == src
+                    ):
+                        lane = cand
+                if lane is None:
+                    rest.append(bytes(d))
+                    continue
+                assert lane.rx_aead is not None
+                assert lane.rx_replay is not None
+                run = open_run(lane.rx_aead, lane.rx_replay, (d,), 0, index)
+                auth += run.authentication
+                rep += run.replay
+                not_ip += run.not_ip
+                malformed += run.malformed
+                if not lane.used:
+                    lane.used = True
+                    used.append(lane)
+                if not run.wire_bytes:
+                    continue
+                c = lane.counts
+                c[5] += 1
+                c[6] += run.wire_bytes
+                if run.data:
+                    lane.rx_data = True
+                for p, s in zip(run.packets, run.sources, strict=True):
+                    if _lane_of(routes, s) is lane:
+                        c[7] += 1
+                        c[8] += len(p)
+                        plain.append(p)
+                    else:
+                        checks.append((lane, p))
+            if rest:
+                slow.append((rest, src))
+        writes = failed = 0
+        if plain:
+            writes, failed = self.tun_io.write(plain)
+        return FastRx(
+            slow, used, len(received), checks, auth, rep, not_ip, malformed, writes, failed
+        )
+
+
+class NativeLanes:
+    """The same batches in one call each (agent._fastpath.fast_tx / fast_rx)."""
+
+    def __init__(self, tun: TunLike, udp: UdpSocket, mod: ModuleType) -> None:
+        self.tun_io = NativeTunIo(tun, mod)
+        self._tun_fd = tun.fileno()
+        self._vnet = tun.vnet_hdr
+        self._uso = self.tun_io._uso
+        self.udp = udp
+        self._udp_fd = udp.fileno()
+        self._mod = mod
+        self._fast_tx = mod.fast_tx
+        self._fast_rx = mod.fast_rx
+        self._sources: dict[bytes, Endpoint] = {}
+
+    def new_lane(self) -> LaneLike:
+        lane: LaneLike = self._mod.Lane()
+        return lane
+
+    def arm_tx(
+        self, lane: LaneLike, sealer: SealerLike, target: Endpoint, limit: int, deadline: float
+    ) -> bool:
+        raw = self.udp.raw_target(target)
+        if raw is None or not isinstance(sealer, self._mod.Sealer):
+            lane.disarm_tx()
+            return False
+        lane.arm_tx(sealer, raw, limit, deadline)  # type: ignore[attr-defined]
+        return True
+
+    def arm_rx(
+        self,
+        lane: LaneLike,
+        aead: Aead,
+        replay: Replay,
+        index: int,
+        source: Endpoint,
+        deadline: float,
+    ) -> bool:
+        raw = self.udp.raw_target(source)
+        if raw is None:
+            lane.disarm_rx()
+            return False
+        lane.arm_rx(aead, replay, index, raw, deadline)  # type: ignore[attr-defined]
+        return True
+
+    def tx(
+        self, max_reads: int, routes: Mapping[bytes, object], now: float, tcp_only: bool
+    ) -> FastTx:
+        udp = self.udp
+        (packets, runs, reads, not_ip, malformed, error, used, dropped, errors, err, udp.gso) = (
+            self._fast_tx(
+                self._tun_fd, max_reads, self._vnet, routes, self._udp_fd, udp.gso, now, tcp_only
+            )
+        )
+        if dropped or errors:
+            udp.count_send_failures(dropped, errors, err)
+        return FastTx(TunRead(packets, runs, reads, not_ip, malformed, error), used)
+
+    def rx(
+        self,
+        max_datagrams: int,
+        lanes: Mapping[int, LaneLike],
+        routes: Mapping[bytes, object],
+        now: float,
+    ) -> FastRx:
+        r = self._fast_rx(
+            self._udp_fd, max_datagrams, lanes, routes, self._tun_fd, self._vnet, self._uso, now
+        )
+        raw_slow = r[0]
+        if raw_slow:
+            sources = self._sources
+            slow: list[tuple[Sequence[Buffer], Endpoint]] = []
+            for datagrams, raw in raw_slow:
+                src = sources.get(raw)
+                if src is None:
+                    if len(sources) > 4096:
+                        sources.clear()
+                    src = sources[raw] = _endpoint(raw)
+                slow.append((datagrams, src))
+            return FastRx(slow, *r[1:])
+        return FastRx([], *r[1:])
+
+
+def lanes_for(impl: DataPlaneImpl, tun: TunLike, udp: UdpSocket) -> LanePaths:
+    """The lanes of the implementation the daemon runs, over `tun` and `udp`."""
+    mod = impl.module
+    if mod is not None and hasattr(mod, "fast_tx"):
+        return NativeLanes(tun, udp, mod)
+    return PythonLanes(tun, udp, impl.transport, impl.tun_io(tun))
+
+
+def _endpoint(raw: bytes) -> Endpoint:
+    """The Endpoint of a raw struct sockaddr_in / sockaddr_in6, as UdpSocket names sources."""
+    port = int.from_bytes(raw[2:4], "big")
+    family = int.from_bytes(raw[0:2], "little")
+    if family == socket.AF_INET:
+        return normalise((socket.inet_ntop(socket.AF_INET, raw[4:8]), port))
+    return normalise((socket.inet_ntop(socket.AF_INET6, raw[8:24]), port))

@@ -1,0 +1,671 @@
+/* Lanes: a known peer's packets in one call each way. The twin of agent/node/lanes.py.
+ *
+ *   Sealer(aead, remote_index)   a session's sending half: the key and the one send counter
+ *                                (`counter`, read and written by its Keypair); seal(packets)
+ *                                numbers them from `counter` and moves it on
+ *   Lane()                       one peer's armed paths, set by Python (agent/node/lanes.py):
+ *       arm_tx(sealer, sockaddr, limit, deadline)   seal with `sealer`, send to `sockaddr`,
+ *                                                   while counter + n <= limit, now < deadline
+ *       arm_rx(aead, replay, index, sockaddr, deadline)
+ *                                                   open messages for receiver `index` that
+ *                                                   come from `sockaddr`, while now < deadline
+ *       disarm_tx(), disarm_rx(); take() -> the counters since the last take, zeroed
+ *
+ *   fast_tx(tun_fd, max_reads, vnet_hdr, routes, udp_fd, gso, now, tcp_only)
+ *       -> (packets, runs, reads, not_ip, malformed, error, lanes, dropped, errors, errno, gso)
+ *   fast_rx(udp_fd, max_datagrams, lanes, routes, tun_fd, vnet_hdr, uso, now)
+ *       -> (slow, lanes, receives, checks, authentication, replay, not_ip, malformed,
+ *           writes, failed)
+ *
+ * fast_tx is tun_read, then for each run whose destination `routes` (the device's route cache:
+ * address -> peer) maps to a peer whose `lane` is armed: seal and udp_send, no Python between.
+ * What no lane takes comes back as tun_read's batch, for the Python path. fast_rx receives
+ * (GRO) until EAGAIN or max_datagrams; a transport message whose receiver `lanes` (index ->
+ * Lane) maps to an armed lane, from that lane's address, is opened there; its packet goes to
+ * the TUN (tun_write) if `routes` maps its source address to the same lane, else to `checks`
+ * as (lane, packet) for Python to judge. Every other datagram comes back in `slow` as
+ * (datagrams, raw source address), one entry per receive, for the Python path. `lanes` in a
+ * result lists the lanes used by the call, once each; their counters say what they did.
+ */
+#include "fastpath.h"
+#include "transport.h"
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+#define RECV_SIZE 65535
+
+fp_replay *fp_replay_of(PyObject *replay); /* crypto.c: a ReplayWindow's window */
+
+static PyObject *str_lane; /* interned "lane" */
+
+/* ------------------------------------------------------------------ Sealer */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *aead;
+    uint32_t remote_index;
+    uint64_t counter;
+} SealerObject;
+
+static void sealer_dealloc(SealerObject *self) {
+    Py_XDECREF(self->aead);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int sealer_init(SealerObject *self, PyObject *args, PyObject *kwds) {
+    PyObject *aead;
+    unsigned long index;
+    static char *kwlist[] = {"aead", "remote_index", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Ok:Sealer", kwlist, &aead, &index)) return -1;
+    if (!fp_is_aead(aead)) {
+        PyErr_SetString(PyExc_TypeError, "Sealer(aead: Aead, remote_index)");
+        return -1;
+    }
+    if (index > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "remote_index is 32 bits");
+        return -1;
+    }
+    Py_INCREF(aead);
+    Py_XSETREF(self->aead, aead);
+    self->remote_index = (uint32_t)index;
+    self->counter = 0;
+    return 0;
+}
+
+/* seal() with this sealer's key, index and counter; the counter moves on by len(packets). */
+static PyObject *sealer_seal_seq(SealerObject *self, PyObject *packets) {
+    PyObject *index = PyLong_FromUnsignedLong(self->remote_index);
+    PyObject *ctr = PyLong_FromUnsignedLongLong(self->counter);
+    PyObject *out = NULL;
+    if (index && ctr) {
+        PyObject *args[4] = {self->aead, index, ctr, packets};
+        out = fp_seal(NULL, args, 4);
+    }
+    Py_XDECREF(index);
+    Py_XDECREF(ctr);
+    if (out) self->counter += (uint64_t)PyList_GET_SIZE(out);
+    return out;
+}
+
+static PyObject *sealer_seal(SealerObject *self, PyObject *packets) {
+    return sealer_seal_seq(self, packets);
+}
+
+static PyObject *sealer_get_counter(SealerObject *self, void *closure) {
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->counter);
+}
+
+static int sealer_set_counter(SealerObject *self, PyObject *value, void *closure) {
+    (void)closure;
+    if (!value) {
+        PyErr_SetString(PyExc_AttributeError, "counter cannot be deleted");
+        return -1;
+    }
+    unsigned long long c = PyLong_AsUnsignedLongLong(value);
+    if (c == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    self->counter = c;
+    return 0;
+}
+
+static PyObject *sealer_get_index(SealerObject *self, void *closure) {
+    (void)closure;
+    return PyLong_FromUnsignedLong(self->remote_index);
+}
+
+static PyObject *sealer_get_aead(SealerObject *self, void *closure) {
+    (void)closure;
+    return Py_NewRef(self->aead);
+}
+
+static PyMethodDef sealer_methods[] = {
+    {"seal", (PyCFunction)sealer_seal, METH_O,
+     "seal(packets) -> transport datagrams numbered from counter; counter moves on"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef sealer_getset[] = {
+    {"counter", (getter)sealer_get_counter, (setter)sealer_set_counter, "next send counter", NULL},
+    {"remote_index", (getter)sealer_get_index, NULL, "the peer's receiver index", NULL},
+    {"aead", (getter)sealer_get_aead, NULL, "the sending key", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject SealerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "agent._fastpath.Sealer",
+    .tp_doc = "A session's sending key and its one send counter.",
+    .tp_basicsize = sizeof(SealerObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)sealer_init,
+    .tp_dealloc = (destructor)sealer_dealloc,
+    .tp_methods = sealer_methods,
+    .tp_getset = sealer_getset,
+};
+
+/* ------------------------------------------------------------------ Lane */
+
+typedef struct {
+    PyObject_HEAD
+    /* sending; sealer NULL = disarmed */
+    SealerObject *sealer;
+    PyObject *sockaddr; /* bytes for udp_send */
+    uint64_t tx_limit;
+    double tx_deadline;
+    /* receiving; aead NULL = disarmed */
+    PyObject *rx_aead, *rx_replay;
+    uint32_t rx_index;
+    struct sockaddr_storage rx_src;
+    socklen_t rx_srclen;
+    double rx_deadline;
+    /* since the last take() */
+    long long tx_packets, tx_bytes, tx_datagrams, tx_wire, tx_failed;
+    long long rx_datagrams, rx_wire, rx_packets, rx_bytes;
+    int rx_data, used;
+} LaneObject;
+
+static PyTypeObject LaneType;
+
+static void lane_clear_tx(LaneObject *self) {
+    Py_CLEAR(self->sealer);
+    Py_CLEAR(self->sockaddr);
+}
+
+static void lane_clear_rx(LaneObject *self) {
+    Py_CLEAR(self->rx_aead);
+    Py_CLEAR(self->rx_replay);
+}
+
+static void lane_dealloc(LaneObject *self) {
+    lane_clear_tx(self);
+    lane_clear_rx(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int sockaddr_len_ok(Py_ssize_t n) {
+    return n == (Py_ssize_t)sizeof(struct sockaddr_in) || n == (Py_ssize_t)sizeof(struct sockaddr_in6);
+}
+
+static PyObject *lane_arm_tx(LaneObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyObject_TypeCheck(args[0], &SealerType) || !PyBytes_Check(args[1]) ||
+        !sockaddr_len_ok(PyBytes_GET_SIZE(args[1]))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "arm_tx(sealer: Sealer, sockaddr: bytes from sockaddr(), limit, deadline)");
+        return NULL;
+    }
+    unsigned long long limit = PyLong_AsUnsignedLongLong(args[2]);
+    if (limit == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    double deadline = PyFloat_AsDouble(args[3]);
+    if (deadline == -1.0 && PyErr_Occurred()) return NULL;
+    lane_clear_tx(self);
+    self->sealer = (SealerObject *)Py_NewRef(args[0]);
+    self->sockaddr = Py_NewRef(args[1]);
+    self->tx_limit = limit;
+    self->tx_deadline = deadline;
+    Py_RETURN_NONE;
+}
+
+static PyObject *lane_arm_rx(LaneObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5 || !fp_is_aead(args[0]) || !fp_is_replay(args[1]) || !PyBytes_Check(args[3]) ||
+        !sockaddr_len_ok(PyBytes_GET_SIZE(args[3]))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "arm_rx(aead: Aead, replay: ReplayWindow, index, sockaddr: bytes, deadline)");
+        return NULL;
+    }
+    unsigned long index = PyLong_AsUnsignedLong(args[2]);
+    if (index == (unsigned long)-1 && PyErr_Occurred()) return NULL;
+    if (index > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "index is 32 bits");
+        return NULL;
+    }
+    double deadline = PyFloat_AsDouble(args[4]);
+    if (deadline == -1.0 && PyErr_Occurred()) return NULL;
+    lane_clear_rx(self);
+    self->rx_aead = Py_NewRef(args[0]);
+    self->rx_replay = Py_NewRef(args[1]);
+    self->rx_index = (uint32_t)index;
+    memset(&self->rx_src, 0, sizeof(self->rx_src));
+    self->rx_srclen = (socklen_t)PyBytes_GET_SIZE(args[3]);
+    memcpy(&self->rx_src, PyBytes_AS_STRING(args[3]), (size_t)self->rx_srclen);
+    self->rx_deadline = deadline;
+    Py_RETURN_NONE;
+}
+
+static PyObject *lane_disarm_tx(LaneObject *self, PyObject *unused) {
+    (void)unused;
+    lane_clear_tx(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *lane_disarm_rx(LaneObject *self, PyObject *unused) {
+    (void)unused;
+    lane_clear_rx(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *lane_take(LaneObject *self, PyObject *unused) {
+    (void)unused;
+    PyObject *t = Py_BuildValue("(LLLLLLLLLO)", self->tx_packets, self->tx_bytes,
+                                self->tx_datagrams, self->tx_wire, self->tx_failed,
+                                self->rx_datagrams, self->rx_wire, self->rx_packets,
+                                self->rx_bytes, self->rx_data ? Py_True : Py_False);
+    if (!t) return NULL;
+    self->tx_packets = self->tx_bytes = self->tx_datagrams = self->tx_wire = self->tx_failed = 0;
+    self->rx_datagrams = self->rx_wire = self->rx_packets = self->rx_bytes = 0;
+    self->rx_data = self->used = 0;
+    return t;
+}
+
+static PyObject *lane_tx_armed(LaneObject *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->sealer != NULL);
+}
+
+static PyObject *lane_rx_armed(LaneObject *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->rx_aead != NULL);
+}
+
+static PyObject *lane_rx_index(LaneObject *self, void *closure) {
+    (void)closure;
+    if (!self->rx_aead) Py_RETURN_NONE;
+    return PyLong_FromUnsignedLong(self->rx_index);
+}
+
+static PyMethodDef lane_methods[] = {
+    {"arm_tx", (PyCFunction)(void (*)(void))lane_arm_tx, METH_FASTCALL,
+     "arm_tx(sealer, sockaddr, limit, deadline)"},
+    {"arm_rx", (PyCFunction)(void (*)(void))lane_arm_rx, METH_FASTCALL,
+     "arm_rx(aead, replay, index, sockaddr, deadline)"},
+    {"disarm_tx", (PyCFunction)lane_disarm_tx, METH_NOARGS, "stop sending here"},
+    {"disarm_rx", (PyCFunction)lane_disarm_rx, METH_NOARGS, "stop receiving here"},
+    {"take", (PyCFunction)lane_take, METH_NOARGS,
+     "take() -> (tx_packets, tx_bytes, tx_datagrams, tx_wire_bytes, tx_failed, rx_datagrams, "
+     "rx_wire_bytes, rx_packets, rx_bytes, rx_data), counted since the last take"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef lane_getset[] = {
+    {"tx_armed", (getter)lane_tx_armed, NULL, "sending armed", NULL},
+    {"rx_armed", (getter)lane_rx_armed, NULL, "receiving armed", NULL},
+    {"rx_index", (getter)lane_rx_index, NULL, "the receiver index armed, or None", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "agent._fastpath.Lane",
+    .tp_doc = "One peer's armed send and receive paths (agent/node/lanes.py arms them).",
+    .tp_basicsize = sizeof(LaneObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)lane_dealloc,
+    .tp_methods = lane_methods,
+    .tp_getset = lane_getset,
+};
+
+/* The armed lane of the peer `routes` maps `addr` to (borrowed from the peer; NULL if none).
+ * Never raises: a missing or odd entry is no lane. */
+static LaneObject *lane_of(PyObject *routes, PyObject *addr) {
+    PyObject *peer = PyDict_GetItemWithError(routes, addr);
+    if (!peer || peer == Py_None) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *lane = PyObject_GetAttr(peer, str_lane);
+    if (!lane) {
+        PyErr_Clear();
+        return NULL;
+    }
+    Py_DECREF(lane); /* the peer keeps it */
+    return PyObject_TypeCheck(lane, &LaneType) ? (LaneObject *)lane : NULL;
+}
+
+static int note_used(PyObject *used, LaneObject *lane) {
+    if (lane->used) return 0;
+    lane->used = 1;
+    return PyList_Append(used, (PyObject *)lane);
+}
+
+/* ------------------------------------------------------------------ fast_tx */
+
+static int all_tcp(PyObject *packets, Py_ssize_t pos, Py_ssize_t count) {
+    for (Py_ssize_t i = pos; i < pos + count; i++) {
+        PyObject *p = PyList_GET_ITEM(packets, i);
+        const uint8_t *b = (const uint8_t *)PyBytes_AS_STRING(p);
+        Py_ssize_t n = PyBytes_GET_SIZE(p);
+        int proto = (n >= 20 && b[0] >> 4 == 4) ? b[9] : (n >= 40 && b[0] >> 4 == 6) ? b[6] : -1;
+        if (proto != 6) return 0;
+    }
+    return 1;
+}
+
+PyObject *fp_fast_tx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8 || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "fast_tx(tun_fd, max_reads, vnet_hdr, routes: dict, udp_fd, gso, now, "
+                        "tcp_only)");
+        return NULL;
+    }
+    PyObject *routes = args[3], *udp_fd = args[4];
+    int gso = PyObject_IsTrue(args[5]);
+    if (gso < 0) return NULL;
+    double now = PyFloat_AsDouble(args[6]);
+    if (now == -1.0 && PyErr_Occurred()) return NULL;
+    int tcp_only = PyObject_IsTrue(args[7]);
+    if (tcp_only < 0) return NULL;
+
+    PyObject *rd = fp_tun_read(mod, args, 3);
+    if (!rd) return NULL;
+    PyObject *packets = PyTuple_GET_ITEM(rd, 0), *runs = PyTuple_GET_ITEM(rd, 1);
+    PyObject *used = PyList_New(0), *rest = NULL, *rest_runs = NULL, *result = NULL;
+    long long dropped = 0, errors = 0;
+    int last_errno = 0;
+    if (!used) goto done;
+    Py_ssize_t nruns = PyList_GET_SIZE(runs), pos = 0;
+    for (Py_ssize_t k = 0; k < nruns; k++) {
+        PyObject *run = PyList_GET_ITEM(runs, k);
+        PyObject *dst = PyTuple_GET_ITEM(run, 0);
+        Py_ssize_t count = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 1));
+        LaneObject *lane = lane_of(routes, dst);
+        SealerObject *s = lane ? lane->sealer : NULL;
+        int fast = s && now < lane->tx_deadline && (uint64_t)count <= lane->tx_limit &&
+                   s->counter <= lane->tx_limit - (uint64_t)count &&
+                   (!tcp_only || all_tcp(packets, pos, count));
+        if (fast) {
+            PyObject *slice = count == PyList_GET_SIZE(packets)
+                                  ? Py_NewRef(packets)
+                                  : PyList_GetSlice(packets, pos, pos + count);
+            if (!slice) goto done;
+            long long plain = 0, wire = 0;
+            for (Py_ssize_t i = 0; i < count; i++)
+                plain += PyBytes_GET_SIZE(PyList_GET_ITEM(slice, i));
+            Py_INCREF(s); /* seal and send even if Python re-arms meanwhile (it cannot: GIL) */
+            PyObject *dgrams = sealer_seal_seq(s, slice);
+            Py_DECREF(s);
+            Py_DECREF(slice);
+            if (!dgrams) goto done;
+            for (Py_ssize_t i = 0; i < count; i++)
+                wire += PyBytes_GET_SIZE(PyList_GET_ITEM(dgrams, i));
+            PyObject *gso_obj = gso ? Py_True : Py_False;
+            PyObject *sargs[4] = {udp_fd, lane->sockaddr, dgrams, gso_obj};
+            PyObject *sent = fp_udp_send(mod, sargs, 4);
+            Py_DECREF(dgrams);
+            if (!sent) goto done;
+            long long d = PyLong_AsLongLong(PyTuple_GET_ITEM(sent, 0));
+            long long e = PyLong_AsLongLong(PyTuple_GET_ITEM(sent, 1));
+            int err = (int)PyLong_AsLong(PyTuple_GET_ITEM(sent, 2));
+            gso = PyTuple_GET_ITEM(sent, 3) == Py_True;
+            Py_DECREF(sent);
+            dropped += d;
+            errors += e;
+            if (e) last_errno = err;
+            lane->tx_packets += count;
+            lane->tx_bytes += plain;
+            lane->tx_datagrams += count - d - e;
+            lane->tx_wire += wire;
+            lane->tx_failed += d + e;
+            if (note_used(used, lane) < 0) goto done;
+            if (!rest) { /* the runs before this one were all slow: keep them */
+                rest = PyList_GetSlice(packets, 0, pos);
+                rest_runs = PyList_GetSlice(runs, 0, k);
+                if (!rest || !rest_runs) goto done;
+            }
+        } else if (rest) {
+            for (Py_ssize_t i = pos; i < pos + count; i++)
+                if (PyList_Append(rest, PyList_GET_ITEM(packets, i)) < 0) goto done;
+            if (PyList_Append(rest_runs, run) < 0) goto done;
+        }
+        pos += count;
+    }
+    result = Py_BuildValue("(OOOOOOOLLiO)", rest ? rest : packets, rest_runs ? rest_runs : runs,
+                           PyTuple_GET_ITEM(rd, 2), PyTuple_GET_ITEM(rd, 3),
+                           PyTuple_GET_ITEM(rd, 4), PyTuple_GET_ITEM(rd, 5), used, dropped, errors,
+                           last_errno, gso ? Py_True : Py_False);
+done:
+    Py_DECREF(rd);
+    Py_XDECREF(used);
+    Py_XDECREF(rest);
+    Py_XDECREF(rest_runs);
+    return result;
+}
+
+/* ------------------------------------------------------------------ fast_rx */
+
+/* Same peer address: family, address and port (not flow info or scope). */
+static int same_source(const struct sockaddr_storage *a, socklen_t alen,
+                       const struct sockaddr_storage *b, socklen_t blen) {
+    if (a->ss_family != b->ss_family || alen < sizeof(sa_family_t) || blen < sizeof(sa_family_t))
+        return 0;
+    if (a->ss_family == AF_INET) {
+        const struct sockaddr_in *x = (const void *)a, *y = (const void *)b;
+        return alen >= sizeof(*x) && blen >= sizeof(*y) && x->sin_port == y->sin_port &&
+               x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    if (a->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *x = (const void *)a, *y = (const void *)b;
+        return alen >= sizeof(*x) && blen >= sizeof(*y) && x->sin6_port == y->sin6_port &&
+               memcmp(&x->sin6_addr, &y->sin6_addr, 16) == 0;
+    }
+    return 0;
+}
+
+/* The armed lane for a transport message of `len` bytes at `b`, or NULL. */
+static LaneObject *rx_lane(PyObject *lanes, const uint8_t *b, size_t len,
+                           const struct sockaddr_storage *src, socklen_t srclen, double now) {
+    if (len < FP_MIN_MESSAGE || fp_le32(b) != 4) return NULL;
+    uint32_t index = fp_le32(b + 4);
+    PyObject *key = PyLong_FromUnsignedLong(index);
+    if (!key) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *lane = PyDict_GetItemWithError(lanes, key);
+    Py_DECREF(key);
+    if (!lane) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(lane, &LaneType)) return NULL;
+    LaneObject *l = (LaneObject *)lane;
+    if (!l->rx_aead || l->rx_index != index || !(now < l->rx_deadline) ||
+        !same_source(src, srclen, &l->rx_src, l->rx_srclen))
+        return NULL;
+    return l;
+}
+
+typedef struct {
+    long long auth, replay, not_ip, malformed;
+} rx_drops;
+
+/* Open one message on `lane`; the packet goes to `plain` or (lane, packet) to `checks`. */
+static int rx_open(LaneObject *lane, const uint8_t *b, size_t len, PyObject *routes,
+                   PyObject *plain, PyObject *checks, rx_drops *drops) {
+    size_t m = len - FP_HEADER_LEN - FP_TAG_LEN, length = 0, src_len = 0;
+    const uint8_t *src = NULL;
+    PyObject *pt = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)m);
+    if (!pt) return -1;
+    fp_open_verdict v = fp_open_message(fp_aead_dec(lane->rx_aead), fp_replay_of(lane->rx_replay),
+                                        b, len, (uint8_t *)PyBytes_AS_STRING(pt), &length, &src,
+                                        &src_len);
+    switch (v) {
+    case FP_OPEN_AUTH: drops->auth++; Py_DECREF(pt); return 0;
+    case FP_OPEN_REPLAY: drops->replay++; Py_DECREF(pt); return 0;
+    case FP_OPEN_NOT_IP: drops->not_ip++; lane->rx_data = 1; break;
+    case FP_OPEN_MALFORMED: drops->malformed++; lane->rx_data = 1; break;
+    case FP_OPEN_KEEPALIVE: break;
+    case FP_OPEN_PACKET: break;
+    }
+    lane->rx_datagrams++;
+    lane->rx_wire += (long long)len;
+    if (v != FP_OPEN_PACKET) {
+        Py_DECREF(pt);
+        return 0;
+    }
+    lane->rx_data = 1;
+    PyObject *addr = PyBytes_FromStringAndSize((const char *)src, (Py_ssize_t)src_len);
+    if (!addr) {
+        Py_DECREF(pt);
+        return -1;
+    }
+    int ours = lane_of(routes, addr) == lane;
+    Py_DECREF(addr);
+    if (length < m && _PyBytes_Resize(&pt, (Py_ssize_t)length) < 0) return -1;
+    int rc;
+    if (ours) {
+        lane->rx_packets++;
+        lane->rx_bytes += (long long)length;
+        rc = PyList_Append(plain, pt);
+    } else {
+        PyObject *item = PyTuple_Pack(2, (PyObject *)lane, pt);
+        rc = item ? PyList_Append(checks, item) : -1;
+        Py_XDECREF(item);
+    }
+    Py_DECREF(pt);
+    return rc;
+}
+
+/* One recvmsg with the GRO segment size; bytes received, or -1 with errno. */
+static ssize_t recv_gro(int fd, uint8_t *buf, size_t cap, struct sockaddr_storage *src,
+                        socklen_t *srclen, int *seg) {
+    struct iovec iov = {buf, cap};
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg = {0};
+    msg.msg_name = src;
+    msg.msg_namelen = sizeof(*src);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof(control.buf);
+    ssize_t got;
+    do {
+        got = recvmsg(fd, &msg, 0);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) return -1;
+    *srclen = msg.msg_namelen;
+    *seg = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO &&
+            c->cmsg_len >= CMSG_LEN(sizeof(int)))
+            memcpy(seg, CMSG_DATA(c), sizeof(int));
+    }
+    return got;
+}
+
+PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8 || !PyDict_Check(args[2]) || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "fast_rx(udp_fd, max_datagrams, lanes: dict, routes: dict, tun_fd, "
+                        "vnet_hdr, uso, now)");
+        return NULL;
+    }
+    int fd = PyObject_AsFileDescriptor(args[0]);
+    if (fd < 0) return NULL;
+    Py_ssize_t max_datagrams = PyLong_AsSsize_t(args[1]);
+    if (max_datagrams == -1 && PyErr_Occurred()) return NULL;
+    PyObject *lanes = args[2], *routes = args[3];
+    double now = PyFloat_AsDouble(args[7]);
+    if (now == -1.0 && PyErr_Occurred()) return NULL;
+
+    uint8_t *buf = PyMem_Malloc(RECV_SIZE);
+    if (!buf) return PyErr_NoMemory();
+    PyObject *slow = PyList_New(0), *used = PyList_New(0), *plain = PyList_New(0),
+             *checks = PyList_New(0), *result = NULL, *written = NULL;
+    rx_drops drops = {0, 0, 0, 0};
+    Py_ssize_t count = 0, receives = 0;
+    if (!slow || !used || !plain || !checks) goto done;
+    while (count < max_datagrams) {
+        struct sockaddr_storage src;
+        socklen_t srclen = 0;
+        int seg = 0;
+        ssize_t got = recv_gro(fd, buf, RECV_SIZE, &src, &srclen, &seg);
+        if (got < 0) {
+            if (errno == ECONNREFUSED) continue; /* a queued ICMP error: nothing to deliver */
+            break;                              /* EAGAIN, or an error the Python path sees */
+        }
+        receives++;
+        size_t n = (size_t)got, size = (seg > 0 && (size_t)seg < n) ? (size_t)seg : n;
+        PyObject *rest = NULL; /* this receive's datagrams for the Python path */
+        for (size_t off = 0; off < n || (n == 0 && off == 0); off += size) {
+            size_t len = n - off < size ? n - off : size;
+            const uint8_t *b = buf + off;
+            count++;
+            LaneObject *lane = rx_lane(lanes, b, len, &src, srclen, now);
+            if (lane) {
+                if (rx_open(lane, b, len, routes, plain, checks, &drops) < 0 ||
+                    note_used(used, lane) < 0) {
+                    Py_XDECREF(rest);
+                    goto done;
+                }
+            } else {
+                PyObject *d = PyBytes_FromStringAndSize((const char *)b, (Py_ssize_t)len);
+                if (!d || (!rest && !(rest = PyList_New(0))) || PyList_Append(rest, d) < 0) {
+                    Py_XDECREF(d);
+                    Py_XDECREF(rest);
+                    goto done;
+                }
+                Py_DECREF(d);
+            }
+            if (n == 0) break;
+        }
+        if (rest) {
+            PyObject *item = Py_BuildValue("(Ny#)", rest, (const char *)&src, (Py_ssize_t)srclen);
+            if (!item || PyList_Append(slow, item) < 0) {
+                Py_XDECREF(item);
+                goto done;
+            }
+            Py_DECREF(item);
+        }
+    }
+    Py_ssize_t writes = 0, failed = 0;
+    if (PyList_GET_SIZE(plain)) {
+        PyObject *wargs[4] = {args[4], plain, args[5], args[6]};
+        written = fp_tun_write(mod, wargs, 4);
+        if (!written) goto done;
+        writes = PyLong_AsSsize_t(PyTuple_GET_ITEM(written, 0));
+        failed = PyLong_AsSsize_t(PyTuple_GET_ITEM(written, 1));
+    }
+    result = Py_BuildValue("(OOnOLLLLnn)", slow, used, receives, checks, drops.auth, drops.replay,
+                           drops.not_ip, drops.malformed, writes, failed);
+done:
+    PyMem_Free(buf);
+    Py_XDECREF(slow);
+    Py_XDECREF(used);
+    Py_XDECREF(plain);
+    Py_XDECREF(checks);
+    Py_XDECREF(written);
+    return result;
+}
+
+PyMethodDef fp_lanes_methods[] = {
+    {"fast_tx", (PyCFunction)(void (*)(void))fp_fast_tx, METH_FASTCALL,
+     "fast_tx(tun_fd, max_reads, vnet_hdr, routes, udp_fd, gso, now, tcp_only) -> (packets, "
+     "runs, reads, not_ip, malformed, error, lanes, dropped, errors, errno, gso)"},
+    {"fast_rx", (PyCFunction)(void (*)(void))fp_fast_rx, METH_FASTCALL,
+     "fast_rx(udp_fd, max_datagrams, lanes, routes, tun_fd, vnet_hdr, uso, now) -> (slow, lanes, "
+     "receives, checks, authentication, replay, not_ip, malformed, writes, failed)"},
+    {NULL, NULL, 0, NULL},
+};
+
+int fp_lanes_init(PyObject *module) {
+    str_lane = PyUnicode_InternFromString("lane");
+    if (!str_lane) return -1;
+    if (PyType_Ready(&SealerType) < 0 || PyType_Ready(&LaneType) < 0) return -1;
+    if (PyModule_AddObjectRef(module, "Sealer", (PyObject *)&SealerType) < 0) return -1;
+    if (PyModule_AddObjectRef(module, "Lane", (PyObject *)&LaneType) < 0) return -1;
+    return 0;
+}
