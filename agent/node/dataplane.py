@@ -471,6 +471,8 @@ class DataPlane:
         r = keeper.paths.rx(max_datagrams, keeper.rx_lanes, device.route_cache, now)
         if not r.receives:
             return
+        if sparse and r.writes and not r.slow:
+            self._answer(now)  # before any bookkeeping: the answer is what someone waits for
         stats = self.stats
         stats.udp_reads += r.receives
         if r.authentication or r.replay or r.not_ip or r.malformed:
@@ -487,10 +489,8 @@ class DataPlane:
             self._slow = True
             self._check_sources(r.checks, device)
         if r.slow:
-            self._inbound(r.slow, None, now, answer=sparse)
+            self._inbound(r.slow, None, now, answer=sparse and not r.writes)
             return
-        if sparse and r.writes:
-            self._answer(now)
         self._fast_only = not self._slow
         self.on_activity()
 

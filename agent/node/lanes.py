@@ -447,12 +447,14 @@ class NativeLanes:
         return FastRx([], *r[1:])
 
 
-def lanes_for(impl: DataPlaneImpl, tun: TunLike, udp: UdpSocket) -> LanePaths:
-    """The lanes of the implementation the daemon runs, over `tun` and `udp`."""
+def lanes_for(impl: DataPlaneImpl, tun: TunLike, udp: UdpSocket) -> LanePaths | None:
+    """The compiled lanes when the daemon runs the compiled data plane, else None: the
+    Python data plane is the reference path itself (its twin here opens message by message,
+    which is slower than the Python path's runs, and only serves to check the compiled one)."""
     mod = impl.module
     if mod is not None and hasattr(mod, "fast_tx"):
         return NativeLanes(tun, udp, mod)
-    return PythonLanes(tun, udp, impl.transport, impl.tun_io(tun))
+    return None
 
 
 def _endpoint(raw: bytes) -> Endpoint:
