@@ -88,6 +88,8 @@ def fast_rx(
     vnet_hdr: bool,
     uso: bool,
     now: float,
+    flt: tuple[dict[int, dict[object, object]], dict[int, dict[object, object]], object, object]
+    | None,
 ) -> tuple[
     list[tuple[list[bytes], bytes]],
     list[Lane],

@@ -13,7 +13,7 @@
  *
  *   fast_tx(tun_fd, max_reads, vnet_hdr, routes, udp_fd, gso, now, tcp_only)
  *       -> (packets, runs, reads, not_ip, malformed, error, lanes, dropped, errors, errno, gso)
- *   fast_rx(udp_fd, max_datagrams, lanes, routes, tun_fd, vnet_hdr, uso, now)
+ *   fast_rx(udp_fd, max_datagrams, lanes, routes, tun_fd, vnet_hdr, uso, now, filter)
  *       -> (slow, lanes, receives, checks, authentication, replay, not_ip, malformed,
  *           writes, failed)
  *
@@ -23,7 +23,12 @@
  * (GRO) until EAGAIN or max_datagrams; a transport message whose receiver `lanes` (index ->
  * Lane) maps to an armed lane, from that lane's address, is opened there; its packet goes to
  * the TUN (tun_write) if `routes` maps its source address to the same lane, else to `checks`
- * as (lane, packet) for Python to judge. Every other datagram comes back in `slow` as
+ * as (lane, packet) for Python to judge. With a packet filter, `filter` is its cache of
+ * decisions (agent/policy/filter.py, `PacketFilter.fast_view`): (tables by protocol for IPv4,
+ * for IPv6, ACCEPT, SYN_DENIED), each table keyed by the packet's addresses and ports; a
+ * packet passes here only where the filter's own batch would pass it on the cached path
+ * (ACCEPT, or SYN_DENIED and not a SYN), else it goes to `checks` too. Every other datagram
+ * comes back in `slow` as
  * (datagrams, raw source address), one entry per receive, for the Python path. `lanes` in a
  * result lists the lanes used by the call, once each; their counters say what they did.
  */
@@ -489,9 +494,43 @@ typedef struct {
     long long auth, replay, not_ip, malformed;
 } rx_drops;
 
+/* The packet filter's cache of decisions, as fast_rx takes it (borrowed). */
+typedef struct {
+    PyObject *v4, *v6, *accept, *syn_denied;
+} rx_filter;
+
+/* 1 when the filter's cached path passes p[0..n) (an IP packet with a valid header) as is. */
+static int filter_passes(const rx_filter *f, const uint8_t *p, size_t n) {
+    PyObject *tables, *proto, *table, *key, *v;
+    size_t flags_at;
+    if (p[0] == 0x45 && n >= 24) {
+        tables = f->v4;
+        proto = PyLong_FromLong(p[9]);
+        key = PyBytes_FromStringAndSize((const char *)p + 12, 12);
+        flags_at = 33;
+    } else if (p[0] >> 4 == 6 && n >= 44) {
+        tables = f->v6;
+        proto = PyLong_FromLong(p[6]);
+        key = PyBytes_FromStringAndSize((const char *)p + 8, 36);
+        flags_at = 53;
+    } else {
+        return 0;
+    }
+    int pass = 0;
+    if (proto && key && (table = PyDict_GetItemWithError(tables, proto)) && PyDict_Check(table) &&
+        (v = PyDict_GetItemWithError(table, key))) {
+        pass = v == f->accept ||
+               (v == f->syn_denied && n > flags_at && (p[flags_at] & 0x12) != 0x02);
+    }
+    PyErr_Clear();
+    Py_XDECREF(proto);
+    Py_XDECREF(key);
+    return pass;
+}
+
 /* Open one message on `lane`; the packet goes to `plain` or (lane, packet) to `checks`. */
 static int rx_open(LaneObject *lane, const uint8_t *b, size_t len, PyObject *routes,
-                   PyObject *plain, PyObject *checks, rx_drops *drops) {
+                   const rx_filter *flt, PyObject *plain, PyObject *checks, rx_drops *drops) {
     size_t m = len - FP_HEADER_LEN - FP_TAG_LEN, length = 0, src_len = 0;
     const uint8_t *src = NULL;
     PyObject *pt = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)m);
@@ -522,6 +561,8 @@ static int rx_open(LaneObject *lane, const uint8_t *b, size_t len, PyObject *rou
     int ours = lane_of(routes, addr) == lane;
     Py_DECREF(addr);
     if (length < m && _PyBytes_Resize(&pt, (Py_ssize_t)length) < 0) return -1;
+    if (ours && flt)
+        ours = filter_passes(flt, (const uint8_t *)PyBytes_AS_STRING(pt), length);
     int rc;
     if (ours) {
         lane->rx_packets++;
@@ -567,11 +608,26 @@ static ssize_t recv_gro(int fd, uint8_t *buf, size_t cap, struct sockaddr_storag
 }
 
 PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 8 || !PyDict_Check(args[2]) || !PyDict_Check(args[3])) {
+    if (nargs != 9 || !PyDict_Check(args[2]) || !PyDict_Check(args[3])) {
         PyErr_SetString(PyExc_TypeError,
                         "fast_rx(udp_fd, max_datagrams, lanes: dict, routes: dict, tun_fd, "
-                        "vnet_hdr, uso, now)");
+                        "vnet_hdr, uso, now, filter)");
         return NULL;
+    }
+    rx_filter filter_view, *flt = NULL;
+    if (args[8] != Py_None) {
+        PyObject *f = args[8];
+        if (!PyTuple_Check(f) || PyTuple_GET_SIZE(f) != 4 || !PyDict_Check(PyTuple_GET_ITEM(f, 0)) ||
+            !PyDict_Check(PyTuple_GET_ITEM(f, 1))) {
+            PyErr_SetString(PyExc_TypeError,
+                            "filter: None or (v4 tables, v6 tables, ACCEPT, SYN_DENIED)");
+            return NULL;
+        }
+        filter_view.v4 = PyTuple_GET_ITEM(f, 0);
+        filter_view.v6 = PyTuple_GET_ITEM(f, 1);
+        filter_view.accept = PyTuple_GET_ITEM(f, 2);
+        filter_view.syn_denied = PyTuple_GET_ITEM(f, 3);
+        flt = &filter_view;
     }
     int fd = PyObject_AsFileDescriptor(args[0]);
     if (fd < 0) return NULL;
@@ -606,7 +662,7 @@ PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
             count++;
             LaneObject *lane = rx_lane(lanes, b, len, &src, srclen, now);
             if (lane) {
-                if (rx_open(lane, b, len, routes, plain, checks, &drops) < 0 ||
+                if (rx_open(lane, b, len, routes, flt, plain, checks, &drops) < 0 ||
                     note_used(used, lane) < 0) {
                     Py_XDECREF(rest);
                     goto done;
@@ -656,7 +712,7 @@ PyMethodDef fp_lanes_methods[] = {
      "fast_tx(tun_fd, max_reads, vnet_hdr, routes, udp_fd, gso, now, tcp_only) -> (packets, "
      "runs, reads, not_ip, malformed, error, lanes, dropped, errors, errno, gso)"},
     {"fast_rx", (PyCFunction)(void (*)(void))fp_fast_rx, METH_FASTCALL,
-     "fast_rx(udp_fd, max_datagrams, lanes, routes, tun_fd, vnet_hdr, uso, now) -> (slow, lanes, "
+     "fast_rx(udp_fd, max_datagrams, lanes, routes, tun_fd, vnet_hdr, uso, now, filter) -> (slow, lanes, "
      "receives, checks, authentication, replay, not_ip, malformed, writes, failed)"},
     {NULL, NULL, 0, NULL},
 };

@@ -25,7 +25,7 @@ from ipaddress import IPv4Interface, IPv6Interface, ip_network
 from typing import Final
 
 from agent.log import get_logger
-from agent.policy.filter import FilterDrop, PacketFilter, PeerSources
+from agent.policy.filter import FastView, FilterDrop, PacketFilter, PeerSources
 from agent.policy.rules import FilterRule
 from agent.proto.errors import DropReason
 
@@ -88,6 +88,11 @@ class Access:
                 if flow is not None and f.should_log(flow, now):
                     log.info("packet denied by policy", flow=str(flow))
         return passed
+
+    def fast_view(self) -> FastView | None:
+        """The filter's decision tables for the compiled data plane; None without a filter."""
+        f = self.filter
+        return None if f is None else f.fast_view(_ANY_SOURCE)
 
     def outbound(self, packet: Buffer) -> None:
         """A packet this node sends into the tunnel: its replies may come back."""

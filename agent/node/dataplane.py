@@ -344,7 +344,6 @@ class DataPlane:
             self._fast_only = False
             return
         if self.keeper is not None:
-            self.keeper.filtering = self.access.filter is not None
             self.keeper.revalidate(now)
 
     def _from_tun(self, max_reads: int, now: float) -> bool:
@@ -468,7 +467,9 @@ class DataPlane:
         keeper = self.keeper
         assert keeper is not None
         device = cast(Device, self.device)
-        r = keeper.paths.rx(max_datagrams, keeper.rx_lanes, device.route_cache, now)
+        r = keeper.paths.rx(
+            max_datagrams, keeper.rx_lanes, device.route_cache, now, self.access.fast_view()
+        )
         if not r.receives:
             return
         if sparse and r.writes and not r.slow:

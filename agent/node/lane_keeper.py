@@ -12,7 +12,8 @@ decision cannot change without Python running first:
              picks the relay.
   receiving  messages on the current session (not `next`: its first packet rotates keys)
              from the endpoint the peer was last heard from (not a roam), until the session's
-             REJECT_AFTER_TIME. No packet filter (its flows and decisions live in Python).
+             REJECT_AFTER_TIME. With a packet filter, a packet passes in the lane only where
+             the filter's cached decisions pass it; the rest goes to the filter in Python.
 
 Everything else that could change a decision runs Python: a handshake, a roam, a DISCO pong,
 a timer, a netmap, `wg set`. The data plane then calls `revalidate`, which arms every lane
@@ -94,7 +95,6 @@ class LaneKeeper:
         self._device_drop = device_drop
         self.rx_lanes: dict[int, LaneLike] = {}  # receiver index -> lane (read by the rx batch)
         self._armed: dict[LaneLike, _Armed] = {}
-        self.filtering = False  # a packet filter is on: no receiving lanes, TCP-only sending
 
     def __len__(self) -> int:
         return len(self._armed)
@@ -124,7 +124,6 @@ class LaneKeeper:
         src = peer.endpoint
         if (
             kp is not None
-            and not self.filtering
             and src is not None
             and derp_region_of(src) is None
             and kp.can_receive(now)

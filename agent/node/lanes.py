@@ -12,12 +12,14 @@ address the peer sends from. The lane then runs without Python in between:
         sent. The rest comes back as a `TunRead` for the Python path. `tcp_only` (a packet
         filter is on and wants to see what opens UDP and ICMP flows) leaves runs holding
         anything but TCP to Python.
-    rx(max_datagrams, lanes, routes, now) -> FastRx
+    rx(max_datagrams, lanes, routes, now, flt) -> FastRx
         Receive until EAGAIN; a transport message whose receiver index `lanes` maps to a lane
         armed for receiving, from that lane's address, is opened there, and its packet goes to
-        the TUN when `routes` maps its source address to the same lane, else to `checks` for
-        Python (cryptokey routing and the packet filter decide). Every other datagram comes
-        back in `slow`, grouped per receive with its source, for the Python path.
+        the TUN when `routes` maps its source address to the same lane and, with a packet
+        filter, when the filter's cached decisions (`flt`, PacketFilter.fast_view) pass it as
+        they stand; else to `checks` for Python (cryptokey routing and the filter decide).
+        Every other datagram comes back in `slow`, grouped per receive with its source, for
+        the Python path.
 
 Each lane counts what it did (`take()`); the caller does the per-batch bookkeeping (timers,
 byte counters, the path layer) after the packets are on their way. Two twins with the same
@@ -42,6 +44,7 @@ from agent.node.fastpath import (
     TunRead,
 )
 from agent.node.udp import Endpoint, UdpSocket, normalise
+from agent.policy.filter import FastView
 from agent.proto.wireguard.constants import MSG_TRANSPORT, TRANSPORT_MIN_SIZE
 from agent.proto.wireguard.transport import Aead, Replay, SealerLike, Transport
 
@@ -204,12 +207,26 @@ class LanePaths(Protocol):
         lanes: Mapping[int, LaneLike],
         routes: Mapping[bytes, object],
         now: float,
+        flt: FastView | None = None,
     ) -> FastRx: ...
 
 
 def _lane_of(routes: Mapping[bytes, object], addr: bytes) -> Lane | None:
     lane = getattr(routes.get(addr), "lane", None)
     return lane if isinstance(lane, Lane) else None
+
+
+def filter_passes(flt: FastView, p: bytes) -> bool:
+    """What the filter's cached path passes as is (the twin of native/lanes.c's check)."""
+    n = len(p)
+    if p[0] == 0x45 and n >= 24:
+        table, key, flags_at = flt.v4.get(p[9]), p[12:24], 33
+    elif p[0] >> 4 == 6 and n >= 44:
+        table, key, flags_at = flt.v6.get(p[6]), p[8:44], 53
+    else:
+        return False
+    v = table.get(key) if table is not None else None
+    return v is flt.accept or (v is flt.syn_denied and n > flags_at and p[flags_at] & 0x12 != 0x02)
 
 
 def _all_tcp(packets: Sequence[bytes]) -> bool:
@@ -303,6 +320,7 @@ class PythonLanes:
         lanes: Mapping[int, LaneLike],
         routes: Mapping[bytes, object],
         now: float,
+        flt: FastView | None = None,
     ) -> FastRx:
         received = self.udp.recv_batch(max_datagrams)
         open_run = self.transport.open_run
@@ -348,7 +366,7 @@ class PythonLanes:
                 if run.data:
                     lane.rx_data = True
                 for p, s in zip(run.packets, run.sources, strict=True):
-                    if _lane_of(routes, s) is lane:
+                    if _lane_of(routes, s) is lane and (flt is None or filter_passes(flt, p)):
                         c[7] += 1
                         c[8] += len(p)
                         plain.append(p)
@@ -428,9 +446,18 @@ class NativeLanes:
         lanes: Mapping[int, LaneLike],
         routes: Mapping[bytes, object],
         now: float,
+        flt: FastView | None = None,
     ) -> FastRx:
         r = self._fast_rx(
-            self._udp_fd, max_datagrams, lanes, routes, self._tun_fd, self._vnet, self._uso, now
+            self._udp_fd,
+            max_datagrams,
+            lanes,
+            routes,
+            self._tun_fd,
+            self._vnet,
+            self._uso,
+            now,
+            flt,
         )
         raw_slow = r[0]
         if raw_slow:

@@ -44,7 +44,9 @@ are never cached. New rules (`update_rules`) clear the caches and keep the flows
 by `note_outbound` clears a cached denial of its replies.
 
 `check_batch` runs a list of packets from one peer (what the data plane has after decrypting a
-batch) with the lookup inlined; `check_inbound` is a batch of one.
+batch) with the lookup inlined; `check_inbound` is a batch of one. `fast_view(peer)` hands the
+same tables to the compiled data plane (native/lanes.c), which passes what the cached path here
+would pass (ACCEPT; SYN_DENIED and not a SYN) and gives everything else back to `check_batch`.
 
 Nothing here raises on any bytes: every drop returns its `FilterDrop` and is counted in `drops`.
 """
@@ -52,17 +54,17 @@ Nothing here raises on any bytes: every drop returns its `FilterDrop` and is cou
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, StrEnum
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from agent.policy.flows import Flow, FlowKey, FlowTable, LogLimiter
 from agent.policy.index import Mode, RuleIndex
 from agent.policy.packet import ICMP_ERRORS, PORTED, MalformedPacket, Parsed, parse
 from agent.policy.rules import FilterRule, IPAddress, IPNetwork
 
-__all__ = ["FilterDrop", "FilterLimits", "PeerSources", "PacketFilter"]
+__all__ = ["FilterDrop", "FilterLimits", "PeerSources", "PacketFilter", "FastView"]
 
 Buffer = TypeVar("Buffer", bound=bytes | bytearray | memoryview)
 
@@ -132,10 +134,19 @@ _KEY4, _KEY6 = slice(12, 24), slice(8, 44)  # addresses and ports; built once, n
 _NOT_YET = object()
 
 
+class FastView(NamedTuple):
+    """One peer's decision tables as the compiled data plane reads them (never writes)."""
+
+    v4: Mapping[int, Mapping[object, object]]  # protocol -> {packet[12:24]: decision} (dicts)
+    v6: Mapping[int, Mapping[object, object]]  # protocol -> {packet[8:44]: decision}
+    accept: object  # the decision "every packet of the flow passes"
+    syn_denied: object  # "a SYN is denied, every other TCP segment passes"
+
+
 class _Decisions:
     """One peer's cached decisions: a table per IP version and cacheable protocol."""
 
-    __slots__ = ("get4", "get6", "tables")
+    __slots__ = ("get4", "get6", "tables", "view")
 
     def __init__(self) -> None:
         self.tables: dict[tuple[int, int], dict[object, _Cached]] = {
@@ -145,6 +156,12 @@ class _Decisions:
         self.get6: list[_Lookup] = [_NO_TABLE.get] * 256
         for (version, protocol), table in self.tables.items():
             (self.get4 if version == 4 else self.get6)[protocol] = table.get
+        self.view = FastView(
+            {proto: t for (version, proto), t in self.tables.items() if version == 4},
+            {proto: t for (version, proto), t in self.tables.items() if version == 6},
+            _ACCEPT,
+            _SYN_DENIED,
+        )
 
     def __len__(self) -> int:
         return sum(map(len, self.tables.values()))
@@ -185,6 +202,10 @@ class PacketFilter:
         self._decisions.clear()
 
     # -- the per-packet path --------------------------------------------------------------
+
+    def fast_view(self, peer: PeerSources) -> FastView:
+        """`peer`'s decision tables for the compiled data plane (valid until `update_rules`)."""
+        return self._decisions_of(peer).view
 
     def check_batch(
         self, packets: Sequence[Buffer], peer: PeerSources, now: float | None = None
