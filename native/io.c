@@ -135,6 +135,59 @@ static int write_one(int fd, const uint8_t *p, size_t n) {
     return put < 0 ? -1 : 0;
 }
 
+int fp_tun_write_bufs(int fd, const fp_buf *bufs, size_t n, int vnet, int udp,
+                      Py_ssize_t *writes_out, Py_ssize_t *failed_out) {
+    static const uint8_t zero_hdr[FP_VNET_HDR_LEN];
+    Py_ssize_t writes = 0, failed = 0;
+    if (vnet && n > 1) {
+        fp_coalesce_plan plan;
+        void *mem = PyMem_Malloc(fp_coalesce_size(n) + 1);
+        if (!mem) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        fp_coalesce(bufs, n, udp, mem, &plan);
+        uint8_t head[FP_MAX_ITEM_HEAD];
+        struct iovec iov[FP_MAX_TCP_SEGMENTS + 1];
+        Py_BEGIN_ALLOW_THREADS
+        for (size_t k = 0; k < plan.nitems; k++) {
+            const fp_item *item = &plan.items[k];
+            iov[0].iov_base = head;
+            iov[0].iov_len = fp_item_head(&plan, bufs, item, head);
+            int cnt = 1;
+            if (fp_item_single(item)) {
+                iov[1].iov_base = (void *)bufs[item->first].p;
+                iov[1].iov_len = item->raw_len;
+                cnt = 2;
+            } else {
+                for (uint32_t j = item->first; j != FP_NONE; j = plan.next[j], cnt++) {
+                    iov[cnt].iov_base = (void *)(bufs[j].p + plan.off[j]);
+                    iov[cnt].iov_len = plan.plen[j];
+                }
+            }
+            if (write_iov(fd, iov, cnt) < 0) failed += (Py_ssize_t)item->count;
+        }
+        Py_END_ALLOW_THREADS
+        writes = (Py_ssize_t)plan.nitems;
+        PyMem_Free(mem);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        for (size_t i = 0; i < n; i++) {
+            struct iovec iov[2] = {
+                {(void *)zero_hdr, FP_VNET_HDR_LEN},
+                {(void *)bufs[i].p, bufs[i].n},
+            };
+            if (vnet ? write_iov(fd, iov, 2) < 0 : write_one(fd, bufs[i].p, bufs[i].n) < 0)
+                failed++;
+        }
+        Py_END_ALLOW_THREADS
+        writes = (Py_ssize_t)n;
+    }
+    *writes_out = writes;
+    *failed_out = failed;
+    return 0;
+}
+
 PyObject *fp_tun_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 4) {
@@ -150,53 +203,10 @@ PyObject *fp_tun_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     if (udp < 0) return NULL;
     fp_pkts pk;
     if (fp_pkts_get(args[1], &pk) < 0) return NULL;
-    static const uint8_t zero_hdr[FP_VNET_HDR_LEN];
     Py_ssize_t writes = 0, failed = 0;
-
-    if (vnet && pk.n > 1) {
-        fp_coalesce_plan plan;
-        void *mem = fp_coalesce_pkts(&pk, udp, &plan);
-        if (!mem) {
-            fp_pkts_release(&pk);
-            return NULL;
-        }
-        uint8_t head[FP_MAX_ITEM_HEAD];
-        struct iovec iov[FP_MAX_TCP_SEGMENTS + 1];
-        Py_BEGIN_ALLOW_THREADS
-        for (size_t k = 0; k < plan.nitems; k++) {
-            const fp_item *item = &plan.items[k];
-            iov[0].iov_base = head;
-            iov[0].iov_len = fp_item_head(&plan, pk.bufs, item, head);
-            int cnt = 1;
-            if (fp_item_single(item)) {
-                iov[1].iov_base = (void *)pk.bufs[item->first].p;
-                iov[1].iov_len = item->raw_len;
-                cnt = 2;
-            } else {
-                for (uint32_t j = item->first; j != FP_NONE; j = plan.next[j], cnt++) {
-                    iov[cnt].iov_base = (void *)(pk.bufs[j].p + plan.off[j]);
-                    iov[cnt].iov_len = plan.plen[j];
-                }
-            }
-            if (write_iov(fd, iov, cnt) < 0) failed += (Py_ssize_t)item->count;
-        }
-        Py_END_ALLOW_THREADS
-        writes = (Py_ssize_t)plan.nitems;
-        PyMem_Free(mem);
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        for (size_t i = 0; i < pk.n; i++) {
-            struct iovec iov[2] = {
-                {(void *)zero_hdr, FP_VNET_HDR_LEN},
-                {(void *)pk.bufs[i].p, pk.bufs[i].n},
-            };
-            if (vnet ? write_iov(fd, iov, 2) < 0 : write_one(fd, pk.bufs[i].p, pk.bufs[i].n) < 0)
-                failed++;
-        }
-        Py_END_ALLOW_THREADS
-        writes = (Py_ssize_t)pk.n;
-    }
+    int rc = fp_tun_write_bufs(fd, pk.bufs, pk.n, vnet, udp, &writes, &failed);
     fp_pkts_release(&pk);
+    if (rc < 0) return NULL;
     return Py_BuildValue("(nn)", writes, failed);
 }
 

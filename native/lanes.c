@@ -32,7 +32,7 @@
  * (datagrams, raw source address), one entry per receive, for the Python path. `lanes` in a
  * result lists the lanes used by the call, once each; their counters say what they did.
  */
-#include "fastpath.h"
+#include "offload_py.h" /* Python.h first, as CPython asks */
 #include "transport.h"
 
 #include <errno.h>
@@ -466,30 +466,6 @@ static int same_source(const struct sockaddr_storage *a, socklen_t alen,
     return 0;
 }
 
-/* The armed lane for a transport message of `len` bytes at `b`, or NULL. */
-static LaneObject *rx_lane(PyObject *lanes, const uint8_t *b, size_t len,
-                           const struct sockaddr_storage *src, socklen_t srclen, double now) {
-    if (len < FP_MIN_MESSAGE || fp_le32(b) != 4) return NULL;
-    uint32_t index = fp_le32(b + 4);
-    PyObject *key = PyLong_FromUnsignedLong(index);
-    if (!key) {
-        PyErr_Clear();
-        return NULL;
-    }
-    PyObject *lane = PyDict_GetItemWithError(lanes, key);
-    Py_DECREF(key);
-    if (!lane) {
-        PyErr_Clear();
-        return NULL;
-    }
-    if (!PyObject_TypeCheck(lane, &LaneType)) return NULL;
-    LaneObject *l = (LaneObject *)lane;
-    if (!l->rx_aead || l->rx_index != index || !(now < l->rx_deadline) ||
-        !same_source(src, srclen, &l->rx_src, l->rx_srclen))
-        return NULL;
-    return l;
-}
-
 typedef struct {
     long long auth, replay, not_ip, malformed;
 } rx_drops;
@@ -528,52 +504,171 @@ static int filter_passes(const rx_filter *f, const uint8_t *p, size_t n) {
     return pass;
 }
 
-/* Open one message on `lane`; the packet goes to `plain` or (lane, packet) to `checks`. */
-static int rx_open(LaneObject *lane, const uint8_t *b, size_t len, PyObject *routes,
-                   const rx_filter *flt, PyObject *plain, PyObject *checks, rx_drops *drops) {
+/* Plaintext packets opened by one fast_rx call, back to back in one growing buffer (offsets,
+ * since the buffer moves when it grows), written to the TUN from there. */
+typedef struct {
+    size_t off, len;
+} span;
+
+typedef struct {
+    uint8_t *mem;
+    size_t cap, used;
+    span *spans;
+    size_t nspans, spcap;
+} arena;
+
+/* Room for n more bytes at a->mem + a->used; NULL with MemoryError. */
+static uint8_t *arena_room(arena *a, size_t n) {
+    if (a->cap - a->used < n) {
+        size_t cap = a->cap ? a->cap : 1 << 16;
+        while (cap - a->used < n) cap *= 2;
+        uint8_t *mem = PyMem_Realloc(a->mem, cap);
+        if (!mem) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        a->mem = mem;
+        a->cap = cap;
+    }
+    return a->mem + a->used;
+}
+
+static int arena_keep(arena *a, size_t len) {
+    if (a->nspans == a->spcap) {
+        size_t cap = a->spcap ? a->spcap * 2 : 64;
+        span *spans = PyMem_Realloc(a->spans, cap * sizeof(span));
+        if (!spans) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        a->spans = spans;
+        a->spcap = cap;
+    }
+    a->spans[a->nspans++] = (span){a->used, len};
+    a->used += len;
+    return 0;
+}
+
+/* One fast_rx call's state: lookups remembered from the previous datagram (a batch is mostly
+ * one flow), the opened packets, the drops. */
+typedef struct {
+    PyObject *lanes, *routes;
+    const rx_filter *flt;
+    int64_t index; /* the last receiver index looked up (-1: none) and its lane or NULL */
+    LaneObject *index_lane;
+    uint8_t src[16]; /* the last inner source looked up and the lane routes give it */
+    size_t src_len;
+    LaneObject *src_lane;
+    uint8_t key[37]; /* the last flow the filter passed (0: none) */
+    size_t key_len;
+    arena a;
+    PyObject *checks;
+    rx_drops drops;
+} rx_ctx;
+
+static LaneObject *index_lane(rx_ctx *cx, uint32_t index) {
+    if (cx->index == (int64_t)index) return cx->index_lane;
+    LaneObject *l = NULL;
+    PyObject *key = PyLong_FromUnsignedLong(index);
+    if (key) {
+        PyObject *lane = PyDict_GetItemWithError(cx->lanes, key);
+        Py_DECREF(key);
+        if (lane && PyObject_TypeCheck(lane, &LaneType)) l = (LaneObject *)lane;
+    }
+    PyErr_Clear();
+    cx->index = index;
+    cx->index_lane = l;
+    return l;
+}
+
+/* The armed lane for a transport message of `len` bytes at `b`, or NULL. */
+static LaneObject *rx_lane(rx_ctx *cx, const uint8_t *b, size_t len,
+                           const struct sockaddr_storage *src, socklen_t srclen, double now) {
+    if (len < FP_MIN_MESSAGE || fp_le32(b) != 4) return NULL;
+    uint32_t index = fp_le32(b + 4);
+    LaneObject *l = index_lane(cx, index);
+    if (!l || !l->rx_aead || l->rx_index != index || !(now < l->rx_deadline) ||
+        !same_source(src, srclen, &l->rx_src, l->rx_srclen))
+        return NULL;
+    return l;
+}
+
+static LaneObject *source_lane(rx_ctx *cx, const uint8_t *src, size_t n) {
+    if (cx->src_len == n && memcmp(cx->src, src, n) == 0) return cx->src_lane;
+    PyObject *addr = PyBytes_FromStringAndSize((const char *)src, (Py_ssize_t)n);
+    LaneObject *l = addr ? lane_of(cx->routes, addr) : NULL;
+    PyErr_Clear();
+    Py_XDECREF(addr);
+    memcpy(cx->src, src, n);
+    cx->src_len = n;
+    cx->src_lane = l;
+    return l;
+}
+
+/* The flow key the filter's tables use: protocol, then addresses and ports. */
+static size_t flow_key(const uint8_t *p, size_t n, uint8_t key[37]) {
+    if (p[0] == 0x45 && n >= 24) {
+        key[0] = p[9];
+        memcpy(key + 1, p + 12, 12);
+        return 13;
+    }
+    if (p[0] >> 4 == 6 && n >= 44) {
+        key[0] = p[6];
+        memcpy(key + 1, p + 8, 36);
+        return 37;
+    }
+    return 0;
+}
+
+static int filter_passes_cached(rx_ctx *cx, const uint8_t *p, size_t n) {
+    uint8_t key[37];
+    size_t k = flow_key(p, n, key);
+    int syn = 0;
+    if (k == 13 && p[9] == 6) syn = n > 33 && (p[33] & 0x12) == 0x02;
+    if (k == 37 && p[6] == 6) syn = n > 53 && (p[53] & 0x12) == 0x02;
+    /* a flow passed before passes again, but for a TCP SYN (a SYN_DENIED flow passes the rest) */
+    if (k && !syn && k == cx->key_len && memcmp(key, cx->key, k) == 0) return 1;
+    int pass = filter_passes(cx->flt, p, n);
+    if (pass && k && !syn) {
+        memcpy(cx->key, key, k);
+        cx->key_len = k;
+    }
+    return pass;
+}
+
+/* Open one message on `lane` into the arena; kept there for the TUN, or copied out as
+ * (lane, packet) to `checks`. */
+static int rx_open(rx_ctx *cx, LaneObject *lane, const uint8_t *b, size_t len) {
     size_t m = len - FP_HEADER_LEN - FP_TAG_LEN, length = 0, src_len = 0;
     const uint8_t *src = NULL;
-    PyObject *pt = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)m);
-    if (!pt) return -1;
+    uint8_t *out = arena_room(&cx->a, m);
+    if (!out) return -1;
     fp_open_verdict v = fp_open_message(fp_aead_dec(lane->rx_aead), fp_replay_of(lane->rx_replay),
-                                        b, len, (uint8_t *)PyBytes_AS_STRING(pt), &length, &src,
-                                        &src_len);
+                                        b, len, out, &length, &src, &src_len);
     switch (v) {
-    case FP_OPEN_AUTH: drops->auth++; Py_DECREF(pt); return 0;
-    case FP_OPEN_REPLAY: drops->replay++; Py_DECREF(pt); return 0;
-    case FP_OPEN_NOT_IP: drops->not_ip++; lane->rx_data = 1; break;
-    case FP_OPEN_MALFORMED: drops->malformed++; lane->rx_data = 1; break;
+    case FP_OPEN_AUTH: cx->drops.auth++; return 0;
+    case FP_OPEN_REPLAY: cx->drops.replay++; return 0;
+    case FP_OPEN_NOT_IP: cx->drops.not_ip++; lane->rx_data = 1; break;
+    case FP_OPEN_MALFORMED: cx->drops.malformed++; lane->rx_data = 1; break;
     case FP_OPEN_KEEPALIVE: break;
     case FP_OPEN_PACKET: break;
     }
     lane->rx_datagrams++;
     lane->rx_wire += (long long)len;
-    if (v != FP_OPEN_PACKET) {
-        Py_DECREF(pt);
-        return 0;
-    }
+    if (v != FP_OPEN_PACKET) return 0;
     lane->rx_data = 1;
-    PyObject *addr = PyBytes_FromStringAndSize((const char *)src, (Py_ssize_t)src_len);
-    if (!addr) {
-        Py_DECREF(pt);
-        return -1;
-    }
-    int ours = lane_of(routes, addr) == lane;
-    Py_DECREF(addr);
-    if (length < m && _PyBytes_Resize(&pt, (Py_ssize_t)length) < 0) return -1;
-    if (ours && flt)
-        ours = filter_passes(flt, (const uint8_t *)PyBytes_AS_STRING(pt), length);
-    int rc;
+    int ours = source_lane(cx, src, src_len) == lane;
+    if (ours && cx->flt) ours = filter_passes_cached(cx, out, length);
     if (ours) {
         lane->rx_packets++;
         lane->rx_bytes += (long long)length;
-        rc = PyList_Append(plain, pt);
-    } else {
-        PyObject *item = PyTuple_Pack(2, (PyObject *)lane, pt);
-        rc = item ? PyList_Append(checks, item) : -1;
-        Py_XDECREF(item);
+        return arena_keep(&cx->a, length);
     }
-    Py_DECREF(pt);
+    PyObject *pt = PyBytes_FromStringAndSize((const char *)out, (Py_ssize_t)length);
+    PyObject *item = pt ? PyTuple_Pack(2, (PyObject *)lane, pt) : NULL;
+    int rc = item ? PyList_Append(cx->checks, item) : -1;
+    Py_XDECREF(pt);
+    Py_XDECREF(item);
     return rc;
 }
 
@@ -608,13 +703,19 @@ static ssize_t recv_gro(int fd, uint8_t *buf, size_t cap, struct sockaddr_storag
 }
 
 PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
     if (nargs != 9 || !PyDict_Check(args[2]) || !PyDict_Check(args[3])) {
         PyErr_SetString(PyExc_TypeError,
                         "fast_rx(udp_fd, max_datagrams, lanes: dict, routes: dict, tun_fd, "
                         "vnet_hdr, uso, now, filter)");
         return NULL;
     }
-    rx_filter filter_view, *flt = NULL;
+    rx_filter filter_view;
+    rx_ctx cx;
+    memset(&cx, 0, sizeof cx);
+    cx.index = -1;
+    cx.lanes = args[2];
+    cx.routes = args[3];
     if (args[8] != Py_None) {
         PyObject *f = args[8];
         if (!PyTuple_Check(f) || PyTuple_GET_SIZE(f) != 4 || !PyDict_Check(PyTuple_GET_ITEM(f, 0)) ||
@@ -627,23 +728,28 @@ PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         filter_view.v6 = PyTuple_GET_ITEM(f, 1);
         filter_view.accept = PyTuple_GET_ITEM(f, 2);
         filter_view.syn_denied = PyTuple_GET_ITEM(f, 3);
-        flt = &filter_view;
+        cx.flt = &filter_view;
     }
     int fd = PyObject_AsFileDescriptor(args[0]);
     if (fd < 0) return NULL;
     Py_ssize_t max_datagrams = PyLong_AsSsize_t(args[1]);
     if (max_datagrams == -1 && PyErr_Occurred()) return NULL;
-    PyObject *lanes = args[2], *routes = args[3];
+    int tun_fd = PyObject_AsFileDescriptor(args[4]);
+    if (tun_fd < 0) return NULL;
+    int vnet = PyObject_IsTrue(args[5]);
+    if (vnet < 0) return NULL;
+    int uso = PyObject_IsTrue(args[6]);
+    if (uso < 0) return NULL;
     double now = PyFloat_AsDouble(args[7]);
     if (now == -1.0 && PyErr_Occurred()) return NULL;
 
     uint8_t *buf = PyMem_Malloc(RECV_SIZE);
     if (!buf) return PyErr_NoMemory();
-    PyObject *slow = PyList_New(0), *used = PyList_New(0), *plain = PyList_New(0),
-             *checks = PyList_New(0), *result = NULL, *written = NULL;
-    rx_drops drops = {0, 0, 0, 0};
+    PyObject *slow = PyList_New(0), *used = PyList_New(0), *result = NULL;
+    cx.checks = PyList_New(0);
+    fp_buf *bufs = NULL;
     Py_ssize_t count = 0, receives = 0;
-    if (!slow || !used || !plain || !checks) goto done;
+    if (!slow || !used || !cx.checks) goto done;
     while (count < max_datagrams) {
         struct sockaddr_storage src;
         socklen_t srclen = 0;
@@ -660,10 +766,9 @@ PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
             size_t len = n - off < size ? n - off : size;
             const uint8_t *b = buf + off;
             count++;
-            LaneObject *lane = rx_lane(lanes, b, len, &src, srclen, now);
+            LaneObject *lane = rx_lane(&cx, b, len, &src, srclen, now);
             if (lane) {
-                if (rx_open(lane, b, len, routes, flt, plain, checks, &drops) < 0 ||
-                    note_used(used, lane) < 0) {
+                if (rx_open(&cx, lane, b, len) < 0 || note_used(used, lane) < 0) {
                     Py_XDECREF(rest);
                     goto done;
                 }
@@ -688,22 +793,27 @@ PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         }
     }
     Py_ssize_t writes = 0, failed = 0;
-    if (PyList_GET_SIZE(plain)) {
-        PyObject *wargs[4] = {args[4], plain, args[5], args[6]};
-        written = fp_tun_write(mod, wargs, 4);
-        if (!written) goto done;
-        writes = PyLong_AsSsize_t(PyTuple_GET_ITEM(written, 0));
-        failed = PyLong_AsSsize_t(PyTuple_GET_ITEM(written, 1));
+    if (cx.a.nspans) {
+        bufs = PyMem_Malloc(cx.a.nspans * sizeof(fp_buf));
+        if (!bufs) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (size_t i = 0; i < cx.a.nspans; i++)
+            bufs[i] = (fp_buf){cx.a.mem + cx.a.spans[i].off, cx.a.spans[i].len};
+        if (fp_tun_write_bufs(tun_fd, bufs, cx.a.nspans, vnet, uso, &writes, &failed) < 0)
+            goto done;
     }
-    result = Py_BuildValue("(OOnOLLLLnn)", slow, used, receives, checks, drops.auth, drops.replay,
-                           drops.not_ip, drops.malformed, writes, failed);
+    result = Py_BuildValue("(OOnOLLLLnn)", slow, used, receives, cx.checks, cx.drops.auth,
+                           cx.drops.replay, cx.drops.not_ip, cx.drops.malformed, writes, failed);
 done:
     PyMem_Free(buf);
+    PyMem_Free(bufs);
+    PyMem_Free(cx.a.mem);
+    PyMem_Free(cx.a.spans);
     Py_XDECREF(slow);
     Py_XDECREF(used);
-    Py_XDECREF(plain);
-    Py_XDECREF(checks);
-    Py_XDECREF(written);
+    Py_XDECREF(cx.checks);
     return result;
 }
 

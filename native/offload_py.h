@@ -30,4 +30,9 @@ void fp_pkts_release(fp_pkts *pk);
  * exception. */
 void *fp_coalesce_pkts(const fp_pkts *pk, int udp, fp_coalesce_plan *plan);
 
+/* tun_write's core (io.c): bufs[0..n) to the TUN fd, coalesced when vnet and n > 1, the GIL
+ * released around the writes. 0 (writes and failed set), or -1 with MemoryError. */
+int fp_tun_write_bufs(int fd, const fp_buf *bufs, size_t n, int vnet, int udp,
+                      Py_ssize_t *writes, Py_ssize_t *failed);
+
 #endif
