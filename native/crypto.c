@@ -348,6 +348,7 @@ PyMethodDef fp_crypto_methods[] = {
 int fp_is_aead(PyObject *o) { return PyObject_TypeCheck(o, &AeadType); }
 int fp_is_replay(PyObject *o) { return PyObject_TypeCheck(o, &ReplayType); }
 EVP_CIPHER_CTX *fp_aead_dec(PyObject *aead) { return ((AeadObject *)aead)->dec; }
+EVP_CIPHER_CTX *fp_aead_enc(PyObject *aead) { return ((AeadObject *)aead)->enc; }
 fp_replay *fp_replay_of(PyObject *replay) { return &((ReplayObject *)replay)->w; }
 
 int fp_crypto_init(PyObject *module) {

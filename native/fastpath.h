@@ -30,11 +30,24 @@ PyObject *fp_tun_read(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fp_tun_write(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 PyObject *fp_udp_send(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
 
+/* A datagram to send: udp.c's batch core, which lanes.c drives from its own buffers. */
+typedef struct {
+    const uint8_t *p;
+    size_t n;
+} fp_iov;
+struct sockaddr;
+/* udp_send's core: bufs[0..n) to `sa`, GSO runs while *gso (cleared when the device refuses
+ * it); failures added to *dropped (queue full) and *errors (last one in *last_errno). */
+void fp_udp_send_bufs(int fd, const struct sockaddr *sa, unsigned int salen, const fp_iov *bufs,
+                      size_t n, int *gso, long long *dropped, long long *errors,
+                      int *last_errno);
+
 /* crypto.c's types as lanes.c sees them (no exception set by the tests). */
 struct evp_cipher_ctx_st;
 int fp_is_aead(PyObject *o);
 int fp_is_replay(PyObject *o);
 struct evp_cipher_ctx_st *fp_aead_dec(PyObject *aead);
+struct evp_cipher_ctx_st *fp_aead_enc(PyObject *aead);
 
 /* An int argument (PyLong_AsInt is 3.13+). -1 with an exception set on error. */
 static inline int fp_as_int(PyObject *o) {

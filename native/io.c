@@ -16,11 +16,38 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-/* A read holds at most one 64 KB IP packet plus the vnet header (tun.py's READ_SIZE). */
-#define READ_SIZE (0xFFFF + FP_VNET_HDR_LEN)
-
-static PyObject *os_error(int err) {
+PyObject *fp_os_error(int err) {
     return PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
+}
+
+fp_read_status fp_tun_read_one(int fd, uint8_t *buf, int vnet, fp_segment_plan *plan,
+                               const uint8_t **dst, size_t *dlen) {
+    ssize_t got;
+    do {
+        got = read(fd, buf, FP_READ_SIZE);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? FP_READ_EMPTY : FP_READ_ERROR;
+    if (got == 0) return FP_READ_EMPTY;
+    fp_vnet_hdr h = {0};
+    const uint8_t *pkt = buf;
+    size_t n = (size_t)got;
+    if (vnet) {
+        if (n < FP_VNET_HDR_LEN) return FP_READ_NOT_IP; /* no room for an IP packet */
+        fp_vnet_parse(buf, &h);
+        pkt += FP_VNET_HDR_LEN;
+        n -= FP_VNET_HDR_LEN;
+    }
+    int version = n ? pkt[0] >> 4 : 0;
+    if (version == 4 && n >= 20) {
+        *dst = pkt + 16;
+        *dlen = 4;
+    } else if (version == 6 && n >= 40) {
+        *dst = pkt + 24;
+        *dlen = 16;
+    } else {
+        return FP_READ_NOT_IP;
+    }
+    return fp_segment_plan_make(&h, pkt, n, plan) == FP_OK ? FP_READ_PACKET : FP_READ_MALFORMED;
 }
 
 /* Appends (dst, count) to runs; 0 or -1 with an exception. */
@@ -30,6 +57,25 @@ static int add_run(PyObject *runs, const uint8_t *dst, size_t dlen, Py_ssize_t c
     int rc = PyList_Append(runs, run);
     Py_DECREF(run);
     return rc;
+}
+
+int fp_runs_add(fp_runs *s, const fp_segment_plan *plan, const uint8_t *dst, size_t dlen) {
+    if (fp_append_segments(s->packets, plan) < 0) return -1;
+    if (s->run_count && dlen == s->run_dlen && memcmp(dst, s->run_dst, dlen) == 0) {
+        s->run_count += (Py_ssize_t)plan->count;
+        return 0;
+    }
+    if (s->run_count && add_run(s->runs, s->run_dst, s->run_dlen, s->run_count) < 0) return -1;
+    memcpy(s->run_dst, dst, dlen);
+    s->run_dlen = dlen;
+    s->run_count = (Py_ssize_t)plan->count;
+    return 0;
+}
+
+int fp_runs_finish(fp_runs *s) {
+    if (s->run_count && add_run(s->runs, s->run_dst, s->run_dlen, s->run_count) < 0) return -1;
+    s->run_count = 0;
+    return 0;
 }
 
 PyObject *fp_tun_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -45,72 +91,39 @@ PyObject *fp_tun_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     int vnet = PyObject_IsTrue(args[2]);
     if (vnet < 0) return NULL;
 
-    uint8_t *buf = PyMem_Malloc(READ_SIZE);
+    uint8_t *buf = PyMem_Malloc(FP_READ_SIZE);
     if (!buf) return PyErr_NoMemory();
-    PyObject *packets = PyList_New(0), *runs = PyList_New(0), *error = NULL, *result = NULL;
-    Py_ssize_t reads = 0, not_ip = 0, malformed = 0, run_count = 0;
-    uint8_t run_dst[16];
-    size_t run_dlen = 0;
-    if (!packets || !runs) goto done;
+    fp_runs rs = {PyList_New(0), PyList_New(0), 0, {0}, 0};
+    PyObject *error = NULL, *result = NULL;
+    Py_ssize_t reads = 0, not_ip = 0, malformed = 0;
+    if (!rs.packets || !rs.runs) goto done;
 
     for (Py_ssize_t r = 0; r < max_reads; r++) {
-        ssize_t got;
-        do {
-            got = read(fd, buf, READ_SIZE);
-        } while (got < 0 && errno == EINTR);
-        if (got < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && !(error = os_error(errno))) goto done;
+        fp_segment_plan plan;
+        const uint8_t *dst = NULL;
+        size_t dlen = 0;
+        fp_read_status st = fp_tun_read_one(fd, buf, vnet, &plan, &dst, &dlen);
+        if (st == FP_READ_EMPTY) break;
+        if (st == FP_READ_ERROR) {
+            if (!(error = fp_os_error(errno))) goto done;
             break;
         }
-        if (got == 0) break;
         reads++;
-        fp_vnet_hdr h = {0};
-        const uint8_t *pkt = buf;
-        size_t n = (size_t)got;
-        if (vnet) {
-            if (n < FP_VNET_HDR_LEN) {
-                n = 0; /* no room for an IP packet: not IP */
-            } else {
-                fp_vnet_parse(buf, &h);
-                pkt += FP_VNET_HDR_LEN;
-                n -= FP_VNET_HDR_LEN;
-            }
-        }
-        const uint8_t *dst;
-        size_t dlen;
-        int version = n ? pkt[0] >> 4 : 0;
-        if (version == 4 && n >= 20) {
-            dst = pkt + 16;
-            dlen = 4;
-        } else if (version == 6 && n >= 40) {
-            dst = pkt + 24;
-            dlen = 16;
-        } else {
+        if (st == FP_READ_NOT_IP) {
             not_ip++;
-            continue;
-        }
-        fp_segment_plan plan;
-        if (fp_segment_plan_make(&h, pkt, n, &plan) != FP_OK) {
+        } else if (st == FP_READ_MALFORMED) {
             malformed++;
-            continue;
+        } else if (fp_runs_add(&rs, &plan, dst, dlen) < 0) {
+            goto done;
         }
-        if (fp_append_segments(packets, &plan) < 0) goto done;
-        if (run_count && dlen == run_dlen && memcmp(dst, run_dst, dlen) == 0) {
-            run_count += (Py_ssize_t)plan.count;
-            continue;
-        }
-        if (run_count && add_run(runs, run_dst, run_dlen, run_count) < 0) goto done;
-        memcpy(run_dst, dst, dlen);
-        run_dlen = dlen;
-        run_count = (Py_ssize_t)plan.count;
     }
-    if (run_count && add_run(runs, run_dst, run_dlen, run_count) < 0) goto done;
-    result = Py_BuildValue("(OOnnnO)", packets, runs, reads, not_ip, malformed,
+    if (fp_runs_finish(&rs) < 0) goto done;
+    result = Py_BuildValue("(OOnnnO)", rs.packets, rs.runs, reads, not_ip, malformed,
                            error ? error : Py_None);
 done:
     PyMem_Free(buf);
-    Py_XDECREF(packets);
-    Py_XDECREF(runs);
+    Py_XDECREF(rs.packets);
+    Py_XDECREF(rs.runs);
     Py_XDECREF(error);
     return result;
 }

@@ -17,20 +17,23 @@
  *       -> (slow, lanes, receives, checks, authentication, replay, not_ip, malformed,
  *           writes, failed)
  *
- * fast_tx is tun_read, then for each run whose destination `routes` (the device's route cache:
- * address -> peer) maps to a peer whose `lane` is armed: seal and udp_send, no Python between.
- * What no lane takes comes back as tun_read's batch, for the Python path. fast_rx receives
- * (GRO) until EAGAIN or max_datagrams; a transport message whose receiver `lanes` (index ->
- * Lane) maps to an armed lane, from that lane's address, is opened there; its packet goes to
- * the TUN (tun_write) if `routes` maps its source address to the same lane, else to `checks`
- * as (lane, packet) for Python to judge. With a packet filter, `filter` is its cache of
- * decisions (agent/policy/filter.py, `PacketFilter.fast_view`): (tables by protocol for IPv4,
- * for IPv6, ACCEPT, SYN_DENIED), each table keyed by the packet's addresses and ports; a
- * packet passes here only where the filter's own batch would pass it on the cached path
- * (ACCEPT, or SYN_DENIED and not a SYN), else it goes to `checks` too. Every other datagram
- * comes back in `slow` as
- * (datagrams, raw source address), one entry per receive, for the Python path. `lanes` in a
- * result lists the lanes used by the call, once each; their counters say what they did.
+ * fast_tx reads the TUN as tun_read does; a read whose destination `routes` (the device's
+ * route cache: address -> peer) maps to a peer whose `lane` is armed, with room under its
+ * limits for all the read's segments, is segmented and sealed straight into one buffer, and
+ * the buffer goes out by udp_send's core, one batch per run of one lane: no Python and no
+ * object per packet. The other reads come back as tun_read's batch, for the Python path.
+ * fast_rx receives (GRO) until EAGAIN or max_datagrams; a transport message whose receiver
+ * `lanes` (index -> Lane) maps to an armed lane, from that lane's address, is opened there
+ * into one buffer, and the TUN is written from it (tun_write's core) when `routes` maps the
+ * packet's source address to the same lane, else the packet goes to `checks` as (lane,
+ * packet) for Python to judge. With a packet filter, `filter` is its cache of decisions
+ * (agent/policy/filter.py, `PacketFilter.fast_view`): (tables by protocol for IPv4, for
+ * IPv6, ACCEPT, SYN_DENIED), each table keyed by the packet's addresses and ports; a packet
+ * passes here only where the filter's own batch would pass it on the cached path (ACCEPT, or
+ * SYN_DENIED and not a SYN), else it goes to `checks` too. Every other datagram comes back in
+ * `slow` as (datagrams, raw source address), one entry per receive, for the Python path.
+ * `lanes` in a result lists the lanes used by the call, once each; their counters say what
+ * they did.
  */
 #include "offload_py.h" /* Python.h first, as CPython asks */
 #include "transport.h"
@@ -343,27 +346,123 @@ static int note_used(PyObject *used, LaneObject *lane) {
     return PyList_Append(used, (PyObject *)lane);
 }
 
+/* ------------------------------------------------------------------ buffers */
+
+/* Packets sealed or opened by one call, back to back in one growing buffer (offsets, since
+ * the buffer moves when it grows), sent or written from there without an object each. */
+typedef struct {
+    size_t off, len;
+    LaneObject *lane; /* whose packet it is (borrowed: the call's `used` list holds it) */
+} span;
+
+typedef struct {
+    uint8_t *mem;
+    size_t cap, used;
+    span *spans;
+    size_t nspans, spcap;
+} arena;
+
+/* Room for n more bytes at a->mem + a->used; NULL with MemoryError. */
+static uint8_t *arena_room(arena *a, size_t n) {
+    if (a->cap - a->used < n) {
+        size_t cap = a->cap ? a->cap : 1 << 16;
+        while (cap - a->used < n) cap *= 2;
+        uint8_t *mem = PyMem_Realloc(a->mem, cap);
+        if (!mem) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        a->mem = mem;
+        a->cap = cap;
+    }
+    return a->mem + a->used;
+}
+
+/* Keep the len bytes at a->mem + a->used. */
+static int arena_keep(arena *a, size_t len, LaneObject *lane) {
+    if (a->nspans == a->spcap) {
+        size_t cap = a->spcap ? a->spcap * 2 : 64;
+        span *spans = PyMem_Realloc(a->spans, cap * sizeof(span));
+        if (!spans) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        a->spans = spans;
+        a->spcap = cap;
+    }
+    a->spans[a->nspans++] = (span){a->used, len, lane};
+    a->used += len;
+    return 0;
+}
+
+static void arena_free(arena *a) {
+    PyMem_Free(a->mem);
+    PyMem_Free(a->spans);
+}
+
 /* ------------------------------------------------------------------ fast_tx */
 
-static int all_tcp(PyObject *packets, Py_ssize_t pos, Py_ssize_t count) {
-    for (Py_ssize_t i = pos; i < pos + count; i++) {
-        PyObject *p = PyList_GET_ITEM(packets, i);
-        const uint8_t *b = (const uint8_t *)PyBytes_AS_STRING(p);
-        Py_ssize_t n = PyBytes_GET_SIZE(p);
-        int proto = (n >= 20 && b[0] >> 4 == 4) ? b[9] : (n >= 40 && b[0] >> 4 == 6) ? b[6] : -1;
-        if (proto != 6) return 0;
+/* Seal every segment of `plan` into the arena with the lane's session. */
+static int seal_segments(LaneObject *lane, const fp_segment_plan *plan, arena *a) {
+    SealerObject *s = lane->sealer;
+    EVP_CIPHER_CTX *ctx = fp_aead_enc(s->aead);
+    for (size_t i = 0; i < plan->count; i++) {
+        size_t n = fp_segment_len(plan, i), sealed = fp_sealed_len(n);
+        uint8_t *out = arena_room(a, sealed);
+        if (!out) return -1;
+        fp_segment_write(plan, i, out + FP_HEADER_LEN);
+        if (fp_seal_message(ctx, s->remote_index, s->counter, out + FP_HEADER_LEN, n, out) != 0) {
+            PyErr_SetString(PyExc_RuntimeError, "OpenSSL encryption failed");
+            return -1;
+        }
+        s->counter++;
+        lane->tx_packets++;
+        lane->tx_bytes += (long long)n;
+        lane->tx_wire += (long long)sealed;
+        if (arena_keep(a, sealed, lane) < 0) return -1;
     }
-    return 1;
+    return 0;
+}
+
+/* Send the sealed datagrams, one udp_send batch per run of one lane. */
+static void send_spans(int fd, const arena *a, fp_iov *iov, int *gso, long long *dropped,
+                       long long *errors, int *last_errno) {
+    size_t i = 0;
+    while (i < a->nspans) {
+        LaneObject *lane = a->spans[i].lane;
+        size_t j = i;
+        for (; j < a->nspans && a->spans[j].lane == lane; j++)
+            iov[j - i] = (fp_iov){a->mem + a->spans[j].off, a->spans[j].len};
+        long long d = 0, e = 0;
+        const char *sa = PyBytes_AS_STRING(lane->sockaddr);
+        fp_udp_send_bufs(fd, (const struct sockaddr *)sa,
+                         (unsigned int)PyBytes_GET_SIZE(lane->sockaddr), iov, j - i, gso, &d, &e,
+                         last_errno);
+        lane->tx_datagrams += (long long)(j - i) - d - e;
+        lane->tx_failed += d + e;
+        *dropped += d;
+        *errors += e;
+        i = j;
+    }
 }
 
 PyObject *fp_fast_tx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
     if (nargs != 8 || !PyDict_Check(args[3])) {
         PyErr_SetString(PyExc_TypeError,
                         "fast_tx(tun_fd, max_reads, vnet_hdr, routes: dict, udp_fd, gso, now, "
                         "tcp_only)");
         return NULL;
     }
-    PyObject *routes = args[3], *udp_fd = args[4];
+    int tun_fd = PyObject_AsFileDescriptor(args[0]);
+    if (tun_fd < 0) return NULL;
+    Py_ssize_t max_reads = PyLong_AsSsize_t(args[1]);
+    if (max_reads == -1 && PyErr_Occurred()) return NULL;
+    int vnet = PyObject_IsTrue(args[2]);
+    if (vnet < 0) return NULL;
+    PyObject *routes = args[3];
+    int udp_fd = PyObject_AsFileDescriptor(args[4]);
+    if (udp_fd < 0) return NULL;
     int gso = PyObject_IsTrue(args[5]);
     if (gso < 0) return NULL;
     double now = PyFloat_AsDouble(args[6]);
@@ -371,78 +470,78 @@ PyObject *fp_fast_tx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     int tcp_only = PyObject_IsTrue(args[7]);
     if (tcp_only < 0) return NULL;
 
-    PyObject *rd = fp_tun_read(mod, args, 3);
-    if (!rd) return NULL;
-    PyObject *packets = PyTuple_GET_ITEM(rd, 0), *runs = PyTuple_GET_ITEM(rd, 1);
-    PyObject *used = PyList_New(0), *rest = NULL, *rest_runs = NULL, *result = NULL;
+    uint8_t *buf = PyMem_Malloc(FP_READ_SIZE);
+    if (!buf) return PyErr_NoMemory();
+    fp_runs rs = {PyList_New(0), PyList_New(0), 0, {0}, 0};
+    PyObject *used = PyList_New(0), *error = NULL, *result = NULL;
+    arena a = {0};
+    fp_iov *iov = NULL;
+    Py_ssize_t reads = 0, not_ip = 0, malformed = 0;
     long long dropped = 0, errors = 0;
     int last_errno = 0;
-    if (!used) goto done;
-    Py_ssize_t nruns = PyList_GET_SIZE(runs), pos = 0;
-    for (Py_ssize_t k = 0; k < nruns; k++) {
-        PyObject *run = PyList_GET_ITEM(runs, k);
-        PyObject *dst = PyTuple_GET_ITEM(run, 0);
-        Py_ssize_t count = PyLong_AsSsize_t(PyTuple_GET_ITEM(run, 1));
-        LaneObject *lane = lane_of(routes, dst);
-        SealerObject *s = lane ? lane->sealer : NULL;
-        int fast = s && now < lane->tx_deadline && (uint64_t)count <= lane->tx_limit &&
-                   s->counter <= lane->tx_limit - (uint64_t)count &&
-                   (!tcp_only || all_tcp(packets, pos, count));
-        if (fast) {
-            PyObject *slice = count == PyList_GET_SIZE(packets)
-                                  ? Py_NewRef(packets)
-                                  : PyList_GetSlice(packets, pos, pos + count);
-            if (!slice) goto done;
-            long long plain = 0, wire = 0;
-            for (Py_ssize_t i = 0; i < count; i++)
-                plain += PyBytes_GET_SIZE(PyList_GET_ITEM(slice, i));
-            Py_INCREF(s); /* seal and send even if Python re-arms meanwhile (it cannot: GIL) */
-            PyObject *dgrams = sealer_seal_seq(s, slice);
-            Py_DECREF(s);
-            Py_DECREF(slice);
-            if (!dgrams) goto done;
-            for (Py_ssize_t i = 0; i < count; i++)
-                wire += PyBytes_GET_SIZE(PyList_GET_ITEM(dgrams, i));
-            PyObject *gso_obj = gso ? Py_True : Py_False;
-            PyObject *sargs[4] = {udp_fd, lane->sockaddr, dgrams, gso_obj};
-            PyObject *sent = fp_udp_send(mod, sargs, 4);
-            Py_DECREF(dgrams);
-            if (!sent) goto done;
-            long long d = PyLong_AsLongLong(PyTuple_GET_ITEM(sent, 0));
-            long long e = PyLong_AsLongLong(PyTuple_GET_ITEM(sent, 1));
-            int err = (int)PyLong_AsLong(PyTuple_GET_ITEM(sent, 2));
-            gso = PyTuple_GET_ITEM(sent, 3) == Py_True;
-            Py_DECREF(sent);
-            dropped += d;
-            errors += e;
-            if (e) last_errno = err;
-            lane->tx_packets += count;
-            lane->tx_bytes += plain;
-            lane->tx_datagrams += count - d - e;
-            lane->tx_wire += wire;
-            lane->tx_failed += d + e;
-            if (note_used(used, lane) < 0) goto done;
-            if (!rest) { /* the runs before this one were all slow: keep them */
-                rest = PyList_GetSlice(packets, 0, pos);
-                rest_runs = PyList_GetSlice(runs, 0, k);
-                if (!rest || !rest_runs) goto done;
-            }
-        } else if (rest) {
-            for (Py_ssize_t i = pos; i < pos + count; i++)
-                if (PyList_Append(rest, PyList_GET_ITEM(packets, i)) < 0) goto done;
-            if (PyList_Append(rest_runs, run) < 0) goto done;
+    uint8_t last_dst[16];
+    size_t last_dlen = 0;
+    LaneObject *last_lane = NULL;
+    if (!rs.packets || !rs.runs || !used) goto done;
+
+    for (Py_ssize_t r = 0; r < max_reads; r++) {
+        fp_segment_plan plan;
+        const uint8_t *dst = NULL;
+        size_t dlen = 0;
+        fp_read_status st = fp_tun_read_one(tun_fd, buf, vnet, &plan, &dst, &dlen);
+        if (st == FP_READ_EMPTY) break;
+        if (st == FP_READ_ERROR) {
+            if (!(error = fp_os_error(errno))) goto done;
+            break;
         }
-        pos += count;
+        reads++;
+        if (st == FP_READ_NOT_IP) {
+            not_ip++;
+            continue;
+        }
+        if (st == FP_READ_MALFORMED) {
+            malformed++;
+            continue;
+        }
+        if (dlen != last_dlen || memcmp(dst, last_dst, dlen) != 0) {
+            PyObject *addr = PyBytes_FromStringAndSize((const char *)dst, (Py_ssize_t)dlen);
+            if (!addr) goto done;
+            last_lane = lane_of(routes, addr);
+            Py_DECREF(addr);
+            memcpy(last_dst, dst, dlen);
+            last_dlen = dlen;
+        }
+        LaneObject *lane = last_lane;
+        SealerObject *s = lane ? lane->sealer : NULL;
+        uint64_t count = plan.count;
+        int proto = dlen == 4 ? plan.pkt[9] : plan.pkt[6];
+        if (s && now < lane->tx_deadline && count <= lane->tx_limit &&
+            s->counter <= lane->tx_limit - count && (!tcp_only || proto == 6)) {
+            if (note_used(used, lane) < 0 || seal_segments(lane, &plan, &a) < 0) goto done;
+        } else if (fp_runs_add(&rs, &plan, dst, dlen) < 0) {
+            goto done;
+        }
     }
-    result = Py_BuildValue("(OOOOOOOLLiO)", rest ? rest : packets, rest_runs ? rest_runs : runs,
-                           PyTuple_GET_ITEM(rd, 2), PyTuple_GET_ITEM(rd, 3),
-                           PyTuple_GET_ITEM(rd, 4), PyTuple_GET_ITEM(rd, 5), used, dropped, errors,
-                           last_errno, gso ? Py_True : Py_False);
+    if (fp_runs_finish(&rs) < 0) goto done;
+    if (a.nspans) {
+        iov = PyMem_Malloc(a.nspans * sizeof(fp_iov));
+        if (!iov) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        send_spans(udp_fd, &a, iov, &gso, &dropped, &errors, &last_errno);
+    }
+    result = Py_BuildValue("(OOnnnOOLLiO)", rs.packets, rs.runs, reads, not_ip, malformed,
+                           error ? error : Py_None, used, dropped, errors, last_errno,
+                           gso ? Py_True : Py_False);
 done:
-    Py_DECREF(rd);
+    PyMem_Free(buf);
+    PyMem_Free(iov);
+    arena_free(&a);
+    Py_XDECREF(rs.packets);
+    Py_XDECREF(rs.runs);
     Py_XDECREF(used);
-    Py_XDECREF(rest);
-    Py_XDECREF(rest_runs);
+    Py_XDECREF(error);
     return result;
 }
 
@@ -502,51 +601,6 @@ static int filter_passes(const rx_filter *f, const uint8_t *p, size_t n) {
     Py_XDECREF(proto);
     Py_XDECREF(key);
     return pass;
-}
-
-/* Plaintext packets opened by one fast_rx call, back to back in one growing buffer (offsets,
- * since the buffer moves when it grows), written to the TUN from there. */
-typedef struct {
-    size_t off, len;
-} span;
-
-typedef struct {
-    uint8_t *mem;
-    size_t cap, used;
-    span *spans;
-    size_t nspans, spcap;
-} arena;
-
-/* Room for n more bytes at a->mem + a->used; NULL with MemoryError. */
-static uint8_t *arena_room(arena *a, size_t n) {
-    if (a->cap - a->used < n) {
-        size_t cap = a->cap ? a->cap : 1 << 16;
-        while (cap - a->used < n) cap *= 2;
-        uint8_t *mem = PyMem_Realloc(a->mem, cap);
-        if (!mem) {
-            PyErr_NoMemory();
-            return NULL;
-        }
-        a->mem = mem;
-        a->cap = cap;
-    }
-    return a->mem + a->used;
-}
-
-static int arena_keep(arena *a, size_t len) {
-    if (a->nspans == a->spcap) {
-        size_t cap = a->spcap ? a->spcap * 2 : 64;
-        span *spans = PyMem_Realloc(a->spans, cap * sizeof(span));
-        if (!spans) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        a->spans = spans;
-        a->spcap = cap;
-    }
-    a->spans[a->nspans++] = (span){a->used, len};
-    a->used += len;
-    return 0;
 }
 
 /* One fast_rx call's state: lookups remembered from the previous datagram (a batch is mostly
@@ -662,7 +716,7 @@ static int rx_open(rx_ctx *cx, LaneObject *lane, const uint8_t *b, size_t len) {
     if (ours) {
         lane->rx_packets++;
         lane->rx_bytes += (long long)length;
-        return arena_keep(&cx->a, length);
+        return arena_keep(&cx->a, length, lane);
     }
     PyObject *pt = PyBytes_FromStringAndSize((const char *)out, (Py_ssize_t)length);
     PyObject *item = pt ? PyTuple_Pack(2, (PyObject *)lane, pt) : NULL;
@@ -809,8 +863,7 @@ PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
 done:
     PyMem_Free(buf);
     PyMem_Free(bufs);
-    PyMem_Free(cx.a.mem);
-    PyMem_Free(cx.a.spans);
+    arena_free(&cx.a);
     Py_XDECREF(slow);
     Py_XDECREF(used);
     Py_XDECREF(cx.checks);

@@ -30,6 +30,31 @@ void fp_pkts_release(fp_pkts *pk);
  * exception. */
 void *fp_coalesce_pkts(const fp_pkts *pk, int udp, fp_coalesce_plan *plan);
 
+/* A read holds at most one 64 KB IP packet plus the vnet header (tun.py's READ_SIZE). */
+#define FP_READ_SIZE (0xFFFF + FP_VNET_HDR_LEN)
+
+/* tun_read's core (io.c): one read of a non-blocking TUN fd into buf (FP_READ_SIZE bytes). */
+typedef enum {
+    FP_READ_PACKET,    /* an IP packet: *plan segments it, dst[0..dlen) is its destination */
+    FP_READ_NOT_IP,    /* read, but not IPv4/IPv6 of at least a header's length */
+    FP_READ_MALFORMED, /* read, but segmentation refuses it */
+    FP_READ_EMPTY,     /* nothing to read (EAGAIN, or a read of 0) */
+    FP_READ_ERROR,     /* another error, in errno */
+} fp_read_status;
+fp_read_status fp_tun_read_one(int fd, uint8_t *buf, int vnet, fp_segment_plan *plan,
+                               const uint8_t **dst, size_t *dlen);
+PyObject *fp_os_error(int err); /* OSError(err, strerror(err)) */
+
+/* tun_read's result being built: segments as bytes, grouped in runs of one destination. */
+typedef struct {
+    PyObject *packets, *runs;
+    Py_ssize_t run_count;
+    uint8_t run_dst[16];
+    size_t run_dlen;
+} fp_runs;
+int fp_runs_add(fp_runs *s, const fp_segment_plan *plan, const uint8_t *dst, size_t dlen);
+int fp_runs_finish(fp_runs *s); /* the last run into `runs`; 0, or -1 with an exception */
+
 /* tun_write's core (io.c): bufs[0..n) to the TUN fd, coalesced when vnet and n > 1, the GIL
  * released around the writes. 0 (writes and failed set), or -1 with MemoryError. */
 int fp_tun_write_bufs(int fd, const fp_buf *bufs, size_t n, int vnet, int udp,

@@ -42,35 +42,35 @@ static void count_error(send_result *r, int err, Py_ssize_t n) {
     }
 }
 
-static void send_each(int fd, const struct sockaddr *sa, socklen_t salen, Py_buffer *bufs,
-                      Py_ssize_t n, send_result *r) {
-    for (Py_ssize_t i = 0; i < n; i++) {
+static void send_each(int fd, const struct sockaddr *sa, socklen_t salen, const fp_iov *bufs,
+                      size_t n, send_result *r) {
+    for (size_t i = 0; i < n; i++) {
         ssize_t rc;
         do {
-            rc = sendto(fd, bufs[i].buf, (size_t)bufs[i].len, 0, sa, salen);
+            rc = sendto(fd, bufs[i].p, bufs[i].n, 0, sa, salen);
         } while (rc < 0 && errno == EINTR);
         if (rc < 0) count_error(r, errno, 1);
     }
 }
 
 /* One GSO send of bufs[0..n) (equal sizes but maybe the last); 1 if GSO was refused. */
-static int send_gso(int fd, const struct sockaddr *sa, socklen_t salen, Py_buffer *bufs,
-                    Py_ssize_t n, uint16_t size, send_result *r) {
+static int send_gso(int fd, const struct sockaddr *sa, socklen_t salen, const fp_iov *bufs,
+                    size_t n, uint16_t size, send_result *r) {
     struct iovec iov[MAX_GSO_SEGMENTS];
     union {
         char buf[CMSG_SPACE(sizeof(uint16_t))];
         struct cmsghdr align;
     } control;
     memset(&control, 0, sizeof(control));
-    for (Py_ssize_t i = 0; i < n; i++) {
-        iov[i].iov_base = bufs[i].buf;
-        iov[i].iov_len = (size_t)bufs[i].len;
+    for (size_t i = 0; i < n; i++) {
+        iov[i].iov_base = (void *)bufs[i].p;
+        iov[i].iov_len = bufs[i].n;
     }
     struct msghdr msg = {0};
     msg.msg_name = (void *)sa;
     msg.msg_namelen = salen;
     msg.msg_iov = iov;
-    msg.msg_iovlen = (size_t)n;
+    msg.msg_iovlen = n;
     msg.msg_control = control.buf;
     msg.msg_controllen = sizeof(control.buf);
     struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
@@ -89,8 +89,36 @@ static int send_gso(int fd, const struct sockaddr *sa, socklen_t salen, Py_buffe
         send_each(fd, sa, salen, bufs, n, r);
         return r->dropped + r->errors == before;  /* worked one by one: stop using GSO */
     }
-    count_error(r, err, n);
+    count_error(r, err, (Py_ssize_t)n);
     return 0;
+}
+
+void fp_udp_send_bufs(int fd, const struct sockaddr *sa, socklen_t salen, const fp_iov *bufs,
+                      size_t n, int *gso, long long *dropped, long long *errors, int *last_errno) {
+    send_result r = {0, 0, 0};
+    size_t i = 0;
+    while (i < n) {
+        /* the next run: bufs i..i+got */
+        size_t got = 0, size = bufs[i].n, total = 0;
+        while (i + got < n && got < MAX_GSO_SEGMENTS) {
+            size_t len = bufs[i + got].n;
+            int fits = *gso && len > 0 && len <= size && total + len <= MAX_GSO_BYTES &&
+                       size <= UINT16_MAX;
+            if (got > 0 && !fits) break;
+            total += len;
+            got++;
+            if (len < size) break;  /* a shorter datagram ends a run */
+        }
+        if (got == 1 || !*gso) {
+            send_each(fd, sa, salen, bufs + i, got, &r);
+        } else if (send_gso(fd, sa, salen, bufs + i, got, (uint16_t)size, &r)) {
+            *gso = 0;
+        }
+        i += got;
+    }
+    *dropped += r.dropped;
+    *errors += r.errors;
+    if (r.last_errno) *last_errno = r.last_errno;
 }
 
 PyObject *fp_udp_send(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
@@ -114,47 +142,35 @@ PyObject *fp_udp_send(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     memcpy(&ss, sab.buf, (size_t)sab.len);
     socklen_t salen = (socklen_t)sab.len;
     PyBuffer_Release(&sab);
-    const struct sockaddr *sa = (const struct sockaddr *)&ss;
 
     PyObject *seq = PySequence_Fast(args[2], "datagrams must be a sequence");
     if (!seq) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
-    send_result r = {0, 0, 0};
-    Py_buffer bufs[MAX_GSO_SEGMENTS];
-    Py_ssize_t i = 0;
-    while (i < n) {
-        /* Collect the next run: buffers i..j */
-        Py_ssize_t got = 0;
-        Py_ssize_t size = -1, total = 0;
-        while (i + got < n && got < MAX_GSO_SEGMENTS) {
-            Py_buffer *b = &bufs[got];
-            if (PyObject_GetBuffer(items[i + got], b, PyBUF_SIMPLE) < 0) {
-                for (Py_ssize_t k = 0; k < got; k++) PyBuffer_Release(&bufs[k]);
-                Py_DECREF(seq);
-                return NULL;
-            }
-            if (size < 0) size = b->len;
-            int fits = gso && b->len > 0 && b->len <= size && total + b->len <= MAX_GSO_BYTES &&
-                       size <= UINT16_MAX;
-            if (got > 0 && !fits) {
-                PyBuffer_Release(b);
-                break;
-            }
-            total += b->len;
-            got++;
-            if (b->len < size) break;  /* a shorter datagram ends a run */
-        }
-        if (got == 1 || !gso) {
-            send_each(fd, sa, salen, bufs, got, &r);
-        } else if (send_gso(fd, sa, salen, bufs, got, (uint16_t)size, &r)) {
-            gso = 0;
-        }
-        for (Py_ssize_t k = 0; k < got; k++) PyBuffer_Release(&bufs[k]);
-        i += got;
+    Py_buffer *views = PyMem_Malloc(((size_t)n + 1) * sizeof(Py_buffer));
+    fp_iov *bufs = PyMem_Malloc(((size_t)n + 1) * sizeof(fp_iov));
+    Py_ssize_t held = 0;
+    PyObject *out = NULL;
+    if (!views || !bufs) {
+        PyErr_NoMemory();
+        goto done;
     }
+    for (; held < n; held++) {
+        if (PyObject_GetBuffer(items[held], &views[held], PyBUF_SIMPLE) < 0) goto done;
+        bufs[held].p = views[held].buf;
+        bufs[held].n = (size_t)views[held].len;
+    }
+    long long dropped = 0, errors = 0;
+    int last_errno = 0;
+    fp_udp_send_bufs(fd, (const struct sockaddr *)&ss, salen, bufs, (size_t)n, &gso, &dropped,
+                     &errors, &last_errno);
+    out = Py_BuildValue("(LLiO)", dropped, errors, last_errno, gso ? Py_True : Py_False);
+done:
+    for (Py_ssize_t k = 0; k < held; k++) PyBuffer_Release(&views[k]);
+    PyMem_Free(views);
+    PyMem_Free(bufs);
     Py_DECREF(seq);
-    return Py_BuildValue("(LLiO)", r.dropped, r.errors, r.last_errno, gso ? Py_True : Py_False);
+    return out;
 }
 
 static PyObject *fp_sockaddr(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {

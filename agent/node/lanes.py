@@ -7,11 +7,12 @@ when; for receiving, the current session's key, replay window and receiver index
 address the peer sends from. The lane then runs without Python in between:
 
     tx(max_reads, routes, now, tcp_only) -> FastTx
-        `TunIo.read`, then every run of packets whose destination `routes` (the device's route
-        cache: address -> peer) maps to a peer whose `lane` is armed for sending is sealed and
-        sent. The rest comes back as a `TunRead` for the Python path. `tcp_only` (a packet
-        filter is on and wants to see what opens UDP and ICMP flows) leaves runs holding
-        anything but TCP to Python.
+        Up to `max_reads` TUN reads (as `TunIo.read`); every read whose destination `routes`
+        (the device's route cache: address -> peer) maps to a peer whose `lane` is armed for
+        sending, with room under its limits for all the read's segments, is sealed; then the
+        sealed datagrams are sent, one batch per run of one lane. The other reads come back as
+        a `TunRead` for the Python path. `tcp_only` (a packet filter is on and wants to see
+        what opens UDP and ICMP flows) leaves reads of anything but TCP to Python.
     rx(max_datagrams, lanes, routes, now, flt) -> FastRx
         Receive until EAGAIN; a transport message whose receiver index `lanes` maps to a lane
         armed for receiving, from that lane's address, is opened there, and its packet goes to
@@ -45,6 +46,8 @@ from agent.node.fastpath import (
 )
 from agent.node.udp import Endpoint, UdpSocket, normalise
 from agent.policy.filter import FastView
+from agent.proto.errors import MalformedPacket
+from agent.proto.offload import segment
 from agent.proto.wireguard.constants import MSG_TRANSPORT, TRANSPORT_MIN_SIZE
 from agent.proto.wireguard.transport import Aead, Replay, SealerLike, Transport
 
@@ -229,22 +232,13 @@ def filter_passes(flt: FastView, p: bytes) -> bool:
     return v is flt.accept or (v is flt.syn_denied and n > flags_at and p[flags_at] & 0x12 != 0x02)
 
 
-def _all_tcp(packets: Sequence[bytes]) -> bool:
-    for p in packets:
-        n = len(p)
-        v = p[0] >> 4 if n else 0
-        proto = p[9] if v == 4 and n >= 20 else p[6] if v == 6 and n >= 40 else -1
-        if proto != 6:
-            return False
-    return True
-
-
 class PythonLanes:
     """The reference twin: `TunIo` and `UdpSocket` batches and the transport's open_run."""
 
     def __init__(
         self, tun: TunLike, udp: UdpSocket, transport: Transport, tun_io: TunIo | None = None
     ) -> None:
+        self.tun = tun
         self.tun_io = tun_io if tun_io is not None else PythonTunIo(tun)
         self.udp = udp
         self.transport = transport
@@ -275,14 +269,29 @@ class PythonLanes:
     def tx(
         self, max_reads: int, routes: Mapping[bytes, object], now: float, tcp_only: bool
     ) -> FastTx:
-        batch = self.tun_io.read(max_reads)
-        packets = batch.packets
+        frames, error = self.tun.read_frames(max_reads)
+        packets: list[bytes] = []
+        runs: list[tuple[bytes, int]] = []
+        run_dst, run_count = b"", 0
+        not_ip = malformed = 0
+        sealed: list[tuple[Lane, bytes]] = []
         used: list[LaneLike] = []
-        rest: list[bytes] | None = None
-        rest_runs: list[tuple[bytes, int]] | None = None
-        pos = 0
-        for k, (dst, count) in enumerate(batch.runs):
-            run = packets[pos : pos + count]
+        for hdr, pkt in frames:
+            n = len(pkt)
+            version = pkt[0] >> 4 if n else 0
+            if version == 4 and n >= 20:
+                dst, proto = pkt[16:20].tobytes(), pkt[9]
+            elif version == 6 and n >= 40:
+                dst, proto = pkt[24:40].tobytes(), pkt[6]
+            else:
+                not_ip += 1
+                continue
+            try:
+                segments = [bytes(x) for x in segment(hdr, pkt)]
+            except MalformedPacket:
+                malformed += 1
+                continue
+            count = len(segments)
             lane = _lane_of(routes, dst)
             s = lane.sealer if lane is not None else None
             if (
@@ -290,29 +299,40 @@ class PythonLanes:
                 and s is not None
                 and now < lane.tx_deadline
                 and s.counter + count <= lane.tx_limit
-                and (not tcp_only or _all_tcp(run))
+                and (not tcp_only or proto == 6)
             ):
-                assert lane.target is not None
-                dgrams = s.seal(run)
-                failed = self.udp.send_batch(dgrams, lane.target)
-                c = lane.counts
-                c[0] += count
-                c[1] += sum(map(len, run))
-                c[2] += count - failed
-                c[3] += sum(map(len, dgrams))
-                c[4] += failed
                 if not lane.used:
                     lane.used = True
                     used.append(lane)
-                if rest is None:
-                    rest, rest_runs = packets[:pos], batch.runs[:k]
-            elif rest is not None and rest_runs is not None:
-                rest.extend(run)
-                rest_runs.append((dst, count))
-            pos += count
-        if rest is None or rest_runs is None:
-            return FastTx(batch, used)
-        return FastTx(batch._replace(packets=rest, runs=rest_runs), used)
+                dgrams = s.seal(segments)
+                c = lane.counts
+                c[0] += count
+                c[1] += sum(map(len, segments))
+                c[3] += sum(map(len, dgrams))
+                sealed += [(lane, d) for d in dgrams]
+                continue
+            # what no lane takes, as tun_read gives it (fast reads in between do not end a run)
+            packets += segments
+            if dst == run_dst:
+                run_count += count
+                continue
+            if run_count:
+                runs.append((run_dst, run_count))
+            run_dst, run_count = dst, count
+        if run_count:
+            runs.append((run_dst, run_count))
+        i = 0
+        while i < len(sealed):  # one send batch per run of one lane, in order
+            lane = sealed[i][0]
+            j = i
+            while j < len(sealed) and sealed[j][0] is lane:
+                j += 1
+            assert lane.target is not None
+            failed = self.udp.send_batch([d for _, d in sealed[i:j]], lane.target)
+            lane.counts[2] += j - i - failed
+            lane.counts[4] += failed
+            i = j
+        return FastTx(TunRead(packets, runs, len(frames), not_ip, malformed, error), used)
 
     def rx(
         self,
