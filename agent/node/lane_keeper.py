@@ -31,10 +31,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol, cast
 
 from agent.engine.paths import derp_region_of
 from agent.keys import NodePublic
+from agent.node.dataplane_stats import DataPlaneStats
 from agent.node.lanes import LaneCounts, LaneLike, LanePaths
 from agent.node.udp import Endpoint
 from agent.proto.errors import DropReason
@@ -45,9 +46,6 @@ from agent.proto.wireguard.constants import (
 )
 from agent.proto.wireguard.peer import Peer
 from agent.proto.wireguard.session import Keypair
-
-if TYPE_CHECKING:
-    from agent.node.dataplane import DataPlaneStats
 
 __all__ = ["LaneKeeper", "LaneSender"]
 
