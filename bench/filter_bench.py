@@ -13,7 +13,11 @@ Prints ns per packet, each figure the best of `--rounds` rounds:
 - the first packet of new flows (nothing cached; `--new-flows` of them, best of 2 rounds, each
   round with source ports of its own): a UDP flow the last of the rules accepts, and TCP SYNs
   no rule accepts;
-- `Access.outbound` for a 64 B UDP packet of a flow already open, and for a TCP segment.
+- `Access.outbound` for a 64 B UDP packet of a flow already open, and for a TCP segment;
+- with the compiled module, the lanes' check (native/lanes.c): one `fast_rx` call receiving,
+  opening and writing a batch of `--batch` 64 B datagrams of one flow over loopback (the TUN is
+  /dev/null), with the filter's decisions handed over (`PacketFilter.fast_view`) and without;
+  "on - off" is what the filter adds to a packet there (best of `--lane-rounds` each).
 
 The rules are `--rules - 1` rules from 10.x.y.0/24 sources to other ports, and a last one that
 admits the benchmark's UDP flow (so a linear scan goes through all of them).
@@ -22,12 +26,18 @@ admits the benchmark's UDP flow (so a linear scan goes through all of them).
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
+import os
+import socket
 import struct
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Interface, ip_address, ip_network
+from types import ModuleType
 
 from agent.node.access import Access
+from agent.node.udp import open_udp
 from agent.policy.filter import PacketFilter, PeerSources
 from agent.policy.rules import FilterRule, NetPortRange, PortRange
 from agent.proto.errors import DropReason
@@ -77,6 +87,47 @@ def best_ns(run: Callable[[], None], packets: int, rounds: int) -> float:
     return best
 
 
+class _Peer:
+    """What the device's route cache maps an address to, as far as a lane looks."""
+
+    def __init__(self, lane: object) -> None:
+        self.lane = lane
+
+
+def lane_ns(fp: ModuleType, access: Access, packet: bytes, size: int, rounds: int) -> float:
+    """Best ns per packet of fast_rx over `size` datagrams carrying `packet`, filtered by
+    `access` (None view: no filter)."""
+    key, index = bytes(range(32)), 7
+    sealer = fp.Sealer(fp.Aead(key), index)
+    udp = open_udp(0, host="127.0.0.1")
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tun = os.open("/dev/null", os.O_WRONLY)
+    try:
+        sender.bind(("127.0.0.1", 0))
+        udp.use_native(fp)
+        lane = fp.Lane()
+        raw = udp.raw_target(sender.getsockname())
+        lane.arm_rx(fp.Aead(key), fp.ReplayWindow(), index, raw, math.inf)
+        routes = {packet[12:16]: _Peer(lane)}
+        lanes = {index: lane}
+        view = access.fast_view()
+        target = ("127.0.0.1", udp.port)
+        best = math.inf
+        for _ in range(rounds):
+            for d in sealer.seal([packet] * size):
+                sender.sendto(d, target)
+            start = time.perf_counter_ns()
+            fp.fast_rx(udp.fileno(), size, lanes, routes, tun, False, False, 0.0, view)
+            best = min(best, (time.perf_counter_ns() - start) / size)
+            counts = lane.take()
+            assert counts[7] == size, counts  # every packet went to the TUN in the lane
+        return best
+    finally:
+        os.close(tun)
+        sender.close()
+        udp.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rules", type=int, default=1000)
@@ -84,6 +135,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-flows", type=int, default=2000)
+    parser.add_argument("--lane-rounds", type=int, default=400)
     args = parser.parse_args()
     rounds, size = args.rounds, args.batch
     batches = max(1, args.packets // size)
@@ -173,6 +225,21 @@ def main() -> None:
         ("Access.outbound, 64 B UDP (open flow)", best_ns(send(out_udp), n, rounds) - loop)
     )
     figures.append(("Access.outbound, TCP segment", best_ns(send(out_tcp), n, rounds) - loop))
+
+    try:
+        fp = importlib.import_module("agent._fastpath")
+    except ImportError as e:
+        figures.append((f"compiled lanes: not measured ({e})", math.nan))
+    else:
+        for name, packet in (
+            ("cached 64 B UDP flow, rule accepts", allowed),
+            ("cached TCP flow, non-SYN segments", tcp(40000, 22)),
+        ):
+            lane_off = lane_ns(fp, off, packet, size, args.lane_rounds)
+            t = lane_ns(fp, on, packet, size, args.lane_rounds)
+            figures.append((f"lanes (fast_rx), filter off, {name}", lane_off))
+            figures.append((f"lanes (fast_rx), filter on, {name}", t))
+            figures.append(("    on - off", t - lane_off))
 
     print(f"rules: {args.rules}, packets per round: {n} (batches of {size})")
     for name, ns in figures:
