@@ -13,9 +13,9 @@
  *
  *   fast_tx(tun_fd, max_reads, vnet_hdr, routes, udp_fd, gso, now, tcp_only)
  *       -> (packets, runs, reads, not_ip, malformed, error, lanes, dropped, errors, errno, gso)
- *   fast_rx(udp_fd, max_datagrams, lanes, routes, tun_fd, vnet_hdr, uso, now, filter)
+ *   fast_rx(udp_fd, max_datagrams, lanes, routes, tun_fd, vnet_hdr, uso, now, filter, answer)
  *       -> (slow, lanes, receives, checks, authentication, replay, not_ip, malformed,
- *           writes, failed)
+ *           writes, failed, answered)
  *
  * fast_tx reads the TUN as tun_read does; a read whose destination `routes` (the device's
  * route cache: address -> peer) maps to a peer whose `lane` is armed, with room under its
@@ -32,6 +32,9 @@
  * passes here only where the filter's own batch would pass it on the cached path (ACCEPT, or
  * SYN_DENIED and not a SYN), else it goes to `checks` too. Every other datagram comes back in
  * `slow` as (datagrams, raw source address), one entry per receive, for the Python path.
+ * `answer`, None or (max_reads, gso, tcp_only): when packets went to the TUN, fast_tx runs
+ * right after (what they provoked, an echo reply or an ACK, is queued before the write
+ * returns) and its result is `answered`; else `answered` is None.
  * `lanes` in a result lists the lanes used by the call, once each; their counters say what
  * they did.
  */
@@ -446,30 +449,9 @@ static void send_spans(int fd, const arena *a, fp_iov *iov, int *gso, long long 
     }
 }
 
-PyObject *fp_fast_tx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    (void)mod;
-    if (nargs != 8 || !PyDict_Check(args[3])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "fast_tx(tun_fd, max_reads, vnet_hdr, routes: dict, udp_fd, gso, now, "
-                        "tcp_only)");
-        return NULL;
-    }
-    int tun_fd = PyObject_AsFileDescriptor(args[0]);
-    if (tun_fd < 0) return NULL;
-    Py_ssize_t max_reads = PyLong_AsSsize_t(args[1]);
-    if (max_reads == -1 && PyErr_Occurred()) return NULL;
-    int vnet = PyObject_IsTrue(args[2]);
-    if (vnet < 0) return NULL;
-    PyObject *routes = args[3];
-    int udp_fd = PyObject_AsFileDescriptor(args[4]);
-    if (udp_fd < 0) return NULL;
-    int gso = PyObject_IsTrue(args[5]);
-    if (gso < 0) return NULL;
-    double now = PyFloat_AsDouble(args[6]);
-    if (now == -1.0 && PyErr_Occurred()) return NULL;
-    int tcp_only = PyObject_IsTrue(args[7]);
-    if (tcp_only < 0) return NULL;
-
+/* fast_tx's work, its arguments parsed. */
+static PyObject *fast_tx_run(int tun_fd, Py_ssize_t max_reads, int vnet, PyObject *routes,
+                             int udp_fd, int gso, double now, int tcp_only) {
     uint8_t *buf = PyMem_Malloc(FP_READ_SIZE);
     if (!buf) return PyErr_NoMemory();
     fp_runs rs = {PyList_New(0), PyList_New(0), 0, {0}, 0};
@@ -543,6 +525,31 @@ done:
     Py_XDECREF(used);
     Py_XDECREF(error);
     return result;
+}
+
+PyObject *fp_fast_tx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
+    if (nargs != 8 || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "fast_tx(tun_fd, max_reads, vnet_hdr, routes: dict, udp_fd, gso, now, "
+                        "tcp_only)");
+        return NULL;
+    }
+    int tun_fd = PyObject_AsFileDescriptor(args[0]);
+    if (tun_fd < 0) return NULL;
+    Py_ssize_t max_reads = PyLong_AsSsize_t(args[1]);
+    if (max_reads == -1 && PyErr_Occurred()) return NULL;
+    int vnet = PyObject_IsTrue(args[2]);
+    if (vnet < 0) return NULL;
+    int udp_fd = PyObject_AsFileDescriptor(args[4]);
+    if (udp_fd < 0) return NULL;
+    int gso = PyObject_IsTrue(args[5]);
+    if (gso < 0) return NULL;
+    double now = PyFloat_AsDouble(args[6]);
+    if (now == -1.0 && PyErr_Occurred()) return NULL;
+    int tcp_only = PyObject_IsTrue(args[7]);
+    if (tcp_only < 0) return NULL;
+    return fast_tx_run(tun_fd, max_reads, vnet, args[3], udp_fd, gso, now, tcp_only);
 }
 
 /* ------------------------------------------------------------------ fast_rx */
@@ -758,11 +765,18 @@ static ssize_t recv_gro(int fd, uint8_t *buf, size_t cap, struct sockaddr_storag
 
 PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     (void)mod;
-    if (nargs != 9 || !PyDict_Check(args[2]) || !PyDict_Check(args[3])) {
+    if (nargs != 10 || !PyDict_Check(args[2]) || !PyDict_Check(args[3])) {
         PyErr_SetString(PyExc_TypeError,
                         "fast_rx(udp_fd, max_datagrams, lanes: dict, routes: dict, tun_fd, "
-                        "vnet_hdr, uso, now, filter)");
+                        "vnet_hdr, uso, now, filter, answer)");
         return NULL;
+    }
+    Py_ssize_t answer_reads = 0;
+    int answer_gso = 0, answer_tcp_only = 0;
+    if (args[9] != Py_None) {
+        if (!PyArg_ParseTuple(args[9], "npp:answer", &answer_reads, &answer_gso,
+                              &answer_tcp_only))
+            return NULL;
     }
     rx_filter filter_view;
     rx_ctx cx;
@@ -858,8 +872,16 @@ PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         if (fp_tun_write_bufs(tun_fd, bufs, cx.a.nspans, vnet, uso, &writes, &failed) < 0)
             goto done;
     }
-    result = Py_BuildValue("(OOnOLLLLnn)", slow, used, receives, cx.checks, cx.drops.auth,
-                           cx.drops.replay, cx.drops.not_ip, cx.drops.malformed, writes, failed);
+    PyObject *answer = NULL;
+    if (answer_reads > 0 && writes > failed) {
+        /* what the packets provoked (an echo reply, an ACK) is queued by now: send it */
+        answer = fast_tx_run(tun_fd, answer_reads, vnet, cx.routes, fd, answer_gso, now,
+                             answer_tcp_only);
+        if (!answer) goto done;
+    }
+    result = Py_BuildValue("(OOnOLLLLnnN)", slow, used, receives, cx.checks, cx.drops.auth,
+                           cx.drops.replay, cx.drops.not_ip, cx.drops.malformed, writes, failed,
+                           answer ? answer : Py_NewRef(Py_None));
 done:
     PyMem_Free(buf);
     PyMem_Free(bufs);
@@ -875,8 +897,9 @@ PyMethodDef fp_lanes_methods[] = {
      "fast_tx(tun_fd, max_reads, vnet_hdr, routes, udp_fd, gso, now, tcp_only) -> (packets, "
      "runs, reads, not_ip, malformed, error, lanes, dropped, errors, errno, gso)"},
     {"fast_rx", (PyCFunction)(void (*)(void))fp_fast_rx, METH_FASTCALL,
-     "fast_rx(udp_fd, max_datagrams, lanes, routes, tun_fd, vnet_hdr, uso, now, filter) -> (slow, lanes, "
-     "receives, checks, authentication, replay, not_ip, malformed, writes, failed)"},
+     "fast_rx(udp_fd, max_datagrams, lanes, routes, tun_fd, vnet_hdr, uso, now, filter, answer) "
+     "-> (slow, lanes, receives, checks, authentication, replay, not_ip, malformed, writes, "
+     "failed, answered)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -58,9 +58,9 @@ from agent.keys import NodePublic
 from agent.log import get_logger
 from agent.node.access import Access
 from agent.node.dataplane_stats import DataPlaneStats
-from agent.node.fastpath import PythonTunIo, TunIo
+from agent.node.fastpath import PythonTunIo, TunIo, TunRead
 from agent.node.lane_keeper import LaneKeeper
-from agent.node.lanes import LaneLike, LanePaths
+from agent.node.lanes import Answer, LaneLike, LanePaths
 from agent.node.tun import Tun
 from agent.node.udp import Endpoint, UdpSocket
 from agent.proto.errors import DropReason, RemoteProtocolError
@@ -316,16 +316,17 @@ class DataPlane:
     def _from_tun(self, max_reads: int, now: float) -> bool:
         """Up to `max_reads` TUN reads, sent on to their peers; False if nothing was read."""
         keeper = self.keeper
-        if keeper is not None:
-            fast = keeper.paths.tx(
-                max_reads,
-                cast(Device, self.device).route_cache,
-                now,
-                self.access.filter is not None,
-            )
-            batch, used = fast.rest, fast.lanes
-        else:
-            batch, used = self.tun_io.read(max_reads), []
+        if keeper is None:
+            return self._tun_batch(self.tun_io.read(max_reads), [], now)
+        fast = keeper.paths.tx(
+            max_reads, cast(Device, self.device).route_cache, now, self.access.filter is not None
+        )
+        return self._tun_batch(fast.rest, fast.lanes, now)
+
+    def _tun_batch(self, batch: TunRead, used: Sequence[LaneLike], now: float) -> bool:
+        """What a drain of the TUN read: the lanes' part booked, the rest routed, encrypted and
+        sent per peer; False if nothing was read."""
+        keeper = self.keeper
         packets = batch.packets
         stats = self.stats
         drops = stats.drops
@@ -434,13 +435,25 @@ class DataPlane:
         keeper = self.keeper
         assert keeper is not None
         device = cast(Device, self.device)
+        # A lone packet into a quiet TUN: its answer (an echo reply, an ACK) leaves in the same
+        # call, before any bookkeeping (see _answer)
+        answer = (
+            Answer(1, self.access.filter is not None)
+            if sparse and now - self._tun_seen > SPARSE_GAP
+            else None
+        )
         r = keeper.paths.rx(
-            max_datagrams, keeper.rx_lanes, device.route_cache, now, self.access.fast_view()
+            max_datagrams,
+            keeper.rx_lanes,
+            device.route_cache,
+            now,
+            self.access.fast_view(),
+            answer,
         )
         if not r.receives:
             return
-        if sparse and r.writes and not r.slow:
-            self._answer(now)  # before any bookkeeping: the answer is what someone waits for
+        if r.answered is not None and self._tun_batch(r.answered.rest, r.answered.lanes, now):
+            self._tun_seen = now
         stats = self.stats
         stats.udp_reads += r.receives
         if r.authentication or r.replay or r.not_ip or r.malformed:
@@ -457,7 +470,7 @@ class DataPlane:
             self._slow = True
             self._check_sources(r.checks, device)
         if r.slow:
-            self._inbound(r.slow, None, now, answer=sparse and not r.writes)
+            self._inbound(r.slow, None, now, answer=sparse and r.answered is None)
             return
         self._fast_only = not self._slow
         self.on_activity()

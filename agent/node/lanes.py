@@ -34,7 +34,7 @@ import math
 import socket
 from collections.abc import Mapping, Sequence
 from types import ModuleType
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from agent.node.fastpath import (
     DataPlaneImpl,
@@ -57,6 +57,7 @@ __all__ = [
     "LaneCounts",
     "FastTx",
     "FastRx",
+    "Answer",
     "LanePaths",
     "PythonLanes",
     "NativeLanes",
@@ -177,6 +178,15 @@ class FastRx(NamedTuple):
     malformed: int
     writes: int  # TUN writes
     failed: int  # packets the TUN refused
+    answered: FastTx | None  # `tx` run right after the TUN write, when asked to (`answer`)
+
+
+class Answer(NamedTuple):
+    """Ask `rx` to run `tx` right after writing the TUN: what the packets provoked (an echo
+    reply, a TCP ACK) is queued before the write returns, and leaves in the same call."""
+
+    max_reads: int
+    tcp_only: bool
 
 
 class LanePaths(Protocol):
@@ -211,6 +221,7 @@ class LanePaths(Protocol):
         routes: Mapping[bytes, object],
         now: float,
         flt: FastView | None = None,
+        answer: Answer | None = None,
     ) -> FastRx: ...
 
 
@@ -341,6 +352,7 @@ class PythonLanes:
         routes: Mapping[bytes, object],
         now: float,
         flt: FastView | None = None,
+        answer: Answer | None = None,
     ) -> FastRx:
         received = self.udp.recv_batch(max_datagrams)
         open_run = self.transport.open_run
@@ -397,8 +409,21 @@ class PythonLanes:
         writes = failed = 0
         if plain:
             writes, failed = self.tun_io.write(plain)
+        answered = None
+        if answer is not None and answer.max_reads > 0 and writes > failed:
+            answered = self.tx(answer.max_reads, routes, now, answer.tcp_only)
         return FastRx(
-            slow, used, len(received), checks, auth, rep, not_ip, malformed, writes, failed
+            slow,
+            used,
+            len(received),
+            checks,
+            auth,
+            rep,
+            not_ip,
+            malformed,
+            writes,
+            failed,
+            answered,
         )
 
 
@@ -450,12 +475,24 @@ class NativeLanes:
     def tx(
         self, max_reads: int, routes: Mapping[bytes, object], now: float, tcp_only: bool
     ) -> FastTx:
-        udp = self.udp
-        (packets, runs, reads, not_ip, malformed, error, used, dropped, errors, err, udp.gso) = (
+        return self._sent(
             self._fast_tx(
-                self._tun_fd, max_reads, self._vnet, routes, self._udp_fd, udp.gso, now, tcp_only
+                self._tun_fd,
+                max_reads,
+                self._vnet,
+                routes,
+                self._udp_fd,
+                self.udp.gso,
+                now,
+                tcp_only,
             )
         )
+
+    def _sent(self, r: tuple[Any, ...]) -> FastTx:
+        """fast_tx's result: its counts of failed sends into the socket's, as a FastTx."""
+        (packets, runs, reads, not_ip, malformed, error, used, dropped, errors, err, gso) = r
+        udp = self.udp
+        udp.gso = gso
         if dropped or errors:
             udp.count_send_failures(dropped, errors, err)
         return FastTx(TunRead(packets, runs, reads, not_ip, malformed, error), used)
@@ -467,6 +504,7 @@ class NativeLanes:
         routes: Mapping[bytes, object],
         now: float,
         flt: FastView | None = None,
+        answer: Answer | None = None,
     ) -> FastRx:
         r = self._fast_rx(
             self._udp_fd,
@@ -478,7 +516,10 @@ class NativeLanes:
             self._uso,
             now,
             flt,
+            None if answer is None else (answer.max_reads, self.udp.gso, answer.tcp_only),
         )
+        if r[10] is not None:
+            r = (*r[:10], self._sent(r[10]))
         raw_slow = r[0]
         if raw_slow:
             sources = self._sources

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from agent.keys import NodePublic
 from agent.node.dataplane import DataPlaneStats
 from agent.node.lane_keeper import LaneKeeper
-from agent.node.lanes import FastRx, FastTx, Lane, LaneLike
+from agent.node.lanes import Answer, FastRx, FastTx, Lane, LaneLike
 from agent.node.udp import Endpoint
 from agent.policy.filter import FastView
 from agent.proto.errors import DropReason
@@ -62,6 +62,7 @@ class Paths:
         routes: Mapping[bytes, object],
         now: float,
         flt: FastView | None = None,
+        answer: Answer | None = None,
     ) -> FastRx:
         raise NotImplementedError
 
