@@ -466,7 +466,9 @@ class NativeLanes:
         deadline: float,
     ) -> bool:
         raw = self.udp.raw_target(source)
-        if raw is None:
+        # The compiled lane compares raw addresses, the Python twin (and path) Endpoints as
+        # UdpSocket names sources: one spelled otherwise ("::ffff:7f00:1") never matches there.
+        if raw is None or _endpoint(raw) != source:
             lane.disarm_rx()
             return False
         lane.arm_rx(aead, replay, index, raw, deadline)  # type: ignore[attr-defined]

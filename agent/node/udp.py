@@ -162,7 +162,8 @@ class UdpSocket:
         i = 0
         while i < n:
             size = sizes[i]
-            limit = min(n, i + MAX_GSO_SEGMENTS, i + MAX_GSO_BYTES // max(size, 1))
+            # a datagram too large for UDP (EMSGSIZE) still goes alone, not in an empty group
+            limit = min(n, i + MAX_GSO_SEGMENTS, i + max(1, MAX_GSO_BYTES // max(size, 1)))
             if not size:
                 j = i + 1  # an empty datagram: GSO would merge a run of them into one
             elif sizes[i:limit].count(size) == limit - i:
