@@ -367,7 +367,7 @@ typedef struct {
 
 /* Room for n more bytes at a->mem + a->used; NULL with MemoryError. */
 static uint8_t *arena_room(arena *a, size_t n) {
-    if (a->cap - a->used < n) {
+    if (!a->mem || a->cap - a->used < n) { /* (room for 0 bytes is still a pointer) */
         size_t cap = a->cap ? a->cap : 1 << 16;
         while (cap - a->used < n) cap *= 2;
         uint8_t *mem = PyMem_Realloc(a->mem, cap);

@@ -26,9 +26,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.node import tun as tun_mod
-from agent.node.lanes import FastRx, FastTx, LaneLike, LanePaths, NativeLanes, PythonLanes
+from agent.node.lanes import (
+    Answer,
+    FastRx,
+    FastTx,
+    LaneLike,
+    LanePaths,
+    NativeLanes,
+    PythonLanes,
+)
 from agent.node.tun import OFFLOAD_NONE, OFFLOAD_TSO, OFFLOAD_TSO_USO
 from agent.node.udp import Endpoint, UdpSocket, open_udp
+from agent.policy.filter import FastView
 from agent.proto.offload import (
     GSO_TCPV4,
     GSO_TCPV6,
@@ -435,21 +444,21 @@ def armed(counter: int = 0, room: int = 10**6, deadline: float = 60.0) -> TxArm:
     return TxArm(counter, room, deadline, disarm=False)
 
 
-def test_tx_counter_limit_leaves_the_run_to_python() -> None:
-    # lane 0: counter 10, limit 12: a run of 3 does not fit, a run of 2 does, then nothing does
+def test_tx_counter_limit_leaves_the_read_to_python() -> None:
+    # lane 0: counter 10, limit 12: two reads fit, every later one goes to Python
     arms = [armed(10, room=2), armed(), None, None]
     reads = [
-        Read(0, "tcp", 50, 0, 3),  # lane 0 (IPv4): 10 + 3 > 12
+        Read(0, "tcp", 50, 0, 3),  # lane 0 (IPv4): 11, 12, then 12 + 1 > 12
         Read(2, "udp", 60, 0, 1),  # lane 1
-        Read(1, "tcp", 70, 0, 2),  # lane 0 (IPv6): 10 + 2 <= 12
+        Read(1, "tcp", 70, 0, 2),  # lane 0 (IPv6): 12 + 1 > 12
         Read(0, "tcp", 80, 0, 1),  # 12 + 1 > 12
     ]
     out = run_tx(OFFLOAD_NONE, arms, tx_frames(reads, False, 1), 64, False)
     first = out.calls[0]
-    assert first.runs == [(addr4(10), 3), (addr4(10), 1)]
+    assert first.runs == [(addr4(10), 1), (addr6(10), 2), (addr4(10), 1)]
     assert len(first.packets) == 4
     assert first.reads == 7
-    assert first.lanes == [1, 0]
+    assert first.lanes == [0, 1]
     assert out.counters[:2] == [12, 1]
     assert [c[0] for c in out.counts] == [2, 1, 0, 0]
 
@@ -473,11 +482,11 @@ def test_tx_deadline_leaves_the_run_to_python() -> None:
 
 
 @pytest.mark.parametrize("vnet", [False, True])
-def test_tx_tcp_only_leaves_other_runs_to_python(vnet: bool) -> None:
+def test_tx_tcp_only_leaves_other_reads_to_python(vnet: bool) -> None:
     arms = [armed(), armed(), None, None]
     reads = [
         Read(0, "tcp", 10, 0, 3),  # all TCP: lane 0
-        Read(2, "tcp", 10, 0, 1),  # lane 1: TCP, then UDP in the same run: Python
+        Read(2, "tcp", 10, 0, 1),  # lane 1: the TCP read in the lane, the UDP one to Python
         Read(2, "udp", 10, 0, 1),
         Read(1, "udp", 10, 0, 1),  # lane 0 (IPv6): UDP
         Read(3, "tso" if vnet else "tcp", 3000, 700, 1),  # lane 1 (IPv6): TCP
@@ -486,10 +495,10 @@ def test_tx_tcp_only_leaves_other_runs_to_python(vnet: bool) -> None:
     ]
     offload = OFFLOAD_TSO_USO if vnet else OFFLOAD_NONE
     out = run_tx(offload, arms, tx_frames(reads, vnet, 4), 64, True)
-    assert out.calls[0].runs == [(addr4(11), 2), (addr6(10), 1)]
+    assert out.calls[0].runs == [(addr4(11), 1), (addr6(10), 1)]
     assert out.calls[0].not_ip == 1
     sent = [c[0] for c in out.counts]
-    assert sent == [4, 5 if vnet else 1, 0, 0]
+    assert sent == [4, 6 if vnet else 2, 0, 0]
     # without tcp_only the same batch leaves nothing to Python
     out = run_tx(offload, arms, tx_frames(reads, vnet, 4), 64, False)
     assert out.calls[0].runs == []
@@ -725,6 +734,7 @@ def run_rx(
     udp_host: str | None = None,
     now: float = NOW,
     must_arm: bool = True,
+    flt: FastView | None = None,
 ) -> RxOutcome:
     """The same datagrams into both twins' rx until the socket is empty; asserts they agree.
 
@@ -778,7 +788,7 @@ def run_rx(
         calls: list[list[RxView]] = [[], []]
         for _ in range(total + 2):
             for k, side in enumerate(sides):
-                r = side.paths.rx(max_datagrams, lanes[k], routes[k], now)
+                r = side.paths.rx(max_datagrams, lanes[k], routes[k], now, flt)
                 calls[k].append(rx_view(r, side))
             assert calls[1][-1] == calls[0][-1]
             if calls[0][-1].receives == 0:  # no receive: the socket is empty
@@ -829,6 +839,65 @@ def test_rx_twins(
     max_datagrams: int,
 ) -> None:
     run_rx(offload, arms, messages, max_datagrams, udp_host="127.0.0.1" if inet else None)
+
+
+ACCEPT, SYN_DENIED, OTHER = object(), object(), object()  # a filter's decisions, as it caches
+
+
+def filter_view(verdicts: Sequence[object | None]) -> FastView:
+    """Decisions for the flows inner_packet makes: verdicts[2 * k + (TCP)] for SOURCES[k]
+    (None: not cached)."""
+    v4: dict[object, object] = {}
+    v6: dict[object, object] = {}
+    t4: dict[int, dict[object, object]] = {6: {}, 17: v4}
+    t6: dict[int, dict[object, object]] = {6: {}, 17: v6}
+    for k, src in enumerate(SOURCES):
+        version = 4 if len(src) == 4 else 6
+        for tcp, verdict in enumerate(verdicts[2 * k : 2 * k + 2]):
+            if verdict is None:
+                continue
+            if tcp:
+                pkt = tcp_packet(version, b"", 1, ACK, ports=(4001, 443), src=src)
+            else:
+                pkt = udp_packet(version, b"", ports=(4000, 53), src=src)
+            key = pkt[12:24] if version == 4 else pkt[8:44]
+            (t4 if version == 4 else t6)[6 if tcp else 17][key] = verdict
+    return FastView(t4, t6, ACCEPT, SYN_DENIED)
+
+
+@TWINS
+@given(
+    verdicts=st.lists(
+        st.sampled_from([ACCEPT, SYN_DENIED, OTHER, None]),
+        min_size=2 * len(SOURCES),
+        max_size=2 * len(SOURCES),
+    ),
+    messages=st.lists(msgs, min_size=3, max_size=20),
+    max_datagrams=st.integers(1, 64),
+)
+def test_rx_twins_with_a_filter(
+    verdicts: list[object | None], messages: list[Msg], max_datagrams: int
+) -> None:
+    """With the packet filter's decisions: a packet reaches the TUN in the lane only where the
+    cached decision passes it (ACCEPT; SYN_DENIED and not a SYN), else it goes to `checks`."""
+    arms = (RxArm(0, 60.0, False), RxArm(0, 60.0, False), None, None)
+    run_rx(OFFLOAD_NONE, arms, messages, max_datagrams, flt=filter_view(verdicts))
+
+
+def test_rx_filter_passes_only_what_its_cache_passes() -> None:
+    own4 = SOURCES.index(addr4(30))
+    verdicts: list[object | None] = [None] * (2 * len(SOURCES))
+    verdicts[2 * own4] = ACCEPT  # UDP from lane 0's IPv4 source
+    verdicts[2 * own4 + 1] = SYN_DENIED  # TCP from it: the ACKs pass
+    messages = [msg("data", seed=2 * j + 1, counter=j) for j in range(2)]  # UDP, own IPv4
+    messages += [msg("data", seed=0, counter=10)]  # TCP ACKs
+    out = run_rx(OFFLOAD_NONE, (RX_ON, None, None, None), messages, 64, flt=filter_view(verdicts))
+    assert sum(len(call.checks) for call in out.calls) == 0
+    verdicts[2 * own4] = OTHER  # a cached drop, or a reply flow: Python decides
+    verdicts[2 * own4 + 1] = None
+    out = run_rx(OFFLOAD_NONE, (RX_ON, None, None, None), messages, 64, flt=filter_view(verdicts))
+    assert sum(len(call.checks) for call in out.calls) == 3
+    assert out.tun == []
 
 
 def msg(kind: str, lane: int = 0, source: int = 0, counter: int = 0, **kw: int) -> Msg:
@@ -987,12 +1056,56 @@ def test_sealer_counter_is_shared_with_the_lane() -> None:
                 side.feed.send(f)
             side.paths.tx(8, tx_routes(side), NOW, False)
             assert s.counter == 92
-            s.counter = 99  # 99 + 2 > 100
+            s.counter = 99  # one read still fits (99 + 1 <= 100), the next does not
             for f in tx_frames(reads, False, 5):
                 side.feed.send(f)
             r = side.paths.tx(8, tx_routes(side), NOW, False)
-            assert r.rest.runs == [(addr4(10), 2)]
-            assert s.counter == 99
+            assert r.rest.runs == [(addr4(10), 1)]
+            assert s.counter == 100
             got.append(drain(rx))
         assert got[0] == got[1]
-        assert [struct.unpack_from("<Q", d, 8)[0] for d in got[0]] == [90, 91]
+        assert [struct.unpack_from("<Q", d, 8)[0] for d in got[0]] == [90, 91, 99]
+
+
+# =========================================================================== rx, then tx (answer)
+
+
+@pytest.mark.parametrize("written", [True, False])
+def test_rx_answer_sends_what_waits_in_the_tun(written: bool) -> None:
+    """`answer`: when packets went to the TUN, tx runs in the same call; both twins read and
+    seal the same answer, and neither reads the TUN when nothing was written."""
+    with twins(OFFLOAD_NONE) as sides, contextlib.ExitStack() as stack:
+        sender = stack.enter_context(plain_socket())
+        views: list[tuple[object, ...]] = []
+        for side in sides:
+            t = side.transport
+            rx_lane = side.lanes[0]
+            assert side.paths.arm_rx(
+                rx_lane, t.aead(KEYS[0]), t.replay(), INDEXES[0], endpoint_of(sender), NOW + 60
+            )
+            back = stack.enter_context(plain_socket())
+            assert side.paths.arm_tx(
+                side.lanes[1], side.sealer(1, 5), endpoint_of(back), 1000, NOW + 60
+            )
+            routes = rx_routes(side) | tx_routes(side)
+            inner = udp_packet(4, b"ping", ports=(4000, 53), src=addr4(30))
+            if not written:
+                inner = bytes(20)  # not IP: opened and dropped, nothing for the TUN
+            dgram = PYTHON.seal(PYTHON.aead(KEYS[0]), INDEXES[0], 0, [inner])[0]
+            for f in tx_frames([Read(2, "udp", 30, 0, 1)], False, 9):  # the queued answer
+                side.feed.send(f)
+            sender.sendto(dgram, ("127.0.0.1", side.udp.port))
+            r = side.paths.rx(8, rx_lanes(side), routes, NOW, None, Answer(1, False))
+            answered = None if r.answered is None else tx_view(r.answered, side)
+            views.append((r.writes, answered, drain(back), drain(side.feed), rx_lane.take()))
+        assert views[0] == views[1]
+        writes, answered, sent, tun, _ = views[0]
+        if written:
+            assert writes == 1
+            assert answered is not None
+            assert answered.lanes == [1]
+            assert len(sent) == 1  # the answer, sealed by lane 1
+            assert len(tun) == 1
+        else:
+            assert answered is None
+            assert sent == []
