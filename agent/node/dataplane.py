@@ -59,7 +59,7 @@ from agent.log import get_logger
 from agent.node.access import Access
 from agent.node.dataplane_stats import DataPlaneStats
 from agent.node.fastpath import PythonTunIo, TunIo, TunRead
-from agent.node.lane_keeper import LaneKeeper
+from agent.node.lane_keeper import BOOK_INTERVAL, LaneKeeper
 from agent.node.lanes import Answer, LaneLike, LanePaths
 from agent.node.tun import Tun
 from agent.node.udp import Endpoint, UdpSocket
@@ -274,7 +274,9 @@ class DataPlane:
                 lanes, lambda: dev.peers, self.sender, self.stats, dev.count_drop
             )
         self._slow = False  # the current handler ran the Python path
+        self._booked = False  # the current handler ran the lanes' timer bookkeeping
         self._fast_only = False  # the last handler ran lanes only (nothing to revalidate)
+        self._book_timer: asyncio.TimerHandle | None = None  # runs what the lanes left due
 
     # ------------------------------------------------------------------ event loop
 
@@ -287,6 +289,9 @@ class DataPlane:
         self._loop = loop
 
     def detach(self) -> None:
+        if self._book_timer is not None:
+            self._book_timer.cancel()
+            self._book_timer = None
         loop, self._loop = self._loop, None
         if loop is not None:
             loop.remove_reader(self.tun.fileno())
@@ -299,10 +304,35 @@ class DataPlane:
         now = self.clock()
         sparse = now - self._tun_seen > SPARSE_GAP
         self._tun_seen = now
-        self._slow = False
+        self._slow = self._booked = False
         if self._from_tun(1 if sparse else self.max_tun_reads, now):
+            self._done(now)
+
+    def _done(self, now: float) -> None:
+        """The end of a handler: the daemon hears of it (`on_activity`) unless only lanes ran
+        and their timer bookkeeping waits (no deadline moved, nothing to log or revalidate)."""
+        keeper = self.keeper
+        if keeper is not None and keeper.due:
+            self._book_later(now)
+        if self._slow or self._booked or keeper is None:
             self._fast_only = not self._slow
             self.on_activity()
+
+    def _book_later(self, now: float) -> None:
+        if self._book_timer is not None:
+            return
+        if self._loop is None:
+            self._book_due()
+            return
+        self._book_timer = self._loop.call_at(now + BOOK_INTERVAL, self._book_due)
+
+    def _book_due(self) -> None:
+        """The lanes' timer bookkeeping that waited (LaneKeeper.settle)."""
+        self._book_timer = None
+        if self.keeper is not None:
+            self.keeper.book_due(self.clock())
+        self._fast_only = False
+        self.on_activity()
 
     def revalidate_lanes(self, now: float) -> None:
         """After any activity (the daemon's flush): unless only lanes ran since the last call,
@@ -370,9 +400,8 @@ class DataPlane:
             self._send_to_peer(peer, pkts, now)
             if keeper is not None:
                 keeper.arm(cast(Peer, peer), now)  # its next packets may take the lane
-        if used:
-            assert keeper is not None
-            keeper.settle(used, now)
+        if used and keeper is not None and keeper.settle(used, now):
+            self._booked = True
         if batch.runs or batch.not_ip or batch.malformed:
             self._slow = True
         if batch.error is not None:
@@ -419,7 +448,7 @@ class DataPlane:
         now = self.clock()
         sparse = now - self._udp_seen > SPARSE_GAP
         self._udp_seen = now
-        self._slow = False
+        self._slow = self._booked = False
         if self.keeper is not None:
             self._udp_lanes(1 if sparse else self.max_datagrams, now, sparse)
             return
@@ -464,16 +493,15 @@ class DataPlane:
         if r.failed:
             stats.drops[DropReason.TUN_WRITE_FAILED] += r.failed
             stats.rx_packets -= r.failed
-        if r.lanes:
-            keeper.settle(r.lanes, now)
+        if r.lanes and keeper.settle(r.lanes, now):
+            self._booked = True
         if r.checks:
             self._slow = True
             self._check_sources(r.checks, device)
         if r.slow:
             self._inbound(r.slow, None, now, answer=sparse and r.answered is None)
             return
-        self._fast_only = not self._slow
-        self.on_activity()
+        self._done(now)
 
     def _check_sources(self, checks: Sequence[tuple[LaneLike, bytes]], device: Device) -> None:
         """Packets a lane opened whose source its route cache did not vouch for: cryptokey
@@ -524,8 +552,7 @@ class DataPlane:
             self._write_tun(plaintext)
             if answer:
                 self._answer(now)
-        self._fast_only = False
-        self.on_activity()
+        self._done(now)
 
     def _answer(self, now: float) -> None:
         """After a lone packet went into a quiet TUN: its answer (an echo reply, a TCP ACK)

@@ -21,13 +21,18 @@ again from scratch, before the next packet: a handler that ran only lanes says s
 then is revalidation skipped.
 
 `settle(lanes, now)` is the per-batch bookkeeping of the lanes a call used, once the packets
-are on their way: the peer's timers and byte counters (`Peer.note_sent`, `Peer.on_transport`,
-exactly what the Python path runs), the path layer's (`note_sent`, `received`), the data
-plane's counters, and an initiation or keepalive that bookkeeping asks for.
+are on their way: the counters at once (the data plane's, the peer's bytes), then the peer's
+timers (`Peer.note_sent`, `Peer.on_transport`, exactly what the Python path runs), the path
+layer's (`note_sent`, `received`) and an initiation or keepalive that they ask for. Those run
+at most once per BOOK_INTERVAL per lane: a batch within that time of the last one leaves them
+`due`, and the data plane runs `book_due` when the interval is over. WireGuard's timers count
+in seconds, so a millisecond changes nothing they decide, and a stream of small batches no
+longer pays for them each time.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,11 +73,18 @@ class LaneSender(Protocol):
     ) -> int: ...
 
 
+BOOK_INTERVAL = 0.001  # seconds between two runs of one lane's timer bookkeeping
+
+
 @dataclass(slots=True)
 class _Armed:
     peer: Peer
     rx: Keypair | None  # the session the lane receives on
     source: Endpoint | None  # and from where
+    booked: float = -math.inf  # when its timers were last told
+    tx_due: bool = False  # data went out since
+    rx_due: bool = False  # messages came in since
+    rx_data: bool = False  # one of them carried a packet
 
 
 class LaneKeeper:
@@ -93,6 +105,7 @@ class LaneKeeper:
         self._device_drop = device_drop
         self.rx_lanes: dict[int, LaneLike] = {}  # receiver index -> lane (read by the rx batch)
         self._armed: dict[LaneLike, _Armed] = {}
+        self._due: list[LaneLike] = []  # lanes whose bookkeeping waits (settle)
 
     def __len__(self) -> int:
         return len(self._armed)
@@ -107,6 +120,7 @@ class LaneKeeper:
         if peer.lane is None:
             peer.lane = self.paths.new_lane()
         armed_lane = cast(LaneLike, peer.lane)
+        self._book_now(armed_lane, now)  # what waits belongs to the lane as it was armed
         kp = peer.keypairs.current
         tx = rx = False
         if kp is not None and not peer.staged and kp.can_send(now):
@@ -155,11 +169,9 @@ class LaneKeeper:
             else:
                 self._drop(lane)
 
-    def clear(self) -> None:
-        for lane in list(self._armed):
-            self._drop(lane)
-
     def _drop(self, lane: LaneLike) -> None:
+        """Disarm a removed peer's lane; what its bookkeeping waited for goes with it (the
+        peer's timers stopped: telling them now would start them again)."""
         lane.disarm_tx()
         lane.disarm_rx()
         self._armed.pop(lane, None)
@@ -167,11 +179,12 @@ class LaneKeeper:
             del self.rx_lanes[index]
 
     # -- bookkeeping --------------------------------------------------------------------------
-    def settle(self, lanes: Sequence[LaneLike], now: float) -> None:
-        """After a batch: what each used lane did, booked as the Python path books it."""
+    def settle(self, lanes: Sequence[LaneLike], now: float) -> bool:
+        """After a batch: what each used lane did, booked as the Python path books it. False
+        when all of the timer bookkeeping waits (`due`): then no deadline moved."""
         stats = self.stats
         drops = stats.drops
-        sender = self.sender
+        booked = False
         for lane in lanes:
             c = LaneCounts._make(lane.take())
             a = self._armed.get(lane)
@@ -186,23 +199,64 @@ class LaneKeeper:
                 stats.tx_wire_bytes += c.tx_wire_bytes
                 if c.tx_failed:
                     drops[DropReason.SEND_FAILED] += c.tx_failed
-                more = peer.note_sent(c.tx_wire_bytes, now)
-                sender.note_sent(peer, now)
-                if more:
-                    _send(sender, peer, more, now, drops, stats)
-            if c.rx_datagrams and a.rx is not None and a.source is not None:
+                peer.tx_bytes += c.tx_wire_bytes
+                a.tx_due = True
+            if c.rx_datagrams and a.rx is not None:
                 stats.rx_packets += c.rx_packets
                 stats.lane_rx_packets += c.rx_packets
                 stats.rx_bytes += c.rx_bytes
-                out = peer.on_transport(a.rx, a.source, now, nbytes=c.rx_wire_bytes, data=c.rx_data)
-                sender.received([peer], a.source, now)
-                for d in out:
-                    failed = sender.send_to_endpoint([d], a.source, None)
-                    if failed:
-                        drops[DropReason.SEND_FAILED] += failed
-                    else:
-                        stats.tx_datagrams += 1
-                        stats.tx_wire_bytes += len(d)
+                peer.rx_bytes += c.rx_wire_bytes
+                a.rx_due = True
+                a.rx_data = a.rx_data or c.rx_data
+            if not (a.tx_due or a.rx_due):
+                continue
+            if now - a.booked >= BOOK_INTERVAL:
+                self._book(a, now)
+                booked = True
+            elif lane not in self._due:
+                self._due.append(lane)
+        return booked
+
+    @property
+    def due(self) -> bool:
+        """Some lane's timer bookkeeping waits for `book_due`."""
+        return bool(self._due)
+
+    def book_due(self, now: float) -> None:
+        """The bookkeeping `settle` left waiting."""
+        due, self._due = self._due, []
+        for lane in due:
+            a = self._armed.get(lane)
+            if a is not None:
+                self._book(a, now)
+
+    def _book_now(self, lane: LaneLike, now: float) -> None:
+        a = self._armed.get(lane)
+        if a is not None and (a.tx_due or a.rx_due):
+            self._book(a, now)
+
+    def _book(self, a: _Armed, now: float) -> None:
+        """Tell the peer's timers and the path layer what the lane did since the last time
+        (the bytes were counted already)."""
+        peer, sender, stats = a.peer, self.sender, self.stats
+        a.booked = now
+        if a.tx_due:
+            a.tx_due = False
+            more = peer.note_sent(0, now)
+            sender.note_sent(peer, now)
+            if more:
+                _send(sender, peer, more, now, stats.drops, stats)
+        if a.rx_due and a.rx is not None and a.source is not None:
+            a.rx_due, data, a.rx_data = False, a.rx_data, False
+            out = peer.on_transport(a.rx, a.source, now, nbytes=0, data=data)
+            sender.received([peer], a.source, now)
+            for d in out:
+                failed = sender.send_to_endpoint([d], a.source, None)
+                if failed:
+                    stats.drops[DropReason.SEND_FAILED] += failed
+                else:
+                    stats.tx_datagrams += 1
+                    stats.tx_wire_bytes += len(d)
 
     def count_rx_drops(self, authentication: int, replay: int, not_ip: int, malformed: int) -> None:
         """Messages a lane opened and dropped, counted where the device counts its own."""

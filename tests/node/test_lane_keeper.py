@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 from agent.keys import NodePublic
 from agent.node.dataplane import DataPlaneStats
-from agent.node.lane_keeper import LaneKeeper
+from agent.node.lane_keeper import BOOK_INTERVAL, LaneKeeper
 from agent.node.lanes import Answer, FastRx, FastTx, Lane, LaneLike
 from agent.node.udp import Endpoint
 from agent.policy.filter import FastView
@@ -260,3 +260,44 @@ def test_lane_drops_count_where_the_device_counts_its_own() -> None:
     assert pair.a.drops[DropReason.AUTHENTICATION] == 2
     assert pair.a.drops[DropReason.REPLAY] == 3
     assert pair.a.drops[DropReason.MALFORMED] == 1
+
+
+def test_timer_bookkeeping_runs_at_most_once_per_interval_and_what_waits_is_booked_later() -> None:
+    pair = connected()
+    sender = Sender()
+    keeper, stats = keeper_for(pair, sender)
+    keeper.arm(pair.pa, pair.now)
+    ln = lane(pair.pa)
+    tx_before = pair.pa.tx_bytes
+    ln.counts = [1, 100, 1, 132, 0, 0, 0, 0, 0]
+    assert keeper.settle([ln], pair.now)  # booked at once
+    assert sender.sent_notes == [pair.pa]
+    ln.counts = [1, 100, 1, 132, 0, 1, 64, 1, 32]
+    ln.rx_data = True
+    assert not keeper.settle([ln], pair.now + BOOK_INTERVAL / 2)  # within the interval: waits
+    assert keeper.due
+    assert pair.pa.tx_bytes == tx_before + 264  # the counters do not wait
+    assert stats.tx_packets == 2
+    assert sender.sent_notes == [pair.pa]
+    assert sender.received_from == []
+    keeper.book_due(pair.now + BOOK_INTERVAL)
+    assert not keeper.due
+    assert sender.sent_notes == [pair.pa, pair.pa]
+    assert sender.received_from == [(pair.pa, B_EP)]
+
+
+def test_waiting_bookkeeping_is_booked_before_the_lane_is_armed_again() -> None:
+    pair = connected()
+    sender = Sender()
+    keeper, _ = keeper_for(pair, sender)
+    keeper.arm(pair.pa, pair.now)
+    ln = lane(pair.pa)
+    ln.counts = [1, 100, 1, 132, 0, 0, 0, 0, 0]
+    keeper.settle([ln], pair.now)
+    ln.counts = [1, 100, 1, 132, 0, 0, 0, 0, 0]
+    keeper.settle([ln], pair.now)
+    assert sender.sent_notes == [pair.pa]
+    keeper.revalidate(pair.now)
+    assert sender.sent_notes == [pair.pa, pair.pa]
+    keeper.book_due(pair.now)  # nothing left
+    assert sender.sent_notes == [pair.pa, pair.pa]
