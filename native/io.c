@@ -50,6 +50,19 @@ fp_read_status fp_tun_read_one(int fd, uint8_t *buf, int vnet, fp_segment_plan *
     return fp_segment_plan_make(&h, pkt, n, plan) == FP_OK ? FP_READ_PACKET : FP_READ_MALFORMED;
 }
 
+int fp_reader_next(fp_reader *r, fp_segment_plan *plan, const uint8_t **dst, size_t *dlen) {
+    for (;;) {
+        fp_read_status st = fp_tun_read_one(r->fd, r->buf, r->vnet, plan, dst, dlen);
+        if (st == FP_READ_EMPTY) return 0;
+        if (st == FP_READ_ERROR) return (r->error = fp_os_error(errno)) ? 0 : -1;
+        r->reads++;
+        if (st == FP_READ_PACKET) return 1;
+        if (st == FP_READ_NOT_IP) r->not_ip++;
+        else r->malformed++;
+        if (r->reads >= r->max_reads) return 0;
+    }
+}
+
 /* Appends (dst, count) to runs; 0 or -1 with an exception. */
 static int add_run(PyObject *runs, const uint8_t *dst, size_t dlen, Py_ssize_t count) {
     PyObject *run = Py_BuildValue("(y#n)", (const char *)dst, (Py_ssize_t)dlen, count);
@@ -91,40 +104,28 @@ PyObject *fp_tun_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     int vnet = PyObject_IsTrue(args[2]);
     if (vnet < 0) return NULL;
 
-    uint8_t *buf = PyMem_Malloc(FP_READ_SIZE);
-    if (!buf) return PyErr_NoMemory();
+    fp_reader rd = {fd, vnet, max_reads, PyMem_Malloc(FP_READ_SIZE), 0, 0, 0, NULL};
+    if (!rd.buf) return PyErr_NoMemory();
     fp_runs rs = {PyList_New(0), PyList_New(0), 0, {0}, 0};
-    PyObject *error = NULL, *result = NULL;
-    Py_ssize_t reads = 0, not_ip = 0, malformed = 0;
+    PyObject *result = NULL;
     if (!rs.packets || !rs.runs) goto done;
-
-    for (Py_ssize_t r = 0; r < max_reads; r++) {
+    while (rd.reads < max_reads) {
         fp_segment_plan plan;
         const uint8_t *dst = NULL;
         size_t dlen = 0;
-        fp_read_status st = fp_tun_read_one(fd, buf, vnet, &plan, &dst, &dlen);
-        if (st == FP_READ_EMPTY) break;
-        if (st == FP_READ_ERROR) {
-            if (!(error = fp_os_error(errno))) goto done;
-            break;
-        }
-        reads++;
-        if (st == FP_READ_NOT_IP) {
-            not_ip++;
-        } else if (st == FP_READ_MALFORMED) {
-            malformed++;
-        } else if (fp_runs_add(&rs, &plan, dst, dlen) < 0) {
-            goto done;
-        }
+        int got = fp_reader_next(&rd, &plan, &dst, &dlen);
+        if (got < 0) goto done;
+        if (!got) break;
+        if (fp_runs_add(&rs, &plan, dst, dlen) < 0) goto done;
     }
     if (fp_runs_finish(&rs) < 0) goto done;
-    result = Py_BuildValue("(OOnnnO)", rs.packets, rs.runs, reads, not_ip, malformed,
-                           error ? error : Py_None);
+    result = Py_BuildValue("(OOnnnO)", rs.packets, rs.runs, rd.reads, rd.not_ip, rd.malformed,
+                           rd.error ? rd.error : Py_None);
 done:
-    PyMem_Free(buf);
+    PyMem_Free(rd.buf);
     Py_XDECREF(rs.packets);
     Py_XDECREF(rs.runs);
-    Py_XDECREF(error);
+    Py_XDECREF(rd.error);
     return result;
 }
 

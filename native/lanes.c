@@ -452,13 +452,12 @@ static void send_spans(int fd, const arena *a, fp_iov *iov, int *gso, long long 
 /* fast_tx's work, its arguments parsed. */
 static PyObject *fast_tx_run(int tun_fd, Py_ssize_t max_reads, int vnet, PyObject *routes,
                              int udp_fd, int gso, double now, int tcp_only) {
-    uint8_t *buf = PyMem_Malloc(FP_READ_SIZE);
-    if (!buf) return PyErr_NoMemory();
+    fp_reader rd = {tun_fd, vnet, max_reads, PyMem_Malloc(FP_READ_SIZE), 0, 0, 0, NULL};
+    if (!rd.buf) return PyErr_NoMemory();
     fp_runs rs = {PyList_New(0), PyList_New(0), 0, {0}, 0};
-    PyObject *used = PyList_New(0), *error = NULL, *result = NULL;
+    PyObject *used = PyList_New(0), *result = NULL;
     arena a = {0};
     fp_iov *iov = NULL;
-    Py_ssize_t reads = 0, not_ip = 0, malformed = 0;
     long long dropped = 0, errors = 0;
     int last_errno = 0;
     uint8_t last_dst[16];
@@ -466,25 +465,13 @@ static PyObject *fast_tx_run(int tun_fd, Py_ssize_t max_reads, int vnet, PyObjec
     LaneObject *last_lane = NULL;
     if (!rs.packets || !rs.runs || !used) goto done;
 
-    for (Py_ssize_t r = 0; r < max_reads; r++) {
+    while (rd.reads < max_reads) {
         fp_segment_plan plan;
         const uint8_t *dst = NULL;
         size_t dlen = 0;
-        fp_read_status st = fp_tun_read_one(tun_fd, buf, vnet, &plan, &dst, &dlen);
-        if (st == FP_READ_EMPTY) break;
-        if (st == FP_READ_ERROR) {
-            if (!(error = fp_os_error(errno))) goto done;
-            break;
-        }
-        reads++;
-        if (st == FP_READ_NOT_IP) {
-            not_ip++;
-            continue;
-        }
-        if (st == FP_READ_MALFORMED) {
-            malformed++;
-            continue;
-        }
+        int got = fp_reader_next(&rd, &plan, &dst, &dlen);
+        if (got < 0) goto done;
+        if (!got) break;
         if (dlen != last_dlen || memcmp(dst, last_dst, dlen) != 0) {
             PyObject *addr = PyBytes_FromStringAndSize((const char *)dst, (Py_ssize_t)dlen);
             if (!addr) goto done;
@@ -513,17 +500,17 @@ static PyObject *fast_tx_run(int tun_fd, Py_ssize_t max_reads, int vnet, PyObjec
         }
         send_spans(udp_fd, &a, iov, &gso, &dropped, &errors, &last_errno);
     }
-    result = Py_BuildValue("(OOnnnOOLLiO)", rs.packets, rs.runs, reads, not_ip, malformed,
-                           error ? error : Py_None, used, dropped, errors, last_errno,
-                           gso ? Py_True : Py_False);
+    result = Py_BuildValue("(OOnnnOOLLiO)", rs.packets, rs.runs, rd.reads, rd.not_ip,
+                           rd.malformed, rd.error ? rd.error : Py_None, used, dropped, errors,
+                           last_errno, gso ? Py_True : Py_False);
 done:
-    PyMem_Free(buf);
+    PyMem_Free(rd.buf);
     PyMem_Free(iov);
     arena_free(&a);
     Py_XDECREF(rs.packets);
     Py_XDECREF(rs.runs);
     Py_XDECREF(used);
-    Py_XDECREF(error);
+    Py_XDECREF(rd.error);
     return result;
 }
 

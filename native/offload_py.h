@@ -45,6 +45,19 @@ fp_read_status fp_tun_read_one(int fd, uint8_t *buf, int vnet, fp_segment_plan *
                                const uint8_t **dst, size_t *dlen);
 PyObject *fp_os_error(int err); /* OSError(err, strerror(err)) */
 
+/* Up to max_reads reads of a TUN batch, counted: reads, those not IP, those segmentation
+ * refused, and the OSError other than EAGAIN that ended the batch (a new reference, or NULL). */
+typedef struct {
+    int fd, vnet;
+    Py_ssize_t max_reads;
+    uint8_t *buf; /* FP_READ_SIZE bytes */
+    Py_ssize_t reads, not_ip, malformed;
+    PyObject *error;
+} fp_reader;
+/* The batch's next IP packet: 1 (plan, dst, dlen set), 0 when the batch ends (nothing more to
+ * read, max_reads reached, or an error kept in r->error), -1 with an exception. */
+int fp_reader_next(fp_reader *r, fp_segment_plan *plan, const uint8_t **dst, size_t *dlen);
+
 /* tun_read's result being built: segments as bytes, grouped in runs of one destination. */
 typedef struct {
     PyObject *packets, *runs;
