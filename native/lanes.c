@@ -568,7 +568,9 @@ typedef struct {
     PyObject *v4, *v6, *accept, *syn_denied;
 } rx_filter;
 
-/* 1 when the filter's cached path passes p[0..n) (an IP packet with a valid header) as is. */
+/* Whether the filter's cached path passes p[0..n) (an IP packet with a valid header) as is:
+ * 2 for a flow it accepts whole (ACCEPT), 1 for a TCP segment other than a SYN of a flow whose
+ * SYNs it denies (SYN_DENIED), 0 when it does not pass (or has no decision). */
 static int filter_passes(const rx_filter *f, const uint8_t *p, size_t n) {
     PyObject *tables, *proto, *table, *key, *v;
     size_t flags_at;
@@ -588,8 +590,9 @@ static int filter_passes(const rx_filter *f, const uint8_t *p, size_t n) {
     int pass = 0;
     if (proto && key && (table = PyDict_GetItemWithError(tables, proto)) && PyDict_Check(table) &&
         (v = PyDict_GetItemWithError(table, key))) {
-        pass = v == f->accept ||
-               (v == f->syn_denied && n > flags_at && (p[flags_at] & 0x12) != 0x02);
+        pass = v == f->accept ? 2
+               : (v == f->syn_denied && n > flags_at && (p[flags_at] & 0x12) != 0x02) ? 1
+                                                                                     : 0;
     }
     PyErr_Clear();
     Py_XDECREF(proto);
@@ -607,7 +610,7 @@ typedef struct {
     uint8_t src[16]; /* the last inner source looked up and the lane routes give it */
     size_t src_len;
     LaneObject *src_lane;
-    uint8_t key[37]; /* the last flow the filter passed (0: none) */
+    uint8_t key[37]; /* the last flow the filter accepts whole (key_len 0: none) */
     size_t key_len;
     arena a;
     PyObject *checks;
@@ -668,20 +671,17 @@ static size_t flow_key(const uint8_t *p, size_t n, uint8_t key[37]) {
     return 0;
 }
 
+/* filter_passes, remembering the last flow accepted whole: a batch is mostly one flow. */
 static int filter_passes_cached(rx_ctx *cx, const uint8_t *p, size_t n) {
     uint8_t key[37];
     size_t k = flow_key(p, n, key);
-    int syn = 0;
-    if (k == 13 && p[9] == 6) syn = n > 33 && (p[33] & 0x12) == 0x02;
-    if (k == 37 && p[6] == 6) syn = n > 53 && (p[53] & 0x12) == 0x02;
-    /* a flow passed before passes again, but for a TCP SYN (a SYN_DENIED flow passes the rest) */
-    if (k && !syn && k == cx->key_len && memcmp(key, cx->key, k) == 0) return 1;
+    if (k && k == cx->key_len && memcmp(key, cx->key, k) == 0) return 1;
     int pass = filter_passes(cx->flt, p, n);
-    if (pass && k && !syn) {
+    if (pass == 2 && k) {
         memcpy(cx->key, key, k);
         cx->key_len = k;
     }
-    return pass;
+    return pass != 0;
 }
 
 /* Open one message on `lane` into the arena; kept there for the TUN, or copied out as
