@@ -463,6 +463,7 @@ class Daemon:
             listen_port=udp.port,
             send=lambda data, ep: transport.send_to_endpoint([data], ep, None),
             log=log,
+            on_set=self.flush,  # a removed peer's lane goes before its next packet
         )
         if server is not None:
             self._servers.append(server)

@@ -245,8 +245,10 @@ async def serve_uapi(
     send: Callable[[bytes, Endpoint], object],
     log: FilteringBoundLogger,
     fwmark: int = 0,
+    on_set: Callable[[], None] = lambda: None,
 ) -> asyncio.AbstractServer:
-    """Listen on `path` (mode 0600) and answer `get=1` / `set=1` until the server is closed."""
+    """Listen on `path` (mode 0600) and answer `get=1` / `set=1` until the server is closed;
+    `on_set` runs after every set (the daemon re-arms its timer and its data plane's lanes)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -258,6 +260,7 @@ async def serve_uapi(
                     errno, out, reason = _apply_set(device, body, listen_port, clock(), fwmark)
                     for datagram, ep in out:
                         send(datagram, ep)
+                    on_set()
                     log.info("uapi set", lines=len(body), errno=errno, reason=reason or None)
                     writer.write(f"errno={errno}\n\n".encode())
                 else:
@@ -299,6 +302,7 @@ async def serve_interface_uapi(
     listen_port: int,
     send: Callable[[bytes, Endpoint], object],
     log: FilteringBoundLogger,
+    on_set: Callable[[], None] = lambda: None,
 ) -> asyncio.AbstractServer | None:
     """`serve_uapi` for the node's interface, at its `uapi_path`, on the running loop's clock;
     None (and a warning) when it cannot listen."""
@@ -313,6 +317,7 @@ async def serve_interface_uapi(
             send=send,
             log=log,
             fwmark=cfg.fwmark,
+            on_set=on_set,
         )
     except OSError as e:
         log.warning("UAPI socket unavailable", path=path, error=str(e))

@@ -177,8 +177,14 @@ def test_stock_wg_show_and_set_work_on_our_interface(pair: Pair, lab: Lab) -> No
     assert f"ListenPort = {PORT_A}" in conf
     assert f"PublicKey = {peer[0]}" in conf
     assert "PersistentKeepalive = 7" in conf
-    # removing the peer with `wg set` takes effect live: no more route to it
+    # removing the peer with `wg set` takes effect live: no more route to it, and nothing it
+    # sends gets in any more, not even on the lane its session had
+    assert ping(pair.ns_b, A4, count=1, timeout=10)
     lab.run(pair.ns_a, "wg", "set", pair.a.ifname, "peer", peer[0], "remove")
     assert pair.a.status()["peers"] == []
+    before = pair.a.status()["dataplane"]
     assert not ping(pair.ns_a, B4, count=1, timeout=2)
+    assert not ping(pair.ns_b, A4, count=2, timeout=2)
+    after = pair.a.status()["dataplane"]
+    assert after["rx_packets"] == before["rx_packets"], (before, after)
     assert lab.run(pair.ns_a, "wg", "show", pair.a.ifname, "peers").stdout.strip() == ""
