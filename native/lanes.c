@@ -94,7 +94,7 @@ static int sealer_init(SealerObject *self, PyObject *args, PyObject *kwds) {
 }
 
 /* seal() with this sealer's key, index and counter; the counter moves on by len(packets). */
-static PyObject *sealer_seal_seq(SealerObject *self, PyObject *packets) {
+static PyObject *sealer_seal(SealerObject *self, PyObject *packets) {
     PyObject *index = PyLong_FromUnsignedLong(self->remote_index);
     PyObject *ctr = PyLong_FromUnsignedLongLong(self->counter);
     PyObject *out = NULL;
@@ -106,10 +106,6 @@ static PyObject *sealer_seal_seq(SealerObject *self, PyObject *packets) {
     Py_XDECREF(ctr);
     if (out) self->counter += (uint64_t)PyList_GET_SIZE(out);
     return out;
-}
-
-static PyObject *sealer_seal(SealerObject *self, PyObject *packets) {
-    return sealer_seal_seq(self, packets);
 }
 
 static PyObject *sealer_get_counter(SealerObject *self, void *closure) {
@@ -326,7 +322,8 @@ static PyTypeObject LaneType = {
     .tp_getset = lane_getset,
 };
 
-/* The armed lane of the peer `routes` maps `addr` to (borrowed from the peer; NULL if none).
+/* The lane of the peer `routes` maps `addr` to, armed or not (borrowed from the peer; NULL if
+ * none).
  * Never raises: a missing or odd entry is no lane. */
 static LaneObject *lane_of(PyObject *routes, PyObject *addr) {
     PyObject *peer = PyDict_GetItemWithError(routes, addr);
@@ -570,33 +567,24 @@ typedef struct {
 
 /* Whether the filter's cached path passes p[0..n) (an IP packet with a valid header) as is:
  * 2 for a flow it accepts whole (ACCEPT), 1 for a TCP segment other than a SYN of a flow whose
- * SYNs it denies (SYN_DENIED), 0 when it does not pass (or has no decision). */
-static int filter_passes(const rx_filter *f, const uint8_t *p, size_t n) {
-    PyObject *tables, *proto, *table, *key, *v;
-    size_t flags_at;
-    if (p[0] == 0x45 && n >= 24) {
-        tables = f->v4;
-        proto = PyLong_FromLong(p[9]);
-        key = PyBytes_FromStringAndSize((const char *)p + 12, 12);
-        flags_at = 33;
-    } else if (p[0] >> 4 == 6 && n >= 44) {
-        tables = f->v6;
-        proto = PyLong_FromLong(p[6]);
-        key = PyBytes_FromStringAndSize((const char *)p + 8, 36);
-        flags_at = 53;
-    } else {
-        return 0;
-    }
+ * SYNs it denies (SYN_DENIED), 0 when it does not pass (or has no decision). `key` is the
+ * packet's flow_key (k bytes: the protocol, then the table's key). */
+static int filter_passes(const rx_filter *f, const uint8_t *key, size_t k, const uint8_t *p,
+                         size_t n) {
+    PyObject *proto = PyLong_FromLong(key[0]);
+    PyObject *flow = PyBytes_FromStringAndSize((const char *)key + 1, (Py_ssize_t)(k - 1));
+    PyObject *table, *v;
+    size_t flags_at = k == 13 ? 33 : 53; /* TCP flags, behind a 20- or 40-byte IP header */
     int pass = 0;
-    if (proto && key && (table = PyDict_GetItemWithError(tables, proto)) && PyDict_Check(table) &&
-        (v = PyDict_GetItemWithError(table, key))) {
+    if (proto && flow && (table = PyDict_GetItemWithError(k == 13 ? f->v4 : f->v6, proto)) &&
+        PyDict_Check(table) && (v = PyDict_GetItemWithError(table, flow))) {
         pass = v == f->accept ? 2
                : (v == f->syn_denied && n > flags_at && (p[flags_at] & 0x12) != 0x02) ? 1
                                                                                      : 0;
     }
     PyErr_Clear();
     Py_XDECREF(proto);
-    Py_XDECREF(key);
+    Py_XDECREF(flow);
     return pass;
 }
 
@@ -675,9 +663,10 @@ static size_t flow_key(const uint8_t *p, size_t n, uint8_t key[37]) {
 static int filter_passes_cached(rx_ctx *cx, const uint8_t *p, size_t n) {
     uint8_t key[37];
     size_t k = flow_key(p, n, key);
-    if (k && k == cx->key_len && memcmp(key, cx->key, k) == 0) return 1;
-    int pass = filter_passes(cx->flt, p, n);
-    if (pass == 2 && k) {
+    if (!k) return 0; /* IPv4 options, or too short for ports: the filter's own batch decides */
+    if (k == cx->key_len && memcmp(key, cx->key, k) == 0) return 1;
+    int pass = filter_passes(cx->flt, key, k, p, n);
+    if (pass == 2) {
         memcpy(cx->key, key, k);
         cx->key_len = k;
     }
@@ -812,7 +801,7 @@ PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
         ssize_t got = recv_gro(fd, buf, RECV_SIZE, &src, &srclen, &seg);
         if (got < 0) {
             if (errno == ECONNREFUSED) continue; /* a queued ICMP error: nothing to deliver */
-            break;                              /* EAGAIN, or an error the Python path sees */
+            break; /* EAGAIN; another error ends the batch (the reader comes back if more waits) */
         }
         receives++;
         size_t n = (size_t)got, size = (seg > 0 && (size_t)seg < n) ? (size_t)seg : n;

@@ -271,7 +271,13 @@ class DataPlane:
         if lanes is not None:
             dev = cast(Device, device)
             self.keeper = LaneKeeper(
-                lanes, lambda: dev.peers, self.sender, self.stats, dev.count_drop
+                lanes,
+                lambda: dev.peers,
+                self.sender,
+                self.stats,
+                dev.count_drop,
+                send=self._send_datagrams,
+                reply=self._send_replies,
             )
         self._slow = False  # the current handler ran the Python path
         self._booked = False  # the current handler ran the lanes' timer bookkeeping
@@ -433,13 +439,32 @@ class DataPlane:
             return
         stats.tx_packets += len(packets)
         stats.tx_bytes += sum(map(len, packets))
-        if not datagrams:
-            return
-        failed = sender.send_to_peer(peer, datagrams, now)
+        if datagrams:
+            self._send_datagrams(peer, datagrams, now)
+
+    def _send_datagrams(
+        self, peer: PeerLike, datagrams: Sequence[bytes | bytearray], now: float
+    ) -> None:
+        """Datagrams for `peer` over its path, counted (failures as SEND_FAILED)."""
+        stats = self.stats
+        failed = self.sender.send_to_peer(peer, datagrams, now)
         if failed:
             stats.drops[DropReason.SEND_FAILED] += failed
         stats.tx_datagrams += len(datagrams) - failed
         stats.tx_wire_bytes += sum(map(len, datagrams))
+
+    def _send_replies(
+        self, replies: Sequence[tuple[bytes | bytearray, Endpoint]], key: NodePublic | None
+    ) -> None:
+        """Handshake replies and keepalives, each back where its message came from."""
+        stats = self.stats
+        for data, endpoint in replies:
+            failed = self.sender.send_to_endpoint([data], endpoint, key)
+            if failed:
+                stats.drops[DropReason.SEND_FAILED] += failed
+            else:
+                stats.tx_datagrams += 1
+                stats.tx_wire_bytes += len(data)
 
     # ------------------------------------------------------------------ inbound
 
@@ -524,14 +549,12 @@ class DataPlane:
 
     def on_relayed(self, region: int, src_key: NodePublic, datagrams: list[bytes]) -> None:
         """Datagrams that `src_key` sent us through DERP region `region`."""
-        self._slow = True
         batch = [(datagrams, derp_endpoint(region))]
         self._inbound(batch, src_key, self.clock(), answer=len(datagrams) == 1)
 
     def on_datagrams(self, batches: Sequence[tuple[Sequence[Buffer], Endpoint]]) -> None:
         """Datagrams another UDP socket of this node read (node/birthday_io.py): inbound as
         from the WireGuard socket; replies leave through the sender, which picks the socket."""
-        self._slow = True
         self._inbound(batches, None, self.clock(), answer=False)
 
     def _inbound(
@@ -595,13 +618,8 @@ class DataPlane:
             if keeper is not None:
                 for peer in result.peers:
                     keeper.arm(cast(Peer, peer), now)
-        for data, endpoint in result.replies:
-            failed = sender.send_to_endpoint([data], endpoint, key)
-            if failed:
-                stats.drops[DropReason.SEND_FAILED] += failed
-            else:
-                stats.tx_datagrams += 1
-                stats.tx_wire_bytes += len(data)
+        if result.replies:
+            self._send_replies(result.replies, key)
 
     def _write_tun(self, packets: list[Buffer]) -> None:
         stats = self.stats

@@ -33,7 +33,6 @@ longer pays for them each time.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -64,13 +63,11 @@ class LaneSender(Protocol):
 
     def received(self, peers: Sequence[Peer], src: Endpoint, now: float) -> None: ...
 
-    def send_to_peer(
-        self, peer: Peer, datagrams: Sequence[bytes | bytearray], now: float
-    ) -> int: ...
 
-    def send_to_endpoint(
-        self, datagrams: Sequence[bytes | bytearray], endpoint: Endpoint, key: NodePublic | None
-    ) -> int: ...
+# The data plane's own sends, counted there: datagrams for a peer over its path, and replies
+# back where a message came from (the key: DERP's sender, None over UDP).
+SendToPeer = Callable[[Peer, list[bytes], float], None]
+SendReplies = Callable[[list[tuple[bytes, Endpoint]], NodePublic | None], None]
 
 
 BOOK_INTERVAL = 0.001  # seconds between two runs of one lane's timer bookkeeping
@@ -97,12 +94,17 @@ class LaneKeeper:
         sender: LaneSender,
         stats: DataPlaneStats,
         device_drop: Callable[[DropReason, int], None],
+        *,
+        send: SendToPeer,
+        reply: SendReplies,
     ) -> None:
         self.paths = paths
         self._peers = peers  # the device's peers, to notice removed ones
         self.sender = sender
         self.stats = stats
         self._device_drop = device_drop
+        self._send = send
+        self._reply = reply
         self.rx_lanes: dict[int, LaneLike] = {}  # receiver index -> lane (read by the rx batch)
         self._armed: dict[LaneLike, _Armed] = {}
         self._due: list[LaneLike] = []  # lanes whose bookkeeping waits (settle)
@@ -202,6 +204,8 @@ class LaneKeeper:
                 peer.tx_bytes += c.tx_wire_bytes
                 a.tx_due = True
             if c.rx_datagrams and a.rx is not None:
+                stats.rx_datagrams += c.rx_datagrams
+                stats.rx_wire_bytes += c.rx_wire_bytes
                 stats.rx_packets += c.rx_packets
                 stats.lane_rx_packets += c.rx_packets
                 stats.rx_bytes += c.rx_bytes
@@ -238,25 +242,21 @@ class LaneKeeper:
     def _book(self, a: _Armed, now: float) -> None:
         """Tell the peer's timers and the path layer what the lane did since the last time
         (the bytes were counted already)."""
-        peer, sender, stats = a.peer, self.sender, self.stats
+        peer, sender = a.peer, self.sender
         a.booked = now
         if a.tx_due:
             a.tx_due = False
-            more = peer.note_sent(0, now)
+            more = peer.note_sent(now)
             sender.note_sent(peer, now)
             if more:
-                _send(sender, peer, more, now, stats.drops, stats)
+                self._send(peer, more, now)
         if a.rx_due and a.rx is not None and a.source is not None:
             a.rx_due, data, a.rx_data = False, a.rx_data, False
-            out = peer.on_transport(a.rx, a.source, now, nbytes=0, data=data)
-            sender.received([peer], a.source, now)
-            for d in out:
-                failed = sender.send_to_endpoint([d], a.source, None)
-                if failed:
-                    stats.drops[DropReason.SEND_FAILED] += failed
-                else:
-                    stats.tx_datagrams += 1
-                    stats.tx_wire_bytes += len(d)
+            src = a.source
+            out = peer.on_transport(a.rx, src, now, nbytes=0, data=data)
+            sender.received([peer], src, now)
+            if out:
+                self._reply([(d, src) for d in out], None)
 
     def count_rx_drops(self, authentication: int, replay: int, not_ip: int, malformed: int) -> None:
         """Messages a lane opened and dropped, counted where the device counts its own."""
@@ -269,18 +269,3 @@ class LaneKeeper:
         ):
             if n:
                 drop(reason, n)
-
-
-def _send(
-    sender: LaneSender,
-    peer: Peer,
-    datagrams: list[bytes],
-    now: float,
-    drops: Counter[DropReason],
-    stats: DataPlaneStats,
-) -> None:
-    failed = sender.send_to_peer(peer, datagrams, now)
-    if failed:
-        drops[DropReason.SEND_FAILED] += failed
-    stats.tx_datagrams += len(datagrams) - failed
-    stats.tx_wire_bytes += sum(map(len, datagrams))

@@ -31,20 +31,13 @@ agent._fastpath.fast_tx / fast_rx, native/lanes.c); tests/native/ checks them ag
 from __future__ import annotations
 
 import math
-import socket
 from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any, NamedTuple, Protocol
 
-from agent.node.fastpath import (
-    DataPlaneImpl,
-    NativeTunIo,
-    PythonTunIo,
-    TunIo,
-    TunLike,
-    TunRead,
-)
-from agent.node.udp import Endpoint, UdpSocket, normalise
+from agent.node.fastpath import DataPlaneImpl, PythonTunIo, TunIo, TunLike, TunRead
+from agent.node.tun import OFFLOAD_TSO_USO
+from agent.node.udp import Endpoint, UdpSocket
 from agent.policy.filter import FastView
 from agent.proto.errors import MalformedPacket
 from agent.proto.offload import segment
@@ -431,16 +424,14 @@ class NativeLanes:
     """The same batches in one call each (agent._fastpath.fast_tx / fast_rx)."""
 
     def __init__(self, tun: TunLike, udp: UdpSocket, mod: ModuleType) -> None:
-        self.tun_io = NativeTunIo(tun, mod)
         self._tun_fd = tun.fileno()
         self._vnet = tun.vnet_hdr
-        self._uso = self.tun_io._uso
+        self._uso = tun.offload == OFFLOAD_TSO_USO
         self.udp = udp
         self._udp_fd = udp.fileno()
         self._mod = mod
         self._fast_tx = mod.fast_tx
         self._fast_rx = mod.fast_rx
-        self._sources: dict[bytes, Endpoint] = {}
 
     def new_lane(self) -> LaneLike:
         lane: LaneLike = self._mod.Lane()
@@ -468,7 +459,7 @@ class NativeLanes:
         raw = self.udp.raw_target(source)
         # The compiled lane compares raw addresses, the Python twin (and path) Endpoints as
         # UdpSocket names sources: one spelled otherwise ("::ffff:7f00:1") never matches there.
-        if raw is None or _endpoint(raw) != source:
+        if raw is None or self.udp.source_of(raw) != source:
             lane.disarm_rx()
             return False
         lane.arm_rx(aead, replay, index, raw, deadline)  # type: ignore[attr-defined]
@@ -522,19 +513,8 @@ class NativeLanes:
         )
         if r[10] is not None:
             r = (*r[:10], self._sent(r[10]))
-        raw_slow = r[0]
-        if raw_slow:
-            sources = self._sources
-            slow: list[tuple[Sequence[Buffer], Endpoint]] = []
-            for datagrams, raw in raw_slow:
-                src = sources.get(raw)
-                if src is None:
-                    if len(sources) > 4096:
-                        sources.clear()
-                    src = sources[raw] = _endpoint(raw)
-                slow.append((datagrams, src))
-            return FastRx(slow, *r[1:])
-        return FastRx([], *r[1:])
+        source_of = self.udp.source_of
+        return FastRx([(datagrams, source_of(raw)) for datagrams, raw in r[0]], *r[1:])
 
 
 def lanes_for(impl: DataPlaneImpl, tun: TunLike, udp: UdpSocket) -> LanePaths | None:
@@ -545,12 +525,3 @@ def lanes_for(impl: DataPlaneImpl, tun: TunLike, udp: UdpSocket) -> LanePaths | 
     if mod is not None and hasattr(mod, "fast_tx"):
         return NativeLanes(tun, udp, mod)
     return None
-
-
-def _endpoint(raw: bytes) -> Endpoint:
-    """The Endpoint of a raw struct sockaddr_in / sockaddr_in6, as UdpSocket names sources."""
-    port = int.from_bytes(raw[2:4], "big")
-    family = int.from_bytes(raw[0:2], "little")
-    if family == socket.AF_INET:
-        return normalise((socket.inet_ntop(socket.AF_INET, raw[4:8]), port))
-    return normalise((socket.inet_ntop(socket.AF_INET6, raw[8:24]), port))

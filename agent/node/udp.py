@@ -69,7 +69,8 @@ class UdpSocket:
         self._targets: dict[Endpoint, tuple[str, int]] = {}
         # the kernel's source address tuples, normalised once (and the same Endpoint object
         # every time, which makes the endpoint comparisons downstream identity checks)
-        self._sources: dict[tuple[object, ...], Endpoint] = {}
+        # (and a compiled receive's raw struct sockaddr, `source_of`)
+        self._sources: dict[tuple[object, ...] | bytes, Endpoint] = {}
         # The compiled send batch (agent._fastpath.udp_send) and raw addresses for it, once
         # `use_native` was called; None: the Python batch below.
         self.native: ModuleType | None = None  # agent._fastpath once `use_native` was called
@@ -196,6 +197,22 @@ class UdpSocket:
         self._raw_targets[addr] = raw
         return raw
 
+    def source_of(self, raw: bytes) -> Endpoint:
+        """The Endpoint of a raw struct sockaddr_in / sockaddr_in6 (a compiled receive's
+        source, or `raw_target`'s output), named as `recv_batch` names sources."""
+        src = self._sources.get(raw)
+        if src is None:
+            family = int.from_bytes(raw[0:2], "little")
+            port = int.from_bytes(raw[2:4], "big")
+            if family == socket.AF_INET:
+                host = socket.inet_ntop(socket.AF_INET, raw[4:8])
+            else:
+                host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+            if len(self._sources) > 4096:
+                self._sources.clear()
+            src = self._sources[raw] = normalise((host, port))
+        return src
+
     def sends_from_main(self, addr: Endpoint) -> bool:
         """Always: this is the one socket."""
         return True
@@ -214,11 +231,8 @@ class UdpSocket:
         raw: bytes,
     ) -> int:
         dropped, errors, err, self.gso = native(self.sock.fileno(), raw, datagrams, self.gso)
-        if dropped:
-            self.send_dropped += dropped
-        if errors:
-            self.send_errors += errors
-            self.last_error = OSError(err, os.strerror(err))
+        if dropped or errors:
+            self.count_send_failures(dropped, errors, err)
         return dropped + errors
 
     def _send_gso(self, group: Sequence[Buffer], size: int, target: tuple[str, int]) -> int:

@@ -19,6 +19,7 @@ from agent.proto.wireguard.constants import (
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_TIME,
 )
+from agent.proto.wireguard.device import Device
 from agent.proto.wireguard.peer import Peer
 from agent.proto.wireguard.transport import Aead, Replay, SealerLike
 from tests.proto.test_device import A_EP, A_IP, B_EP, B_IP, Pair, ipv4
@@ -98,8 +99,28 @@ class Sender:
 
 def keeper_for(pair: Pair, sender: Sender) -> tuple[LaneKeeper, DataPlaneStats]:
     stats = DataPlaneStats()
-    dev = pair.a
-    return LaneKeeper(Paths(), lambda: dev.peers, sender, stats, dev.count_drop), stats
+    return new_keeper(pair.a, sender, stats), stats
+
+
+def new_keeper(dev: Device, sender: Sender, stats: DataPlaneStats) -> LaneKeeper:
+    """A keeper whose sends and replies go to `sender` (the data plane's helpers count them)."""
+
+    def send(peer: Peer, datagrams: list[bytes], now: float) -> None:
+        sender.send_to_peer(peer, datagrams, now)
+
+    def reply(replies: list[tuple[bytes, Endpoint]], key: NodePublic | None) -> None:
+        for data, endpoint in replies:
+            sender.send_to_endpoint([data], endpoint, key)
+
+    return LaneKeeper(
+        Paths(),
+        lambda: dev.peers,
+        sender,
+        stats,
+        dev.count_drop,
+        send=send,
+        reply=reply,
+    )
 
 
 def lane(peer: Peer) -> Lane:
@@ -148,7 +169,7 @@ def test_the_responder_sends_until_the_session_ends_and_the_path_s_trust_bounds_
     sender = Sender()
     sender.path = (A_EP, pair.now + 5.0)
     dev = pair.b
-    keeper = LaneKeeper(Paths(), lambda: dev.peers, sender, DataPlaneStats(), dev.count_drop)
+    keeper = new_keeper(dev, sender, DataPlaneStats())
     keeper.arm(pair.pb, pair.now)
     kp = pair.pb.keypairs.current
     assert kp is not None
@@ -227,6 +248,7 @@ def test_settle_books_a_lane_s_batch_as_the_python_path_does() -> None:
     )
     assert stats.drops[DropReason.SEND_FAILED] == 1
     assert (stats.rx_packets, stats.rx_bytes) == (3, 250)
+    assert (stats.rx_datagrams, stats.rx_wire_bytes) == (4, 512)  # as _receive counts them
     assert (stats.lane_tx_packets, stats.lane_rx_packets) == (3, 3)
     assert pair.pa.tx_bytes == tx_before + 400
     assert pair.pa.rx_bytes == rx_before + 512

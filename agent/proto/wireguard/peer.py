@@ -122,14 +122,14 @@ class Peer:
             self._stage(packets)
             return self._initiate(now)
         out = kp.seal(packets)
-        out.extend(self.note_sent(sum(map(len, out)), now))
+        self.tx_bytes += sum(map(len, out))
+        out.extend(self.note_sent(now))
         return out
 
-    def note_sent(self, wire_bytes: int, now: float) -> list[bytes]:
-        """Bookkeeping after data went out on the current session (here, or sealed by a
-        data-plane lane with the session's sealer): counters and timers; an initiation to
-        send when the session is due for a new handshake."""
-        self.tx_bytes += wire_bytes
+    def note_sent(self, now: float) -> list[bytes]:
+        """The timers after data went out on the current session (sealed here, or by a
+        data-plane lane with the session's sealer, which counts the bytes itself); an
+        initiation to send when the session is due for a new handshake."""
         t = self.timers
         t.on_data_sent(now)
         t.on_authenticated_sent()
