@@ -14,7 +14,7 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-SOURCES = ["native/module.c", "native/crypto.c", "native/transport.c", "native/offload.c", "native/io.c", "native/udp.c", "native/lanes.c"]
+SOURCES = ["native/module.c", "native/crypto.c", "native/transport.c", "native/offload.c", "native/io.c", "native/udp.c", "native/lanes.c", "native/pump.c"]
 WANT = os.environ.get("AGENT_NATIVE", "")
 
 
@@ -53,6 +53,7 @@ if WANT != "0":
                 "native/transport.h",
                 "native/offload.h",
                 "native/offload_py.h",
+                "native/lanes.h",
             ],
             libraries=["crypto"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror=implicit"],

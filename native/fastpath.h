@@ -23,6 +23,7 @@ int fp_crypto_init(PyObject *module);  /* adds Aead, ReplayWindow; 0 or -1 with 
 int fp_offload_init(PyObject *module);
 int fp_io_init(PyObject *module);
 int fp_lanes_init(PyObject *module); /* adds Sealer, Lane */
+int fp_pump_init(PyObject *module);  /* adds Pump */
 
 /* Entry points lanes.c composes (METH_FASTCALL signatures; `mod` unused). */
 PyObject *fp_seal(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);

@@ -39,6 +39,7 @@
  * they did.
  */
 #include "offload_py.h" /* Python.h first, as CPython asks */
+#include "lanes.h"
 #include "transport.h"
 
 #include <errno.h>
@@ -446,8 +447,7 @@ static void send_spans(int fd, const arena *a, fp_iov *iov, int *gso, long long 
     }
 }
 
-/* fast_tx's work, its arguments parsed. */
-static PyObject *fast_tx_run(int tun_fd, Py_ssize_t max_reads, int vnet, PyObject *routes,
+PyObject *fp_fast_tx_run(int tun_fd, Py_ssize_t max_reads, int vnet, PyObject *routes,
                              int udp_fd, int gso, double now, int tcp_only) {
     fp_reader rd = {tun_fd, vnet, max_reads, PyMem_Malloc(FP_READ_SIZE), 0, 0, 0, NULL};
     if (!rd.buf) return PyErr_NoMemory();
@@ -533,7 +533,7 @@ PyObject *fp_fast_tx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (now == -1.0 && PyErr_Occurred()) return NULL;
     int tcp_only = PyObject_IsTrue(args[7]);
     if (tcp_only < 0) return NULL;
-    return fast_tx_run(tun_fd, max_reads, vnet, args[3], udp_fd, gso, now, tcp_only);
+    return fp_fast_tx_run(tun_fd, max_reads, vnet, args[3], udp_fd, gso, now, tcp_only);
 }
 
 /* ------------------------------------------------------------------ fast_rx */
@@ -739,6 +739,17 @@ static ssize_t recv_gro(int fd, uint8_t *buf, size_t cap, struct sockaddr_storag
     return got;
 }
 
+int fp_filter_view_ok(PyObject *f) {
+    if (f == Py_None) return 1;
+    if (!PyTuple_Check(f) || PyTuple_GET_SIZE(f) != 4 || !PyDict_Check(PyTuple_GET_ITEM(f, 0)) ||
+        !PyDict_Check(PyTuple_GET_ITEM(f, 1))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "filter: None or (v4 tables, v6 tables, ACCEPT, SYN_DENIED)");
+        return 0;
+    }
+    return 1;
+}
+
 PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     (void)mod;
     if (nargs != 10 || !PyDict_Check(args[2]) || !PyDict_Check(args[3])) {
@@ -754,26 +765,7 @@ PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
                               &answer_tcp_only))
             return NULL;
     }
-    rx_filter filter_view;
-    rx_ctx cx;
-    memset(&cx, 0, sizeof cx);
-    cx.index = -1;
-    cx.lanes = args[2];
-    cx.routes = args[3];
-    if (args[8] != Py_None) {
-        PyObject *f = args[8];
-        if (!PyTuple_Check(f) || PyTuple_GET_SIZE(f) != 4 || !PyDict_Check(PyTuple_GET_ITEM(f, 0)) ||
-            !PyDict_Check(PyTuple_GET_ITEM(f, 1))) {
-            PyErr_SetString(PyExc_TypeError,
-                            "filter: None or (v4 tables, v6 tables, ACCEPT, SYN_DENIED)");
-            return NULL;
-        }
-        filter_view.v4 = PyTuple_GET_ITEM(f, 0);
-        filter_view.v6 = PyTuple_GET_ITEM(f, 1);
-        filter_view.accept = PyTuple_GET_ITEM(f, 2);
-        filter_view.syn_denied = PyTuple_GET_ITEM(f, 3);
-        cx.flt = &filter_view;
-    }
+    if (!fp_filter_view_ok(args[8])) return NULL;
     int fd = PyObject_AsFileDescriptor(args[0]);
     if (fd < 0) return NULL;
     Py_ssize_t max_datagrams = PyLong_AsSsize_t(args[1]);
@@ -786,7 +778,26 @@ PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     if (uso < 0) return NULL;
     double now = PyFloat_AsDouble(args[7]);
     if (now == -1.0 && PyErr_Occurred()) return NULL;
+    return fp_fast_rx_run(fd, max_datagrams, args[2], args[3], tun_fd, vnet, uso, now, args[8],
+                          answer_reads, answer_gso, answer_tcp_only);
+}
 
+PyObject *fp_fast_rx_run(int fd, Py_ssize_t max_datagrams, PyObject *lanes, PyObject *routes,
+                         int tun_fd, int vnet, int uso, double now, PyObject *filter,
+                         Py_ssize_t answer_reads, int answer_gso, int answer_tcp_only) {
+    rx_filter filter_view;
+    rx_ctx cx;
+    memset(&cx, 0, sizeof cx);
+    cx.index = -1;
+    cx.lanes = lanes;
+    cx.routes = routes;
+    if (filter != Py_None) {
+        filter_view.v4 = PyTuple_GET_ITEM(filter, 0);
+        filter_view.v6 = PyTuple_GET_ITEM(filter, 1);
+        filter_view.accept = PyTuple_GET_ITEM(filter, 2);
+        filter_view.syn_denied = PyTuple_GET_ITEM(filter, 3);
+        cx.flt = &filter_view;
+    }
     uint8_t *buf = PyMem_Malloc(RECV_SIZE);
     if (!buf) return PyErr_NoMemory();
     PyObject *slow = PyList_New(0), *used = PyList_New(0), *result = NULL;
@@ -851,8 +862,8 @@ PyObject *fp_fast_rx(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     PyObject *answer = NULL;
     if (answer_reads > 0 && writes > failed) {
         /* what the packets provoked (an echo reply, an ACK) is queued by now: send it */
-        answer = fast_tx_run(tun_fd, answer_reads, vnet, cx.routes, fd, answer_gso, now,
-                             answer_tcp_only);
+        answer = fp_fast_tx_run(tun_fd, answer_reads, vnet, cx.routes, fd, answer_gso, now,
+                                answer_tcp_only);
         if (!answer) goto done;
     }
     result = Py_BuildValue("(OOnOLLLLnnN)", slow, used, receives, cx.checks, cx.drops.auth,

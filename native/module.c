@@ -1,5 +1,5 @@
 /* agent._fastpath: module definition; the entry points live in crypto.c, offload.c, io.c,
- * udp.c and lanes.c. */
+ * udp.c, lanes.c and pump.c. */
 #include "fastpath.h"
 
 static int add_methods(PyObject *module, PyMethodDef *defs) {
@@ -12,7 +12,7 @@ static int fastpath_exec(PyObject *module) {
         add_methods(module, fp_lanes_methods) < 0)
         return -1;
     if (fp_crypto_init(module) < 0 || fp_offload_init(module) < 0 || fp_io_init(module) < 0 ||
-        fp_lanes_init(module) < 0)
+        fp_lanes_init(module) < 0 || fp_pump_init(module) < 0)
         return -1;
     return 0;
 }

@@ -27,8 +27,13 @@ pseudo-endpoint as the source; replies go back through that region to the sendin
 Nothing here runs once per packet on the event loop: asyncio calls each handler once per
 readiness and the handler drains a batch, then calls `on_activity()` once so the daemon can
 re-arm its single timer. Drops are counted by `DropReason`; a `RemoteProtocolError` from the
-device is counted by its `reason` and never raised. No threads: measured slower than one loop
-(cryptography holds the GIL for packets under 2 KB).
+device is counted by its `reason` and never raised.
+
+With the compiled data plane (`lanes`, and `pump` as the daemon asks) one thread more reads both
+fds in place of these readers (node/lane_pump.py): a known peer's packets go out the moment they
+are readable, in compiled code, and `_on_pump` handles what it hands back here as the readers
+would have (the Python path for the rest, the lanes' bookkeeping). The Python data plane has no
+such thread (its batches hold the GIL throughout: a thread measured slower than one loop).
 
 A lone packet (ping, request/response) pays for every syscall and every trip through the event
 loop, so two things keep its path short. A wakeup more than SPARSE_GAP after the previous one on
@@ -60,7 +65,8 @@ from agent.node.access import Access
 from agent.node.dataplane_stats import DataPlaneStats
 from agent.node.fastpath import PythonTunIo, TunIo, TunRead
 from agent.node.lane_keeper import BOOK_INTERVAL, LaneKeeper
-from agent.node.lanes import Answer, LaneLike, LanePaths
+from agent.node.lane_pump import LanePump
+from agent.node.lanes import Answer, FastRx, FastTx, LaneLike, LanePaths, NativeLanes
 from agent.node.tun import Tun
 from agent.node.udp import Endpoint, UdpSocket
 from agent.proto.errors import DropReason, RemoteProtocolError
@@ -245,6 +251,7 @@ class DataPlane:
         access: Access | None = None,
         tun_io: TunIo | None = None,
         lanes: LanePaths | None = None,
+        pump: bool = False,
     ) -> None:
         self.tun = tun
         # The TUN batches: the Python twin over `tun`, or the compiled ones (node/fastpath.py)
@@ -279,6 +286,17 @@ class DataPlane:
                 send=self._send_datagrams,
                 reply=self._send_replies,
             )
+        # The lanes' own thread (node/lane_pump.py): with the compiled lanes and `pump`, it
+        # reads both fds in place of the loop's readers
+        self._pump: LanePump | None = None
+        if pump and isinstance(lanes, NativeLanes):
+            self._pump = LanePump(
+                lanes,
+                max_reads=max_tun_reads,
+                max_datagrams=max_datagrams,
+                sparse_gap=SPARSE_GAP,
+                book_delay=BOOK_INTERVAL,
+            )
         self._slow = False  # the current handler ran the Python path
         self._booked = False  # the current handler ran the lanes' timer bookkeeping
         self._fast_only = False  # the last handler ran lanes only (nothing to revalidate)
@@ -290,18 +308,78 @@ class DataPlane:
         """Register both fds with `loop` (level-triggered readers)."""
         if self._loop is not None:
             raise RuntimeError("data plane already attached")
+        self._loop = loop
+        pump = self._pump
+        if pump is not None:
+            self._configure_pump()
+            loop.add_reader(pump.wake_fd, self._on_pump)
+            pump.start()
+            return
         loop.add_reader(self.tun.fileno(), self.on_tun_readable)
         loop.add_reader(self.udp.fileno(), self.on_udp_readable)
-        self._loop = loop
 
     def detach(self) -> None:
         if self._book_timer is not None:
             self._book_timer.cancel()
             self._book_timer = None
         loop, self._loop = self._loop, None
-        if loop is not None:
+        if loop is None:
+            return
+        pump = self._pump
+        if pump is not None and pump.running:
+            pump.stop()
+            loop.remove_reader(pump.wake_fd)
+        else:
             loop.remove_reader(self.tun.fileno())
             loop.remove_reader(self.udp.fileno())
+
+    @property
+    def threaded(self) -> bool:
+        """The lanes' thread reads the fds (node/lane_pump.py)."""
+        return self._pump is not None and self._pump.running
+
+    def _configure_pump(self) -> None:
+        pump, keeper = self._pump, self.keeper
+        if pump is not None and keeper is not None:
+            pump.configure(
+                cast(Device, self.device).route_cache,
+                keeper.rx_lanes,
+                self.access.fast_view(),
+                self.access.filter is not None,
+            )
+
+    def _on_pump(self) -> None:
+        """What the lanes' thread read and left for Python, handled as the readers would."""
+        pump = self._pump
+        assert pump is not None
+        now = self.clock()
+        self._slow = self._booked = False
+        for r in pump.take():
+            if isinstance(r, FastTx):
+                self.stats.pump_batches += 1
+                if not self._tun_batch(r.rest, r.lanes, now) and r.rest.error is not None:
+                    return  # the TUN failed: detached
+            elif isinstance(r, FastRx):
+                self.stats.pump_batches += 1
+                if r.answered is not None:
+                    self._tun_batch(r.answered.rest, r.answered.lanes, now)
+                self._lanes_received(r, now, answer=False)
+            else:
+                self._pump_failed(r)
+                return
+        self._done(now)
+
+    def _pump_failed(self, error: BaseException) -> None:
+        """The thread ended on an error: say so, and read both fds from the loop again."""
+        log.error("data plane thread failed; the event loop reads instead", error=repr(error))
+        loop = self._loop
+        pump = self._pump
+        assert loop is not None
+        assert pump is not None
+        pump.stop()
+        loop.remove_reader(pump.wake_fd)
+        loop.add_reader(self.tun.fileno(), self.on_tun_readable)
+        loop.add_reader(self.udp.fileno(), self.on_udp_readable)
 
     # ------------------------------------------------------------------ outbound
 
@@ -348,6 +426,8 @@ class DataPlane:
             return
         if self.keeper is not None:
             self.keeper.revalidate(now)
+            if self.threaded:
+                self._configure_pump()
 
     def _from_tun(self, max_reads: int, now: float) -> bool:
         """Up to `max_reads` TUN reads, sent on to their peers; False if nothing was read."""
@@ -508,6 +588,14 @@ class DataPlane:
             return
         if r.answered is not None and self._tun_batch(r.answered.rest, r.answered.lanes, now):
             self._tun_seen = now
+        self._lanes_received(r, now, answer=sparse and r.answered is None)
+        self._done(now)
+
+    def _lanes_received(self, r: FastRx, now: float, *, answer: bool) -> None:
+        """A fast_rx batch's bookkeeping, then its packets to judge and its datagrams for the
+        Python path (`answer` as `_inbound` takes it)."""
+        keeper = self.keeper
+        assert keeper is not None
         stats = self.stats
         stats.udp_reads += r.receives
         if r.authentication or r.replay or r.not_ip or r.malformed:
@@ -522,11 +610,9 @@ class DataPlane:
             self._booked = True
         if r.checks:
             self._slow = True
-            self._check_sources(r.checks, device)
+            self._check_sources(r.checks, cast(Device, self.device))
         if r.slow:
-            self._inbound(r.slow, None, now, answer=sparse and r.answered is None)
-            return
-        self._done(now)
+            self._inbound(r.slow, None, now, answer=answer, done=False)
 
     def _check_sources(self, checks: Sequence[tuple[LaneLike, bytes]], device: Device) -> None:
         """Packets a lane opened whose source its route cache did not vouch for: cryptokey
@@ -564,9 +650,10 @@ class DataPlane:
         now: float,
         *,
         answer: bool,
+        done: bool = True,
     ) -> None:
         """Open, filter and write to the TUN what arrived; `answer`: a lone packet into a quiet
-        TUN, whose answer is read at once (`_answer`)."""
+        TUN, whose answer is read at once (`_answer`); `done`: end the handler (`_done`)."""
         self._slow = True
         plaintext: list[Buffer] = []
         for datagrams, src in batches:
@@ -575,13 +662,16 @@ class DataPlane:
             self._write_tun(plaintext)
             if answer:
                 self._answer(now)
-        self._done(now)
+        if done:
+            self._done(now)
 
     def _answer(self, now: float) -> None:
         """After a lone packet went into a quiet TUN: its answer (an echo reply, a TCP ACK)
         is usually queued before the write returns, so read it now rather than after a trip
         through the event loop. Not when we sent recently: then the packet is more likely the
-        answer to ours, and nothing follows it."""
+        answer to ours, and nothing follows it. (With the lanes' thread, it reads the answer.)"""
+        if self.threaded:
+            return
         if now - self._tun_seen > SPARSE_GAP and self._from_tun(1, now):
             self._tun_seen = now
 

@@ -26,6 +26,7 @@ Each lane counts what it did (`take()`); the caller does the per-batch bookkeepi
 byte counters, the path layer) after the packets are on their way. Two twins with the same
 results: `PythonLanes` (the reference, over the Python batches) and `NativeLanes` (one call to
 agent._fastpath.fast_tx / fast_rx, native/lanes.c); tests/native/ checks them against each other.
+In the daemon the compiled lanes run on a thread of their own (node/lane_pump.py).
 """
 
 from __future__ import annotations
@@ -424,24 +425,24 @@ class NativeLanes:
     """The same batches in one call each (agent._fastpath.fast_tx / fast_rx)."""
 
     def __init__(self, tun: TunLike, udp: UdpSocket, mod: ModuleType) -> None:
-        self._tun_fd = tun.fileno()
-        self._vnet = tun.vnet_hdr
-        self._uso = tun.offload == OFFLOAD_TSO_USO
+        self.tun_fd = tun.fileno()
+        self.vnet_hdr = tun.vnet_hdr
+        self.uso = tun.offload == OFFLOAD_TSO_USO
         self.udp = udp
-        self._udp_fd = udp.fileno()
-        self._mod = mod
+        self.udp_fd = udp.fileno()
+        self.module = mod
         self._fast_tx = mod.fast_tx
         self._fast_rx = mod.fast_rx
 
     def new_lane(self) -> LaneLike:
-        lane: LaneLike = self._mod.Lane()
+        lane: LaneLike = self.module.Lane()
         return lane
 
     def arm_tx(
         self, lane: LaneLike, sealer: SealerLike, target: Endpoint, limit: int, deadline: float
     ) -> bool:
         raw = self.udp.raw_target(target)
-        if raw is None or not isinstance(sealer, self._mod.Sealer):
+        if raw is None or not isinstance(sealer, self.module.Sealer):
             lane.disarm_tx()
             return False
         lane.arm_tx(sealer, raw, limit, deadline)  # type: ignore[attr-defined]
@@ -468,20 +469,20 @@ class NativeLanes:
     def tx(
         self, max_reads: int, routes: Mapping[bytes, object], now: float, tcp_only: bool
     ) -> FastTx:
-        return self._sent(
+        return self.sent(
             self._fast_tx(
-                self._tun_fd,
+                self.tun_fd,
                 max_reads,
-                self._vnet,
+                self.vnet_hdr,
                 routes,
-                self._udp_fd,
+                self.udp_fd,
                 self.udp.gso,
                 now,
                 tcp_only,
             )
         )
 
-    def _sent(self, r: tuple[Any, ...]) -> FastTx:
+    def sent(self, r: tuple[Any, ...]) -> FastTx:
         """fast_tx's result: its counts of failed sends into the socket's, as a FastTx."""
         (packets, runs, reads, not_ip, malformed, error, used, dropped, errors, err, gso) = r
         udp = self.udp
@@ -499,20 +500,25 @@ class NativeLanes:
         flt: FastView | None = None,
         answer: Answer | None = None,
     ) -> FastRx:
-        r = self._fast_rx(
-            self._udp_fd,
-            max_datagrams,
-            lanes,
-            routes,
-            self._tun_fd,
-            self._vnet,
-            self._uso,
-            now,
-            flt,
-            None if answer is None else (answer.max_reads, self.udp.gso, answer.tcp_only),
+        return self.received(
+            self._fast_rx(
+                self.udp_fd,
+                max_datagrams,
+                lanes,
+                routes,
+                self.tun_fd,
+                self.vnet_hdr,
+                self.uso,
+                now,
+                flt,
+                None if answer is None else (answer.max_reads, self.udp.gso, answer.tcp_only),
+            )
         )
+
+    def received(self, r: tuple[Any, ...]) -> FastRx:
+        """fast_rx's result as a FastRx: raw sources named, the answer's sends counted."""
         if r[10] is not None:
-            r = (*r[:10], self._sent(r[10]))
+            r = (*r[:10], self.sent(r[10]))
         source_of = self.udp.source_of
         return FastRx([(datagrams, source_of(raw)) for datagrams, raw in r[0]], *r[1:])
 

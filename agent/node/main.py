@@ -183,7 +183,7 @@ class Daemon:
         self.dataplane = DataPlane(
             self.tun, self.udp, device, loop.time, self.flush, sender=self.transport,
             access=self.access, tun_io=self.impl.tun_io(self.tun),
-            lanes=lanes_for(self.impl, self.tun, self.udp),
+            lanes=lanes_for(self.impl, self.tun, self.udp), pump=True,
         )  # fmt: skip
         stun = StunSender(self.udp.send_batch, self.stun_prober)
         self.wire = wire = PathWire(
