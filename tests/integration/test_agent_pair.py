@@ -106,11 +106,12 @@ def test_status_shows_handshake_and_bytes(pair: Pair, lab: Lab) -> None:
 
 def test_a_known_peer_s_packets_take_the_lanes(pair: Pair, lab: Lab) -> None:
     """After the first packets (the Python path arms the lanes), pings go read-seal-send and
-    receive-open-write in one compiled call each way, on both agents; the Python data plane
-    is the reference path and has no lanes."""
+    receive-open-write in one compiled call each way, on both agents, read by the lanes' own
+    thread; the Python data plane is the reference path and has neither."""
     assert ping(pair.ns_a, B4), lab.logs()
     if pair.dataplane == "python":
-        assert pair.a.status()["dataplane"]["lane_tx_packets"] == 0
+        dp = pair.a.status()["dataplane"]
+        assert dp["lane_tx_packets"] == dp["pump_batches"] == 0
         return
     before = {agent: agent.status()["dataplane"] for agent in (pair.a, pair.b)}
     assert ping(pair.ns_a, B4, count=5), lab.logs()
@@ -120,6 +121,7 @@ def test_a_known_peer_s_packets_take_the_lanes(pair: Pair, lab: Lab) -> None:
         got = dp["lane_rx_packets"] - before[agent]["lane_rx_packets"]
         assert sent >= 5, (agent.ifname, dp)
         assert got >= 5, (agent.ifname, dp)
+        assert dp["pump_batches"] > before[agent]["pump_batches"], (agent.ifname, dp)
 
 
 def test_iperf3_tcp_through_the_tunnel(pair: Pair) -> None:

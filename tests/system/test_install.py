@@ -161,6 +161,20 @@ def test_the_package_runs_the_compiled_data_plane(cluster: Cluster) -> None:
         assert (dataplane["impl"], dataplane["impl_reason"]) == ("native", ""), dataplane
 
 
+def test_the_lanes_thread_carries_pings_under_the_hardened_unit(cluster: Cluster) -> None:
+    """The compiled lanes' own thread (eventfd, ppoll, a thread under the unit's system-call
+    filter) starts in the packaged daemon and carries a known peer's pings on both nodes."""
+    a = cluster["a"]
+    _ping_until(a, B_V4)
+    a.run("ping", "-c", "5", "-i", "0.2", "-W", "1", B_V4)
+    for name in ("a", "b"):
+        dataplane = _status(cluster[name])["dataplane"]
+        assert isinstance(dataplane, dict)
+        assert dataplane["pump_batches"] > 0, dataplane
+        assert dataplane["lane_tx_packets"] > 0, dataplane
+        assert dataplane["lane_rx_packets"] > 0, dataplane
+
+
 def test_walkthrough_joins_both_nodes(cluster: Cluster) -> None:
     assert _addresses(cluster["a"]) == ["100.64.0.1", "fd7a:115c:a1e0::1"]
     assert _addresses(cluster["b"]) == [B_V4, B_V6]
