@@ -7,9 +7,14 @@
  *   configure(routes, lanes, filter, gso, tcp_only)   what fast_tx / fast_rx take (Python
  *                                    calls it again whenever one of them may have changed)
  *   start(), stop()                  the thread; stop() waits for it to end
- *   take() -> [(kind, now, result)]  what the batches returned since the last take: kind 0 a
- *                                    fast_tx result, 1 a fast_rx result, 2 an exception (the
- *                                    thread has ended); `now` the clock they ran at
+ *   take() -> (results, sums, used)  since the last take: `results`, [(kind, now, result)],
+ *                                    the batches with work for Python (kind 0 a fast_tx result,
+ *                                    1 a fast_rx result, 2 an exception: the thread has ended;
+ *                                    `now` the clock they ran at); `sums`, the other batches'
+ *                                    counts summed: (tun_reads, udp_reads, tun_writes,
+ *                                    write_failed, authentication, replay, not_ip, malformed,
+ *                                    send_dropped, send_errors, send_errno, gso); `used`, the
+ *                                    lanes they used
  *   wake_fd                          an eventfd readable while take() has something urgent
  *   clock() -> the thread's clock (CLOCK_MONOTONIC, as time.monotonic)
  *
@@ -33,9 +38,18 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
+
+/* What the batches of lanes alone did since the last take(), summed. */
+typedef struct {
+    long long tun_reads, udp_reads, tun_writes, write_failed;
+    long long auth, replay, not_ip, malformed; /* messages lanes opened and dropped */
+    long long send_dropped, send_errors;
+    int send_errno, any;
+} tally;
 
 typedef struct {
     PyObject_HEAD
@@ -50,7 +64,9 @@ typedef struct {
     pthread_t thread;
     int started, stopping, ended, signalled, waiting_room;
     double tun_seen, udp_seen;
-    PyObject *queue;
+    PyObject *queue; /* results with work for Python */
+    tally sum;       /* ... and those without, summed */
+    PyObject *used;  /* the lanes the summed results used (each once, by the lane's flag) */
 } PumpObject;
 
 static double mono(void) {
@@ -91,6 +107,44 @@ static int nonempty_list(PyObject *r, Py_ssize_t i) {
     return PyList_Check(x) && PyList_GET_SIZE(x) > 0;
 }
 
+static long long ll_at(PyObject *r, Py_ssize_t i) {
+    return PyLong_AsLongLong(PyTuple_GET_ITEM(r, i));
+}
+
+static int extend_used(PumpObject *p, PyObject *r, Py_ssize_t i) {
+    PyObject *used = PyTuple_GET_ITEM(r, i);
+    Py_ssize_t n = PyList_GET_SIZE(p->used);
+    return PyList_GET_SIZE(used) ? PyList_SetSlice(p->used, n, n, used) : 0;
+}
+
+/* A fast_tx result without work for Python into the sum; 0 or -1 with an exception. */
+static int sum_tx(PumpObject *p, PyObject *r) {
+    tally *t = &p->sum;
+    t->any = 1;
+    t->tun_reads += ll_at(r, 2);
+    long long dropped = ll_at(r, 7), errors = ll_at(r, 8);
+    t->send_dropped += dropped;
+    t->send_errors += errors;
+    if (errors) t->send_errno = (int)ll_at(r, 9);
+    return extend_used(p, r, 6);
+}
+
+/* A fast_rx result without work for Python (its answer's too) into the sum. */
+static int sum_rx(PumpObject *p, PyObject *r) {
+    tally *t = &p->sum;
+    t->any = 1;
+    t->udp_reads += ll_at(r, 2);
+    t->auth += ll_at(r, 4);
+    t->replay += ll_at(r, 5);
+    t->not_ip += ll_at(r, 6);
+    t->malformed += ll_at(r, 7);
+    t->tun_writes += ll_at(r, 8);
+    t->write_failed += ll_at(r, 9);
+    PyObject *answered = PyTuple_GET_ITEM(r, 10);
+    if (answered != Py_None && sum_tx(p, answered) < 0) return -1;
+    return extend_used(p, r, 1);
+}
+
 /* A fast_tx result with work for Python: reads no lane took, or a read error. */
 static int tx_urgent(PyObject *r) {
     return nonempty_list(r, 0) || PyLong_AsSsize_t(PyTuple_GET_ITEM(r, 3)) > 0 ||
@@ -110,18 +164,24 @@ static int pump_batches(PumpObject *p, int tun_ready, int udp_ready, double now,
                                      answer ? 1 : 0, p->gso, p->tcp_only);
         if (!r) return -1;
         PyObject *answered = PyTuple_GET_ITEM(r, 10);
+        int work = nonempty_list(r, 0) || nonempty_list(r, 3);
         if (answered != Py_None) {
             if (PyTuple_GET_ITEM(answered, 5) != Py_None) *tun_dead = 1;
             p->gso = PyObject_IsTrue(PyTuple_GET_ITEM(answered, 10));
             if (PyLong_AsSsize_t(PyTuple_GET_ITEM(answered, 2)) > 0) p->tun_seen = now;
-            urgent |= tx_urgent(answered);
+            work |= tx_urgent(answered);
         }
-        if (PyLong_AsSsize_t(PyTuple_GET_ITEM(r, 2)) > 0) {
-            urgent |= nonempty_list(r, 0) || nonempty_list(r, 3);
-            if (enqueue(p, 1, now, r) < 0) return -1;
+        int rc = 0;
+        if (PyLong_AsSsize_t(PyTuple_GET_ITEM(r, 2)) == 0) {
+            Py_DECREF(r);
+        } else if (work) {
+            urgent = 1;
+            rc = enqueue(p, 1, now, r);
         } else {
+            rc = sum_rx(p, r);
             Py_DECREF(r);
         }
+        if (rc < 0) return -1;
     }
     if (tun_ready) {
         int sparse = now - p->tun_seen > p->sparse_gap;
@@ -131,12 +191,15 @@ static int pump_batches(PumpObject *p, int tun_ready, int udp_ready, double now,
         if (!r) return -1;
         p->gso = PyObject_IsTrue(PyTuple_GET_ITEM(r, 10));
         if (PyTuple_GET_ITEM(r, 5) != Py_None) *tun_dead = 1; /* Python stops the data plane */
-        if (PyLong_AsSsize_t(PyTuple_GET_ITEM(r, 2)) > 0 || PyTuple_GET_ITEM(r, 5) != Py_None) {
-            urgent |= tx_urgent(r);
-            if (enqueue(p, 0, now, r) < 0) return -1;
+        int rc = 0;
+        if (tx_urgent(r)) {
+            urgent = 1;
+            rc = enqueue(p, 0, now, r);
         } else {
+            if (PyLong_AsSsize_t(PyTuple_GET_ITEM(r, 2)) > 0) rc = sum_tx(p, r);
             Py_DECREF(r);
         }
+        if (rc < 0) return -1;
     }
     return urgent;
 }
@@ -208,7 +271,7 @@ static void *pump_thread(void *arg) {
             urgent = 1;
         }
         Py_ssize_t queued = PyList_GET_SIZE(p->queue);
-        if (queued) {
+        if (queued || p->sum.any) {
             if (pending < 0) pending = now;
             if (urgent || now >= pending + p->book_delay || queued >= p->queue_max) {
                 signal_loop(p);
@@ -273,10 +336,11 @@ static int pump_init(PumpObject *self, PyObject *args, PyObject *kwds) {
     self->sparse_gap = gap;
     self->book_delay = delay;
     self->tun_seen = self->udp_seen = -1e300;
+    self->used = PyList_New(0);
     self->routes = PyDict_New();
     self->lanes = PyDict_New();
     self->filter = Py_NewRef(Py_None);
-    return self->routes && self->lanes ? 0 : -1;
+    return self->routes && self->lanes && self->used ? 0 : -1;
 }
 
 static void close_fd(int *fd) {
@@ -293,6 +357,7 @@ static void pump_dealloc(PumpObject *self) {
     Py_XDECREF(self->lanes);
     Py_XDECREF(self->filter);
     Py_XDECREF(self->queue);
+    Py_XDECREF(self->used);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -359,10 +424,22 @@ static PyObject *pump_stop(PumpObject *self, PyObject *unused) {
 static PyObject *pump_take(PumpObject *self, PyObject *unused) {
     (void)unused;
     if (!ready(self)) return NULL;
-    PyObject *fresh = PyList_New(0);
-    if (!fresh) return NULL;
-    PyObject *out = self->queue;
-    self->queue = fresh;
+    PyObject *queue = PyList_New(0), *used = PyList_New(0);
+    if (!queue || !used) {
+        Py_XDECREF(queue);
+        Py_XDECREF(used);
+        return NULL;
+    }
+    const tally *t = &self->sum;
+    PyObject *out = Py_BuildValue("(N(LLLLLLLLLLiO)N)", self->queue, t->tun_reads, t->udp_reads,
+                                  t->tun_writes, t->write_failed, t->auth, t->replay, t->not_ip,
+                                  t->malformed, t->send_dropped, t->send_errors, t->send_errno,
+                                  self->gso ? Py_True : Py_False, self->used);
+    /* (on failure too, N gave the old lists away: MemoryError loses them) */
+    self->queue = queue;
+    self->used = used;
+    memset(&self->sum, 0, sizeof self->sum);
+    if (!out) return NULL;
     if (self->signalled) {
         drain(self->wake_fd);
         self->signalled = 0;

@@ -65,7 +65,7 @@ from agent.node.access import Access
 from agent.node.dataplane_stats import DataPlaneStats
 from agent.node.fastpath import PythonTunIo, TunIo, TunRead
 from agent.node.lane_keeper import BOOK_INTERVAL, LaneKeeper
-from agent.node.lane_pump import LanePump
+from agent.node.lane_pump import PUMP_BOOK_DELAY, LanePump
 from agent.node.lanes import Answer, FastRx, FastTx, LaneLike, LanePaths, NativeLanes
 from agent.node.tun import Tun
 from agent.node.udp import Endpoint, UdpSocket
@@ -295,7 +295,7 @@ class DataPlane:
                 max_reads=max_tun_reads,
                 max_datagrams=max_datagrams,
                 sparse_gap=SPARSE_GAP,
-                book_delay=BOOK_INTERVAL,
+                book_delay=PUMP_BOOK_DELAY,
             )
         self._slow = False  # the current handler ran the Python path
         self._booked = False  # the current handler ran the lanes' timer bookkeeping
@@ -354,19 +354,34 @@ class DataPlane:
         assert pump is not None
         now = self.clock()
         self._slow = self._booked = False
-        for r in pump.take():
+        results, sums = pump.take()
+        stats = self.stats
+        stats.tun_reads += sums.tun_reads
+        stats.udp_reads += sums.udp_reads
+        self._book_received(
+            sums.authentication,
+            sums.replay,
+            sums.not_ip,
+            sums.malformed,
+            sums.tun_writes,
+            sums.write_failed,
+            sums.used,
+            now,
+        )
+        for r in results:
+            stats.pump_batches += 1
             if isinstance(r, FastTx):
-                self.stats.pump_batches += 1
                 if not self._tun_batch(r.rest, r.lanes, now) and r.rest.error is not None:
                     return  # the TUN failed: detached
             elif isinstance(r, FastRx):
-                self.stats.pump_batches += 1
                 if r.answered is not None:
                     self._tun_batch(r.answered.rest, r.answered.lanes, now)
                 self._lanes_received(r, now, answer=False)
             else:
                 self._pump_failed(r)
                 return
+        if sums.used or sums.tun_reads or sums.udp_reads:
+            stats.pump_batches += 1
         self._done(now)
 
     def _pump_failed(self, error: BaseException) -> None:
@@ -594,25 +609,41 @@ class DataPlane:
     def _lanes_received(self, r: FastRx, now: float, *, answer: bool) -> None:
         """A fast_rx batch's bookkeeping, then its packets to judge and its datagrams for the
         Python path (`answer` as `_inbound` takes it)."""
-        keeper = self.keeper
-        assert keeper is not None
-        stats = self.stats
-        stats.udp_reads += r.receives
-        if r.authentication or r.replay or r.not_ip or r.malformed:
-            stats.rx_datagrams += r.authentication + r.replay
-            keeper.count_rx_drops(r.authentication, r.replay, r.not_ip, r.malformed)
-        if r.writes:
-            stats.tun_writes += r.writes
-        if r.failed:
-            stats.drops[DropReason.TUN_WRITE_FAILED] += r.failed
-            stats.rx_packets -= r.failed
-        if r.lanes and keeper.settle(r.lanes, now):
-            self._booked = True
+        self.stats.udp_reads += r.receives
+        self._book_received(
+            r.authentication, r.replay, r.not_ip, r.malformed, r.writes, r.failed, r.lanes, now
+        )
         if r.checks:
             self._slow = True
             self._check_sources(r.checks, cast(Device, self.device))
         if r.slow:
             self._inbound(r.slow, None, now, answer=answer, done=False)
+
+    def _book_received(
+        self,
+        authentication: int,
+        replay: int,
+        not_ip: int,
+        malformed: int,
+        writes: int,
+        failed: int,
+        lanes: Sequence[LaneLike],
+        now: float,
+    ) -> None:
+        """Counts of lanes' receive batches, and what their lanes did (`LaneKeeper.settle`)."""
+        keeper = self.keeper
+        assert keeper is not None
+        stats = self.stats
+        if authentication or replay or not_ip or malformed:
+            stats.rx_datagrams += authentication + replay
+            keeper.count_rx_drops(authentication, replay, not_ip, malformed)
+        if writes:
+            stats.tun_writes += writes
+        if failed:
+            stats.drops[DropReason.TUN_WRITE_FAILED] += failed
+            stats.rx_packets -= failed
+        if lanes and keeper.settle(lanes, now):
+            self._booked = True
 
     def _check_sources(self, checks: Sequence[tuple[LaneLike, bytes]], device: Device) -> None:
         """Packets a lane opened whose source its route cache did not vouch for: cryptokey

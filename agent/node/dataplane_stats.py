@@ -33,7 +33,9 @@ class DataPlaneStats:
     local: int = 0  # packets from the TUN that a service of this node took (on_local)
     lane_tx_packets: int = 0  # of tx_packets, those a lane sealed and sent (node/lanes.py)
     lane_rx_packets: int = 0  # of rx_packets, those a lane opened and wrote
-    pump_batches: int = 0  # batches the lanes' own thread read (node/lane_pump.py)
+    # what the lanes' own thread handed over (node/lane_pump.py): a batch with work for Python,
+    # or a sum of batches of lanes alone
+    pump_batches: int = 0
     drops: Counter[DropReason] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, int | dict[str, int]]:
