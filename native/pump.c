@@ -236,15 +236,16 @@ static void *pump_thread(void *arg) {
             tmo.tv_nsec = (long)((wait - (double)tmo.tv_sec) * 1e9);
             tp = &tmo;
         }
-        int rc;
+        int rc, err = 0;
         Py_BEGIN_ALLOW_THREADS
         rc = ppoll(fds, 3, tp, NULL);
+        if (rc < 0 && errno != EINTR) err = errno;
         Py_END_ALLOW_THREADS
         if (p->stopping) break;
-        int err = rc < 0 && errno != EINTR ? errno : 0;
         double now = mono();
         int urgent = 0;
         if (err) {
+            errno = err;
             PyErr_SetFromErrno(PyExc_OSError);
             urgent = -1;
         } else if (rc > 0 && !watch && fds[1].revents) {

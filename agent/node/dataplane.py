@@ -289,6 +289,7 @@ class DataPlane:
         # The lanes' own thread (node/lane_pump.py): with the compiled lanes and `pump`, it
         # reads both fds in place of the loop's readers
         self._pump: LanePump | None = None
+        self._threaded = False  # the pump reads the fds (not the loop's readers)
         if pump and isinstance(lanes, NativeLanes):
             self._pump = LanePump(
                 lanes,
@@ -314,6 +315,7 @@ class DataPlane:
             self._configure_pump()
             loop.add_reader(pump.wake_fd, self._on_pump)
             pump.start()
+            self._threaded = True
             return
         loop.add_reader(self.tun.fileno(), self.on_tun_readable)
         loop.add_reader(self.udp.fileno(), self.on_udp_readable)
@@ -326,7 +328,8 @@ class DataPlane:
         if loop is None:
             return
         pump = self._pump
-        if pump is not None and pump.running:
+        if self._threaded and pump is not None:
+            self._threaded = False
             pump.stop()
             loop.remove_reader(pump.wake_fd)
         else:
@@ -336,7 +339,7 @@ class DataPlane:
     @property
     def threaded(self) -> bool:
         """The lanes' thread reads the fds (node/lane_pump.py)."""
-        return self._pump is not None and self._pump.running
+        return self._threaded
 
     def _configure_pump(self) -> None:
         pump, keeper = self._pump, self.keeper
@@ -391,6 +394,7 @@ class DataPlane:
         pump = self._pump
         assert loop is not None
         assert pump is not None
+        self._threaded = False
         pump.stop()
         loop.remove_reader(pump.wake_fd)
         loop.add_reader(self.tun.fileno(), self.on_tun_readable)

@@ -591,7 +591,8 @@ class Agent:
         """Spawn the daemon; wait for its interface, addresses and UDP port (fail with stderr)."""
         self.config_path.write_text(self.config_text())
         self.config_path.chmod(0o600)
-        cmd = (sys.executable, "-m", "agent", "up", "-c", str(self.config_path))
+        # -P: the agent from _python_env's PYTHONPATH, not from the working directory
+        cmd = (sys.executable, "-P", "-m", "agent", "up", "-c", str(self.config_path))
         proc = self.lab.spawn(
             self.ns,
             *cmd,
@@ -623,7 +624,7 @@ class Agent:
 
     def cli(self, *args: str, timeout: float = 15.0) -> subprocess.CompletedProcess[str]:
         """`python -m agent ARGS -c CONFIG` in the agent's namespace (raises on non-zero exit)."""
-        cmd = (sys.executable, "-m", "agent", *args, "-c", str(self.config_path))
+        cmd = (sys.executable, "-P", "-m", "agent", *args, "-c", str(self.config_path))
         return self.lab.run(
             self.ns,
             *cmd,

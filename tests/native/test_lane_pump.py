@@ -72,6 +72,7 @@ class Rig:
     lanes: NativeLanes
     routes: dict[bytes, object]
     rx_lanes: dict[int, LaneLike]
+    tun_sock: socket.socket  # the pump's TUN end
 
     def configure(self) -> None:
         self.pump.configure(self.routes, self.rx_lanes, None, False)
@@ -120,7 +121,7 @@ def rig(*, book_delay: float = 0.001, queue_max: int = 256) -> Iterator[Rig]:
             queue_max=queue_max,
         )
         lane = lanes.new_lane()
-        r = Rig(pump, b, udp, remote, lane, lanes, {PEER_ADDR: Peer(lane)}, {})
+        r = Rig(pump, b, udp, remote, lane, lanes, {PEER_ADDR: Peer(lane)}, {}, a)
         r.configure()
         try:
             yield r
@@ -335,3 +336,20 @@ def test_stop_is_idempotent_and_ends_the_thread() -> None:
         assert not r.pump.running
         with pytest.raises(RuntimeError):
             r.pump.start()
+
+
+def test_a_failure_ends_the_thread_and_is_handed_over_last() -> None:
+    """An fd closed under the thread (POLLNVAL): it ends, and take() ends with the error, for
+    the loop to read the fds itself."""
+    with rig() as r:
+        r.pump.start()
+        # (no fd is opened between the close and the next poll, so the number is not reused)
+        r.tun_sock.close()
+        r.remote.sendto(b"\x01wake", endpoint_of_udp(r.udp))
+        results, _ = take_until(r.pump, lambda res, _s: any(isinstance(x, OSError) for x in res))
+        assert isinstance(results[-1], OSError), results
+        deadline = time.monotonic() + 5
+        while r.pump.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not r.pump.running
+        r.pump.stop()  # joins the ended thread
