@@ -26,6 +26,7 @@ import gc
 import os
 import signal
 import socket
+import sys
 import time
 
 from agent.config import Config
@@ -65,6 +66,7 @@ __all__ = ["run_daemon", "Daemon"]
 
 log = get_logger("agent.daemon")
 SO_MARK = 36  # socket.SO_MARK is missing on some builds
+SWITCH_INTERVAL = 0.001  # seconds; see run()
 
 
 class Daemon:
@@ -228,6 +230,10 @@ class Daemon:
             )
         )
         self.dataplane.attach(loop)
+        if self.dataplane.threaded:
+            # The lanes' thread waits for the GIL while this thread runs Python (a netmap, the
+            # Python path): at most 1 ms instead of the default 5 before asking for it
+            sys.setswitchinterval(SWITCH_INTERVAL)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         try:
