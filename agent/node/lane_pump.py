@@ -22,12 +22,12 @@ loop never reads the TUN or the UDP socket itself.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 from agent.node.lanes import FastRx, FastTx, LaneLike, NativeLanes
 from agent.policy.filter import FastView
 
-__all__ = ["PumpLike", "LanePump", "QUEUE_MAX", "PUMP_BOOK_DELAY", "PumpResult", "PumpSums"]
+__all__ = ["LanePump", "QUEUE_MAX", "PUMP_BOOK_DELAY", "PumpResult", "PumpSums"]
 
 QUEUE_MAX = 256
 # How long the lanes' counts may wait for the loop: its wakeup, the bookkeeping and the flush
@@ -53,25 +53,6 @@ class PumpSums(NamedTuple):
     not_ip: int
     malformed: int
     used: list[LaneLike]
-
-
-class PumpLike(Protocol):
-    @property
-    def wake_fd(self) -> int: ...
-
-    def configure(
-        self,
-        routes: Mapping[bytes, object],
-        lanes: Mapping[int, LaneLike],
-        flt: FastView | None,
-        tcp_only: bool,
-    ) -> None: ...
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-    def take(self) -> tuple[list[PumpResult], PumpSums]: ...
 
 
 class LanePump:
