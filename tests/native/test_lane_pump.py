@@ -9,6 +9,7 @@ own seals without ever reusing one; stop cleanly.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import select
@@ -21,10 +22,14 @@ from dataclasses import dataclass
 
 import pytest
 
+from agent.keys import NodePrivate
+from agent.node.dataplane import DataPlane
 from agent.node.lane_pump import LanePump, PumpResult, PumpSums
 from agent.node.lanes import FastRx, FastTx, LaneLike, NativeLanes
 from agent.node.tun import OFFLOAD_NONE
 from agent.node.udp import Endpoint, UdpSocket, open_udp
+from agent.proto.errors import DropReason
+from agent.proto.wireguard.device import Device
 from agent.proto.wireguard.transport import PYTHON
 
 from .packets import udp_packet
@@ -33,7 +38,7 @@ fp = pytest.importorskip(
     "agent._fastpath", reason="agent._fastpath is not built (pip install -e . with gcc, libssl-dev)"
 )
 
-from agent.node.fastpath import native_transport  # noqa: E402
+from agent.node.fastpath import NativeTunIo, native_transport  # noqa: E402
 
 NATIVE = native_transport(fp)
 TX_KEY, RX_KEY = b"\x21" * 32, b"\x42" * 32
@@ -353,3 +358,47 @@ def test_a_failure_ends_the_thread_and_is_handed_over_last() -> None:
             time.sleep(0.01)
         assert not r.pump.running
         r.pump.stop()  # joins the ended thread
+
+
+def test_the_data_plane_reads_the_fds_itself_once_the_thread_fails() -> None:
+    """DataPlane with the thread: the loop reads only the thread's eventfd; after a failure
+    the loop's own readers take over (a packet for no peer is read and counted)."""
+    with contextlib.ExitStack() as stack:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for s in (a, b):
+            stack.enter_context(s)
+            s.setblocking(False)
+        udp = stack.enter_context(open_udp(0, host="127.0.0.1"))
+        udp.use_native(fp)
+        tun = SeqTun(a)
+        device = Device(NodePrivate.generate(), transport=NATIVE)
+        loop = asyncio.new_event_loop()
+        stack.callback(loop.close)
+        dp = DataPlane(
+            tun,  # type: ignore[arg-type]
+            udp,
+            device,
+            loop.time,
+            lambda: None,
+            tun_io=NativeTunIo(tun, fp),
+            lanes=NativeLanes(tun, udp, fp),
+            pump=True,
+        )
+        dp.attach(loop)
+        stack.callback(dp.detach)
+        assert dp.threaded
+        pkt = udp_packet(4, b"nobody", src=ME, dst=OTHER_ADDR)
+
+        def run_until(done: Callable[[], bool]) -> None:
+            end = time.monotonic() + 5
+            while not done() and time.monotonic() < end:
+                loop.run_until_complete(asyncio.sleep(0.01))
+
+        b.send(pkt)
+        run_until(lambda: dp.stats.drops[DropReason.NO_ROUTE] == 1)
+        assert dp.stats.drops[DropReason.NO_ROUTE] == 1  # read by the thread, routed here
+        dp._pump_failed(OSError("a test's failure"))
+        assert not dp.threaded
+        b.send(pkt)
+        run_until(lambda: dp.stats.drops[DropReason.NO_ROUTE] == 2)
+        assert dp.stats.drops[DropReason.NO_ROUTE] == 2  # read by the loop's own reader
