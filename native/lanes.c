@@ -36,7 +36,7 @@
  * right after (what they provoked, an echo reply or an ACK, is queued before the write
  * returns) and its result is `answered`; else `answered` is None.
  * `lanes` in a result lists the lanes used by the call, once each; their counters say what
- * they did.
+ * they did. In the daemon, pump.c's thread makes both calls (lanes.h).
  */
 #include "offload_py.h" /* Python.h first, as CPython asks */
 #include "lanes.h"
@@ -448,7 +448,7 @@ static void send_spans(int fd, const arena *a, fp_iov *iov, int *gso, long long 
 }
 
 PyObject *fp_fast_tx_run(int tun_fd, Py_ssize_t max_reads, int vnet, PyObject *routes,
-                             int udp_fd, int gso, double now, int tcp_only) {
+                         int udp_fd, int gso, double now, int tcp_only) {
     fp_reader rd = {tun_fd, vnet, max_reads, PyMem_Malloc(FP_READ_SIZE), 0, 0, 0, NULL};
     if (!rd.buf) return PyErr_NoMemory();
     fp_runs rs = {PyList_New(0), PyList_New(0), 0, {0}, 0};
