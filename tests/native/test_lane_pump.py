@@ -104,15 +104,21 @@ def endpoint_of(sock: socket.socket) -> Endpoint:
     return str(host), int(port)
 
 
+def tun_and_udp(stack: contextlib.ExitStack) -> tuple[socket.socket, socket.socket, UdpSocket]:
+    """A TUN stand-in (its end, the other end) and a UDP socket with the compiled batches."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (a, b):
+        stack.enter_context(s)
+        s.setblocking(False)
+    udp = stack.enter_context(open_udp(0, host="127.0.0.1"))
+    udp.use_native(fp)
+    return a, b, udp
+
+
 @contextlib.contextmanager
 def rig(*, book_delay: float = 0.001, queue_max: int = 256) -> Iterator[Rig]:
     with contextlib.ExitStack() as stack:
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for s in (a, b):
-            stack.enter_context(s)
-            s.setblocking(False)
-        udp = stack.enter_context(open_udp(0, host="127.0.0.1"))
-        udp.use_native(fp)
+        a, b, udp = tun_and_udp(stack)
         remote = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         remote.bind(("127.0.0.1", 0))
         remote.setblocking(False)
@@ -364,12 +370,7 @@ def test_the_data_plane_reads_the_fds_itself_once_the_thread_fails() -> None:
     """DataPlane with the thread: the loop reads only the thread's eventfd; after a failure
     the loop's own readers take over (a packet for no peer is read and counted)."""
     with contextlib.ExitStack() as stack:
-        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for s in (a, b):
-            stack.enter_context(s)
-            s.setblocking(False)
-        udp = stack.enter_context(open_udp(0, host="127.0.0.1"))
-        udp.use_native(fp)
+        a, b, udp = tun_and_udp(stack)
         tun = SeqTun(a)
         device = Device(NodePrivate.generate(), transport=NATIVE)
         loop = asyncio.new_event_loop()
