@@ -1,7 +1,8 @@
 # Types of the compiled module built from native/ (see native/fastpath.h); the Python twins
 # with the same signatures: agent/proto/wireguard/transport.py (Aead, ReplayWindow, seal,
 # open_run), agent/proto/offload (segment, coalesce), agent/node/tun_batch.py (tun_read,
-# tun_write), UdpSocket.send_batch in agent/node/udp.py (udp_send).
+# tun_write), UdpSocket.send_batch in agent/node/udp.py (udp_send), agent/node/lanes.py
+# (Sealer, Lane, fast_tx, fast_rx); Pump (the lanes' thread) has none: agent/node/lane_pump.py.
 from collections.abc import Sequence
 
 _Buffer = bytes | bytearray | memoryview
@@ -57,16 +58,7 @@ class Lane:
     def disarm_rx(self) -> None: ...
     def take(self) -> tuple[int, int, int, int, int, int, int, int, int, bool]: ...
 
-def fast_tx(
-    tun_fd: int,
-    max_reads: int,
-    vnet_hdr: bool,
-    routes: dict[bytes, object],
-    udp_fd: int,
-    gso: bool,
-    now: float,
-    tcp_only: bool,
-) -> tuple[
+_FastTx = tuple[
     list[bytes],
     list[tuple[bytes, int]],
     int,
@@ -78,7 +70,21 @@ def fast_tx(
     int,
     int,
     bool,
-]: ...
+]
+_Filter = (
+    tuple[dict[int, dict[object, object]], dict[int, dict[object, object]], object, object] | None
+)
+
+def fast_tx(
+    tun_fd: int,
+    max_reads: int,
+    vnet_hdr: bool,
+    routes: dict[bytes, object],
+    udp_fd: int,
+    gso: bool,
+    now: float,
+    tcp_only: bool,
+) -> _FastTx: ...
 def fast_rx(
     udp_fd: int,
     max_datagrams: int,
@@ -88,8 +94,8 @@ def fast_rx(
     vnet_hdr: bool,
     uso: bool,
     now: float,
-    flt: tuple[dict[int, dict[object, object]], dict[int, dict[object, object]], object, object]
-    | None,
+    flt: _Filter,
+    answer: tuple[int, bool, bool] | None,
 ) -> tuple[
     list[tuple[list[bytes], bytes]],
     list[Lane],
@@ -101,4 +107,41 @@ def fast_rx(
     int,
     int,
     int,
+    _FastTx | None,
 ]: ...
+
+class Pump:
+    def __init__(
+        self,
+        tun_fd: int,
+        udp_fd: int,
+        vnet_hdr: bool,
+        uso: bool,
+        max_reads: int,
+        max_datagrams: int,
+        sparse_gap: float,
+        book_delay: float,
+        queue_max: int,
+    ) -> None: ...
+    @property
+    def wake_fd(self) -> int: ...
+    @property
+    def running(self) -> bool: ...
+    def configure(
+        self,
+        routes: dict[bytes, object],
+        lanes: dict[int, Lane],
+        flt: _Filter,
+        gso: bool,
+        tcp_only: bool,
+    ) -> None: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def take(
+        self,
+    ) -> tuple[
+        list[tuple[int, object]],
+        tuple[int, int, int, int, int, int, int, int, int, int, int, bool],
+        list[Lane],
+    ]: ...
+    def clock(self) -> float: ...

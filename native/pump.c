@@ -7,10 +7,10 @@
  *   configure(routes, lanes, filter, gso, tcp_only)   what fast_tx / fast_rx take (Python
  *                                    calls it again whenever one of them may have changed)
  *   start(), stop()                  the thread; stop() waits for it to end
- *   take() -> (results, sums, used)  since the last take: `results`, [(kind, now, result)],
- *                                    the batches with work for Python (kind 0 a fast_tx result,
- *                                    1 a fast_rx result, 2 an exception: the thread has ended;
- *                                    `now` the clock they ran at); `sums`, the other batches'
+ *   take() -> (results, sums, used)  since the last take: `results`, [(kind, result)], the
+ *                                    batches with work for Python (kind 0 a fast_tx result,
+ *                                    1 a fast_rx result, 2 an exception: the thread has
+ *                                    ended); `sums`, the other batches'
  *                                    counts summed: (tun_reads, udp_reads, tun_writes,
  *                                    write_failed, authentication, replay, not_ip, malformed,
  *                                    send_dropped, send_errors, send_errno, gso); `used`, the
@@ -93,9 +93,9 @@ static void drain(int fd) {
 
 /* ------------------------------------------------------------------ the thread (GIL held) */
 
-/* Append (kind, now, obj) to the queue, stealing obj; 0 or -1 with an exception. */
-static int enqueue(PumpObject *p, int kind, double now, PyObject *obj) {
-    PyObject *item = Py_BuildValue("(idN)", kind, now, obj);
+/* Append (kind, obj) to the queue, stealing obj; 0 or -1 with an exception. */
+static int enqueue(PumpObject *p, int kind, PyObject *obj) {
+    PyObject *item = Py_BuildValue("(iN)", kind, obj);
     if (!item) return -1;
     int rc = PyList_Append(p->queue, item);
     Py_DECREF(item);
@@ -176,7 +176,7 @@ static int pump_batches(PumpObject *p, int tun_ready, int udp_ready, double now,
             Py_DECREF(r);
         } else if (work) {
             urgent = 1;
-            rc = enqueue(p, 1, now, r);
+            rc = enqueue(p, 1, r);
         } else {
             rc = sum_rx(p, r);
             Py_DECREF(r);
@@ -194,7 +194,7 @@ static int pump_batches(PumpObject *p, int tun_ready, int udp_ready, double now,
         int rc = 0;
         if (tx_urgent(r)) {
             urgent = 1;
-            rc = enqueue(p, 0, now, r);
+            rc = enqueue(p, 0, r);
         } else {
             if (PyLong_AsSsize_t(PyTuple_GET_ITEM(r, 2)) > 0) rc = sum_tx(p, r);
             Py_DECREF(r);
@@ -267,7 +267,7 @@ static void *pump_thread(void *arg) {
             PyErr_NormalizeException(&type, &value, &tb);
             Py_XDECREF(type);
             Py_XDECREF(tb);
-            if (!value || enqueue(p, 2, now, value) < 0) PyErr_Clear();
+            if (!value || enqueue(p, 2, value) < 0) PyErr_Clear();
             failed = 1;
             urgent = 1;
         }
@@ -474,7 +474,7 @@ static PyMethodDef pump_methods[] = {
     {"start", (PyCFunction)pump_start, METH_NOARGS, "start the thread"},
     {"stop", (PyCFunction)pump_stop, METH_NOARGS, "stop the thread and wait for it"},
     {"take", (PyCFunction)pump_take, METH_NOARGS,
-     "take() -> [(kind, now, result)], the results since the last take"},
+     "take() -> (results, sums, used), what the batches did since the last take"},
     {"clock", (PyCFunction)pump_clock, METH_NOARGS, "the thread's clock (CLOCK_MONOTONIC)"},
     {NULL, NULL, 0, NULL},
 };

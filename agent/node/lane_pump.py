@@ -117,7 +117,7 @@ class LanePump:
         lanes = self._lanes
         items, sums, used = self._pump.take()
         out: list[PumpResult] = []
-        for kind, _now, r in items:
+        for kind, r in items:
             if kind == _TX:
                 out.append(lanes.sent(r))
             elif kind == _RX:

@@ -5,14 +5,13 @@ the lanes are the Python twin's, armed through a recording stand-in for the batc
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from agent.keys import NodePublic
 from agent.node.dataplane import DataPlaneStats
 from agent.node.lane_keeper import BOOK_INTERVAL, LaneKeeper
-from agent.node.lanes import Answer, FastRx, FastTx, Lane, LaneLike
+from agent.node.lanes import Lane, PythonLanes
 from agent.node.udp import Endpoint
-from agent.policy.filter import FastView
 from agent.proto.errors import DropReason
 from agent.proto.wireguard.constants import (
     REJECT_AFTER_TIME,
@@ -21,51 +20,15 @@ from agent.proto.wireguard.constants import (
 )
 from agent.proto.wireguard.device import Device
 from agent.proto.wireguard.peer import Peer
-from agent.proto.wireguard.transport import Aead, Replay, SealerLike
 from tests.proto.test_device import A_EP, A_IP, B_EP, B_IP, Pair, ipv4
 
 
-class Paths:
-    """The twin's lanes, armed for real; the batches are not run here."""
+class Paths(PythonLanes):
+    """The twin's lanes, armed for real (PythonLanes' own arming); the batches are not run
+    here, so there is no TUN or socket under them."""
 
-    def new_lane(self) -> Lane:
-        return Lane()
-
-    def arm_tx(
-        self, lane: LaneLike, sealer: SealerLike, target: Endpoint, limit: int, deadline: float
-    ) -> bool:
-        assert isinstance(lane, Lane)
-        lane.arm_tx(sealer, target, limit, deadline)
-        return True
-
-    def arm_rx(
-        self,
-        lane: LaneLike,
-        aead: Aead,
-        replay: Replay,
-        index: int,
-        source: Endpoint,
-        deadline: float,
-    ) -> bool:
-        assert isinstance(lane, Lane)
-        lane.arm_rx(aead, replay, index, source, deadline)
-        return True
-
-    def tx(
-        self, max_reads: int, routes: Mapping[bytes, object], now: float, tcp_only: bool
-    ) -> FastTx:
-        raise NotImplementedError
-
-    def rx(
-        self,
-        max_datagrams: int,
-        lanes: Mapping[int, LaneLike],
-        routes: Mapping[bytes, object],
-        now: float,
-        flt: FastView | None = None,
-        answer: Answer | None = None,
-    ) -> FastRx:
-        raise NotImplementedError
+    def __init__(self) -> None:
+        pass
 
 
 class Sender:
